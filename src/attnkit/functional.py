@@ -1,0 +1,340 @@
+"""The attention engine: one exact, structure-aware scaled dot-product attention.
+
+``attention(q, k, v, pattern=..., bias=..., score_mod=..., temperature=..., return_weights=...)``
+equals dense softmax attention restricted to the pattern's allowed pairs, trains on any device,
+and never forms an ``Lq x Lk`` tensor for a sparse pattern (forward or backward).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels.components import AllKeys, MaskTerm
+from .kernels.structured import (
+    NEG_INF,
+    Ctx,
+    edge_scores,
+    finish_scores,
+    lower,
+    softmax_rows,
+    structured_attention,
+)
+from .patterns import Causal, Pattern
+
+__all__ = ["attention", "SparseWeights", "dense_reference"]
+
+# enable_gqa arrived in torch 2.5; SDPA is a builtin without an inspectable signature.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+_EDGE_CHUNK = 1 << 22
+
+
+class SparseWeights:
+    """Attention weights of a sparse pattern in CSR form.
+
+    Attributes:
+        indptr: ``(Lq + 1,)`` row pointers; ``indices``: ``(nnz,)`` key index of each entry.
+        values: ``(B, Hq, nnz)`` weights, rows summing to 1 (0 for rows with no key).
+        shape: ``(Lq, Lk)``.
+    """
+
+    def __init__(self, indptr: Tensor, indices: Tensor, values: Tensor, shape: tuple[int, int]):
+        self.indptr, self.indices, self.values, self.shape = indptr, indices, values, shape
+
+    @property
+    def rows(self) -> Tensor:
+        """``(nnz,)`` query index of each entry."""
+        counts = self.indptr[1:] - self.indptr[:-1]
+        return torch.repeat_interleave(torch.arange(self.shape[0], device=counts.device), counts)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.numel())
+
+    def to_dense(self) -> Tensor:
+        """``(B, Hq, Lq, Lk)`` dense weights (zeros off the pattern). For small sizes."""
+        b, h, _ = self.values.shape
+        lq, lk = self.shape
+        out = self.values.new_zeros(b, h, lq * lk)
+        flat = self.rows * lk + self.indices
+        return out.index_copy(2, flat, self.values).view(b, h, lq, lk)
+
+    def __repr__(self) -> str:
+        vals = tuple(self.values.shape)
+        return f"SparseWeights(shape={self.shape}, nnz={self.nnz}, values={vals})"
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            exp = {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"}[name]
+            raise ValueError(f"{name} must have shape {exp}, got {t.dim()} dims {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, hq, lq, d = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same heads Hkv, got {k.shape[1]} and {v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length Lk, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k must have head dim D={d} like q, got {k.shape[3]}")
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads Hq={hq} must be a multiple of k/v heads Hkv={hkv}")
+    lk = k.shape[2]
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(
+            f"pattern must be None or an attnkit.patterns pattern, got {type(pattern).__name__}"
+        )
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError("score_mod must be callable (score, b, h, q_idx, k_idx) -> score")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if isinstance(temperature, Tensor):
+        if temperature.numel() not in (1, hq) or temperature.dim() > 1:
+            raise ValueError(
+                f"temperature must be a float or a tensor of shape ({hq},), "
+                f"got shape {tuple(temperature.shape)}"
+            )
+        if not bool((temperature > 0).all()):
+            raise ValueError("temperature must be > 0")
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    else:
+        raise TypeError(f"temperature must be a float or tensor, got {type(temperature).__name__}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a tensor, got {type(bias).__name__}")
+        try:
+            shape = torch.broadcast_shapes(bias.shape, (B, hq, lq, lk))
+        except RuntimeError:
+            shape = None
+        if shape != (B, hq, lq, lk):
+            raise ValueError(
+                f"bias of shape {tuple(bias.shape)} does not broadcast to (B, Hq, Lq, Lk) = "
+                f"{(B, hq, lq, lk)}"
+            )
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or infinite values")
+        if bias is not None and bias.dtype.is_floating_point and bool(torch.isnan(bias).any()):
+            raise ValueError("bias contains NaN values")
+    if pattern is not None:
+        pattern.validate(lq, lk)
+
+
+def _prepare_bias(bias: Tensor | None, dtype) -> Tensor | None:
+    if bias is None:
+        return None
+    if bias.dtype == torch.bool:  # a boolean bias is a keep-mask
+        return torch.zeros(bias.shape, dtype=dtype, device=bias.device).masked_fill(~bias, NEG_INF)
+    return bias
+
+
+# --------------------------------------------------------------------------------- engine
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern: Pattern | None = None,
+    bias: Tensor | None = None,
+    score_mod: Callable[..., Tensor] | None = None,
+    scale: float | None = None,
+    temperature: float | Tensor = 1.0,
+    dropout_p: float = 0.0,
+    return_weights: bool = False,
+    check_finite: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | SparseWeights]:
+    """Scaled dot-product attention restricted to a pattern.
+
+    Logits are ``scale * q.k / temperature + bias``, then ``score_mod``; softmax runs over the
+    keys the pattern allows for each query.
+
+    Args:
+        q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, with
+            ``Hq % Hkv == 0`` (grouped-/multi-query attention shares each K/V head among
+            ``Hq // Hkv`` query heads without copying).
+        pattern: ``None`` (every key) or a pattern from :mod:`attnkit.patterns`.
+        bias: additive logits broadcastable to ``(B, Hq, Lq, Lk)`` (a bool tensor is a
+            keep-mask). Fine for dense patterns; with sparse ones only the allowed entries are
+            read.
+        score_mod: ``score_mod(score, b, h, q_idx, k_idx) -> score``, applied only on allowed
+            pairs; the index arguments are integer tensors broadcastable to ``score``.
+        scale: defaults to ``1 / sqrt(D)``.
+        temperature: a float or a ``(Hq,)`` tensor (per head); > 0.
+        dropout_p: dropout on the attention weights.
+        return_weights: also return the weights: a dense ``(B, Hq, Lq, Lk)`` tensor for dense
+            patterns (``None``, ``causal()``), a :class:`SparseWeights` (O(nnz)) otherwise.
+        check_finite: raise ``ValueError`` if q, k, v (or bias) hold NaN / inf.
+
+    Returns:
+        ``out (B, Hq, Lq, Dv)``, or ``(out, weights)``. Rows with no allowed key give zeros.
+    """
+    _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)
+    B, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bias = _prepare_bias(bias, q.dtype)
+    dense = pattern is None or isinstance(pattern, Causal)
+
+    per_head_temp = isinstance(temperature, Tensor) and temperature.numel() > 1
+    if isinstance(temperature, Tensor) and not per_head_temp:
+        temperature = temperature.reshape(())
+        per_head_temp = temperature.requires_grad  # keep it differentiable
+    if per_head_temp:
+        t = temperature.to(q.dtype).reshape(-1, 1, 1) if temperature.dim() else temperature
+        qs = q * (scale / t)
+    else:
+        qs = q if float(temperature) == 1.0 and scale == 1.0 else q * (scale / float(temperature))
+
+    if dense and score_mod is None and not return_weights:
+        out = _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g)
+        if out is not None:
+            return out
+
+    ctx = Ctx(lq=lq, lk=lk, batch=B, hkv=hkv, groups=g,
+              bias=None if bias is None else bias.expand(B, hq, lq, lk),
+              score_mod=score_mod, dropout_p=float(dropout_p))
+    qg = qs.view(B, hkv, g, lq, d)
+
+    if dense and return_weights:
+        out, weights = _dense_with_weights(qg, k, v, pattern, ctx)
+        return out.reshape(B, hq, lq, dv), weights
+
+    comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
+        [AllKeys()] if pattern is None else pattern.plan(lq, lk))
+    out, lse = structured_attention(qg, k, v, lower(comps, lq, lk), ctx)
+    out = out.reshape(B, hq, lq, dv).to(q.dtype)
+    if not return_weights:
+        return out
+    return out, _sparse_weights(qg, k, pattern, ctx, lse)
+
+
+def _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g) -> Tensor | None:
+    """Dense calls go to torch's fused SDPA; None when SDPA cannot give the exact answer."""
+    is_causal = False
+    mask = bias
+    if isinstance(pattern, Causal):
+        if lq > lk:
+            return None  # leading rows have no key: SDPA would give NaN
+        if lq == lk and mask is None:
+            is_causal = True
+        elif lq < lk:
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=qs.device).tril(lk - lq)
+            mask = keep if mask is None else mask.masked_fill(~keep, NEG_INF)
+        else:
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=qs.device).tril()
+            mask = mask.masked_fill(~keep, NEG_INF)
+    if mask is not None and mask.dtype != torch.bool:
+        if bool(torch.isneginf(mask).all(-1).any()):
+            return None  # a fully masked row: SDPA gives NaN, our kernels give zeros
+        mask = mask.to(qs.dtype)
+    kw = {}
+    if g > 1:
+        if _SDPA_HAS_GQA:
+            kw["enable_gqa"] = True
+        else:  # older torch: materialize the shared heads
+            k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(
+        qs, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=1.0, **kw
+    )
+
+
+def _dense_with_weights(qg, k, v, pattern, ctx: Ctx):
+    """Dense attention that also returns ``(B, Hq, Lq, Lk)`` weights (inherently O(Lq*Lk))."""
+    B, hkv, g, lq, d = qg.shape
+    lk = k.shape[2]
+    qi = torch.arange(lq, device=qg.device).unsqueeze(1)
+    kj = torch.arange(lk, device=qg.device).unsqueeze(0)
+    valid = torch.ones(lq, lk, dtype=torch.bool, device=qg.device)
+    if pattern is not None:
+        valid = valid & pattern.allowed(qi, kj, lq, lk)
+    s = torch.matmul(qg.reshape(B, hkv, g * lq, d), k.transpose(-1, -2)).view(B, hkv, g, lq, lk)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    s = finish_scores(s, qi, kj, valid, ctx)
+    nodrop = Ctx(**{**ctx.__dict__, "dropout_p": 0.0})
+    w, _ = softmax_rows(s, nodrop, True)
+    p = F.dropout(w, ctx.dropout_p, training=True) if ctx.dropout_p > 0 else w
+    out = torch.matmul(p.to(v.dtype).reshape(B, hkv, g * lq, lk), v)
+    return out, w.reshape(B, hkv * g, lq, lk).to(qg.dtype)
+
+
+def _sparse_weights(qg, k, pattern: Pattern, ctx: Ctx, lse: Tensor) -> SparseWeights:
+    """Weights of every allowed pair, ``exp(score - lse)``, in CSR order: O(nnz) memory."""
+    B, hkv, g, lq, d = qg.shape
+    lk = k.shape[2]
+    rows, cols = pattern.pairs(lq, lk, qg.device)
+    per = max(1, B * hkv * g * (d + 2))
+    step = max(1, _EDGE_CHUNK // per)
+    vals = []
+    for e0 in range(0, rows.numel(), step):
+        r, c = rows[e0:e0 + step], cols[e0:e0 + step]
+        s = edge_scores(qg, k, r, c, ctx).unsqueeze(-1)
+        valid = torch.ones_like(r, dtype=torch.bool).unsqueeze(-1)
+        s = finish_scores(s, r.unsqueeze(-1), c.unsqueeze(-1), valid, ctx).squeeze(-1)
+        vals.append(torch.exp(s - lse.index_select(-1, r)))
+    values = torch.cat(vals, -1) if vals else qg.new_zeros(B, hkv, g, 0)
+    counts = torch.bincount(rows, minlength=lq)
+    indptr = torch.zeros(lq + 1, dtype=torch.long, device=rows.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return SparseWeights(indptr, cols, values.reshape(B, hkv * g, -1).to(qg.dtype), (lq, lk))
+
+
+def dense_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    temperature: float | Tensor = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Plain dense masked softmax attention, for tests. ``mask (Lq, Lk)`` bool (True = allowed).
+
+    Returns ``(out (B, Hq, Lq, Dv), weights (B, Hq, Lq, Lk))``; empty rows give zeros.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(hq // hkv, 1)
+    v = v.repeat_interleave(hq // hkv, 1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if isinstance(temperature, Tensor) and temperature.dim() == 1:
+        temperature = temperature.view(-1, 1, 1)
+    s = (q @ k.transpose(-1, -2)) * scale / temperature
+    if bias is not None:
+        s = s + bias
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    w = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return w @ v, w

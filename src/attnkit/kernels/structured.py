@@ -1,0 +1,328 @@
+"""Structured sparse attention kernels, in plain PyTorch tensor ops.
+
+Every kernel computes, for a chunk of queries ``[q0, q1)`` and one plan component, the softmax
+restricted to that component's allowed pairs: a normalized output ``(B, Hkv, G, nq, Dv)`` and its
+log-sum-exp ``(B, Hkv, G, nq)`` (``-inf`` for rows with no allowed key). Components of a plan are
+disjoint, so their partial results merge exactly through the log-sum-exp (as in FlashAttention's
+online softmax). No kernel ever forms an ``Lq x Lk`` tensor unless its component is dense.
+
+Queries arrive pre-scaled (``scale / temperature`` folded in) in the grouped layout
+``(B, Hkv, G, Lq, D)`` with ``G = Hq // Hkv``; keys and values stay ``(B, Hkv, Lk, D)``, so
+grouped-query attention never copies K or V per query head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .components import (
+    AllKeys,
+    Band,
+    Component,
+    Edges,
+    KeySet,
+    Offsets,
+    Ranges,
+    RowSet,
+    band_ranges,
+)
+
+NEG_INF = float("-inf")
+# Elements in the largest intermediate of one chunk; bounds peak memory per chunk (~64 MB fp32).
+CHUNK_ELEMENTS = 1 << 24
+# Query rows per block in the range kernel: a block shares one gathered key window.
+BLOCK = 64
+
+
+@dataclass
+class Ctx:
+    lq: int
+    lk: int
+    batch: int
+    hkv: int
+    groups: int
+    bias: Tensor | None  # expanded view (B, Hq, Lq, Lk) or None
+    score_mod: Callable | None
+    dropout_p: float
+    block: int = BLOCK
+
+    @property
+    def hq(self) -> int:
+        return self.hkv * self.groups
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor, ctx: Ctx) -> Tensor:
+    """Add bias, apply ``score_mod``, then mask. ``s`` is ``(B, Hkv, G, *S)``; ``qi``, ``kj``
+    and ``valid`` broadcast to ``S`` (last dim: candidates)."""
+    if ctx.bias is not None:
+        qb, kb = torch.broadcast_tensors(qi, kj)
+        b = ctx.bias[:, :, qb, kb]  # (B, Hq, *S)
+        s = s + b.reshape(s.shape).to(s.dtype)
+    if ctx.score_mod is not None:
+        shape = s.shape
+        c = shape[-1]
+        s4 = s.reshape(ctx.batch, ctx.hq, -1, c)
+        qlast = qi.shape[-1]
+        q4 = qi.expand(*shape[3:-1], qlast).reshape(1, 1, -1, qlast)
+        k4 = kj.expand(*shape[3:]).reshape(1, 1, -1, c)
+        b_idx = torch.arange(ctx.batch, device=s.device).view(-1, 1, 1, 1)
+        h_idx = torch.arange(ctx.hq, device=s.device).view(1, -1, 1, 1)
+        s4 = ctx.score_mod(s4, b_idx, h_idx, q4, k4)
+        if not isinstance(s4, Tensor) or s4.numel() != s.numel():
+            raise ValueError(
+                "score_mod must return a tensor of the same shape as its `score` argument"
+            )
+        s = s4.reshape(shape)
+    return s.masked_fill(~valid, NEG_INF)
+
+
+def softmax_rows(s: Tensor, ctx: Ctx, training: bool) -> tuple[Tensor, Tensor]:
+    """Normalized weights over the last dim and their log-sum-exp; empty rows give 0 / -inf."""
+    m = s.detach().amax(-1, keepdim=True)  # the max cancels exactly: no gradient needed
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    lsum = p.sum(-1, keepdim=True)
+    nonempty = lsum > 0
+    lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
+    p = p / lsum_safe
+    lse = torch.where(nonempty, m + torch.log(lsum_safe), torch.full_like(m, NEG_INF))
+    if ctx.dropout_p > 0 and training:
+        p = F.dropout(p, ctx.dropout_p, training=True)
+    return p, lse.squeeze(-1)
+
+
+def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Merge normalized partial results of disjoint key sets through their log-sum-exps."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])  # (P, ...)
+    m = lses.detach().amax(0)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lses - m)  # (P, ...)
+    total = w.sum(0)
+    nonempty = total > 0
+    total_safe = torch.where(nonempty, total, torch.ones_like(total))
+    lse = torch.where(nonempty, m + torch.log(total_safe), torch.full_like(m, NEG_INF))
+    out = sum(o * (w[i] / total_safe).unsqueeze(-1) for i, (o, _) in enumerate(parts))
+    return out, lse
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Blocked kernel for per-query contiguous key ranges (bands, segments)."""
+    B, hkv, g, _, d = qs.shape
+    dv = v.shape[-1]
+    bq = ctx.block
+    nq = q1 - q0
+    cand = comp.block_candidates(q0, q1, ctx.lq, ctx.lk, bq, qs.device)
+    if cand is None:
+        return (qs.new_zeros(B, hkv, g, nq, dv),
+                torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+    qi, kj, valid = cand
+    nb, width = valid.shape[0], valid.shape[2]
+    pad = nb * bq - nq
+    qc = qs[:, :, :, q0:q1]
+    if pad:
+        qc = F.pad(qc, (0, 0, 0, pad))
+    qc = qc.view(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
+    flat = kj.reshape(-1)
+    kc = k.index_select(2, flat).view(B, hkv, nb, width, d)
+    vc = v.index_select(2, flat).view(B, hkv, nb, width, dv)
+    s = torch.matmul(qc, kc.transpose(-1, -2)).to(_compute_dtype(qs))  # (B,hkv,nb,g*bq,C)
+    s = s.view(B, hkv, nb, g, bq, width).transpose(2, 3)  # (B,hkv,g,nb,bq,C)
+    s = finish_scores(s, qi, kj, valid, ctx)
+    p, lse = softmax_rows(s, ctx, training)
+    p = p.to(v.dtype).transpose(2, 3).reshape(B, hkv, nb, g * bq, width)
+    out = torch.matmul(p, vc).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
+    out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
+    lse = lse.reshape(B, hkv, g, nb * bq)[:, :, :, :nq]
+    return out, lse
+
+
+def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Gather kernel for a short list of relative offsets (dilated, exponential)."""
+    B, hkv, g, _, d = qs.shape
+    dv = v.shape[-1]
+    qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
+    nq, n = kj.shape
+    flat = kj.reshape(-1)
+    kc = k.index_select(2, flat).view(B, hkv, nq, n, d)
+    vc = v.index_select(2, flat).view(B, hkv, nq, n, dv)
+    qc = qs[:, :, :, q0:q1].permute(0, 1, 3, 2, 4)  # (B,hkv,nq,g,d)
+    s = torch.matmul(qc, kc.transpose(-1, -2)).to(_compute_dtype(qs))  # (B,hkv,nq,g,n)
+    s = s.permute(0, 1, 3, 2, 4)  # (B,hkv,g,nq,n)
+    s = finish_scores(s, qi, kj, valid, ctx)
+    p, lse = softmax_rows(s, ctx, training)
+    out = torch.matmul(p.to(v.dtype).permute(0, 1, 3, 2, 4), vc)  # (B,hkv,nq,g,dv)
+    return out.permute(0, 1, 3, 2, 4), lse
+
+
+def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool):
+    """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set."""
+    B, hkv, g, nr, d = qc.shape
+    nk = kc.shape[2]
+    s = torch.matmul(qc.reshape(B, hkv, g * nr, d), kc.transpose(-1, -2))
+    s = s.to(_compute_dtype(qc)).view(B, hkv, g, nr, nk)
+    s = finish_scores(s, qi, kj, valid, ctx)
+    p, lse = softmax_rows(s, ctx, training)
+    out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, nk), vc)
+    return out.view(B, hkv, g, nr, -1), lse
+
+
+def _keyset_partial(comp: KeySet | AllKeys, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
+    if isinstance(comp, AllKeys):
+        kc, vc = k, v
+    else:
+        kc, vc = k.index_select(2, kj[0]), v.index_select(2, kj[0])
+    return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training)
+
+
+def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    B, hkv, g, _, _ = qs.shape
+    nq = q1 - q0
+    rows = comp.rows_in(q0, q1, qs.device)
+    out = qs.new_zeros(B, hkv, g, nq, v.shape[-1])
+    lse = torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device)
+    if rows.numel() == 0:
+        return out, lse
+    qi, kj, valid = comp.candidates_for(rows, 0, ctx.lk, ctx.lq, ctx.lk)
+    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training)
+    local = rows - q0
+    return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
+
+
+def edge_scores(qs, k, qi, kj, ctx: Ctx) -> Tensor:
+    """Scores ``(B, hkv, g, ne)`` of explicit pairs, before masking."""
+    kc = k.index_select(2, kj)  # (B,hkv,ne,d)
+    qc = qs.index_select(3, qi)  # (B,hkv,g,ne,d)
+    s = (qc * kc.unsqueeze(2)).sum(-1).to(_compute_dtype(qs))
+    return s
+
+
+def _edges_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Edge-wise kernel with a segment softmax over each query's explicit key list."""
+    B, hkv, g, _, _ = qs.shape
+    dv = v.shape[-1]
+    nq = q1 - q0
+    qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
+    s = edge_scores(qs, k, qi, kj, ctx)
+    s = finish_scores(s.unsqueeze(-1), qi.unsqueeze(-1), kj.unsqueeze(-1), valid.unsqueeze(-1), ctx)
+    s = s.squeeze(-1)  # (B,hkv,g,ne)
+    local = qi - q0
+    idx = local.expand_as(s)
+    m = torch.full((B, hkv, g, nq), NEG_INF, dtype=s.dtype, device=s.device)
+    m = m.scatter_reduce(-1, idx, s.detach(), reduce="amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m.index_select(-1, local))
+    lsum = torch.zeros_like(m).index_add(-1, local, p)
+    nonempty = lsum > 0
+    lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
+    p = p / lsum_safe.index_select(-1, local)
+    if ctx.dropout_p > 0 and training:
+        p = F.dropout(p, ctx.dropout_p, training=True)
+    vc = v.index_select(2, kj).unsqueeze(2)  # (B,hkv,1,ne,dv)
+    out = qs.new_zeros(B, hkv, g, nq, dv).index_add(3, local, (p.unsqueeze(-1) * vc).to(qs.dtype))
+    lse = torch.where(nonempty, m + torch.log(lsum_safe), torch.full_like(m, NEG_INF))
+    return out, lse
+
+
+def _width(comp: Component, ctx: Ctx, d: int) -> float:
+    """Elements of the largest intermediate per query row, for chunk sizing."""
+    lq, lk = ctx.lq, ctx.lk
+    if isinstance(comp, Ranges):
+        avg = comp.cost(lq, lk) / max(lq, 1)
+        return (avg + ctx.block) * max(1.0, d / ctx.block) * ctx.hq
+    if isinstance(comp, Offsets):
+        return len(comp.offsets) * (d + ctx.groups) * ctx.hkv
+    if isinstance(comp, KeySet):
+        return comp.keys.numel() * ctx.hq
+    if isinstance(comp, AllKeys):
+        return lk * ctx.hq
+    if isinstance(comp, Edges):
+        return comp.cost(lq, lk) / max(lq, 1) * (d + 1) * ctx.hq * 2
+    return ctx.hq  # RowSet: its own few rows, sized separately
+
+
+_KERNELS = {
+    Ranges: _ranges_partial,
+    Offsets: _offsets_partial,
+    KeySet: _keyset_partial,
+    AllKeys: _keyset_partial,
+    RowSet: _rowset_partial,
+    Edges: _edges_partial,
+}
+
+
+def lower(comps: list[Component], lq: int, lk: int) -> list[Component]:
+    """Turn bands into ranges (the kernels' form)."""
+    out = []
+    for c in comps:
+        if isinstance(c, Band):
+            start, stop = band_ranges(c.lo, c.hi, lq, lk)
+            out.append(Ranges(start, stop, masks=c.masks))
+        else:
+            out.append(c)
+    return out
+
+
+def _chunk(qs, k, v, comps, ctx, q0, q1, training):
+    parts = [_KERNELS[type(c)](c, qs, k, v, q0, q1, ctx, training) for c in comps]
+    return merge(parts)
+
+
+def structured_attention(
+    qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx, training: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Attention over the union of disjoint components.
+
+    Args:
+        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)``.
+        k: keys ``(B, Hkv, Lk, D)``; v: values ``(B, Hkv, Lk, Dv)``.
+    Returns:
+        ``out (B, Hkv, G, Lq, Dv)`` and ``lse (B, Hkv, G, Lq)``.
+    """
+    B, hkv, g, lq, d = qs.shape
+    if not comps or lq == 0:
+        return (qs.new_zeros(B, hkv, g, lq, v.shape[-1]),
+                torch.full((B, hkv, g, lq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+    width = sum(_width(c, ctx, d) for c in comps) * B
+    rows = max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)
+    rows = min(rows, lq)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
+    )
+    n_chunks = math.ceil(lq / rows)
+    # Recompute chunks in backward (FlashAttention-style) once keeping every chunk's
+    # intermediates would cost more memory than a couple of chunks.
+    use_ckpt = grad and n_chunks > 2
+    outs, lses = [], []
+    for q0 in range(0, lq, rows):
+        q1 = min(lq, q0 + rows)
+        if use_ckpt:
+            o, l = checkpoint(
+                _chunk, qs, k, v, comps, ctx, q0, q1, training, use_reentrant=False
+            )
+        else:
+            o, l = _chunk(qs, k, v, comps, ctx, q0, q1, training)
+        outs.append(o)
+        lses.append(l)
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, 3), torch.cat(lses, 3)

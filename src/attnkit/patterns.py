@@ -1,0 +1,524 @@
+"""Attention patterns: which keys each query may see.
+
+A pattern is a predicate ``allowed(i, j)`` over query index ``i`` and key index ``j`` together
+with a *plan*: a list of disjoint components that structured kernels enumerate without ever
+building an ``Lq x Lk`` matrix. Patterns compose with ``|`` (union) and ``&`` (intersection)::
+
+    from attnkit import patterns as P
+    p = P.sliding_window(256) | P.global_tokens([0, 1000]) | P.exponential()
+    causal_local = P.sliding_window(64) & P.causal()
+
+Positional patterns (``causal``, ``sliding_window``, ``dilated``, ``exponential``,
+``global_tokens``) place query ``i`` at position ``i + (Lk - Lq)``: queries are the last ``Lq``
+positions of the key sequence, which is what KV-cached decoding needs. Index-based patterns
+(``graph``, ``random_keys``, ``block_diagonal``) use the raw indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels.components import (
+    AllKeys,
+    Band,
+    Component,
+    Edges,
+    KeySet,
+    MaskTerm,
+    Offsets,
+    Ranges,
+    RowSet,
+    segment_ranges,
+)
+
+__all__ = [
+    "Pattern",
+    "causal",
+    "sliding_window",
+    "dilated",
+    "exponential",
+    "global_tokens",
+    "random_keys",
+    "graph",
+    "block_diagonal",
+]
+
+# Above this many offsets a dilated pattern is cheaper as a masked band than as a gather.
+_MAX_GATHER_OFFSETS = 96
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_sizes(lq: int, lk: int) -> None:
+    for name, n in (("Lq", lq), ("Lk", lk)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+
+
+class Pattern:
+    """Base class. Subclasses define :meth:`allowed` and :meth:`_plan`."""
+
+    #: True when the pattern is dense-shaped (attention weights come back as a dense tensor).
+    is_dense: bool = False
+    #: ``(lo, hi)`` when the pattern is exactly "offset ``j - pos(i)`` in ``[lo, hi]``".
+    offset_range: tuple[float, float] | None = None
+
+    # --- the predicate --------------------------------------------------------------
+    def allowed(self, i: Tensor, j: Tensor, lq: int, lk: int) -> Tensor:
+        """Bool tensor: may query ``i`` see key ``j``? (``i``, ``j`` broadcast.)"""
+        raise NotImplementedError
+
+    def validate(self, lq: int, lk: int) -> None:
+        """Raise ``ValueError`` when the pattern cannot apply to these sizes."""
+
+    # --- the plan -------------------------------------------------------------------
+    def _plan(self, lq: int, lk: int) -> list[Component]:
+        raise NotImplementedError
+
+    def plan(self, lq: int, lk: int) -> list[Component]:
+        """Disjoint components whose allowed pairs are exactly this pattern's."""
+        _check_sizes(lq, lk)
+        self.validate(lq, lk)
+        return self._plan(lq, lk)
+
+    def cost(self, lq: int, lk: int) -> int:
+        """Candidate pairs the kernels will score (an upper bound on ``nnz``)."""
+        return sum(c.cost(lq, lk) for c in self.plan(lq, lk))
+
+    # --- composition ------------------------------------------------------------------
+    def __or__(self, other: Pattern) -> Pattern:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Union(self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        if not isinstance(other, Pattern):
+            return NotImplemented
+        return Intersection(self, other)
+
+    # --- inspection -------------------------------------------------------------------
+    def pairs(self, lq: int, lk: int, device=None) -> tuple[Tensor, Tensor]:
+        """All allowed ``(query, key)`` pairs, sorted by query then key."""
+        from .kernels.enumerate import allowed_pairs
+
+        return allowed_pairs(self.plan(lq, lk), lq, lk, device)
+
+    def csr(self, lq: int, lk: int, device=None) -> tuple[Tensor, Tensor]:
+        """``(indptr (Lq+1,), indices (nnz,))``: the allowed keys of each query, sorted."""
+        rows, cols = self.pairs(lq, lk, device)
+        counts = torch.bincount(rows, minlength=lq)
+        indptr = torch.zeros(lq + 1, dtype=torch.long, device=cols.device)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return indptr, cols
+
+    def nnz(self, lq: int, lk: int) -> int:
+        """Number of allowed pairs."""
+        from .kernels.enumerate import count_pairs
+
+        return count_pairs(self.plan(lq, lk), lq, lk)
+
+    def to_dense(self, lq: int, lk: int, device=None) -> Tensor:
+        """The ``(Lq, Lk)`` bool mask, straight from the predicate (for tests on small sizes)."""
+        _check_sizes(lq, lk)
+        self.validate(lq, lk)
+        i = torch.arange(lq, device=device).unsqueeze(1)
+        j = torch.arange(lk, device=device).unsqueeze(0)
+        return torch.broadcast_to(self.allowed(i, j, lq, lk), (lq, lk)).clone()
+
+
+# ------------------------------------------------------------------------------- positional
+
+
+class Causal(Pattern):
+    is_dense = True
+    offset_range = (float("-inf"), 0)
+
+    def allowed(self, i, j, lq, lk):
+        return j <= i + (lk - lq)
+
+    def _plan(self, lq, lk):
+        return [AllKeys(masks=(MaskTerm(self),))]
+
+    def __repr__(self) -> str:
+        return "causal()"
+
+
+class SlidingWindow(Pattern):
+    def __init__(self, w: int):
+        self.w = _check_int("window w", w, 0)
+        self.offset_range = (-self.w, self.w)
+
+    def allowed(self, i, j, lq, lk):
+        return (j - i - (lk - lq)).abs() <= self.w
+
+    def _plan(self, lq, lk):
+        return [Band(-self.w, self.w)]
+
+    def __repr__(self) -> str:
+        return f"sliding_window({self.w})"
+
+
+class Dilated(Pattern):
+    def __init__(self, w: int, d: int):
+        self.w = _check_int("dilated w", w, 0)
+        self.d = _check_int("dilated d", d, 1)
+
+    def allowed(self, i, j, lq, lk):
+        o = j - i - (lk - lq)
+        return (o.abs() <= self.w * self.d) & (torch.remainder(o, self.d) == 0)
+
+    def _plan(self, lq, lk):
+        reach = min(self.w * self.d, max(lq, lk))
+        if self.d == 1:
+            return [Band(-reach, reach)]
+        offs = tuple(range(-(reach // self.d) * self.d, reach + 1, self.d))
+        if len(offs) <= _MAX_GATHER_OFFSETS:
+            return [Offsets(offs)]
+        return [Band(-reach, reach, masks=(MaskTerm(self),))]
+
+    def __repr__(self) -> str:
+        return f"dilated({self.w}, {self.d})"
+
+
+class Exponential(Pattern):
+    def __init__(self, base: int = 2):
+        self.base = _check_int("exponential base", base, 2)
+
+    def offsets(self, lq: int, lk: int) -> tuple[int, ...]:
+        n = max(lq, lk)
+        pos, step = [], 1
+        while step <= n:
+            pos.append(step)
+            step *= self.base
+        return tuple([-s for s in reversed(pos)] + [0] + pos)
+
+    def allowed(self, i, j, lq, lk):
+        o = j - i - (lk - lq)
+        offs = torch.tensor(self.offsets(lq, lk), device=o.device, dtype=o.dtype)
+        return torch.isin(o, offs)
+
+    def _plan(self, lq, lk):
+        return [Offsets(self.offsets(lq, lk))]
+
+    def __repr__(self) -> str:
+        return f"exponential(base={self.base})"
+
+
+def _index_tensor(name: str, values, *, allow_empty: bool = True) -> Tensor:
+    t = torch.as_tensor(values)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name} must be integers, got dtype {t.dtype}")
+    t = t.long().reshape(-1) if t.dim() <= 1 else None
+    if t is None:
+        raise ValueError(f"{name} must be a 1-D sequence of ints")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name} must be non-negative, got min {int(t.min())}")
+    return torch.unique(t)  # sorted, unique
+
+
+class GlobalTokens(Pattern):
+    def __init__(self, indices: Sequence[int] | Tensor):
+        self.indices = _index_tensor("global_tokens indices", indices)
+
+    def validate(self, lq, lk):
+        if self.indices.numel() and int(self.indices.max()) >= lk:
+            raise ValueError(
+                f"global_tokens indices must be < sequence length {lk}, "
+                f"got {int(self.indices.max())}"
+            )
+
+    def allowed(self, i, j, lq, lk):
+        g = self.indices.to(i.device)
+        return torch.isin(i + (lk - lq), g) | torch.isin(j, g)
+
+    def _plan(self, lq, lk):
+        delta = lk - lq
+        rows = self.indices - delta
+        rows = rows[(rows >= 0) & (rows < lq)]
+        row_term = _RowsOf(rows)
+        return [RowSet(rows), KeySet(self.indices, masks=(MaskTerm(row_term, negate=True),))]
+
+    def __repr__(self) -> str:
+        return f"global_tokens({self.indices.tolist()})"
+
+
+class _RowsOf(Pattern):
+    """Internal predicate: query index in a set."""
+
+    def __init__(self, rows: Tensor):
+        self.rows = rows
+
+    def allowed(self, i, j, lq, lk):
+        return torch.isin(i, self.rows.to(i.device))
+
+
+# ------------------------------------------------------------------------------ index-based
+
+
+class _CSRPattern(Pattern):
+    """A pattern given by an explicit CSR per ``(Lq, Lk)``; membership by binary search."""
+
+    def _csr_for(self, lq: int, lk: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _keys(self, lq, lk) -> Tensor:
+        key = (lq, lk)
+        cache = self.__dict__.setdefault("_key_cache", {})
+        if key not in cache:
+            indptr, indices = self._csr_for(lq, lk)
+            rows = torch.repeat_interleave(torch.arange(lq), indptr[1:] - indptr[:-1])
+            cache[key] = rows * max(lk, 1) + indices  # sorted: CSR rows then sorted cols
+        return cache[key]
+
+    def allowed(self, i, j, lq, lk):
+        keys = self._keys(lq, lk).to(i.device)
+        q = (i * max(lk, 1) + j).expand(torch.broadcast_shapes(i.shape, j.shape))
+        if keys.numel() == 0:
+            return torch.zeros(q.shape, dtype=torch.bool, device=q.device)
+        pos = torch.searchsorted(keys, q.contiguous()).clamp(max=keys.numel() - 1)
+        return (keys[pos] == q) & (i >= 0) & (j >= 0) & (j < lk) & (i < lq)
+
+    def _plan(self, lq, lk):
+        indptr, indices = self._csr_for(lq, lk)
+        return [Edges(indptr, indices)]
+
+
+class Graph(_CSRPattern):
+    """Query ``i`` sees key ``j`` iff there is an edge ``j -> i`` (PyG: ``edge_index[0]`` are
+    sources, ``edge_index[1]`` targets). Duplicate edges count once."""
+
+    def __init__(self, edge_index: Tensor, num_nodes: int | tuple[int, int]):
+        if not isinstance(edge_index, Tensor):
+            edge_index = torch.as_tensor(edge_index)
+        if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool:
+            raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
+        if isinstance(num_nodes, int) and not isinstance(num_nodes, bool):
+            n_src = n_dst = num_nodes
+        elif isinstance(num_nodes, tuple) and len(num_nodes) == 2:
+            n_src, n_dst = num_nodes
+        else:
+            raise TypeError("num_nodes must be an int or a (num_src, num_dst) tuple")
+        _check_int("num_nodes", n_src, 0)
+        _check_int("num_nodes", n_dst, 0)
+        ei = edge_index.long().cpu()
+        if ei.numel():
+            if int(ei.min()) < 0:
+                raise ValueError(f"edge_index has a negative index ({int(ei.min())})")
+            if int(ei[0].max()) >= n_src or int(ei[1].max()) >= n_dst:
+                raise ValueError(
+                    f"edge_index out of range: sources must be < {n_src} and targets < {n_dst}"
+                    f" (got max source {int(ei[0].max())}, max target {int(ei[1].max())})"
+                )
+        self.num_src, self.num_dst = n_src, n_dst
+        key = torch.unique(ei[1] * max(n_src, 1) + ei[0])  # sorted by target, then source
+        self._dst = key // max(n_src, 1)
+        self._src = key % max(n_src, 1)
+
+    def validate(self, lq, lk):
+        if lq != self.num_dst or lk != self.num_src:
+            raise ValueError(
+                f"graph pattern has {self.num_dst} targets x {self.num_src} sources, "
+                f"but attention has Lq={lq} queries and Lk={lk} keys"
+            )
+
+    def _csr_for(self, lq, lk):
+        counts = torch.bincount(self._dst, minlength=lq)
+        indptr = torch.zeros(lq + 1, dtype=torch.long)
+        indptr[1:] = torch.cumsum(counts, 0)
+        return indptr, self._src
+
+    def __repr__(self) -> str:
+        return f"graph(E={self._src.numel()}, num_nodes=({self.num_src}, {self.num_dst}))"
+
+
+class RandomKeys(_CSRPattern):
+    """``r`` distinct random keys per query (BigBird style), fixed by ``seed``."""
+
+    def __init__(self, r: int, seed: int = 0):
+        self.r = _check_int("random_keys r", r, 1)
+        self.seed = _check_int("random_keys seed", seed, 0)
+        self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+
+    def _csr_for(self, lq, lk):
+        if (lq, lk) not in self._cache:
+            gen = torch.Generator().manual_seed(self.seed)
+            r = min(self.r, lk)
+            if r == lk:
+                cols = torch.arange(lk).repeat(lq, 1)
+            else:
+                cols = torch.randint(0, lk, (lq, r), generator=gen)
+                for _ in range(10_000):  # re-draw duplicates; r << lk makes this short
+                    srt, _ = cols.sort(1)
+                    dup = torch.zeros_like(cols, dtype=torch.bool)
+                    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
+                    if not dup.any():
+                        break
+                    cols = torch.where(dup, torch.randint(0, lk, cols.shape, generator=gen), srt)
+                cols, _ = cols.sort(1)
+            indptr = torch.arange(lq + 1) * r
+            self._cache[(lq, lk)] = (indptr, cols.reshape(-1))
+        return self._cache[(lq, lk)]
+
+    def __repr__(self) -> str:
+        return f"random_keys({self.r}, seed={self.seed})"
+
+
+class BlockDiagonal(Pattern):
+    """Packed variable-length sequences: a query sees the keys of its own segment."""
+
+    def __init__(self, lengths: Sequence[int] | Tensor):
+        lens = torch.as_tensor(lengths)
+        if lens.dtype.is_floating_point or lens.dim() != 1:
+            raise ValueError("block_diagonal lengths must be a 1-D sequence of ints")
+        if lens.numel() == 0 or int(lens.min()) < 1:
+            raise ValueError("block_diagonal lengths must be positive ints")
+        self.lengths = lens.long()
+        self.total = int(self.lengths.sum())
+        self._bounds = torch.cumsum(self.lengths, 0)
+
+    def validate(self, lq, lk):
+        if lq != self.total or lk != self.total:
+            raise ValueError(
+                f"block_diagonal lengths sum to {self.total}, but Lq={lq} and Lk={lk}"
+            )
+
+    def _segment(self, x: Tensor) -> Tensor:
+        return torch.searchsorted(self._bounds.to(x.device), x, right=True)
+
+    def allowed(self, i, j, lq, lk):
+        return self._segment(i.contiguous()) == self._segment(j.contiguous())
+
+    def _plan(self, lq, lk):
+        start, stop = segment_ranges(self.lengths.tolist())
+        return [Ranges(start, stop)]
+
+    def __repr__(self) -> str:
+        return f"block_diagonal({self.lengths.tolist()})"
+
+
+# ------------------------------------------------------------------------------ composition
+
+
+class Union(Pattern):
+    def __init__(self, a: Pattern, b: Pattern):
+        self.a, self.b = a, b
+        self.is_dense = a.is_dense and b.is_dense
+
+    def validate(self, lq, lk):
+        self.a.validate(lq, lk)
+        self.b.validate(lq, lk)
+
+    def allowed(self, i, j, lq, lk):
+        return self.a.allowed(i, j, lq, lk) | self.b.allowed(i, j, lq, lk)
+
+    def _plan(self, lq, lk):
+        # b's pairs that a already covers are masked out, so every pair counts once.
+        not_a = MaskTerm(self.a, negate=True)
+        return self.a._plan(lq, lk) + [c.with_mask(not_a) for c in self.b._plan(lq, lk)]
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} | {self.b!r})"
+
+
+def _clip(comp: Component, lo: float, hi: float) -> Component | None:
+    """Clip a band or offset list to the offsets ``[lo, hi]``; None when nothing is left."""
+    if isinstance(comp, Band):
+        nlo, nhi = max(comp.lo, lo), min(comp.hi, hi)
+        return Band(int(nlo), int(nhi), masks=comp.masks) if nlo <= nhi else None
+    if isinstance(comp, Offsets):
+        offs = tuple(o for o in comp.offsets if lo <= o <= hi)
+        return Offsets(offs, masks=comp.masks) if offs else None
+    return comp
+
+
+class Intersection(Pattern):
+    def __init__(self, a: Pattern, b: Pattern):
+        self.a, self.b = a, b
+        self.is_dense = a.is_dense and b.is_dense
+        if a.offset_range and b.offset_range:
+            self.offset_range = (
+                max(a.offset_range[0], b.offset_range[0]),
+                min(a.offset_range[1], b.offset_range[1]),
+            )
+
+    def validate(self, lq, lk):
+        self.a.validate(lq, lk)
+        self.b.validate(lq, lk)
+
+    def allowed(self, i, j, lq, lk):
+        return self.a.allowed(i, j, lq, lk) & self.b.allowed(i, j, lq, lk)
+
+    def _plan(self, lq, lk):
+        pa, pb = self.a._plan(lq, lk), self.b._plan(lq, lk)
+        cost_a = sum(c.cost(lq, lk) for c in pa)
+        cost_b = sum(c.cost(lq, lk) for c in pb)
+        # Enumerate the cheaper side's candidates, cut by the other side's predicate.
+        base, other = (pa, self.b) if cost_a <= cost_b else (pb, self.a)
+        out = []
+        for c in base:
+            if other.offset_range is not None and isinstance(c, (Band, Offsets)):
+                clipped = _clip(c, *other.offset_range)
+                if clipped is not None:
+                    out.append(clipped)  # the clip is exact: no predicate needed
+            else:
+                out.append(c.with_mask(MaskTerm(other)))
+        return out
+
+    def __repr__(self) -> str:
+        return f"({self.a!r} & {self.b!r})"
+
+
+# ------------------------------------------------------------------------------ constructors
+
+
+def causal() -> Pattern:
+    """Query at position ``p`` sees keys ``j <= p``."""
+    return Causal()
+
+
+def sliding_window(w: int) -> Pattern:
+    """Keys within ``w`` positions: ``|j - p| <= w``."""
+    return SlidingWindow(w)
+
+
+def dilated(w: int, d: int) -> Pattern:
+    """Every ``d``-th key within ``w*d`` positions: ``|j-p| <= w*d`` and ``(j-p) % d == 0``."""
+    return Dilated(w, d)
+
+
+def exponential(base: int = 2) -> Pattern:
+    """Keys at offsets ``0, +-1, +-base, +-base**2, ...``: ``O(log L)`` keys per query."""
+    return Exponential(base)
+
+
+def global_tokens(indices: Sequence[int] | Tensor) -> Pattern:
+    """These positions see every key and are seen by every query."""
+    return GlobalTokens(indices)
+
+
+def random_keys(r: int, seed: int = 0) -> Pattern:
+    """``r`` fixed random keys per query (BigBird style)."""
+    return RandomKeys(r, seed)
+
+
+def graph(edge_index: Tensor, num_nodes: int | tuple[int, int]) -> Pattern:
+    """Query ``i`` sees key ``j`` iff the graph has an edge ``j -> i`` (PyG convention)."""
+    return Graph(edge_index, num_nodes)
+
+
+def block_diagonal(lengths: Sequence[int] | Tensor) -> Pattern:
+    """Packed variable-length sequences: each position sees its own segment."""
+    return BlockDiagonal(lengths)
