@@ -11,6 +11,15 @@ from .results import Experiment
 # never breaks another's.
 MODULES: list[str] = [
     "attnkit.engine_experiment",
+    "attnkit.lm.experiment",
+    "attnkit.lm.pruning_experiment",
+    "attnkit.genome.experiment",
+    "attnkit.vision.experiment",
+    "attnkit.volume.experiment",
+    "attnkit.graphs.experiment",
+    "attnkit.ecology.experiment",
+    "attnkit.multimodal.experiment",
+    "attnkit.knapsack.experiment",
 ]
 
 

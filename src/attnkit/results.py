@@ -24,6 +24,9 @@ class Option:
     type: Callable[[str], Any] = str
     default: Any = None
     help: str = ""
+    #: A required option has no embedded default; ``attnkit report`` lists the experiment as
+    #: not run when it is missing, and ``attnkit run`` asks for it.
+    required: bool = False
 
     @property
     def dest(self) -> str:
