@@ -220,7 +220,7 @@ def attention(
 
     ctx = Ctx(lq=lq, lk=lk, batch=B, hkv=hkv, groups=g,
               bias=None if bias is None else bias.expand(B, hq, lq, lk),
-              score_mod=score_mod, dropout_p=float(dropout_p))
+              score_mod=score_mod, dropout_p=float(dropout_p), need_lse=return_weights)
     qg = qs.view(B, hkv, g, lq, d)
 
     if dense and return_weights:

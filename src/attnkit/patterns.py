@@ -214,7 +214,12 @@ class Exponential(Pattern):
 
 
 def _index_tensor(name: str, values, *, allow_empty: bool = True) -> Tensor:
-    t = torch.as_tensor(values)
+    if not isinstance(values, Tensor):
+        values = list(values)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+            raise TypeError(f"{name} must be integers")
+        values = torch.tensor(values, dtype=torch.long)
+    t = values
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be integers, got dtype {t.dtype}")
     t = t.long().reshape(-1) if t.dim() <= 1 else None
@@ -246,6 +251,8 @@ class GlobalTokens(Pattern):
         delta = lk - lq
         rows = self.indices - delta
         rows = rows[(rows >= 0) & (rows < lq)]
+        if self.indices.numel() == 0:
+            return []
         row_term = _RowsOf(rows)
         return [RowSet(rows), KeySet(self.indices, masks=(MaskTerm(row_term, negate=True),))]
 

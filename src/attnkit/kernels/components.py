@@ -159,6 +159,9 @@ class Ranges(Component):
 
     start: Tensor  # (Lq,) long
     stop: Tensor  # (Lq,) long
+    #: ``(lo, hi)`` when the ranges are a band of offsets: windows then sit at a fixed stride,
+    #: which lets the kernel view keys as overlapping windows instead of gathering them.
+    band: tuple[int, int] | None = None
 
     def cost(self, lq: int, lk: int) -> int:
         return int((self.stop - self.start).clamp_min(0).sum())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ class Ctx:
     bias: Tensor | None  # expanded view (B, Hq, Lq, Lk) or None
     score_mod: Callable | None
     dropout_p: float
-    block: int = BLOCK
+    block: int = field(default_factory=lambda: BLOCK)
+    need_lse: bool = True
 
     @property
     def hq(self) -> int:
@@ -88,6 +89,8 @@ def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor, ctx: Ctx) ->
 
 def softmax_rows(s: Tensor, ctx: Ctx, training: bool) -> tuple[Tensor, Tensor]:
     """Normalized weights over the last dim and their log-sum-exp; empty rows give 0 / -inf."""
+    if s.shape[-1] == 0:
+        return s, torch.full(s.shape[:-1], NEG_INF, dtype=s.dtype, device=s.device)
     m = s.detach().amax(-1, keepdim=True)  # the max cancels exactly: no gradient needed
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
@@ -152,6 +155,80 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     out = torch.matmul(p, vc).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
     out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
     lse = lse.reshape(B, hkv, g, nb * bq)[:, :, :, :nq]
+    return out, lse
+
+
+def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Band kernel without bias or score_mod: keys are viewed as overlapping windows
+    (``unfold``, no gather), the mask is fused into the score GEMM (``baddbmm``) and the softmax
+    is torch's fused one. One GEMM pair per (batch, kv-head)."""
+    B, hkv, g, _, d = qs.shape
+    dv = v.shape[-1]
+    bq = ctx.block
+    nq = q1 - q0
+    nb = -(-nq // bq)
+    lo, hi = comp.band
+    width = bq + hi - lo  # window of a block: every row's band
+    pad = nb * bq - nq
+    # Key window of block b starts at q0 + b*bq + delta + lo; pad keys so all windows exist.
+    s0 = q0 + (ctx.lk - ctx.lq) + lo
+    span = (nb - 1) * bq + width
+    a, z = max(s0, 0), min(s0 + span, ctx.lk)
+    left = a - s0
+    right = span - left - max(z - a, 0)
+    kp = F.pad(k[:, :, a:max(z, a)], (0, 0, left, right))
+    vp = F.pad(v[:, :, a:max(z, a)], (0, 0, left, right))
+    # Validity in the window layout: row r of a block sees window slots r .. r + hi - lo.
+    offs = torch.arange(width, device=qs.device)
+    rows = torch.arange(bq, device=qs.device)
+    rel = offs.view(1, 1, -1) - rows.view(1, -1, 1)  # key slot - row = offset - lo
+    keyidx = s0 + torch.arange(nb, device=qs.device).view(-1, 1, 1) * bq + offs.view(1, 1, -1)
+    qidx = (q0 + torch.arange(nb, device=qs.device).view(-1, 1, 1) * bq + rows.view(1, -1, 1))
+    ok = (rel >= 0) & (rel <= hi - lo) & (keyidx >= 0) & (keyidx < ctx.lk) & (qidx < q1)
+    ok = comp._apply_masks(qidx.clamp(max=ctx.lq - 1), keyidx.clamp(0, max(ctx.lk - 1, 0)), ok,
+                           ctx.lq, ctx.lk)
+    empty = ~ok.any(-1)  # (nb, bq)
+    dtype = _compute_dtype(qs)
+    maskadd = torch.zeros(nb, bq, width, dtype=qs.dtype, device=qs.device)
+    maskadd.masked_fill_(~(ok | empty.unsqueeze(-1)), NEG_INF)  # empty rows: finite, zeroed later
+    if g > 1:
+        maskadd = maskadd.repeat(1, g, 1)
+        empty_g = empty.repeat(1, g)
+    else:
+        empty_g = empty
+    any_empty = bool(empty.any())
+    qc = qs[:, :, :, q0:q1]
+    if pad:
+        qc = F.pad(qc, (0, 0, 0, pad))
+    qc = qc.reshape(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
+    outs, lses = [], []
+    for b in range(B):
+        for h in range(hkv):
+            kw_t = kp[b, h].unfold(0, width, bq)  # (nb, d, C): windows, transposed, a view
+            vw = vp[b, h].unfold(0, width, bq).transpose(1, 2)  # (nb, C, dv)
+            sc = torch.baddbmm(maskadd, qc[b, h], kw_t)
+            if sc.dtype != dtype:
+                sc = sc.to(dtype)
+            p = torch.softmax(sc, -1)
+            if ctx.need_lse:
+                # lse = max - log(p[argmax]); p[argmax] >= 1/C, so this never underflows.
+                mval, idx = sc.max(-1, keepdim=True)
+                lse = (mval - torch.log(p.gather(-1, idx))).squeeze(-1)
+                if any_empty:
+                    lse = lse.masked_fill(empty_g, NEG_INF)
+                lses.append(lse)
+            if any_empty:
+                p = p.masked_fill(empty_g.unsqueeze(-1), 0.0)
+            if ctx.dropout_p > 0 and training:
+                p = F.dropout(p, ctx.dropout_p, training=True)
+            outs.append(torch.bmm(p.to(v.dtype), vw))
+    out = torch.stack(outs).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
+    out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
+    if ctx.need_lse:
+        lse = torch.stack(lses).view(B, hkv, nb, g, bq).transpose(2, 3)
+        lse = lse.reshape(B, hkv, g, nb * bq)[:, :, :, :nq]
+    else:
+        lse = None
     return out, lse
 
 
@@ -276,14 +353,21 @@ def lower(comps: list[Component], lq: int, lk: int) -> list[Component]:
     for c in comps:
         if isinstance(c, Band):
             start, stop = band_ranges(c.lo, c.hi, lq, lk)
-            out.append(Ranges(start, stop, masks=c.masks))
+            out.append(Ranges(start, stop, band=(c.lo, c.hi), masks=c.masks))
         else:
             out.append(c)
     return out
 
 
+def _kernel_for(comp: Component, ctx: Ctx):
+    if (isinstance(comp, Ranges) and comp.band is not None and ctx.bias is None
+            and ctx.score_mod is None):
+        return _band_fast_partial
+    return _KERNELS[type(comp)]
+
+
 def _chunk(qs, k, v, comps, ctx, q0, q1, training):
-    parts = [_KERNELS[type(c)](c, qs, k, v, q0, q1, ctx, training) for c in comps]
+    parts = [_kernel_for(c, ctx)(c, qs, k, v, q0, q1, ctx, training) for c in comps]
     return merge(parts)
 
 
@@ -305,6 +389,7 @@ def structured_attention(
     width = sum(_width(c, ctx, d) for c in comps) * B
     rows = max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)
     rows = min(rows, lq)
+    ctx.need_lse = ctx.need_lse or len(comps) > 1
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
     )
@@ -323,6 +408,5 @@ def structured_attention(
             o, l = _chunk(qs, k, v, comps, ctx, q0, q1, training)
         outs.append(o)
         lses.append(l)
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, 3), torch.cat(lses, 3)
+    lse = None if lses[0] is None else (lses[0] if len(lses) == 1 else torch.cat(lses, 3))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 3)), lse
