@@ -432,9 +432,16 @@ class Union(Pattern):
         return self.a.allowed(i, j, lq, lk) | self.b.allowed(i, j, lq, lk)
 
     def _plan(self, lq, lk):
-        # b's pairs that a already covers are masked out, so every pair counts once.
+        # b's pairs that a already covers are removed, so every pair counts once: offsets
+        # inside a's offset range are dropped outright, anything else is masked by "not a".
         not_a = MaskTerm(self.a, negate=True)
-        return self.a._plan(lq, lk) + [c.with_mask(not_a) for c in self.b._plan(lq, lk)]
+        out = self.a._plan(lq, lk)
+        for c in self.b._plan(lq, lk):
+            if self.a.offset_range is not None and isinstance(c, (Band, Offsets)):
+                out.extend(_remove_offsets(c, *self.a.offset_range))
+            else:
+                out.append(c.with_mask(not_a))
+        return out
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -449,6 +456,19 @@ def _clip(comp: Component, lo: float, hi: float) -> Component | None:
         offs = tuple(o for o in comp.offsets if lo <= o <= hi)
         return Offsets(offs, masks=comp.masks) if offs else None
     return comp
+
+
+def _remove_offsets(comp: Band | Offsets, lo: float, hi: float) -> list[Component]:
+    """``comp`` without the offsets in ``[lo, hi]``."""
+    if isinstance(comp, Offsets):
+        offs = tuple(o for o in comp.offsets if o < lo or o > hi)
+        return [Offsets(offs, masks=comp.masks)] if offs else []
+    parts = []
+    if comp.lo < lo:
+        parts.append(Band(comp.lo, int(min(comp.hi, lo - 1)), masks=comp.masks))
+    if comp.hi > hi:
+        parts.append(Band(int(max(comp.lo, hi + 1)), comp.hi, masks=comp.masks))
+    return parts
 
 
 class Intersection(Pattern):
