@@ -126,11 +126,12 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a tensor, got {type(bias).__name__}")
-        try:
-            shape = torch.broadcast_shapes(bias.shape, (B, hq, lq, lk))
-        except RuntimeError:
-            shape = None
-        if shape != (B, hq, lq, lk):
+        # Plain int arithmetic: torch.broadcast_shapes imports sympy on first use (~seconds).
+        bshape = tuple(bias.shape)
+        ok = len(bshape) <= 4 and all(
+            s in (1, t) for s, t in zip(reversed(bshape), (lk, lq, hq, B))
+        )
+        if not ok:
             raise ValueError(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to (B, Hq, Lq, Lk) = "
                 f"{(B, hq, lq, lk)}"
