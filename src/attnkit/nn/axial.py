@@ -1,0 +1,293 @@
+"""Axial attention: self-attention along one spatial axis at a time, for images and volumes.
+
+Full self-attention over the ``N`` voxels of a volume costs ``O(N^2)`` memory. Axial attention
+attends along the first axis, then the second, then the third: every voxel only sees the
+``L_a`` voxels on its line along axis ``a``, so one layer costs ``O(N * sum_a L_a)`` work and,
+chunked over lines, ``O(N)`` memory; after all axes every voxel has (indirectly) seen the whole
+volume. Each line batch goes through :func:`attnkit.attention` (dense calls reach torch's fused
+SDPA kernel, which never stores an ``L x L`` score matrix per line).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import attention
+
+__all__ = ["AxialAttention", "AxialMaps", "axial_mask"]
+
+# Score-matrix elements (lines * heads * L * L) one engine call may touch; bounds the per-chunk
+# temporaries (weights, combined bias) to ~32 MB in fp32 while keeping calls few.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class AxialMaps:
+    """Attention maps of one :class:`AxialAttention` call.
+
+    Attributes:
+        per_axis: one tensor per axis ``a``, shape ``(B, H, *spatial, L_a)``: the weights each
+            voxel gives to the ``L_a`` voxels of its line along axis ``a`` (indexed by their
+            coordinate on that axis).
+        effective: ``(B, *spatial)``: the composed (head-averaged) map of the query voxel over
+            the whole volume, ``e_q^T A_last ... A_first`` with ``A_a`` the head-averaged
+            axis-``a`` attention matrix; sums to 1 for a valid query voxel.
+        query: the query voxel's coordinates.
+    """
+
+    per_axis: list[Tensor]
+    effective: Tensor
+    query: tuple[int, ...]
+
+
+class AxialAttention(nn.Module):
+    """Multi-head self-attention applied along each spatial axis in turn (axis 0 first).
+
+    Each axis has its own QKV and output projections; the output of axis ``a`` is the input of
+    axis ``a + 1`` (no residual inside the layer: wrap it in a block for that).
+
+    Args:
+        dim: channels ``C`` (last dimension of the input); divisible by ``num_heads``.
+        num_heads: attention heads ``H``.
+        num_axes: spatial axes (2 for images, 3 for volumes, any ``>= 1``).
+        chunk_size: lines per engine call (``None``: chosen so one call touches at most
+            ``2**23`` score elements). Bounds peak memory independently of the volume size.
+        rel_pos_max_distance: if set, each axis gets a learned relative-position bias table
+            ``(H, 2 * max_distance + 1)`` indexed by the clipped offset ``key - query`` along
+            that axis; separate tables per axis let the layer learn anisotropic voxel spacing.
+        dropout: dropout on the attention weights (training only).
+        bias: whether the projections have a bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_axes: int = 3,
+        chunk_size: int | None = None,
+        *,
+        rel_pos_max_distance: int | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_axes", num_axes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        if rel_pos_max_distance is not None and (
+            not isinstance(rel_pos_max_distance, int) or rel_pos_max_distance < 0
+        ):
+            raise ValueError(
+                f"rel_pos_max_distance must be None or an int >= 0, got {rel_pos_max_distance!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dim, self.num_heads, self.num_axes = dim, num_heads, num_axes
+        self.head_dim = dim // num_heads
+        self.chunk_size = chunk_size
+        self.dropout = dropout
+        self.rel_pos_max_distance = rel_pos_max_distance
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim, bias=bias) for _ in range(num_axes))
+        self.out = nn.ModuleList(nn.Linear(dim, dim, bias=bias) for _ in range(num_axes))
+        if rel_pos_max_distance is not None:
+            width = 2 * rel_pos_max_distance + 1
+            self.rel_pos = nn.ParameterList(
+                nn.Parameter(torch.zeros(num_heads, width)) for _ in range(num_axes)
+            )
+        else:
+            self.rel_pos = None
+
+    # ----------------------------------------------------------------------------- checks
+
+    def _check(self, x: Tensor, mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        want = "(B, " + ", ".join(f"S{i}" for i in range(self.num_axes)) + f", {self.dim})"
+        if x.dim() != self.num_axes + 2:
+            raise ValueError(
+                f"x must have shape {want} (channels last, {self.num_axes} spatial axes), "
+                f"got {x.dim()} dims {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"x must have {self.dim} channels in its last dimension {want}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.numel() == 0:
+            raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+        if mask is not None:
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool tensor (True = valid voxel)")
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"mask must have shape (B, *spatial) = {tuple(x.shape[:-1])}, "
+                    f"got {tuple(mask.shape)}"
+                )
+
+    def _query(self, query, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        if query is None:
+            return tuple(s // 2 for s in spatial)
+        query = tuple(int(i) for i in query)
+        if len(query) != self.num_axes or any(not 0 <= i < s for i, s in zip(query, spatial)):
+            raise ValueError(f"query must be {self.num_axes} coordinates within {spatial}, "
+                             f"got {query}")
+        return query
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def relative_bias(self, axis: int, length: int) -> Tensor | None:
+        """``(H, L, L)`` learned bias of axis ``axis`` for a line of ``length`` voxels, or None."""
+        if self.rel_pos is None:
+            return None
+        md = self.rel_pos_max_distance
+        pos = torch.arange(length, device=self.rel_pos[axis].device)
+        offset = (pos.view(1, -1) - pos.view(-1, 1)).clamp(-md, md) + md  # key - query
+        return self.rel_pos[axis][:, offset]
+
+    def lines_per_chunk(self, length: int) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per_line = self.num_heads * length * max(length, self.head_dim)
+        return max(1, _CHUNK_ELEMENTS // per_line)
+
+    def axis_step(
+        self, h: Tensor, axis: int, valid: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention along one axis. ``h (B, *spatial, C)``, ``valid (B, *spatial)`` bool or None.
+
+        Returns ``(out (B, *spatial, C), weights (B, H, *spatial, L) or None)``. Equals dense
+        attention over all voxels with a mask allowing only pairs on the same axis line (and,
+        with ``valid``, only valid keys).
+        """
+        spatial, C = tuple(h.shape[1:-1]), h.shape[-1]
+        H, d, L = self.num_heads, self.head_dim, spatial[axis]
+        # Put the axis just before the channels: rows of `lines` are the axis' lines.
+        moved = h.movedim(axis + 1, -2)
+        batch_shape = moved.shape[:-2]  # (B, *other axes)
+        lines = moved.reshape(-1, L, C)
+        keep = None
+        if valid is not None:
+            keep = valid.movedim(axis + 1, -1).reshape(-1, L)
+            # A line with no valid voxel only holds padded queries (zeroed by the caller);
+            # letting it see all keys keeps every softmax row non-empty -> fused SDPA path.
+            keep = keep | ~keep.any(-1, keepdim=True)
+        rel = self.relative_bias(axis, L)
+        if rel is not None:
+            rel = rel.to(h.dtype)
+        step = self.lines_per_chunk(L)
+        dropout_p = self.dropout if self.training else 0.0
+        outs, maps = [], []
+        weight, proj_bias = self.qkv[axis].weight, self.qkv[axis].bias
+        q_scale = 1.0 / math.sqrt(d)
+        for s in range(0, lines.shape[0], step):
+            chunk = lines if step >= lines.shape[0] else lines[s:s + step]
+            n = chunk.shape[0]
+            # Three projections (slices of one QKV weight) rather than one 3C-wide output: each
+            # gradient then arrives in its own contiguous buffer instead of being stacked.
+            # The softmax scale 1/sqrt(d) is folded into the (C x C) query weight, not applied to
+            # the (n, H, L, d) queries: same result, one activation-sized op fewer per axis.
+            q, k, v = (
+                F.linear(chunk, weight[i * C:(i + 1) * C] * (q_scale if i == 0 else 1.0),
+                         None if proj_bias is None else
+                         proj_bias[i * C:(i + 1) * C] * (q_scale if i == 0 else 1.0))
+                .view(n, L, H, d).transpose(1, 2)
+                for i in range(3)
+            )
+            bias = None if rel is None else rel.unsqueeze(0)  # (1, H, L, L)
+            if keep is not None:
+                kk = keep[s:s + step].view(n, 1, 1, L)
+                bias = kk if rel is None else bias.masked_fill(~kk, -math.inf)
+            res = attention(q, k, v, bias=bias, scale=1.0, dropout_p=dropout_p,
+                            return_weights=need_weights)
+            if need_weights:
+                o, w = res
+                maps.append(w)  # (n, H, L, L)
+            else:
+                o = res
+            outs.append(self.out[axis](o.transpose(1, 2).reshape(n, L, C)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # cat would copy a lone chunk
+        out = out.view(*batch_shape, L, C).movedim(-2, axis + 1)
+        if not need_weights:
+            return out, None
+        # (lines, H, Lq, Lk) -> (B, *others, H, Lq, Lk) -> (B, H, *spatial, Lk)
+        w = (maps[0] if len(maps) == 1 else torch.cat(maps)).view(*batch_shape, H, L, L)
+        w = w.movedim(-3, 1)
+        return out, w.movedim(-2, axis + 2)
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        need_weights: bool = False,
+        query: tuple[int, ...] | None = None,
+    ) -> Tensor | tuple[Tensor, AxialMaps]:
+        """Axial self-attention.
+
+        Args:
+            x: ``(B, *spatial, C)`` channels last, ``len(spatial) == num_axes``.
+            mask: optional ``(B, *spatial)`` bool, True = valid voxel. Padded voxels are never
+                attended to and their outputs are 0.
+            need_weights: also return :class:`AxialMaps` (per-axis maps are
+                ``O(N * L * H)`` memory: for small volumes / inspection).
+            query: voxel whose composed effective map is returned (default: the centre).
+
+        Returns:
+            ``out (B, *spatial, C)``, or ``(out, AxialMaps)`` when ``need_weights``.
+        """
+        self._check(x, mask)
+        h = x
+        if mask is not None:
+            # Padded voxels are never keys, but NaN * 0 would still leak through the softmax.
+            h = x.masked_fill(~mask.unsqueeze(-1), 0.0)
+        per_axis = []
+        for axis in range(self.num_axes):
+            h, w = self.axis_step(h, axis, mask, need_weights)
+            per_axis.append(w)
+        if mask is not None:
+            h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
+        h = h.contiguous()
+        if not need_weights:
+            return h
+        q = self._query(query, tuple(x.shape[1:-1]))
+        return h, AxialMaps(per_axis, compose_effective_map(per_axis, q), q)
+
+
+def compose_effective_map(per_axis: list[Tensor], query: tuple[int, ...]) -> Tensor:
+    """``(B, *spatial)`` row ``query`` of ``A_last @ ... @ A_first`` (head-averaged axis maps).
+
+    ``per_axis[a]`` is ``(B, H, *spatial, L_a)`` as in :class:`AxialMaps`.
+    """
+    first = per_axis[0]
+    B, spatial = first.shape[0], tuple(first.shape[2:-1])
+    r = first.new_zeros(B, *spatial)
+    r[(slice(None), *query)] = 1.0
+    for axis in reversed(range(len(per_axis))):
+        w = per_axis[axis].mean(1).movedim(axis + 1, -2)  # (B, *others, Lq, Lk)
+        rm = r.movedim(axis + 1, -1)  # (B, *others, Lq)
+        r = torch.einsum("...q,...qk->...k", rm, w).movedim(-1, axis + 1)
+    return r
+
+
+def axial_mask(spatial: tuple[int, ...], axis: int) -> Tensor:
+    """``(N, N)`` bool mask over flattened voxels (row-major): True where two voxels lie on the
+    same line along ``axis`` (equal coordinates on every other axis). For dense references."""
+    coords = torch.stack(
+        torch.meshgrid(*[torch.arange(s) for s in spatial], indexing="ij"), -1
+    ).reshape(-1, len(spatial))
+    others = [a for a in range(len(spatial)) if a != axis]
+    c = coords[:, others]
+    return (c.unsqueeze(1) == c.unsqueeze(0)).all(-1)

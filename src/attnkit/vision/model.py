@@ -1,0 +1,152 @@
+"""A small Vision Transformer whose attention runs on :func:`attnkit.attention`.
+
+An image ``(B, C, H, W)`` is cut into ``P x P`` patches; each flattened patch is linearly
+embedded into a token, a learned position embedding is added, and ``depth`` transformer blocks
+mix the tokens. ``norm`` chooses where LayerNorm sits: before attention and MLP ("pre", the
+"auto-exposure" that re-centres and re-scales every token), after the residual sum ("post"), or
+nowhere ("none").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import attention
+
+__all__ = ["ViT", "SelfAttention", "Block"]
+
+NORMS = ("pre", "post", "none")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens ``(B, L, C)`` through :func:`attnkit.attention`."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``x (B, L, C)`` -> ``(out (B, L, C), weights (B, H, L, L) or None)``."""
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        res = attention(q, k, v, return_weights=need_weights)
+        out, weights = res if need_weights else (res, None)
+        return self.out(out.transpose(1, 2).reshape(B, L, C)), weights
+
+
+class Block(nn.Module):
+    """Transformer block with LayerNorm placement ``norm`` in {"pre", "post", "none"}."""
+
+    def __init__(self, dim: int, num_heads: int, norm: str, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        self.norm = norm
+        self.attn = SelfAttention(dim, num_heads)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
+        )
+        make = nn.LayerNorm if norm != "none" else (lambda _: nn.Identity())
+        self.norm1, self.norm2 = make(dim), make(dim)
+
+    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        if self.norm == "post":
+            a, w = self.attn(x, need_weights)
+            x = self.norm1(x + a)
+            return self.norm2(x + self.mlp(x)), w
+        a, w = self.attn(self.norm1(x), need_weights)  # "pre" (norm1 = LN) or "none" (identity)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), w
+
+
+class ViT(nn.Module):
+    """Vision Transformer classifier.
+
+    Args:
+        image_size: ``H = W`` of the input images.
+        patch_size: ``P``; must divide ``image_size``. Tokens ``L = (image_size / P)^2``.
+        in_channels: ``C`` of the input images.
+        num_classes: output logits.
+        dim, depth, num_heads: token width, number of blocks, attention heads.
+        norm: "pre", "post" or "none" (LayerNorm placement).
+        patch_bias: whether the patch embedding has a bias (a bias makes brightness
+            invariance approximate: ``W (c x) + b != c (W x + b)``).
+        pos_embedding: whether to add a learned position embedding (same effect).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        in_channels: int,
+        num_classes: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        norm: str = "pre",
+        *,
+        patch_bias: bool = True,
+        pos_embedding: bool = True,
+        mlp_ratio: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("image_size", image_size), ("patch_size", patch_size),
+                            ("in_channels", in_channels), ("num_classes", num_classes),
+                            ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} is not divisible by patch_size={patch_size}"
+            )
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
+        self.norm = norm
+        self.grid = image_size // patch_size
+        self.num_tokens = self.grid**2
+        self.patch_embed = nn.Linear(in_channels * patch_size**2, dim, bias=patch_bias)
+        self.pos_embed = (
+            nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02) if pos_embedding else None
+        )
+        self.blocks = nn.ModuleList(Block(dim, num_heads, norm, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> ``(B, L, C * P * P)`` patches in row-major grid order."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        want = f"(B, {self.in_channels}, {self.image_size}, {self.image_size})"
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape {want}, got {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"images must have {self.in_channels} channel(s) (shape {want}), "
+                f"got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
+        if x.shape[2] != self.image_size or x.shape[3] != self.image_size:
+            raise ValueError(f"images must have shape {want}, got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"images must be floating point, got {x.dtype}")
+        B, C, P, g = x.shape[0], self.in_channels, self.patch_size, self.grid
+        x = x.reshape(B, C, g, P, g, P).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, g * g, C * P * P)
+
+    def forward(
+        self, x: Tensor, need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``x (B, C, H, W)`` -> logits ``(B, num_classes)``, plus (``need_weights``) a list of
+        every layer's attention maps, each ``(B, num_heads, L, L)`` (rows: query patches)."""
+        h = self.patch_embed(self.patchify(x))
+        if self.pos_embed is not None:
+            h = h + self.pos_embed
+        maps = []
+        for block in self.blocks:
+            h, w = block(h, need_weights)
+            maps.append(w)
+        logits = self.head(self.final_norm(h).mean(1))
+        return (logits, maps) if need_weights else logits

@@ -1,0 +1,10 @@
+"""Volumes: axial-attention segmentation, 3D Shepp-Logan-style phantoms, NIfTI loading."""
+
+from __future__ import annotations
+
+from .model import AxialVolumeTransformer, normalize_volume, pad_volumes
+from .nifti import example_nifti_path, load_nifti
+from .phantom import CLASS_NAMES, NUM_CLASSES, make_phantom, make_phantoms
+
+__all__ = ["AxialVolumeTransformer", "normalize_volume", "pad_volumes", "load_nifti",
+           "example_nifti_path", "make_phantom", "make_phantoms", "NUM_CLASSES", "CLASS_NAMES"]

@@ -1,0 +1,147 @@
+"""Per-voxel segmentation with axial attention (channels-last volumes ``(B, *spatial, C)``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.axial import AxialAttention, AxialMaps
+
+__all__ = ["AxialVolumeTransformer", "pad_volumes", "normalize_volume"]
+
+
+class AxialBlock(nn.Module):
+    """Pre-LN residual block: ``x + axial(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, num_axes: int, chunk_size: int | None,
+                 rel_pos_max_distance: int | None, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = AxialAttention(dim, num_heads, num_axes, chunk_size,
+                                   rel_pos_max_distance=rel_pos_max_distance)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: Tensor, mask: Tensor | None, need_weights: bool = False):
+        res = self.attn(self.norm1(x), mask, need_weights=need_weights)
+        a, maps = res if need_weights else (res, None)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), maps
+
+
+class AxialVolumeTransformer(nn.Module):
+    """Per-voxel classifier: linear voxel embedding, ``depth`` axial-attention blocks, linear head.
+
+    Args:
+        in_channels: ``C`` channels per voxel (1 for a scalar image).
+        num_classes: labels per voxel.
+        dim, depth, num_heads: width, number of blocks, heads.
+        num_axes: spatial axes (3 for volumes, 2 for images).
+        chunk_size: lines per engine call (see :class:`attnkit.nn.AxialAttention`).
+        rel_pos_max_distance: per-axis learned relative position bias (None: off). Position
+            information enters only through it, so keep it on for segmentation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        dim: int = 32,
+        depth: int = 2,
+        num_heads: int = 4,
+        num_axes: int = 3,
+        chunk_size: int | None = None,
+        rel_pos_max_distance: int | None = 8,
+        mlp_ratio: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                            ("depth", depth)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_channels, self.num_axes = in_channels, num_axes
+        self.embed = nn.Linear(in_channels, dim)
+        self.blocks = nn.ModuleList(
+            AxialBlock(dim, num_heads, num_axes, chunk_size, rel_pos_max_distance, mlp_ratio)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _check(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"volume must be a torch.Tensor, got {type(x).__name__}")
+        spatial = ", ".join(f"S{i}" for i in range(self.num_axes))
+        want = f"(B, {spatial}, {self.in_channels})"
+        if self.in_channels == 1 and x.dim() == self.num_axes + 1:
+            x = x.unsqueeze(-1)  # (B, *spatial) scalar volumes
+        if x.dim() != self.num_axes + 2:
+            raise ValueError(
+                f"volume must have shape {want} (channels last"
+                + (f"; or (B, {spatial})" if self.in_channels == 1 else "")
+                + f"), got {x.dim()} dims {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"volume must have {self.in_channels} channel(s) in its last "
+                             f"dimension {want}, got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"volume must be floating point, got {x.dtype}")
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"volume contains {bad} NaN or infinite voxel value(s); "
+                             "fill or mask them (pass mask=) before the model")
+        return x
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, *, need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, list[AxialMaps]]:
+        """``x (B, *spatial, C)`` (or ``(B, *spatial)`` when ``C == 1``) -> logits
+        ``(B, *spatial, num_classes)``; ``mask (B, *spatial)`` bool marks valid voxels (padded
+        ones are never attended to). With ``need_weights`` also every block's
+        :class:`~attnkit.nn.axial.AxialMaps`."""
+        if mask is not None and isinstance(x, Tensor) and isinstance(mask, Tensor) \
+                and mask.shape == x.shape[: mask.dim()]:
+            # Padded voxels may hold anything (even NaN): they never reach a valid voxel.
+            x = x.masked_fill(~mask.view(*mask.shape, *([1] * (x.dim() - mask.dim()))), 0.0)
+        x = self._check(x)
+        h = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            h, m = block(h, mask, need_weights)
+            maps.append(m)
+        logits = self.head(self.norm(h))
+        return (logits, maps) if need_weights else logits
+
+
+def normalize_volume(volume: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Z-score each volume ``(B, *spatial[, C])`` over its (valid) voxels: undoes global gain
+    and offset changes between scans."""
+    dims = tuple(range(1, volume.dim()))
+    if mask is None:
+        mean = volume.mean(dims, keepdim=True)
+        std = volume.std(dims, keepdim=True)
+    else:
+        m = mask.view(*mask.shape, *([1] * (volume.dim() - mask.dim()))).to(volume.dtype)
+        count = m.sum(dims, keepdim=True).clamp_min(1)
+        mean = (volume * m).sum(dims, keepdim=True) / count
+        std = (((volume - mean) * m) ** 2).sum(dims, keepdim=True).div(count).sqrt()
+    return (volume - mean) / (std + eps)
+
+
+def pad_volumes(volumes: list[Tensor], value: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Stack scalar volumes of different sizes ``(*spatial_i)`` (one rank) into
+    ``(B, *max_spatial)``, padded with ``value``, plus the valid-voxel mask ``(B, *max_spatial)``
+    bool for the model's ``mask=``."""
+    if not volumes:
+        raise ValueError("volumes must be a non-empty list")
+    rank = volumes[0].dim()
+    if any(v.dim() != rank for v in volumes):
+        raise ValueError(f"volumes must share one rank, got {[v.dim() for v in volumes]}")
+    size = [max(v.shape[i] for v in volumes) for i in range(rank)]
+    out = volumes[0].new_full((len(volumes), *size), value)
+    mask = torch.zeros(len(volumes), *size, dtype=torch.bool, device=volumes[0].device)
+    for i, v in enumerate(volumes):
+        region = (i, *[slice(0, s) for s in v.shape])
+        out[region] = v
+        mask[region] = True
+    return out, mask
