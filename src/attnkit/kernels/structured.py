@@ -53,6 +53,13 @@ class Ctx:
     dropout_p: float
     block: int = field(default_factory=lambda: BLOCK)
     need_lse: bool = True
+    _rows: tuple[Tensor, Tensor] | None = None
+
+    def rows(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``k`` and ``v`` in row layout ``(B, Lk, Hkv, d)``, made once per call."""
+        if self._rows is None:
+            self._rows = (k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+        return self._rows
 
     @property
     def hq(self) -> int:
@@ -294,30 +301,44 @@ def edge_scores(qs, k, qi, kj, ctx: Ctx) -> Tensor:
 
 
 def _edges_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
-    """Edge-wise kernel with a segment softmax over each query's explicit key list."""
+    """Edge-wise kernel with a segment softmax over each query's explicit key list.
+
+    Works in a row layout ``(B, L, heads, d)``: each edge gathers one contiguous row of all
+    heads (instead of one short row per head), and the output is normalized per query rather
+    than per edge.
+    """
     B, hkv, g, _, _ = qs.shape
     dv = v.shape[-1]
     nq = q1 - q0
     qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
-    s = edge_scores(qs, k, qi, kj, ctx)
-    s = finish_scores(s.unsqueeze(-1), qi.unsqueeze(-1), kj.unsqueeze(-1), valid.unsqueeze(-1), ctx)
-    s = s.squeeze(-1)  # (B,hkv,g,ne)
     local = qi - q0
-    idx = local.expand_as(s)
-    m = torch.full((B, hkv, g, nq), NEG_INF, dtype=s.dtype, device=s.device)
-    m = m.scatter_reduce(-1, idx, s.detach(), reduce="amax", include_self=True)
+    k_rows, v_rows = ctx.rows(k, v)  # (B, Lk, hkv, d), (B, Lk, hkv, dv)
+    q_rows = qs[:, :, :, q0:q1].permute(0, 3, 1, 2, 4)  # (B, nq, hkv, g, d)
+    d = qs.shape[-1]
+    qe = q_rows.reshape(B, nq, hkv * g * d).index_select(1, local).view(B, -1, hkv, g, d)
+    ke = k_rows.index_select(1, kj)  # (B, ne, hkv, d)
+    s = (qe * ke.unsqueeze(3)).sum(-1).to(_compute_dtype(qs))  # (B, ne, hkv, g)
+    s_view = s.permute(0, 2, 3, 1)  # (B, hkv, g, ne): the layout finish_scores expects
+    s_view = finish_scores(s_view.unsqueeze(-1), qi.unsqueeze(-1), kj.unsqueeze(-1),
+                           valid.unsqueeze(-1), ctx).squeeze(-1)
+    s = s_view.permute(0, 3, 1, 2)  # (B, ne, hkv, g)
+    idx = local.view(1, -1, 1, 1).expand_as(s)
+    m = torch.full((B, nq, hkv, g), NEG_INF, dtype=s.dtype, device=s.device)
+    m = m.scatter_reduce(1, idx, s.detach(), reduce="amax", include_self=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m.index_select(-1, local))
-    lsum = torch.zeros_like(m).index_add(-1, local, p)
+    p = torch.exp(s - m.index_select(1, local))  # unnormalized, (B, ne, hkv, g)
+    lsum = torch.zeros_like(m).index_add(1, local, p)
     nonempty = lsum > 0
     lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
-    p = p / lsum_safe.index_select(-1, local)
     if ctx.dropout_p > 0 and training:
         p = F.dropout(p, ctx.dropout_p, training=True)
-    vc = v.index_select(2, kj).unsqueeze(2)  # (B,hkv,1,ne,dv)
-    out = qs.new_zeros(B, hkv, g, nq, dv).index_add(3, local, (p.unsqueeze(-1) * vc).to(qs.dtype))
+    ve = v_rows.index_select(1, kj)  # (B, ne, hkv, dv)
+    contrib = (p.unsqueeze(-1) * ve.unsqueeze(3)).to(qs.dtype)  # (B, ne, hkv, g, dv)
+    width = hkv * g * dv
+    acc = qs.new_zeros(B, nq, width).index_add(1, local, contrib.reshape(B, -1, width))
+    out = acc.view(B, nq, hkv, g, dv) / lsum_safe.unsqueeze(-1).to(qs.dtype)
     lse = torch.where(nonempty, m + torch.log(lsum_safe), torch.full_like(m, NEG_INF))
-    return out, lse
+    return out.permute(0, 2, 3, 1, 4), lse.permute(0, 2, 3, 1)
 
 
 def _width(comp: Component, ctx: Ctx, d: int) -> float:
