@@ -1,0 +1,304 @@
+"""Reading genomes: FASTA (plain or gzip) and, optionally, the sequence of a GenBank flat file.
+
+Sequences keep every base: IUPAC ambiguity codes and ``N`` runs stay in the string and are
+exposed as masks, never dropped, so coordinates always match the file. Errors name the file and
+line. Token ids for models: ``A C G T`` = 0..3, every other IUPAC code = ``N`` (4), and ``MASK``
+(5) for masked-base prediction.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FastaRecord",
+    "read_fasta",
+    "write_fasta",
+    "read_genbank",
+    "encode",
+    "decode",
+    "join_records",
+    "reverse_complement",
+    "BASES",
+    "N_TOKEN",
+    "MASK_TOKEN",
+    "VOCAB_SIZE",
+]
+
+BASES = "ACGT"
+N_TOKEN = 4
+MASK_TOKEN = 5
+VOCAB_SIZE = 6
+
+# IUPAC nucleotide codes (U is read as T). Anything else is an error.
+IUPAC = "ACGTURYSWKMBDHVN"
+_COMPLEMENT = str.maketrans(
+    "ACGTURYSWKMBDHVNacgturyswkmbdhvn", "TGCAAYRSWMKVHDBNtgcaayrswmkvhdbn"
+)
+
+_TOKEN_OF = np.full(256, -1, dtype=np.int64)
+for _c in IUPAC:
+    for _ch in (_c, _c.lower()):
+        _TOKEN_OF[ord(_ch)] = N_TOKEN
+for _i, _c in enumerate(BASES):
+    _TOKEN_OF[ord(_c)] = _TOKEN_OF[ord(_c.lower())] = _i
+_TOKEN_OF[ord("U")] = _TOKEN_OF[ord("u")] = 3
+
+_VALID = np.zeros(256, dtype=bool)
+_VALID[_TOKEN_OF >= 0] = True
+
+
+@dataclass
+class FastaRecord:
+    """One sequence. ``sequence`` is upper case and keeps every IUPAC code (N runs included)."""
+
+    name: str
+    description: str
+    sequence: str
+    #: ``(L,)`` bool, True where the file had lower case (soft-masked repeats).
+    soft_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    @property
+    def n_mask(self) -> np.ndarray:
+        """``(L,)`` bool, True where the base is unknown (``N`` or another ambiguity code)."""
+        return encode(self.sequence).numpy() == N_TOKEN
+
+    def n_runs(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]`` half-open runs of unknown bases."""
+        m = np.concatenate([[False], self.n_mask, [False]]).astype(np.int8)
+        edges = np.flatnonzero(np.diff(m))
+        return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _open_text_lines(path: Path) -> list[str]:
+    """The file's lines as text; gzip detected by its magic bytes. Raises ValueError only."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read file ({e})") from e
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt gzip data ({e})") from e
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file, expected FASTA ('>name' then sequence lines)")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: binary or non-ASCII data (byte 0x{raw[e.start]:02x}), not FASTA"
+        ) from e
+    return text.splitlines()
+
+
+def _check_sequence_line(path: Path, lineno: int, line: str) -> None:
+    arr = np.frombuffer(line.encode("ascii"), dtype=np.uint8)
+    bad = np.flatnonzero(~_VALID[arr])
+    if bad.size:
+        col = int(bad[0])
+        raise ValueError(
+            f"{path}:{lineno}:{col + 1}: character {line[col]!r} is not an IUPAC nucleotide "
+            f"code (allowed: {IUPAC}, upper or lower case)"
+        )
+
+
+def read_fasta(path: str | Path, *, min_length: int = 1) -> list[FastaRecord]:
+    """Read every record of a FASTA file (plain or gzip).
+
+    Args:
+        path: the file.
+        min_length: each record must have at least this many bases (e.g. the attention window),
+            else ``ValueError`` naming the record's header line.
+
+    Returns:
+        The records in file order. Lines starting with ``;`` are comments; whitespace inside
+        sequence lines is ignored.
+
+    Raises:
+        ValueError: empty or binary file, sequence before the first header, an empty record,
+            a character outside IUPAC, a record shorter than ``min_length``. The message names
+            the file and line.
+    """
+    path = Path(path)
+    if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
+        raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
+    lines = _open_text_lines(path)
+    records: list[FastaRecord] = []
+    header: tuple[int, str] | None = None
+    chunks: list[str] = []
+
+    def finish() -> None:
+        if header is None:
+            return
+        lineno, text = header
+        seq = "".join(chunks)
+        if not seq:
+            raise ValueError(f"{path}:{lineno}: record {text!r} has no sequence")
+        if len(seq) < min_length:
+            raise ValueError(
+                f"{path}:{lineno}: record {text!r} has {len(seq)} bases, shorter than the "
+                f"required {min_length} (e.g. the attention window)"
+            )
+        name, _, desc = text.partition(" ")
+        arr = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
+        soft = (arr >= ord("a")) & (arr <= ord("z"))
+        records.append(FastaRecord(name, desc.strip(), seq.upper(), soft))
+
+    for lineno, line in enumerate(lines, 1):
+        if line.startswith(">"):
+            finish()
+            text = line[1:].strip()
+            if not text:
+                raise ValueError(f"{path}:{lineno}: header line has no name")
+            header, chunks = (lineno, text), []
+            continue
+        if line.startswith(";"):
+            continue
+        seq = "".join(line.split())
+        if not seq:
+            continue
+        if header is None:
+            raise ValueError(
+                f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)"
+            )
+        _check_sequence_line(path, lineno, seq)
+        chunks.append(seq)
+    finish()
+    if not records:
+        raise ValueError(f"{path}: no FASTA records (expected a '>name' header line)")
+    return records
+
+
+def write_fasta(records: Iterable[FastaRecord], path: str | Path, *, width: int = 60) -> None:
+    """Write records (gzip when ``path`` ends in ``.gz``); soft-masked bases as lower case."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    out = []
+    for r in records:
+        seq = r.sequence
+        if r.soft_mask is not None and r.soft_mask.any():
+            arr = np.frombuffer(seq.encode("ascii"), dtype=np.uint8).copy()
+            arr[r.soft_mask] = arr[r.soft_mask] + 32  # to lower case
+            seq = arr.tobytes().decode("ascii")
+        head = f">{r.name} {r.description}".rstrip()
+        out.append(head)
+        out.extend(seq[i : i + width] for i in range(0, len(seq), width))
+    data = ("\n".join(out) + "\n").encode("ascii")
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def read_genbank(path: str | Path) -> list[FastaRecord]:
+    """The sequences (``ORIGIN`` sections) of a GenBank flat file, plain or gzip.
+
+    Only LOCUS names, DEFINITION lines and the sequence are read; features are ignored.
+    """
+    path = Path(path)
+    lines = _open_text_lines(path)
+    records: list[FastaRecord] = []
+    name, desc, chunks, in_origin, start = None, "", [], False, 0
+    for lineno, line in enumerate(lines, 1):
+        if line.startswith("LOCUS"):
+            parts = line.split()
+            if len(parts) < 2:
+                raise ValueError(f"{path}:{lineno}: LOCUS line has no name")
+            name, desc, chunks, in_origin, start = parts[1], "", [], False, lineno
+        elif line.startswith("DEFINITION") and name is not None:
+            desc = line[len("DEFINITION"):].strip()
+        elif line.startswith("ORIGIN"):
+            if name is None:
+                raise ValueError(f"{path}:{lineno}: ORIGIN before any LOCUS line")
+            in_origin = True
+        elif line.startswith("//"):
+            if name is None or not in_origin:
+                raise ValueError(f"{path}:{lineno}: record end '//' without LOCUS and ORIGIN")
+            seq = "".join(chunks)
+            if not seq:
+                raise ValueError(f"{path}:{start}: GenBank record {name!r} has no sequence")
+            soft = np.zeros(len(seq), dtype=bool)
+            records.append(FastaRecord(name, desc, seq.upper(), soft))
+            name, in_origin = None, False
+        elif in_origin:
+            parts = line.split()
+            if not parts:
+                continue
+            if not parts[0].isdigit():
+                raise ValueError(f"{path}:{lineno}: expected 'position bases...' in ORIGIN")
+            seq = "".join(parts[1:])
+            _check_sequence_line(path, lineno, seq)
+            chunks.append(seq)
+    if name is not None:
+        raise ValueError(f"{path}:{len(lines)}: GenBank record {name!r} not closed by '//'")
+    if not records:
+        raise ValueError(f"{path}: no GenBank records with a sequence (LOCUS ... ORIGIN ... //)")
+    return records
+
+
+def encode(seq: str | bytes) -> Tensor:
+    """Single-base tokens ``(L,)`` int64: A C G T(U) = 0..3, other IUPAC codes = ``N`` (4)."""
+    if isinstance(seq, str):
+        try:
+            seq = seq.encode("ascii")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"seq has a non-ASCII character at position {e.start}") from e
+    if not isinstance(seq, (bytes, bytearray)):
+        raise TypeError(f"seq must be str or bytes, got {type(seq).__name__}")
+    arr = np.frombuffer(bytes(seq), dtype=np.uint8)
+    tok = _TOKEN_OF[arr]
+    bad = np.flatnonzero(tok < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"seq position {i}: {chr(arr[i])!r} is not an IUPAC nucleotide code")
+    return torch.from_numpy(tok.copy())
+
+
+def join_records(records: Iterable[FastaRecord], gap: int) -> Tensor:
+    """Tokens ``(L,)`` of all records, separated by ``gap`` N tokens (masked in training and
+    scoring) so a window of up to ``gap`` bases never sees two records at once."""
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"gap must be an int >= 0, got {gap!r}")
+    spacer = torch.full((gap,), N_TOKEN, dtype=torch.long)
+    parts: list[Tensor] = []
+    for i, r in enumerate(records):
+        parts += ([spacer] if i else []) + [encode(r.sequence)]
+    if not parts:
+        raise ValueError("records must not be empty")
+    return torch.cat(parts)
+
+
+def decode(tokens: Tensor) -> str:
+    """Inverse of :func:`encode` for tokens 0..4 (``MASK`` prints as ``?``)."""
+    t = torch.as_tensor(tokens)
+    if t.dim() != 1 or t.dtype.is_floating_point:
+        raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= VOCAB_SIZE):
+        lo, hi = int(t.min()), int(t.max())
+        raise ValueError(f"tokens must be in [0, {VOCAB_SIZE}), got [{lo}, {hi}]")
+    return bytes(np.frombuffer(b"ACGTN?", dtype=np.uint8)[t.cpu().numpy()]).decode("ascii")
+
+
+def reverse_complement(seq: str | Tensor) -> str | Tensor:
+    """Reverse complement of a string (all IUPAC codes, case kept) or of a ``(..., L)`` token
+    tensor (A<->T, C<->G; N and MASK stay)."""
+    if isinstance(seq, str):
+        encode(seq)  # validates: IUPAC only
+        return seq.translate(_COMPLEMENT)[::-1]
+    if isinstance(seq, Tensor):
+        if seq.dtype.is_floating_point:
+            raise TypeError(f"token tensor must be integer, got {seq.dtype}")
+        comp = torch.tensor([3, 2, 1, 0, N_TOKEN, MASK_TOKEN], device=seq.device)
+        return comp[seq.long()].flip(-1)
+    raise TypeError(f"seq must be str or a token tensor, got {type(seq).__name__}")

@@ -1,0 +1,305 @@
+"""A transformer over single bases whose attention is any pattern from :mod:`attnkit.patterns`.
+
+The default pattern is a local window, keys at exponentially growing distances, and a few global
+hub tokens: ``sliding_window(w) | exponential() | global_tokens(hubs)``, about
+``2w + 2 log2(L) + hubs`` keys per base, so cost grows near-linearly with genome length. All
+attention goes through :func:`attnkit.attention` (no kernel of its own).
+
+Whole-genome inference (:meth:`GenomeEncoder.embed_genome`) streams layer by layer without
+autograd: position-wise parts (layer norm, projections, MLP) run in chunks of positions and write
+into preallocated buffers, so the peak holds ``x``, ``q``, ``k``, ``v`` and the attention output
+(``5 * L * dim`` floats) plus the engine's bounded chunk workspace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import attnkit
+from attnkit import patterns as P
+from attnkit.patterns import Pattern
+
+from .fasta import BASES, VOCAB_SIZE
+
+__all__ = ["GenomePattern", "GenomeEncoder", "PatternSpec"]
+
+#: A fixed pattern, a function ``length -> pattern`` (hubs depend on the length), or ``None``
+#: for dense attention.
+PatternSpec = Pattern | Callable[[int], Pattern] | None
+
+
+@dataclass(frozen=True)
+class GenomePattern:
+    """``length -> pattern``: window ``w`` | exponential (optional) | global hub tokens.
+
+    ``hubs`` is a count (hubs at the centres of equal segments of the sequence) or explicit
+    positions (for example known promoters). ``hubs=0`` means no global tokens.
+    """
+
+    window: int = 128
+    exponential: bool = True
+    hubs: int | tuple[int, ...] = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        if isinstance(self.hubs, int):
+            if isinstance(self.hubs, bool) or self.hubs < 0:
+                raise ValueError(f"hubs must be a count >= 0 or positions, got {self.hubs!r}")
+        else:
+            object.__setattr__(self, "hubs", tuple(int(h) for h in self.hubs))
+            if any(h < 0 for h in self.hubs):
+                raise ValueError(f"hub positions must be >= 0, got {self.hubs}")
+
+    def hub_positions(self, length: int) -> Tensor:
+        """``(num_hubs,)`` int64 hub positions for a sequence of ``length`` bases."""
+        if isinstance(self.hubs, int):
+            n = min(self.hubs, length)
+            return ((torch.arange(n, dtype=torch.float64) + 0.5) * length / max(n, 1)).long()
+        pos = torch.tensor(self.hubs, dtype=torch.long)
+        if pos.numel() and int(pos.max()) >= length:
+            raise ValueError(f"hub position {int(pos.max())} is outside a sequence of {length}")
+        return pos
+
+    def __call__(self, length: int) -> Pattern:
+        pat = P.sliding_window(self.window)
+        if self.exponential:
+            pat = pat | P.exponential()
+        hubs = self.hub_positions(length)
+        if hubs.numel():
+            pat = pat | P.global_tokens(hubs)
+        return pat
+
+
+def _resolve(spec: PatternSpec, length: int) -> Pattern | None:
+    if spec is None or isinstance(spec, Pattern):
+        return spec
+    return spec(length)
+
+
+class _Rotary:
+    """Rotary position embedding on the first ``rot_dims`` dims of each head (the rest is left
+    unrotated so content can match across thousands of bases without phase drift)."""
+
+    def __init__(self, rot_dims: int, base: float = 10_000.0):
+        self.rot_dims = rot_dims
+        self.inv_freq = base ** (-torch.arange(0, rot_dims, 2, dtype=torch.float64) / rot_dims)
+
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # fp64 angles: positions reach millions, fp32 would lose the phase.
+        ang = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq  # (L, rot/2)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x (..., L, Dh)`` -> rotated copy."""
+        if self.rot_dims == 0:
+            return x
+        half = self.rot_dims // 2
+        x1, x2, rest = x[..., :half], x[..., half : self.rot_dims], x[..., self.rot_dims :]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class GenomeAttention(nn.Module):
+    """Multi-head self-attention over bases, a thin layer over :func:`attnkit.attention`."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.rotary = _Rotary(2 * (self.head_dim // 4))
+
+    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """``x (B, L, dim)`` -> ``(3, B, H, L, Dh)`` with rotary applied to q and k."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.rotary.apply(qkv[0], cos, sin)
+        k = self.rotary.apply(qkv[1], cos, sin)
+        return torch.stack([q, k, qkv[2]])
+
+
+class GenomeBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ff_mult: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GenomeAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = ff_mult * dim
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, pattern: Pattern | None, cos: Tensor, sin: Tensor,
+                attn_mask: Tensor | None) -> Tensor:
+        b, n, dim = x.shape
+        q, k, v = self.attn.qkv_heads(self.norm1(x), cos, sin)
+        a = attnkit.attention(q, k, v, pattern=pattern, bias=attn_mask)  # (B, H, L, Dh)
+        x = x + self.attn.out(a.transpose(1, 2).reshape(b, n, dim))
+        return x + self.mlp(self.norm2(x))
+
+    @torch.no_grad()
+    def stream_(self, x: Tensor, pattern: Pattern | None, cos: Tensor, sin: Tensor,
+                chunk: int) -> Tensor:
+        """In-place inference update of ``x (B, L, dim)``, position-wise work in chunks."""
+        b, n, dim = x.shape
+        h, dh = self.attn.num_heads, self.attn.head_dim
+        qkv = x.new_empty(3, b, h, n, dh)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            qkv[:, :, :, s:e] = self.attn.qkv_heads(self.norm1(x[:, s:e]), cos[s:e], sin[s:e])
+        a = attnkit.attention(qkv[0], qkv[1], qkv[2], pattern=pattern)
+        del qkv
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            x[:, s:e] += self.attn.out(a[:, :, s:e].transpose(1, 2).reshape(b, e - s, dim))
+        del a
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            x[:, s:e] += self.mlp(self.norm2(x[:, s:e]))
+        return x
+
+
+class GenomeEncoder(nn.Module):
+    """Transformer over single-base tokens with a sparse attention pattern.
+
+    Args:
+        dim, depth, num_heads: width, number of blocks, heads (``dim % num_heads == 0``).
+        pattern: a pattern, a ``length -> pattern`` function (default
+            ``GenomePattern(window=128, exponential=True, hubs=8)``), or ``None`` (dense).
+        num_labels: classes of the per-position label head.
+        stem_kernel: width of the convolutional stem that mixes neighbouring bases (odd).
+        ff_mult: MLP width multiplier.
+
+    Tokens are ``(B, L)`` int64 from :func:`attnkit.genome.encode` (0..3 bases, 4 = N,
+    5 = MASK). :meth:`forward` gives hidden states ``(B, L, dim)``; :meth:`mlm_logits` gives
+    ``(B, L, 4)`` base logits and :meth:`label_logits` ``(B, L, num_labels)``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        depth: int = 4,
+        num_heads: int = 4,
+        pattern: PatternSpec = GenomePattern(),  # noqa: B008 (frozen dataclass: immutable)
+        *,
+        num_labels: int = 2,
+        stem_kernel: int = 9,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        for name, val in (("dim", dim), ("depth", depth), ("num_heads", num_heads),
+                          ("num_labels", num_labels), ("ff_mult", ff_mult)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if not isinstance(stem_kernel, int) or stem_kernel < 1 or stem_kernel % 2 == 0:
+            raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel!r}")
+        if not (pattern is None or isinstance(pattern, Pattern) or callable(pattern)):
+            raise TypeError("pattern must be a Pattern, a function length -> Pattern, or None")
+        self.pattern = pattern
+        self.config = dict(dim=dim, depth=depth, num_heads=num_heads, num_labels=num_labels,
+                           stem_kernel=stem_kernel, ff_mult=ff_mult)
+        self.embed = nn.Embedding(VOCAB_SIZE, dim)
+        # Marks the pattern's global hub tokens (as BigBird/Longformer mark global tokens), so
+        # queries can find hubs by content from the first step.
+        self.hub_embed = nn.Parameter(torch.randn(dim))
+        self.stem = nn.Conv1d(dim, dim, stem_kernel, padding=stem_kernel // 2)
+        self.blocks = nn.ModuleList(GenomeBlock(dim, num_heads, ff_mult) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.mlm_head = nn.Linear(dim, len(BASES))
+        self.label_head = nn.Linear(dim, num_labels)
+
+    def _check_tokens(self, tokens: Tensor, dims: int) -> None:
+        if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != dims:
+            shape = "(B, L)" if dims == 2 else "(L,)"
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor of shape {shape}, got {got}")
+        if tokens.shape[-1] == 0:
+            raise ValueError("tokens must hold at least one base")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE:
+            raise ValueError(f"tokens must be in [0, {VOCAB_SIZE}) (see attnkit.genome.encode)")
+
+    def _stem(self, tokens: Tensor) -> Tensor:
+        e = self.embed(tokens).transpose(1, 2)  # (B, dim, L)
+        return F.gelu(self.stem(e)).transpose(1, 2).contiguous() + self.embed(tokens)
+
+    def forward(self, tokens: Tensor, *, attn_mask: Tensor | None = None,
+                dense_reference: bool = False) -> Tensor:
+        """``tokens (B, L)`` -> hidden ``(B, L, dim)``.
+
+        ``attn_mask``: optional ``(L, L)`` bool keep-mask (or additive bias) applied on top of
+        the pattern. ``dense_reference=True`` computes the same function densely: attention
+        over all keys with the pattern's ``(L, L)`` mask as a bias (O(L^2); for tests).
+        """
+        self._check_tokens(tokens, 2)
+        n = tokens.shape[1]
+        pattern = _resolve(self.pattern, n)
+        if dense_reference and pattern is not None:
+            keep = pattern.to_dense(n, n, device=tokens.device)
+            if attn_mask is None:
+                attn_mask = keep
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & keep
+            else:
+                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+            pattern = None
+        x = self._stem(tokens)
+        hubs = self.hub_positions(n).to(x.device)
+        if hubs.numel():
+            x = x.index_add(1, hubs, self.hub_embed.expand(x.shape[0], hubs.numel(), -1))
+        cos, sin = self.blocks[0].attn.rotary.tables(torch.arange(n, device=x.device), x.dtype)
+        for block in self.blocks:
+            x = block(x, pattern, cos, sin, attn_mask)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def embed_genome(self, tokens: Tensor, *, chunk_size: int = 1 << 16) -> Tensor:
+        """Hidden states ``(L, dim)`` of a whole genome ``tokens (L,)`` in one call, streaming
+        through the layers (no autograd; position-wise work in chunks of ``chunk_size``)."""
+        self._check_tokens(tokens, 1)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        n = tokens.numel()
+        pattern = _resolve(self.pattern, n)
+        dim = self.config["dim"]
+        x = torch.empty(1, n, dim, device=tokens.device, dtype=self.embed.weight.dtype)
+        half = self.config["stem_kernel"] // 2
+        for s in range(0, n, chunk_size):  # the stem with a halo of `half` bases each side
+            e = min(n, s + chunk_size)
+            lo, hi = max(0, s - half), min(n, e + half)
+            x[:, s:e] = self._stem(tokens[None, lo:hi])[:, s - lo : s - lo + (e - s)]
+        hubs = self.hub_positions(n).to(x.device)
+        if hubs.numel():
+            x[:, hubs] += self.hub_embed
+        cos, sin = self.blocks[0].attn.rotary.tables(torch.arange(n, device=x.device), x.dtype)
+        for block in self.blocks:
+            block.stream_(x, pattern, cos, sin, chunk_size)
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            x[:, s:e] = self.norm(x[:, s:e])
+        return x[0]
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """``(..., dim)`` -> ``(..., 4)`` logits over A, C, G, T."""
+        return self.mlm_head(hidden)
+
+    def label_logits(self, hidden: Tensor) -> Tensor:
+        """``(..., dim)`` -> ``(..., num_labels)``."""
+        return self.label_head(hidden)
+
+    def hub_positions(self, length: int) -> Tensor:
+        """Hub positions the pattern uses for a sequence of ``length`` (empty if none)."""
+        if isinstance(self.pattern, GenomePattern):
+            return self.pattern.hub_positions(length)
+        return torch.zeros(0, dtype=torch.long)
+
+
+def attention_pairs(pattern: PatternSpec, length: int) -> int:
+    """Allowed (query, key) pairs of ``pattern`` at ``length`` (``length**2`` when dense)."""
+    pat = _resolve(pattern, length)
+    return length * length if pat is None else pat.nnz(length, length)
+

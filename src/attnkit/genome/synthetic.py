@@ -1,0 +1,137 @@
+"""A synthetic genome with realistic local statistics and planted long-range structure.
+
+Background: an order-3 Markov chain with AT-rich (Mycoplasma-like) composition and random
+transition preferences. Planted structure, modelled on transcription-factor regulation: the
+genome is cut into ``num_hubs`` segments; each segment starts with a promoter-like *hub* motif
+``tag + class`` at a known hub position; the genes of that segment, placed at least
+``min_distance`` bases downstream, carry the same ``tag`` as a binding site and take the hub's
+``class`` as their label. Tags are shuffled and classes drawn afresh for every sample, so a gene's
+label is decided only by the hub motif thousands of bases upstream: a model whose receptive field
+stays inside a local window sees the tag but not the class (chance accuracy), while attention to
+global hub tokens can match the tag and read the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["HubTask", "markov_background", "random_markov_chain", "IGNORE_INDEX"]
+
+#: Label of positions that carry no gene (``torch.nn.functional.cross_entropy`` ignores it).
+IGNORE_INDEX = -100
+
+
+def random_markov_chain(order: int, generator: torch.Generator, gc: float = 0.32,
+                        concentration: float = 2.0) -> Tensor:
+    """``(4**order, 4)`` transition probabilities: a Dirichlet draw around the composition
+    ``(A, C, G, T) = ((1-gc)/2, gc/2, gc/2, (1-gc)/2)``. Contexts are little-endian (the base
+    just before is the lowest base-4 digit), as in :mod:`attnkit.genome.markov`."""
+    if not 0 < gc < 1:
+        raise ValueError(f"gc must be in (0, 1), got {gc}")
+    comp = np.array([(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2])
+    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    probs = torch.from_numpy(rng.dirichlet(comp * 4 * concentration, size=4**order))
+    return probs
+
+
+def markov_background(num_seqs: int, length: int, probs: Tensor,
+                      generator: torch.Generator) -> Tensor:
+    """Sample ``(num_seqs, length)`` tokens from the chain ``probs (4**k, 4)`` (vectorized over
+    sequences, sequential along them)."""
+    order = 0
+    while 4**order < probs.shape[0]:
+        order += 1
+    if probs.shape != (4**order, 4):
+        raise ValueError(f"probs must have shape (4**k, 4), got {tuple(probs.shape)}")
+    cum = probs.cumsum(1).float()
+    u = torch.rand(num_seqs, length, generator=generator)
+    out = torch.empty(num_seqs, length, dtype=torch.long)
+    start = torch.randint(0, 4, (num_seqs, max(order, 1)), generator=generator)
+    out[:, :order] = start[:, :order]
+    ctx = torch.zeros(num_seqs, dtype=torch.long)
+    for r in range(1, order + 1):
+        ctx += out[:, order - r] * 4 ** (r - 1)
+    top = 4 ** max(order - 1, 0)
+    for j in range(order, length):
+        base = (u[:, j : j + 1] > cum[ctx]).sum(1).clamp_(max=3)
+        out[:, j] = base
+        ctx = (ctx % top) * 4 + base if order else ctx
+    return out
+
+
+@dataclass
+class HubTask:
+    """Generator of the planted hub-motif task.
+
+    Args:
+        length: bases per sample.
+        num_hubs: hubs (= segments = distinct tags); hub ``h`` sits near the start of segment
+            ``h`` at :attr:`hub_positions`.
+        genes_per_hub: genes per segment.
+        min_distance: each gene lies at least this far downstream of its hub (set it beyond
+            the local receptive field: ``depth * window + stem``).
+        motif_len: bases of a tag and of a class motif (a hub motif is ``tag + class``).
+        num_classes: label classes.
+        seed: fixes the motifs and the background chain.
+    """
+
+    length: int = 4096
+    num_hubs: int = 4
+    genes_per_hub: int = 4
+    min_distance: int = 256
+    motif_len: int = 4
+    num_classes: int = 2
+    seed: int = 0
+    pool_size: int = 64
+    hub_positions: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        seg = self.length // max(self.num_hubs, 1)
+        room = seg - self.min_distance - 3 * self.motif_len
+        if self.num_hubs < 1 or room < self.genes_per_hub * 2 * self.motif_len:
+            raise ValueError(
+                f"length={self.length} leaves no room for {self.genes_per_hub} genes per hub "
+                f"at min_distance={self.min_distance} with {self.num_hubs} hubs"
+            )
+        gen = torch.Generator().manual_seed(self.seed)
+        need = self.num_hubs + self.num_classes
+        motifs: list[tuple[int, ...]] = []
+        while len(motifs) < need:  # distinct tag and class motifs
+            m = tuple(torch.randint(0, 4, (self.motif_len,), generator=gen).tolist())
+            if m not in motifs:
+                motifs.append(m)
+        self.tags = torch.tensor(motifs[: self.num_hubs])
+        self.classes = torch.tensor(motifs[self.num_hubs :])
+        self.hub_positions = torch.arange(self.num_hubs) * seg + 2 * self.motif_len
+        self._segment = seg
+        self._chain = random_markov_chain(3, gen)
+        self._pool = markov_background(self.pool_size, self.length, self._chain, gen)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(tokens (B, L) int64, labels (B, L) int64)``; labels are ``IGNORE_INDEX`` except
+        on gene motifs, where they are the class of the gene's hub."""
+        L, m, seg = self.length, self.motif_len, self._segment
+        rows = torch.randint(0, self.pool_size, (batch,), generator=generator)
+        shifts = torch.randint(0, L, (batch,), generator=generator).tolist()
+        tokens = torch.stack([self._pool[r].roll(s) for r, s in zip(rows.tolist(), shifts)])
+        labels = torch.full((batch, L), IGNORE_INDEX, dtype=torch.long)
+        slots = (seg - self.min_distance - 3 * m) // (2 * m)
+        for b in range(batch):
+            perm = torch.randperm(self.num_hubs, generator=generator)
+            cls = torch.randint(0, self.num_classes, (self.num_hubs,), generator=generator)
+            for h in range(self.num_hubs):
+                p = int(self.hub_positions[h])
+                tag = self.tags[perm[h]]
+                tokens[b, p - m : p] = tag  # tag ends at the hub position
+                tokens[b, p : p + m] = self.classes[cls[h]]  # class starts at it
+                first = p + self.min_distance
+                picks = torch.randperm(slots, generator=generator)[: self.genes_per_hub]
+                for s in picks.tolist():
+                    g = first + 2 * m * s
+                    tokens[b, g : g + m] = tag
+                    labels[b, g : g + m] = int(cls[h])
+        return tokens, labels

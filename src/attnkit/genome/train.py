@@ -1,0 +1,236 @@
+"""Training loops (masked-base prediction, per-position labels) and bits per base.
+
+Checkpoints are plain tensors and numbers (``torch.save`` of state dicts), loaded back with
+``torch.load(..., weights_only=True)``: no code is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fasta import MASK_TOKEN, N_TOKEN
+from .model import GenomeEncoder
+from .synthetic import IGNORE_INDEX
+
+__all__ = ["mask_tokens", "train_mlm", "train_labels", "bits_per_base", "label_accuracy",
+           "save_checkpoint", "load_checkpoint"]
+
+Progress = Callable[[Iterable, str], Iterator]
+
+
+def _check_positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def mask_tokens(tokens: Tensor, rate: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """BERT-style masking of ``tokens (B, L)``: a ``rate`` fraction of known bases become
+    targets; of those 80% turn into ``MASK``, 10% into a random base, 10% stay.
+
+    Returns ``(inputs (B, L), targets (B, L))`` with targets ``IGNORE_INDEX`` off the mask.
+    """
+    if not 0 < rate < 1:
+        raise ValueError(f"mask rate must be in (0, 1), got {rate}")
+    u = torch.rand(tokens.shape, generator=generator)
+    chosen = (u < rate) & (tokens < N_TOKEN)
+    targets = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    v = torch.rand(tokens.shape, generator=generator)
+    random_bases = torch.randint(0, 4, tokens.shape, generator=generator)
+    inputs = torch.where(chosen & (v < 0.8), torch.full_like(tokens, MASK_TOKEN), tokens)
+    inputs = torch.where(chosen & (v >= 0.8) & (v < 0.9), random_bases, inputs)
+    return inputs, targets
+
+
+def save_checkpoint(path: str | Path, model: GenomeEncoder, optimizer: torch.optim.Optimizer,
+                    step: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "config": dict(model.config)}, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict (``model``, ``optimizer``, ``step``, ``config``); tensors only."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def _optimizer(model: torch.nn.Module, lr: float, steps: int):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 10)
+
+    def factor(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_mlm(
+    model: GenomeEncoder,
+    tokens: Tensor,
+    *,
+    steps: int,
+    window_len: int = 16384,
+    batch_size: int = 1,
+    lr: float = 2e-3,
+    mask_rate: float = 0.15,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Masked-base training on random windows of one long sequence.
+
+    Args:
+        model: the encoder (trained in place).
+        tokens: ``(L,)`` int64 training sequence (``L >= window_len``).
+        steps: optimizer steps; window_len: bases per training window (16k to 64k for real
+            genomes); batch_size: windows per step.
+        checkpoint: file to save to every ``checkpoint_every`` steps and at the end;
+            ``resume=True`` continues from it when it exists.
+        progress: e.g. ``ctx.progress``; wraps the step iterator (a progress bar).
+
+    Returns:
+        The loss (nats per masked base) of every step run.
+    """
+    _check_positive("steps", steps)
+    _check_positive("window_len", window_len)
+    _check_positive("batch_size", batch_size)
+    _check_positive("checkpoint_every", checkpoint_every)
+    if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
+        raise ValueError("tokens must be a 1-D int64 tensor (see attnkit.genome.encode)")
+    if tokens.numel() < window_len:
+        raise ValueError(
+            f"training sequence has {tokens.numel()} bases, shorter than window_len={window_len}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = _optimizer(model, lr, steps)
+    start = 0
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        with warnings.catch_warnings():  # fast-forward the schedule, no optimizer step yet
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start):
+                sched.step()
+        torch.randint(0, 2, (start,), generator=gen)  # new window draws after a resume
+    losses: list[float] = []
+    model.train()
+    it: Iterable[int] = range(start, steps)
+    if progress is not None:
+        it = progress(it, "genome mlm")
+    for step in it:
+        starts = torch.randint(0, tokens.numel() - window_len + 1, (batch_size,), generator=gen)
+        batch = torch.stack([tokens[s : s + window_len] for s in starts.tolist()])
+        inputs, targets = mask_tokens(batch, mask_rate, gen)
+        if bool((targets == IGNORE_INDEX).all()):
+            continue  # all N: nothing to learn from this window
+        hidden = model(inputs)
+        logits = model.mlm_logits(hidden)
+        loss = F.cross_entropy(logits.reshape(-1, 4), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(checkpoint, model, opt, step + 1)
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def bits_per_base(model: GenomeEncoder, tokens: Tensor, *, stride: int = 8,
+                  passes: int | None = None, chunk_size: int = 1 << 16) -> float:
+    """Masked-base code length in bits per base on held-out ``tokens (L,)``.
+
+    Pass ``r`` masks every base at positions ``= r (mod stride)`` and scores them from the rest
+    of the sequence (one whole-sequence streaming forward per pass); ``passes`` defaults to
+    ``stride``, which scores every known base exactly once. ``N`` positions are skipped.
+    """
+    _check_positive("stride", stride)
+    passes = stride if passes is None else passes
+    if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= stride:
+        raise ValueError(f"passes must be an int in [1, stride={stride}], got {passes!r}")
+    if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
+        raise ValueError("tokens must be a 1-D int64 tensor (see attnkit.genome.encode)")
+    model.eval()
+    pos = torch.arange(tokens.numel())
+    total_bits, count = 0.0, 0
+    for r in range(passes):
+        sel = (pos % stride == r) & (tokens < N_TOKEN)
+        if not bool(sel.any()):
+            continue
+        inputs = torch.where(sel, torch.full_like(tokens, MASK_TOKEN), tokens)
+        hidden = model.embed_genome(inputs, chunk_size=chunk_size)
+        logp = F.log_softmax(model.mlm_logits(hidden[sel]).double(), -1)
+        total_bits -= float(logp.gather(1, tokens[sel].unsqueeze(1)).sum()) / math.log(2)
+        count += int(sel.sum())
+    if count == 0:
+        raise ValueError("tokens hold no known base (all N) to score")
+    return total_bits / count
+
+
+def train_labels(
+    model: GenomeEncoder,
+    sample: Callable[[int, torch.Generator], tuple[Tensor, Tensor]],
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: Progress | None = None,
+    desc: str = "genome labels",
+) -> list[float]:
+    """Train the per-position label head (and the encoder) on ``sample(batch, generator) ->
+    (tokens (B, L), labels (B, L))`` with labels ``IGNORE_INDEX`` where unlabeled."""
+    _check_positive("steps", steps)
+    _check_positive("batch_size", batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = _optimizer(model, lr, steps)
+    losses: list[float] = []
+    model.train()
+    it: Iterable[int] = range(steps)
+    if progress is not None:
+        it = progress(it, desc)
+    for _ in it:
+        tokens, labels = sample(batch_size, gen)
+        logits = model.label_logits(model(tokens))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def label_accuracy(model: GenomeEncoder, tokens: Tensor, labels: Tensor) -> float:
+    """Accuracy of the label head on labeled positions of ``tokens, labels (B, L)``."""
+    model.eval()
+    pred = model.label_logits(model(tokens)).argmax(-1)
+    keep = labels != IGNORE_INDEX
+    if not bool(keep.any()):
+        raise ValueError("labels hold no labeled position")
+    return float((pred[keep] == labels[keep]).float().mean())
+

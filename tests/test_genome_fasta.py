@@ -1,0 +1,170 @@
+"""FASTA / GenBank reading, encoding, reverse complement."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnkit.genome import (
+    FastaRecord,
+    decode,
+    encode,
+    read_fasta,
+    read_genbank,
+    reverse_complement,
+    write_fasta,
+)
+
+GENOME = "genomes/Mycoplasma_genitalium_GCF_000027325.1.fna"
+
+
+def _random_record(rng: random.Random, name: str) -> FastaRecord:
+    n = rng.randint(1, 300)
+    seq = "".join(rng.choice("ACGTACGTACGTNRYKM") for _ in range(n))
+    seq = seq[: n // 3] + "N" * rng.randint(0, 20) + seq[n // 3 :]  # an N run
+    soft = np.array([rng.random() < 0.2 for _ in seq])
+    return FastaRecord(name, f"desc of {name}", seq, soft)
+
+
+@pytest.mark.parametrize("suffix", [".fa", ".fa.gz"])
+def test_round_trip_several_records(tmp_path, suffix):
+    rng = random.Random(0)
+    recs = [_random_record(rng, f"chr{i}") for i in range(4)]
+    path = tmp_path / f"g{suffix}"
+    write_fasta(recs, path, width=37)
+    back = read_fasta(path)
+    assert [r.name for r in back] == [r.name for r in recs]
+    for a, b in zip(recs, back):
+        assert a.description == b.description
+        assert a.sequence == b.sequence  # N runs and IUPAC codes kept, not dropped
+        np.testing.assert_array_equal(a.soft_mask, b.soft_mask)
+
+
+def test_case_whitespace_comments_and_n_mask(tmp_path):
+    path = tmp_path / "x.fa"
+    path.write_bytes(b"; a comment\r\n>s1 first one\r\nacgtNN\r\n  NNa cG\r\n\r\n>s2\nUUAA\n")
+    r1, r2 = read_fasta(path)
+    assert (r1.name, r1.description, r1.sequence) == ("s1", "first one", "ACGTNNNNACG")
+    assert r1.soft_mask.tolist() == [True] * 4 + [False] * 4 + [True, True, False]
+    assert r1.n_mask.tolist() == [False] * 4 + [True] * 4 + [False] * 3
+    assert r1.n_runs() == [(4, 8)]
+    assert r2.sequence == "UUAA" and encode(r2.sequence).tolist() == [3, 3, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (b"", "empty file"),
+        (b"   \n\n", "empty file"),
+        (b"ACGT\n>x\nACGT\n", ":1: sequence data before the first '>'"),
+        (b">x\nACGT\nACXT\n", ":3:3: character 'X'"),
+        (b">x\nAC-T\n", ":2:3: character '-'"),
+        (b">x\n>y\nACGT\n", ":1: record 'x' has no sequence"),
+        (b">\nACGT\n", ":1: header line has no name"),
+        (b">x\nAC\xff\x00GT\n", ":2: binary or non-ASCII"),
+        (b"\x1f\x8b\x08\x00garbage", "corrupt gzip"),
+        (bytes(range(256)), "binary or non-ASCII"),
+    ],
+)
+def test_errors_name_file_and_line(tmp_path, content, fragment):
+    path = tmp_path / "bad.fa"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        read_fasta(path)
+    assert str(path) in str(e.value) and fragment in str(e.value)
+
+
+def test_shorter_than_window_names_record_line(tmp_path):
+    path = tmp_path / "short.fa"
+    path.write_text(">long\n" + "A" * 100 + "\n>short\nACGT\n")
+    with pytest.raises(ValueError, match=r"short\.fa:3: record 'short' has 4 bases, shorter"):
+        read_fasta(path, min_length=50)
+    assert len(read_fasta(path, min_length=4)) == 2
+
+
+def test_missing_file_is_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        read_fasta(tmp_path / "nope.fa")
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), gz=st.booleans(), header=st.booleans())
+def test_fuzz_random_bytes_raise_value_error_only(tmp_path, data, gz, header):
+    raw = (b">r\n" + data) if header else data
+    path = tmp_path / "fuzz.fa"
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    try:
+        recs = read_fasta(path)
+    except ValueError:
+        return
+    for r in recs:  # whatever parses is valid sequence
+        assert len(r.sequence) == len(r.soft_mask) > 0
+        encode(r.sequence)
+
+
+def test_encode_decode_and_errors():
+    assert encode("ACGTNacgtnRYU").tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 4, 4, 3]
+    assert decode(encode("ACGTN")) == "ACGTN"
+    with pytest.raises(ValueError, match="position 2"):
+        encode("AC!T")
+    with pytest.raises(TypeError):
+        encode(123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        decode(torch.tensor([0, 7]))
+
+
+def test_reverse_complement():
+    assert reverse_complement("ACGTN") == "NACGT"
+    assert reverse_complement("aAcRYkm") == "kmRYgTt"
+    rng = random.Random(1)
+    s = "".join(rng.choice("ACGTRYSWKMBDHVNacgtn") for _ in range(200))
+    assert reverse_complement(reverse_complement(s)) == s
+    t = "".join(rng.choice("ACGTN") for _ in range(50))
+    assert torch.equal(reverse_complement(encode(t)), encode(reverse_complement(t)))
+    with pytest.raises(ValueError):
+        reverse_complement("ACXT")
+
+
+def test_read_genbank(tmp_path):
+    gb = (
+        "LOCUS       TEST1   20 bp    DNA\nDEFINITION  a test.\nFEATURES   Location\n"
+        "ORIGIN\n        1 acgtacgtac gtacgtnnnn\n//\n"
+        "LOCUS       TEST2   4 bp    DNA\nORIGIN\n        1 ttaa\n//\n"
+    )
+    path = tmp_path / "t.gb"
+    path.write_text(gb)
+    a, b = read_genbank(path)
+    assert (a.name, a.description, a.sequence) == ("TEST1", "a test.", "ACGTACGTACGTACGTNNNN")
+    assert b.sequence == "TTAA"
+    path.write_text("LOCUS X\nORIGIN\n   1 acgt\n")
+    with pytest.raises(ValueError, match="not closed"):
+        read_genbank(path)
+
+
+def test_real_genome(shared_data):
+    path = shared_data / GENOME
+    if not path.exists():
+        pytest.skip("M. genitalium genome not present")
+    (rec,) = read_fasta(path)
+    assert len(rec) == 580_076
+    tok = encode(rec.sequence)
+    gc = float(((tok == 1) | (tok == 2)).float().mean())
+    assert math.isclose(gc, 0.317, abs_tol=0.01)  # M. genitalium is AT rich (31.7% GC)
+
+
+def test_join_records_separates_with_n():
+    from attnkit.genome.fasta import join_records
+
+    recs = [FastaRecord("a", "", "ACG", np.zeros(3, bool)),
+            FastaRecord("b", "", "TT", np.zeros(2, bool))]
+    assert join_records(recs, 2).tolist() == [0, 1, 2, 4, 4, 3, 3]
+    with pytest.raises(ValueError):
+        join_records([], 2)
