@@ -1,0 +1,158 @@
+"""A small pre-LN decoder-only transformer language model on
+:class:`attnkit.nn.MultiheadAttention`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .nn.attention import MultiheadAttention
+from .patterns import causal, sliding_window
+
+__all__ = ["DecoderLM", "DecoderBlock"]
+
+
+class DecoderBlock(nn.Module):
+    """``x + attn(LN(x))`` then ``x + MLP(LN(x))`` (GELU MLP, hidden ``mlp_ratio * dim``)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None, pattern,
+                 mlp_ratio: float, dropout: float, layer_idx: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiheadAttention(dim, num_heads, num_kv_heads, pattern=pattern,
+                                       dropout=dropout, layer_idx=layer_idx)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                head_mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only transformer: token embedding, ``depth`` pre-LN blocks with rotary causal
+    self-attention, a final LayerNorm and an output layer tied to the embedding.
+
+    Args:
+        vocab_size: number of token ids.
+        dim, depth, num_heads: width, blocks, query heads per block.
+        num_kv_heads: key/value heads (``num_heads``: multi-head; ``1``: multi-query).
+        max_seq_len: longest sequence (prompt + generated) the model accepts.
+        window: if set, attention is ``causal() & sliding_window(window)`` (each position sees
+            itself and the ``window`` previous ones), servable by a ``SlidingWindowCache``.
+        mlp_ratio, dropout: MLP width factor and dropout probability.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        max_seq_len: int = 4096,
+        *,
+        window: int | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth),
+                          ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        self.vocab_size, self.dim, self.depth = vocab_size, dim, depth
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.max_seq_len, self.window = max_seq_len, window
+        self.mlp_ratio = mlp_ratio
+        pattern = causal() if window is None else causal() & sliding_window(window)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, num_heads, num_kv_heads, pattern, mlp_ratio, dropout, i)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def check_ids(self, ids: Tensor, offset: int = 0) -> None:
+        """Raise ``ValueError`` unless ``ids`` is a non-empty ``(B, L)`` integer tensor of valid
+        token ids that fits in ``max_seq_len`` after ``offset`` cached positions."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"token ids must be a tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must have shape (B, L), got {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]"
+            )
+        if offset + ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {offset + ids.shape[1]} positions ({offset} cached + "
+                f"{ids.shape[1]} new) exceeds max_seq_len={self.max_seq_len}"
+            )
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        head_mask: Tensor | Sequence[Tensor] | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            ids: ``(B, L)`` token ids; with a cache, the positions after the cached ones.
+            cache: a :class:`attnkit.cache.KVCache`, updated in place.
+            head_mask: per-head output gates (see :class:`MultiheadAttention`): a
+                ``(depth, num_heads)`` tensor, or one ``(num_heads_i,)`` tensor per block (for
+                blocks with different head counts, e.g. after pruning).
+            last_only: return logits for the last position only (decoding).
+
+        Returns:
+            ``(B, L, vocab_size)``, or ``(B, 1, vocab_size)`` with ``last_only``.
+        """
+        offset = 0 if cache is None else cache.seq_length(0)
+        self.check_ids(ids, offset)
+        if head_mask is not None and len(head_mask) != self.depth:
+            raise ValueError(
+                f"head_mask must hold one (num_heads,) gate per block: {self.depth}, "
+                f"got {len(head_mask)}"
+            )
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, None if head_mask is None else head_mask[i])
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    def config(self) -> dict:
+        """Constructor arguments (to rebuild the architecture)."""
+        return {"vocab_size": self.vocab_size, "dim": self.dim, "depth": self.depth,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "max_seq_len": self.max_seq_len, "window": self.window,
+                "mlp_ratio": self.mlp_ratio}
