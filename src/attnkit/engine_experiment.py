@@ -250,10 +250,7 @@ def _figure(ctx: RunContext, rows: list[dict[str, Any]], slopes: dict[str, float
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = ctx.figure_path("engine_scaling.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "engine_scaling.png", dpi=110)
     return [str(path)]
 
 

@@ -72,6 +72,16 @@ class RunContext:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self.out_dir / name
 
+    def save_figure(self, fig: Any, name: str, dpi: int = 110) -> str:
+        """Lay out a matplotlib figure, save it as ``out_dir/name``, close it; return the path."""
+        import matplotlib.pyplot as plt  # only reached when the caller already drew a figure
+
+        fig.tight_layout()
+        path = self.figure_path(name)
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        return str(path)
+
 
 def _plain_progress(iterable: Iterable, desc: str, total: int | None) -> Iterator:
     for i, x in enumerate(iterable, 1):

@@ -96,10 +96,7 @@ def _diet_figure(ctx: RunContext, web: FoodWeb, split: Any, scores: dict) -> str
     bx.set_xlabel("TL(predator) - TL(prey)")
     bx.set_ylabel("learned logit bias")
     bx.set_title("trophic bias")
-    fig.tight_layout()
-    path = ctx.figure_path("foodweb_diet.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "foodweb_diet.png", dpi=120)
     return str(path)
 
 

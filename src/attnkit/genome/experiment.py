@@ -230,10 +230,7 @@ def _figures(ctx: RunContext, cost_rows: list[dict], metrics: dict) -> list[str]
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = ctx.figure_path("genome_cost.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "genome_cost.png", dpi=100)
     return [str(path)]
 
 

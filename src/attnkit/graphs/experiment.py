@@ -90,10 +90,7 @@ def _plot_neighbourhood(ctx: RunContext, model: GAT, data: GraphData) -> list[st
                        fontsize=6)
     ax.set_ylabel("attention weight (layer 1, mean of heads)")
     ax.set_title(f"Protein {target}: neighbours (d = degree); green = shares a function")
-    fig.tight_layout()
-    path = ctx.figure_path("ppi_attention_neighbourhood.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "ppi_attention_neighbourhood.png", dpi=120)
     return [str(path)]
 
 
@@ -163,10 +160,7 @@ def _plot_hubs(ctx: RunContext, levels, curves) -> list[str]:
     ax.set_ylabel("test micro-F1")
     ax.set_title("Noisy hubs (top 1% by degree)")
     ax.legend()
-    fig.tight_layout()
-    path = ctx.figure_path("hubs_f1_vs_noise.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "hubs_f1_vs_noise.png", dpi=120)
     return [str(path)]
 
 

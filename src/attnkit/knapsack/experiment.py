@@ -145,10 +145,7 @@ def _figure(ctx: RunContext, inst: KnapsackInstance, res: KnapsackAttentionResul
     t1, t2 = res.temperatures
     fig.suptitle(f"{inst.kind}, n={inst.n}: t2/t1 = {res.multiplier:.3g} "
                  f"(t1={t1:.3g}, t2={t2:.3g})")
-    fig.tight_layout()
-    path = ctx.figure_path("knapsack_heads.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "knapsack_heads.png", dpi=110)
     return str(path)
 
 

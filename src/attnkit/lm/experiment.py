@@ -198,10 +198,7 @@ def _plot(ctx: RunContext, metrics: dict, variants: dict, contexts) -> list[str]
     ax[1, 1].bar(names, [metrics[f"bits_per_char_{n}"] for n in names], color="C2")
     ax[1, 1].set_ylabel("validation bits / char")
     ax[1, 1].set_title("Quality cost of sharing K/V heads")
-    fig.tight_layout()
-    path = ctx.figure_path("decoding.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "decoding.png", dpi=110)
     return [str(path)]
 
 

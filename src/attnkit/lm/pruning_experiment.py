@@ -220,10 +220,7 @@ def _plot(ctx: RunContext, history, history_raw) -> list[str]:
     ax[2].set_ylabel("latency (ms, best of N)")
     ax[2].set_title("Latency vs FLOPs (shared CPU: noisy)")
     ax[2].legend(fontsize=8)
-    fig.tight_layout()
-    path = ctx.figure_path("pruning.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "pruning.png", dpi=110)
     return [str(path)]
 
 

@@ -134,10 +134,7 @@ def _figure(ctx: RunContext, lengths, cost) -> list[str]:
         ax.set_xlabel("audio frames")
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = ctx.figure_path("multimodal_scaling.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "multimodal_scaling.png", dpi=110)
     return [str(path)]
 
 

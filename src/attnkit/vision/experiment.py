@@ -161,10 +161,7 @@ def _figures(ctx: RunContext, probes, models, images) -> list[str]:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("attention change vs brightness (digits test set)")
-    fig.tight_layout()
-    path = ctx.figure_path("vision_js_vs_brightness.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "vision_js_vs_brightness.png", dpi=110)
     paths.append(str(path))
 
     # One digit at three brightness levels: attention received per patch (last layer,
@@ -187,10 +184,7 @@ def _figures(ctx: RunContext, probes, models, images) -> list[str]:
             ax.imshow(big, cmap="magma", alpha=0.55)
             ax.set_title(f"{name}, brightness x{f}")
             ax.axis("off")
-    fig.tight_layout()
-    path = ctx.figure_path("vision_digit_attention.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "vision_digit_attention.png", dpi=110)
     paths.append(str(path))
     return paths
 

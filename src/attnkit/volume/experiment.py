@@ -273,10 +273,7 @@ def _figures(ctx: RunContext, rows: list[dict]) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle("axial vs full 3D self-attention (dashed: estimated)")
-    fig.tight_layout()
-    path = ctx.figure_path("axial_scaling.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = ctx.save_figure(fig, "axial_scaling.png", dpi=110)
     return [str(path)]
 
 
