@@ -32,7 +32,18 @@ _GIB = float(1 << 30)
 
 
 def peak_rss_gib() -> float:
-    """This process's peak resident set size so far, in GiB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in GiB.
+
+    Reads ``VmHWM`` where Linux has it: ``ru_maxrss`` survives ``exec``, so a fresh probe
+    process would otherwise start at its (larger) parent's high-water mark and report no growth.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / _GIB
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib * (1 if sys.platform != "darwin" else 1 / 1024) * 1024 / _GIB
 
