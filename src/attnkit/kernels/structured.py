@@ -38,7 +38,7 @@ NEG_INF = float("-inf")
 # Elements in the largest intermediate of one chunk; bounds peak memory per chunk (~64 MB fp32).
 CHUNK_ELEMENTS = 1 << 24
 # Query rows per block in the range kernel: a block shares one gathered key window.
-BLOCK = 64
+BLOCK = 32
 
 
 @dataclass
