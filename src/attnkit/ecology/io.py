@@ -161,10 +161,14 @@ def read_pajek(path: str | Path) -> FoodWeb:
         ValueError: on any malformed content (with the line number): unknown sections, counts
             that disagree, arcs to unknown vertices, negative or non-finite flows, duplicate arcs.
     """
+    return _read_with(parse_pajek, path)
+
+
+def _read_with(parse, path: str | Path) -> FoodWeb:
+    """Decode a file and parse it, prefixing any ``ValueError`` with the file's path."""
     path = Path(path)
-    text = _decode(path.read_bytes())
     try:
-        return parse_pajek(text, title=path.stem)
+        return parse(_decode(path.read_bytes()), title=path.stem)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -325,12 +329,7 @@ def read_scor(path: str | Path) -> FoodWeb:
         ValueError: on malformed content (with the line number), negative values, indices out of
             range, repeated entries, or a missing ``-1`` terminator.
     """
-    path = Path(path)
-    text = _decode(path.read_bytes())
-    try:
-        return parse_scor(text, title=path.stem)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    return _read_with(parse_scor, path)
 
 
 def parse_scor(text: str, title: str = "") -> FoodWeb:

@@ -76,6 +76,16 @@ def _optimizer(model: torch.nn.Module, lr: float, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _step(model: torch.nn.Module, opt, sched, loss: Tensor) -> float:
+    """One clipped optimizer and scheduler step on ``loss``; returns its value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def train_mlm(
     model: GenomeEncoder,
     tokens: Tensor,
@@ -143,12 +153,7 @@ def train_mlm(
         logits = model.mlm_logits(hidden)
         loss = F.cross_entropy(logits.reshape(-1, 4), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(model, opt, sched, loss))
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint, model, opt, step + 1)
     model.eval()
@@ -214,12 +219,7 @@ def train_labels(
         logits = model.label_logits(model(tokens))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(_step(model, opt, sched, loss))
     model.eval()
     return losses
 
