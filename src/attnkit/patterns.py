@@ -334,6 +334,16 @@ class Graph(_CSRPattern):
         self._dst = key // max(n_src, 1)
         self._src = key % max(n_src, 1)
 
+    @classmethod
+    def from_sorted_pairs(cls, src: Tensor, dst: Tensor, num_nodes: int) -> Graph:
+        """A graph pattern from distinct, in-range pairs already sorted by ``(dst, src)``
+        (as :func:`torch.unique` of ``dst * N + src`` gives them): skips the checks and the
+        sort of the constructor. The caller guarantees the order; nothing is verified."""
+        self = cls.__new__(cls)
+        self.num_src = self.num_dst = int(num_nodes)
+        self._src, self._dst = src.long().cpu(), dst.long().cpu()
+        return self
+
     def validate(self, lq, lk):
         if lq != self.num_dst or lk != self.num_src:
             raise ValueError(

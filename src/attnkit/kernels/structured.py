@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import csr
 from .components import (
     AllKeys,
     Band,
@@ -53,6 +54,7 @@ class Ctx:
     dropout_p: float
     block: int = field(default_factory=lambda: BLOCK)
     need_lse: bool = True
+    sparse_mm: bool = False  # edge components use the CSR kernels (fp32/fp64 inputs)
     _rows: tuple[Tensor, Tensor] | None = None
 
     def rows(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,6 +302,48 @@ def edge_scores(qs, k, qi, kj, ctx: Ctx) -> Tensor:
     return s
 
 
+def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Edge kernel on sparse-matrix products: scores by SDDMM, the weighted sum by SpMM (see
+    :mod:`.csr`); only ``(B, Hq, nnz)`` scalars per chunk are materialized, never a per-edge
+    copy of the key or value rows."""
+    B, hkv, g, _, _ = qs.shape
+    nq = q1 - q0
+    qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
+    local = qi - q0
+    indptr = comp.indptr.to(qs.device)
+    st = csr.CSRStructure(indptr[q0:q1 + 1] - indptr[q0], kj, nq, ctx.lk)
+    if qs.shape[-1] <= 4:
+        # a few features per pair (e.g. GAT's [a_dst, 1] . [1, a_src]): gathering them is
+        # cheaper than a sampled product per head
+        B_, d = qs.shape[0], qs.shape[-1]
+        # row layout: gathers (and their index_add backward) run along dim 0, the fast way
+        q_rows = qs[:, :, :, q0:q1].permute(3, 0, 1, 2, 4).reshape(nq, -1)
+        k_rows = k.permute(2, 0, 1, 3).reshape(ctx.lk, -1)
+        qe = q_rows.index_select(0, local).view(-1, B_, hkv, g, d)
+        ke = k_rows.index_select(0, kj).view(-1, B_, hkv, 1, d)
+        s = (qe * ke).sum(-1).permute(1, 2, 3, 0).to(_compute_dtype(qs))  # (B, hkv, g, ne)
+    else:
+        s = csr.sddmm(qs[:, :, :, q0:q1], k, st).to(_compute_dtype(qs))  # (B, hkv, g, ne)
+    s = finish_scores(s.unsqueeze(-1), qi.unsqueeze(-1), kj.unsqueeze(-1), valid.unsqueeze(-1),
+                      ctx).squeeze(-1)
+    # segment softmax on 2-D (rows, ne) views: torch's index ops are fastest there
+    rows = B * hkv * g
+    s2 = s.reshape(rows, -1)
+    m = torch.full((rows, nq), NEG_INF, dtype=s.dtype, device=s.device)
+    m = m.scatter_reduce(1, local.expand_as(s2), s2.detach(), reduce="amax", include_self=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s2 - m.index_select(1, local))  # unnormalized, (rows, ne)
+    lsum = torch.zeros_like(m).index_add(1, local, p)
+    nonempty = lsum > 0
+    lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
+    p = p / lsum_safe.index_select(1, local)
+    if ctx.dropout_p > 0 and training:
+        p = F.dropout(p, ctx.dropout_p, training=True)
+    out = csr.spmm(p.to(v.dtype).view(B, hkv, g, -1), v, st)
+    lse = torch.where(nonempty, m + torch.log(lsum_safe), torch.full_like(m, NEG_INF))
+    return out, lse.view(B, hkv, g, nq)
+
+
 def _edges_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Edge-wise kernel with a segment softmax over each query's explicit key list.
 
@@ -354,7 +398,8 @@ def _width(comp: Component, ctx: Ctx, d: int) -> float:
     if isinstance(comp, AllKeys):
         return lk * ctx.hq
     if isinstance(comp, Edges):
-        return comp.cost(lq, lk) / max(lq, 1) * (d + 1) * ctx.hq * 2
+        per_edge = 2 if ctx.sparse_mm else (d + 1) * 2  # CSR path: a few scalars per edge
+        return comp.cost(lq, lk) / max(lq, 1) * per_edge * ctx.hq
     return ctx.hq  # RowSet: its own few rows, sized separately
 
 
@@ -384,6 +429,8 @@ def _kernel_for(comp: Component, ctx: Ctx):
     if (isinstance(comp, Ranges) and comp.band is not None and ctx.bias is None
             and ctx.score_mod is None):
         return _band_fast_partial
+    if isinstance(comp, Edges) and ctx.sparse_mm:
+        return _edges_csr_partial
     return _KERNELS[type(comp)]
 
 
@@ -407,6 +454,7 @@ def structured_attention(
     if not comps or lq == 0:
         return (qs.new_zeros(B, hkv, g, lq, v.shape[-1]),
                 torch.full((B, hkv, g, lq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+    ctx.sparse_mm = all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k, v))
     width = sum(_width(c, ctx, d) for c in comps) * B
     rows = max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)
     rows = min(rows, lq)

@@ -67,7 +67,11 @@ class GraphIndex:
 
     def lookup(self, q_idx: Tensor, k_idx: Tensor) -> Tensor:
         """Pair ids of allowed ``(query, key)`` index tensors (same shape)."""
-        return torch.searchsorted(self.keys, (q_idx * self.num_nodes + k_idx).contiguous())
+        key = (q_idx * self.num_nodes + k_idx).contiguous()
+        if key.numel() == self.keys.numel() and torch.equal(key.view(-1), self.keys):
+            # the engine visits every pair in CSR order, which is the order of self.keys
+            return torch.arange(key.numel(), device=key.device).view(key.shape)
+        return torch.searchsorted(self.keys, key)
 
 
 def check_edge_index(edge_index: Tensor, num_nodes: int) -> Tensor:
@@ -120,7 +124,8 @@ def build_graph_index(
     counts_f = counts.to(torch.float64)
     out_degree = torch.zeros(n, dtype=torch.float64, device=device).index_add(0, pair_src, counts_f)
     in_degree = torch.zeros(n, dtype=torch.float64, device=device).index_add(0, pair_dst, counts_f)
-    pattern = patterns.graph(torch.stack([pair_src, pair_dst]), n)
+    # keys are distinct, in range and sorted by (dst, src): the pattern can take them as they are
+    pattern = patterns.Graph.from_sorted_pairs(pair_src, pair_dst, n)
     return GraphIndex(
         num_nodes=n, pattern=pattern, keys=keys, src=pair_src, dst=pair_dst,
         multiplicity=counts, edge_pair=edge_pair, out_degree=out_degree, in_degree=in_degree,
