@@ -135,10 +135,15 @@ class GenomeBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, pattern: Pattern | None, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None) -> Tensor:
+                attn_mask: Tensor | None,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """``attend(q, k, v)`` replaces the engine call (the sequence-parallel mode)."""
         b, n, dim = x.shape
         q, k, v = self.attn.qkv_heads(self.norm1(x), cos, sin)
-        a = attnkit.attention(q, k, v, pattern=pattern, bias=attn_mask)  # (B, H, L, Dh)
+        if attend is None:
+            a = attnkit.attention(q, k, v, pattern=pattern, bias=attn_mask)  # (B, H, L, Dh)
+        else:
+            a = attend(q, k, v)
         x = x + self.attn.out(a.transpose(1, 2).reshape(b, n, dim))
         return x + self.mlp(self.norm2(x))
 
@@ -228,13 +233,25 @@ class GenomeEncoder(nn.Module):
         return F.gelu(self.stem(e)).transpose(1, 2).contiguous() + self.embed(tokens)
 
     def forward(self, tokens: Tensor, *, attn_mask: Tensor | None = None,
-                dense_reference: bool = False) -> Tensor:
+                dense_reference: bool = False, sequence_parallel: bool = False,
+                group=None) -> Tensor:
         """``tokens (B, L)`` -> hidden ``(B, L, dim)``.
 
         ``attn_mask``: optional ``(L, L)`` bool keep-mask (or additive bias) applied on top of
         the pattern. ``dense_reference=True`` computes the same function densely: attention
         over all keys with the pattern's ``(L, L)`` mask as a bias (O(L^2); for tests).
+
+        ``sequence_parallel=True`` (inside a ``torch.distributed`` process group ``group``,
+        default the world): ``tokens (B, L_local)`` is this rank's shard of a sequence of ``L``
+        bases (:func:`attnkit.distributed.shard_bounds`) and the result is the same shard
+        ``(B, L_local, dim)`` of the single-process output; attention runs through
+        :func:`attnkit.distributed.sequence_parallel_attention`. Every rank must call it.
         """
+        if sequence_parallel:
+            if attn_mask is not None or dense_reference:
+                raise ValueError("sequence_parallel=True does not take attn_mask or "
+                                 "dense_reference")
+            return self._forward_sharded(tokens, group)
         self._check_tokens(tokens, 2)
         n = tokens.shape[1]
         pattern = _resolve(self.pattern, n)
@@ -254,6 +271,41 @@ class GenomeEncoder(nn.Module):
         cos, sin = self.blocks[0].attn.rotary.tables(torch.arange(n, device=x.device), x.dtype)
         for block in self.blocks:
             x = block(x, pattern, cos, sin, attn_mask)
+        return self.norm(x)
+
+    def _forward_sharded(self, tokens: Tensor, group) -> Tensor:
+        from attnkit.distributed.sequence import (
+            halo_exchange,
+            sequence_layout,
+            sequence_parallel_attention,
+        )
+
+        try:  # a bad shard on one rank makes every rank raise, instead of the others waiting
+            self._check_tokens(tokens, 2)
+            error = ""
+        except ValueError as e:
+            error = str(e)
+        length = tokens.shape[-1] if isinstance(tokens, Tensor) and tokens.dim() else 0
+        n, start, stop = sequence_layout(length, group, local_error=error)
+        pattern = _resolve(self.pattern, n)
+        if pattern is None:
+            raise ValueError("sequence_parallel=True needs a sparse pattern (dense attention "
+                             "would need the whole sequence on every rank)")
+        half = self.config["stem_kernel"] // 2  # the stem sees `half` bases on each side
+        ext, left = halo_exchange(tokens, half, half, group, dim=1)
+        x = self._stem(ext)[:, left:left + tokens.shape[1]]
+        hubs = self.hub_positions(n).to(x.device)
+        hubs = hubs[(hubs >= start) & (hubs < stop)] - start
+        if hubs.numel():
+            x = x.index_add(1, hubs, self.hub_embed.expand(x.shape[0], hubs.numel(), -1))
+        cos, sin = self.blocks[0].attn.rotary.tables(
+            torch.arange(start, stop, device=x.device), x.dtype)
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return sequence_parallel_attention(q, k, v, pattern, group)
+
+        for block in self.blocks:
+            x = block(x, None, cos, sin, None, attend=attend)
         return self.norm(x)
 
     @torch.no_grad()

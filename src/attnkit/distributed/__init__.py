@@ -1,0 +1,64 @@
+"""attnkit on many processes (``torch.distributed``).
+
+- :mod:`attnkit.distributed.sequence`: sequence-parallel sparse attention, one long sequence
+  sharded along its length over ranks (:func:`sequence_parallel_attention`).
+- :mod:`attnkit.distributed.data_parallel`: data-parallel training helpers (DDP, torchrun),
+  loaded on first use of one of its names.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .sequence import (
+    CommStats,
+    comm_stats,
+    communication_volume,
+    gather_sequence,
+    halo_exchange,
+    reset_comm_stats,
+    sequence_layout,
+    sequence_parallel_attention,
+    shard_bounds,
+    shard_sequence,
+)
+
+__all__ = [
+    "sequence_parallel_attention",
+    "shard_bounds",
+    "shard_sequence",
+    "gather_sequence",
+    "sequence_layout",
+    "halo_exchange",
+    "communication_volume",
+    "comm_stats",
+    "reset_comm_stats",
+    "CommStats",
+]
+_SEQUENCE = list(__all__)
+
+
+def _data_parallel_names() -> list[str]:
+    try:
+        module = importlib.import_module(".data_parallel", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.data_parallel":
+            raise
+        return []
+    return [n for n in getattr(module, "__all__", []) if n not in __all__]
+
+
+def __getattr__(name: str):
+    """Names of :mod:`.data_parallel` (its ``__all__``), imported on first use."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if name in _data_parallel_names():
+        value = getattr(importlib.import_module(".data_parallel", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_data_parallel_names()))
+
