@@ -10,18 +10,27 @@ logs go to stderr. Exit codes: 0 on success (whatever the verdict: "not held" is
 a failure), 1 when the experiment raised, 2 for usage errors (unknown experiment, bad option).
 ``report`` exits 0 once the report is written, even if experiments raised (each failure is in
 the report and summarized on stderr); with ``--strict`` it exits 1 when any experiment raised.
+
+Under ``torchrun`` (e.g. ``torchrun --nproc-per-node 2 -m attnkit run genome --quick``),
+``run`` and ``report`` join the process group first (:func:`attnkit.distributed.data_parallel.
+init_from_env`); every rank runs the experiments (their training loops are data-parallel), and
+only rank 0 prints and writes files: the other ranks write figures into a temporary directory
+and stay silent, except for the tail of their log when they fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +148,10 @@ def _unknown(name: str, experiments: Mapping[str, Experiment]) -> int:
     return 2
 
 
-def cmd_run(argv: Sequence[str], experiments: Mapping[str, Experiment]) -> int:
+def cmd_run(argv: Sequence[str], experiments: Mapping[str, Experiment],
+            out_root: Path | None = None) -> int:
+    """``attnkit run``; ``out_root`` replaces ``--out`` by ``out_root / NAME`` (the scratch
+    directory of a non-zero rank)."""
     if not argv or argv[0].startswith("-"):
         if argv and argv[0] not in ("-h", "--help"):
             _err("attnkit run: the experiment NAME comes first: attnkit run NAME [options]")
@@ -155,6 +167,8 @@ def cmd_run(argv: Sequence[str], experiments: Mapping[str, Experiment]) -> int:
     args = experiment_parser(exp).parse_args(rest)  # exits 2 on bad options, 0 on --help
     options = {o.dest: getattr(args, o.dest) for o in exp.options}
     out_dir = args.out if args.out is not None else Path("report") / exp.name
+    if out_root is not None:
+        out_dir = out_root / exp.name
     t0 = time.perf_counter()
     try:
         result, seconds = run_experiment(exp, quick=args.quick, out_dir=out_dir,
@@ -223,16 +237,69 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if (args.strict and failed) else 0
 
 
+class _Tail(io.TextIOBase):
+    """A text sink that keeps only its last ``limit`` characters (a quiet rank's log)."""
+
+    def __init__(self, limit: int = 20_000):
+        super().__init__()
+        self.limit, self.text = limit, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.text = (self.text + s)[-self.limit:]
+        return len(s)
+
+
+def _on_every_rank(command: Callable[[Path | None], int]) -> int:
+    """Run ``command(out_root)`` in every process of a torchrun job (once without torchrun).
+
+    Joins the process group from torchrun's environment first. Rank 0 runs with the user's
+    output directory (``out_root=None``); the other ranks run the same experiments (their
+    training loops need every rank) with stdout and stderr captured and ``out_root`` a scratch
+    directory, and print the tail of their log only when they fail.
+    """
+    from .distributed.data_parallel import init_from_env, is_main_process, rank, shutdown
+
+    try:
+        init_from_env()
+    except ValueError as e:
+        _err(f"attnkit: {e}")
+        return 2
+    try:
+        if is_main_process():
+            return command(None)
+        log = _Tail()
+        code: int | str | None = 1
+        with tempfile.TemporaryDirectory(prefix=f"attnkit-rank{rank()}-") as tmp:
+            try:
+                with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    code = command(Path(tmp))
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code
+            finally:
+                if code not in (0, None, 2):  # 2: a usage error, which rank 0 reports
+                    _err(f"attnkit: rank {rank()} exited with {code}; its last output:\n"
+                         + log.text)
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    finally:
+        shutdown()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":  # options depend on the experiment: parsed in cmd_run
-        return cmd_run(argv[1:], _load())
+        return _on_every_rank(lambda root: cmd_run(argv[1:], _load(), out_root=root))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "list":
         return cmd_list(_load())
     if args.command == "report":
-        return cmd_report(args)
+        def report(root: Path | None) -> int:
+            return cmd_report(args if root is None else
+                              argparse.Namespace(**{**vars(args), "out": root}))
+        return _on_every_rank(report)
     parser.print_help()
     return 0
 

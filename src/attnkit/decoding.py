@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import DynamicCache, KVCache, SlidingWindowCache, StaticCache
+from .distributed.data_parallel import all_reduce_mean, rescale_mean, shard, wrap_ddp
 from .nn.attention import MultiheadAttention
 
 __all__ = [
@@ -205,6 +206,10 @@ def train_lm(
 
     AdamW, linear warmup then cosine decay, gradient clipping at 1. Returns the loss (nats) of
     each step. ``progress(iterable, desc)`` may wrap the step loop (e.g. a progress bar).
+
+    Under ``torchrun`` (see :mod:`attnkit.distributed.data_parallel`) every rank draws the same
+    ``batch_size`` windows, trains a ``DistributedDataParallel`` copy on its share of them and
+    returns the whole batch's loss: the same steps as one process on the whole batch.
     """
     if not isinstance(data, Tensor) or data.dim() != 1:
         raise ValueError("data must be a 1-D tensor of token ids")
@@ -226,19 +231,21 @@ def train_lm(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     offsets = torch.arange(seq_len + 1)
     losses = []
+    net = wrap_ddp(model)  # the model itself unless running under torchrun
     model.train()
     loop = range(steps) if progress is None else progress(range(steps), "train")
     for _ in loop:
         starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size, 1), generator=gen)
-        batch = data[starts + offsets].to(device)
-        logits = model(batch[:, :-1])
+        batch = shard(data[starts + offsets].to(device))  # this rank's windows
+        logits = net(batch[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss = rescale_mean(loss, batch[:, 1:].numel())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        losses.append(all_reduce_mean(loss.detach()).item())
     model.eval()
     return losses
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..distributed.data_parallel import rescale_mean, shard_slice, wrap_ddp
 from .model import TrophicAttention
 from .trophic import trophic_levels
 
@@ -195,6 +196,8 @@ def fit_trophic_attention(
     """Train :class:`TrophicAttention` by cross-entropy toward the training diets.
 
     ``levels`` (``(S,)``, from the training flows) feed the bias; ignored for ``bias=None``.
+    Under ``torchrun`` each rank fits a ``DistributedDataParallel`` copy on its share of the
+    predators (rows of the diet); the averaged gradient is the full one.
     """
     target = torch.as_tensor(target_diets(train_flows, weighted))
     s = target.shape[0]
@@ -204,10 +207,14 @@ def fit_trophic_attention(
     model = TrophicAttention(s, config.dim, bias=bias).double()
     tl = None if levels is None else torch.as_tensor(levels, dtype=torch.float64)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    net = wrap_ddp(model)  # the model itself unless running under torchrun
+    rows = shard_slice(s)  # this rank's predators (all of them in one process)
+    n_rows = rows.stop - rows.start
     for _ in range(config.steps):
         opt.zero_grad()
-        diet = model(tl)
-        loss = -(target * torch.log(diet.clamp_min(1e-30))).sum() / s
+        diet = net(tl)
+        loss = -(target[rows] * torch.log(diet[rows].clamp_min(1e-30))).sum() / n_rows
+        loss = rescale_mean(loss, n_rows)
         loss.backward()
         opt.step()
     return model

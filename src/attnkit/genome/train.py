@@ -15,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..distributed.data_parallel import (
+    ApplyModule,
+    all_reduce_mean,
+    is_main_process,
+    rescale_mean,
+    shard,
+    wrap_ddp,
+)
 from .fasta import MASK_TOKEN, N_TOKEN
 from .model import GenomeEncoder
 from .synthetic import IGNORE_INDEX
@@ -77,13 +85,22 @@ def _optimizer(model: torch.nn.Module, lr: float, steps: int):
 
 
 def _step(model: torch.nn.Module, opt, sched, loss: Tensor) -> float:
-    """One clipped optimizer and scheduler step on ``loss``; returns its value."""
+    """One clipped optimizer and scheduler step on ``loss``; returns its value (under torchrun
+    the mean over ranks of the rescaled local losses: the whole batch's loss)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     sched.step()
-    return float(loss.detach())
+    return float(all_reduce_mean(loss.detach()))
+
+
+def _mlm_logits(model: GenomeEncoder, inputs: Tensor) -> Tensor:
+    return model.mlm_logits(model(inputs))
+
+
+def _label_logits(model: GenomeEncoder, inputs: Tensor) -> Tensor:
+    return model.label_logits(model(inputs))
 
 
 def train_mlm(
@@ -114,6 +131,10 @@ def train_mlm(
 
     Returns:
         The loss (nats per masked base) of every step run.
+
+    Under ``torchrun`` every rank draws the same ``batch_size`` windows and trains a
+    ``DistributedDataParallel`` copy on its share of them (``batch_size`` must be at least the
+    number of ranks); only rank 0 writes the checkpoint.
     """
     _check_positive("steps", steps)
     _check_positive("window_len", window_len)
@@ -139,6 +160,8 @@ def train_mlm(
                 sched.step()
         torch.randint(0, 2, (start,), generator=gen)  # new window draws after a resume
     losses: list[float] = []
+    # The label head is unused here: DDP must not wait for its gradient.
+    net = wrap_ddp(ApplyModule(model), find_unused_parameters=True)
     model.train()
     it: Iterable[int] = range(start, steps)
     if progress is not None:
@@ -149,12 +172,14 @@ def train_mlm(
         inputs, targets = mask_tokens(batch, mask_rate, gen)
         if bool((targets == IGNORE_INDEX).all()):
             continue  # all N: nothing to learn from this window
-        hidden = model(inputs)
-        logits = model.mlm_logits(hidden)
+        inputs, targets = shard(inputs), shard(targets)  # this rank's windows
+        logits = net(_mlm_logits, inputs)
         loss = F.cross_entropy(logits.reshape(-1, 4), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
+        loss = rescale_mean(loss, int((targets != IGNORE_INDEX).sum()))
         losses.append(_step(model, opt, sched, loss))
-        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        if checkpoint is not None and is_main_process() and (
+                (step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint, model, opt, step + 1)
     model.eval()
     return losses
@@ -204,21 +229,28 @@ def train_labels(
     desc: str = "genome labels",
 ) -> list[float]:
     """Train the per-position label head (and the encoder) on ``sample(batch, generator) ->
-    (tokens (B, L), labels (B, L))`` with labels ``IGNORE_INDEX`` where unlabeled."""
+    (tokens (B, L), labels (B, L))`` with labels ``IGNORE_INDEX`` where unlabeled.
+
+    Under ``torchrun`` every rank draws the same batch and trains a ``DistributedDataParallel``
+    copy on its share of it (``batch_size`` must be at least the number of ranks)."""
     _check_positive("steps", steps)
     _check_positive("batch_size", batch_size)
     gen = torch.Generator().manual_seed(seed)
     opt, sched = _optimizer(model, lr, steps)
     losses: list[float] = []
+    # The MLM head is unused here: DDP must not wait for its gradient.
+    net = wrap_ddp(ApplyModule(model), find_unused_parameters=True)
     model.train()
     it: Iterable[int] = range(steps)
     if progress is not None:
         it = progress(it, desc)
     for _ in it:
         tokens, labels = sample(batch_size, gen)
-        logits = model.label_logits(model(tokens))
+        tokens, labels = shard(tokens), shard(labels)  # this rank's share of the batch
+        logits = net(_label_logits, tokens)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX)
+        loss = rescale_mean(loss, int((labels != IGNORE_INDEX).sum()))
         losses.append(_step(model, opt, sched, loss))
     model.eval()
     return losses

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed.data_parallel import rescale_mean, shard_mask, wrap_ddp
 from ..nn.graph import GraphAttention, GraphIndex, build_graph_index
 from .loaders import GraphData
 
@@ -53,7 +54,7 @@ class GAT(nn.Module):
             build_graph_index(edge_index, x.shape[0], add_self_loops=True)
         h = x
         for i, layer in enumerate(self.layers):
-            h = F.dropout(h, self.dropout, self.training)
+            h = _dropout(h, self.dropout, self.training)
             h = layer(h, graph)
             if i < len(self.layers) - 1:
                 h = F.elu(h)
@@ -69,6 +70,20 @@ class GAT(nn.Module):
                     return mod(h, edge_index, return_weights=True)[1]
                 h = F.elu(mod(h, graph))
         raise ValueError(f"layer must be < {len(self.layers)}, got {layer}")
+
+
+def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout``; on mostly-zero input features (bag-of-words, as Planetoid's) only the
+    nonzeros draw random numbers: dropping a zero changes nothing, and torch's CPU RNG costs
+    ~10 ns per element (Cora: 3.9M inputs, 49k nonzeros)."""
+    if not training or p == 0.0 or h.requires_grad:
+        return F.dropout(h, p, training)
+    nz = h.nonzero(as_tuple=True)
+    if 4 * nz[0].numel() > h.numel():
+        return F.dropout(h, p, training)
+    out = torch.zeros_like(h)
+    out[nz] = F.dropout(h[nz], p, training)
+    return out
 
 
 class MeanAggregation(nn.Module):
@@ -139,7 +154,11 @@ def fit(model: nn.Module, data: GraphData, *, epochs: int = 200, lr: float = 0.0
         monitor: str = "metric", log=None) -> FitResult:
     """Full-batch Adam on ``data.train_mask``, early stopping on the validation metric (ties
     broken by lower validation loss) or, with ``monitor="loss"``, on the validation loss;
-    restores the best weights."""
+    restores the best weights.
+
+    Under ``torchrun`` each rank runs the full-graph forward of a ``DistributedDataParallel``
+    copy and takes the loss over its share of the training nodes; the averaged gradient is the
+    full-batch one, so every rank keeps identical weights and stops at the same epoch."""
     if monitor not in ("metric", "loss"):
         raise ValueError(f"monitor must be 'metric' or 'loss', got {monitor!r}")
     graph = graph or build_graph_index(data.edge_index, data.num_nodes, add_self_loops=True)
@@ -152,11 +171,14 @@ def fit(model: nn.Module, data: GraphData, *, epochs: int = 200, lr: float = 0.0
     best = (-1.0, float("inf"))
     best_state, bad, history = None, 0, []
     epoch = 0
+    net = wrap_ddp(model)  # the model itself unless running under torchrun
+    train_mask = shard_mask(data.train_mask)  # this rank's training nodes
     for epoch in range(1, epochs + 1):
         model.train()
         opt.zero_grad()
-        out = model(data.x, graph)
-        loss = loss_fn(out[data.train_mask], data.y[data.train_mask])
+        out = net(data.x, graph)
+        loss = loss_fn(out[train_mask], data.y[train_mask])
+        loss = rescale_mean(loss, data.y[train_mask].numel())
         loss.backward()
         opt.step()
         model.eval()

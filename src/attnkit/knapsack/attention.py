@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..distributed.data_parallel import ApplyModule, all_reduce_mean, rescale_mean, shard, wrap_ddp
 from ..functional import attention
 from .instances import KnapsackInstance, check_instance
 from .solvers import greedy_fill, solve_exact
@@ -209,6 +210,9 @@ class AttentionKnapsack(torch.nn.Module):
         Each item's logit is its log-product relative to the null token at the instance's
         bisected multiplier (times a learned positive scale); the target is its membership in
         the optimal set (:func:`solve_exact`). Returns the loss per step.
+
+        Under ``torchrun`` each rank trains a ``DistributedDataParallel`` copy on its share of
+        the instances (at least one per rank); the averaged gradient is the full one.
         """
         if not instances:
             raise ValueError("fit needs at least one training instance")
@@ -220,18 +224,34 @@ class AttentionKnapsack(torch.nn.Module):
             target = np.zeros(w.shape[0])
             target[opt] = 1.0
             data.append((torch.from_numpy(item_features(w, v)), w, c, torch.from_numpy(target)))
-        log_gain = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        log_gain = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
         opt = torch.optim.Adam([self.queries, log_gain], lr=lr)
+        # under torchrun: DDP over the queries and the gain, each rank on its instances
+        net = wrap_ddp(ApplyModule(self, extra={"log_gain": log_gain}))
+        data = shard(data)
         losses = []
         with _single_thread():
             for _ in range(steps):
-                losses.append(self._fit_step(data, opt, log_gain))
+                losses.append(self._fit_step(data, opt, log_gain, net))
         self.learned = True
         return losses
 
-    def _fit_step(self, data, opt, log_gain) -> float:
-        """One Adam step over all training instances; returns the mean logistic loss."""
+    def _fit_step(self, data, opt, log_gain, net=None) -> float:
+        """One Adam step over all training instances; returns the mean logistic loss.
+
+        ``net``: :class:`ApplyModule` over ``self`` (DDP-wrapped under torchrun) that runs the
+        loss; ``data`` then holds this rank's instances."""
         opt.zero_grad()
+        if net is None:
+            net = ApplyModule(self)
+        loss = net(self._fit_loss, data, log_gain)
+        loss = rescale_mean(loss, len(data))
+        loss.backward()
+        opt.step()
+        return float(all_reduce_mean(loss.detach()))
+
+    def _fit_loss(self, _module, data, log_gain) -> torch.Tensor:
+        """Mean logistic loss over the instances in ``data``."""
         loss = torch.zeros((), dtype=torch.float64)
         for features, w, c, target in data:
             with torch.no_grad():
@@ -241,7 +261,4 @@ class AttentionKnapsack(torch.nn.Module):
             # divide by the inverse-temperature cap so the logits start near unit size
             logit = (rel[0] + rel[1]) / _MAX_INV_T * log_gain.exp()
             loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(logit, target)
-        loss = loss / len(data)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())
+        return loss / len(data)

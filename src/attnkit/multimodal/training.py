@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed.data_parallel import all_reduce_mean, rescale_mean, shard, wrap_ddp
 from .data import N_DIGITS, N_MFCC, SpokenDigitTask
 from .models import FusionModel
 
@@ -23,23 +24,26 @@ def train_model(
     lr: float = 3e-3, seed: int = 0,
 ) -> list[float]:
     """Adam on fresh batches from ``task`` (the same seed gives every model the same examples).
-    Returns the loss per step."""
+    Returns the loss per step. Under ``torchrun`` every rank draws the same batch and trains a
+    ``DistributedDataParallel`` copy on its share of it."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.15)
+    net = wrap_ddp(model)  # the model itself unless running under torchrun
     model.train()
     losses = []
     for _ in range(steps):
-        b = to_tensors(task.sample(batch_size, rng))
-        logit = model(b["audio"], b["text"], b["audio_mask"])
+        b = {k: shard(v) for k, v in to_tensors(task.sample(batch_size, rng)).items()}
+        logit = net(b["audio"], b["text"], b["audio_mask"])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, b["label"])
+        loss = rescale_mean(loss, b["label"].numel())
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(all_reduce_mean(loss.detach())))
     return losses
 
 

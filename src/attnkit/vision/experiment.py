@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..distributed.data_parallel import rescale_mean, shard, wrap_ddp
 from ..results import Experiment, Result, RunContext
 from .data import load_digits
 from .model import ViT
@@ -56,12 +57,14 @@ def train_vit(ctx: RunContext, name: str, x: torch.Tensor, y: torch.Tensor, epoc
     per_epoch = -(-len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch)
     gen = torch.Generator().manual_seed(seed)
+    net = wrap_ddp(model)  # under torchrun: DDP, each rank on its share of every batch
     model.train()
     for _ in ctx.progress(range(epochs), desc=f"train {name}", total=epochs):
         perm = torch.randperm(len(x), generator=gen)
         for s in range(0, len(x), batch_size):
-            idx = perm[s:s + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            idx = shard(perm[s:s + batch_size])
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            loss = rescale_mean(loss, len(idx))
             opt.zero_grad()
             loss.backward()
             opt.step()

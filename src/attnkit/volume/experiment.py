@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..distributed.data_parallel import rescale_mean, shard, wrap_ddp
 from ..functional import attention
 from ..nn.axial import AxialAttention
 from ..results import Experiment, Result, RunContext
@@ -116,12 +117,14 @@ def train_segmenter(ctx: RunContext, side: int, n_train: int, steps: int, seed: 
     weight = (weight / weight.mean()).float()
     gen = torch.Generator().manual_seed(seed)
     batch = 4
+    net = wrap_ddp(model)  # under torchrun: DDP, each rank on its share of every batch
     model.train()
     for _ in ctx.progress(range(steps), desc="train segmenter", total=steps):
-        idx = torch.randint(0, n_train, (batch,), generator=gen)
-        logits = model(x[idx])
+        idx = shard(torch.randint(0, n_train, (batch,), generator=gen))
+        logits = net(x[idx])
         loss = nn.functional.cross_entropy(logits.reshape(-1, NUM_CLASSES),
                                            y[idx].flatten(), weight=weight)
+        loss = rescale_mean(loss, weight[y[idx]].sum())  # a weighted mean: its weight sum
         opt.zero_grad()
         loss.backward()
         opt.step()
