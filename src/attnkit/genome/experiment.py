@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnkit.distributed.data_parallel import world_size
 from attnkit.results import Experiment, Option, Result, RunContext
 
 from .fasta import join_records, read_fasta
@@ -179,10 +180,12 @@ def _fasta_part(ctx: RunContext, cfg: GenomeConfig, path: Path) -> tuple[dict, l
     pattern = GenomePattern(cfg.fasta_window, exponential=True, hubs=cfg.fasta_hubs)
     torch.manual_seed(ctx.seed)
     model = GenomeEncoder(cfg.fasta_dim, cfg.fasta_depth, cfg.fasta_heads, pattern)
-    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint feeds the probe process only
+    with tempfile.TemporaryDirectory() as tmp:  # the saved weights feed the probe process only
         ckpt = Path(tmp) / "genome_mlm.pt"
+        # one window per step per rank (under torchrun the batch is split over the ranks)
         losses = train_mlm(model, train, steps=cfg.fasta_steps, window_len=window_len,
-                           seed=ctx.seed, checkpoint=ckpt, progress=ctx.progress)
+                           batch_size=world_size(), seed=ctx.seed, progress=ctx.progress)
+        torch.save(model.state_dict(), ckpt)  # every rank: its own temporary directory
         bpb = bits_per_base(model, held, stride=cfg.fasta_eval_stride,
                             passes=cfg.fasta_eval_passes)
         config = dict(model.config, pattern={"window": cfg.fasta_window, "exponential": True,
@@ -259,7 +262,7 @@ def run_genome(ctx: RunContext, cfg: GenomeConfig) -> Result:
         held = held and metrics["whole_genome_peak_gib"] < 8.0
     notes = (
         "Cost: one attention call (B=1, H={h}, Dh={d}, window {w}, {g} hubs) per length, each "
-        "pattern in a fresh process; peak memory = ru_maxrss after the call minus the "
+        "pattern in a fresh process; peak memory = VmHWM (peak RSS) after the call minus the "
         "high-water mark before any input (lengths ascend, so the mark is that length's peak). "
         "Slopes are log-log fits over lengths >= {m} (dense: its two largest lengths if fewer). "
         "Dense runs "

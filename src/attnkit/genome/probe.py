@@ -1,4 +1,4 @@
-"""Measurements that need a fresh process: time and peak resident memory (``ru_maxrss``).
+"""Measurements that need a fresh process: time and peak resident memory (``VmHWM``).
 
 Run as ``python -m attnkit.genome.probe COMMAND ...``; prints one JSON object per line on
 stdout. Commands:
