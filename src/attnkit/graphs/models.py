@@ -4,6 +4,7 @@ baseline of the same sizes, plus a small full-batch training loop with early sto
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ class GAT(nn.Module):
     def forward(self, x: Tensor, edge_index: Tensor | GraphIndex) -> Tensor:
         graph = edge_index if isinstance(edge_index, GraphIndex) else \
             build_graph_index(edge_index, x.shape[0], add_self_loops=True)
-        h = x
+        h = sparse_features(x)
         for i, layer in enumerate(self.layers):
             h = _dropout(h, self.dropout, self.training)
             h = layer(h, graph)
@@ -72,18 +73,31 @@ class GAT(nn.Module):
         raise ValueError(f"layer must be < {len(self.layers)}, got {layer}")
 
 
+def sparse_features(x: Tensor) -> Tensor:
+    """A sparse CSR copy of a mostly-zero feature matrix ``(N, F)`` that needs no gradient
+    (bag-of-words, as Planetoid's: Cora 1.3% nonzero), else ``x`` itself. The first layer's
+    projections then cost O(nnz) instead of O(N * F): Cora's 1433 -> 64 projection, forward and
+    backward, ~2.6 ms instead of ~64 ms; dropout draws random numbers for the nonzeros only."""
+    if x.layout != torch.strided or x.requires_grad or x.dim() != 2:
+        return x
+    if 4 * int(torch.count_nonzero(x)) > x.numel():
+        return x
+    with warnings.catch_warnings():  # torch calls CSR support "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return x.to_sparse_csr()
+
+
 def _dropout(h: Tensor, p: float, training: bool) -> Tensor:
-    """``F.dropout``; on mostly-zero input features (bag-of-words, as Planetoid's) only the
-    nonzeros draw random numbers: dropping a zero changes nothing, and torch's CPU RNG costs
-    ~10 ns per element (Cora: 3.9M inputs, 49k nonzeros)."""
-    if not training or p == 0.0 or h.requires_grad:
+    """``F.dropout``, also on a sparse CSR ``h`` (on its stored values)."""
+    if h.layout != torch.sparse_csr:
         return F.dropout(h, p, training)
-    nz = h.nonzero(as_tuple=True)
-    if 4 * nz[0].numel() > h.numel():
-        return F.dropout(h, p, training)
-    out = torch.zeros_like(h)
-    out[nz] = F.dropout(h[nz], p, training)
-    return out
+    if not training or p == 0.0:
+        return h
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(h.crow_indices(), h.col_indices(),
+                                       F.dropout(h.values(), p, True), h.shape,
+                                       check_invariants=False)
 
 
 class MeanAggregation(nn.Module):

@@ -310,15 +310,20 @@ class GraphAttention(nn.Module):
         edge_attr: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """``x (N, in_dim)``, ``edge_index (2, E)`` (or a prebuilt :class:`GraphIndex`),
-        ``edge_attr (E, edge_dim)``. Returns ``(N, H*C)`` (``(N, C)`` without concat) and, with
-        ``return_weights``, the weights ``(E, H)`` of the input edges (see the class docstring).
+        """``x (N, in_dim)`` (dense, or sparse CSR/COO), ``edge_index (2, E)`` (or a prebuilt
+        :class:`GraphIndex`), ``edge_attr (E, edge_dim)``. Returns ``(N, H*C)`` (``(N, C)``
+        without concat) and, with ``return_weights``, the weights ``(E, H)`` of the input edges
+        (see the class docstring).
         """
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a floating-point tensor (N, {self.in_dim}), got {shape}")
         if x.shape[1] != self.in_dim:
             raise ValueError(f"x must have {self.in_dim} features per node, got {x.shape[1]}")
+        if x.layout not in (torch.strided, torch.sparse_csr, torch.sparse_coo):
+            raise TypeError(f"x must be a dense, sparse CSR or sparse COO tensor, got {x.layout}")
+        # a sparse x (e.g. bag-of-words features) only enters the input projections
+        like = x if x.layout == torch.strided else torch.empty(0, dtype=x.dtype, device=x.device)
         n = x.shape[0]
         if isinstance(edge_index, GraphIndex):
             if edge_index.num_nodes != n:
@@ -341,7 +346,7 @@ class GraphAttention(nn.Module):
                 )
 
         h, c = self.heads, self.out_dim
-        temp = self._temperature_tensor(x)
+        temp = self._temperature_tensor(like)
         extra = self._pair_terms(graph, x, edge_attr)  # (H, P) pre-temperature term or None
         post = self._post_terms(graph, x.dtype)  # (vector, per_pair) or None
         slope = self.negative_slope
@@ -357,7 +362,7 @@ class GraphAttention(nn.Module):
             k = self.lin_key(x).view(n, h, c).transpose(0, 1).unsqueeze(0)
             v = self.lin_value(x).view(n, h, c).transpose(0, 1).unsqueeze(0)
             scale = 1.0 / math.sqrt(c)
-            tvec = _per_head(temp, h, x)
+            tvec = _per_head(temp, h, like)
 
             def score_mod(s, b, hh, q_idx, k_idx):
                 qi, kj, rest, pid = gather_post(s, q_idx, k_idx)
@@ -378,7 +383,7 @@ class GraphAttention(nn.Module):
             q = torch.stack([a_dst, ones], -1).unsqueeze(0)  # (1, H, N, 2)
             k = torch.stack([ones, a_src], -1).unsqueeze(0)
             v = hx.transpose(0, 1).unsqueeze(0)
-            tvec = _per_head(temp, h, x)
+            tvec = _per_head(temp, h, like)
 
             def score_mod(s, b, hh, q_idx, k_idx):
                 qi, kj, rest, pid = gather_post(s, q_idx, k_idx)
@@ -392,7 +397,7 @@ class GraphAttention(nn.Module):
             xs = self.lin_src(x).view(n, h, c).transpose(0, 1)  # (H, N, C): sources, values
             xd = self.lin_dst(x).view(n, h, c).transpose(0, 1)
             att = self.att
-            tvec = _per_head(temp, h, x)
+            tvec = _per_head(temp, h, like)
 
             def score_mod(s, b, hh, q_idx, k_idx):
                 qi, kj, rest, pid = gather_post(s, q_idx, k_idx)
@@ -402,7 +407,7 @@ class GraphAttention(nn.Module):
                 logit = (F.leaky_relu(z, slope) * att.unsqueeze(1)).sum(-1) / tvec.view(-1, 1)
                 return _add_post(logit.view(1, h, *rest).to(s.dtype), post, kj, pid, rest)
 
-            zeros = x.new_zeros(1, h, n, 1)  # the score comes entirely from score_mod
+            zeros = like.new_zeros(1, h, n, 1)  # the score comes entirely from score_mod
             v = xs.unsqueeze(0)
             out, weights = _run(zeros, zeros, v, graph, score_mod, 1.0, 1.0, self, return_weights)
 
