@@ -72,3 +72,33 @@ def test_experiments_registered():
     assert all(n in reg for n in names)
     opts = {o.flag: o for o in EXPERIMENTS[2].options}
     assert opts["--data-dir"].required and opts["--dataset"].default == "cora"
+
+
+@pytest.mark.parametrize("score", ["additive", "dot", "additive_v2"])
+def test_sparse_bag_of_words_input_equals_dense(score):
+    from attnkit.graphs.models import GAT, sparse_features
+
+    torch.manual_seed(0)
+    n, f = 30, 50
+    x = (torch.rand(n, f) < 0.05).to(torch.float64)
+    ei = torch.randint(0, n, (2, 90))
+    assert sparse_features(x).layout == torch.sparse_csr
+    assert sparse_features(torch.ones(n, f)).layout == torch.strided  # dense stays dense
+    model = GAT(f, 4, 3, heads=2, layers=2, score=score).double().eval()
+    # the layers called directly on the dense matrix: the reference
+    dense_out = model.layers[1](torch.nn.functional.elu(model.layers[0](x, ei)), ei)
+    dense_out.sum().backward()
+    dense_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sparse_out = model(x, ei)  # GAT turns the mostly-zero x into CSR itself
+    sparse_out.sum().backward()
+    torch.testing.assert_close(sparse_out, dense_out, atol=1e-12, rtol=0)
+    for a, b in zip(dense_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    # training mode: dropout acts on the stored values only; zeros stay zeros
+    from attnkit.graphs.models import _dropout
+
+    dropped = _dropout(sparse_features(x), 0.5, True).to_dense()
+    assert ((dropped != 0) <= (x != 0)).all()
+    model.train()
+    assert torch.isfinite(model(x, ei)).all()
