@@ -251,6 +251,9 @@ def main() -> None:
     if args.quick:
         names = names[:1]
     bench_memory(args.worlds, "attention", mem_len, 128, names, heads=8, dim=64)
+    if not args.quick:
+        # long enough that the engine's fixed chunk workspace (~150 MiB) no longer dominates
+        bench_memory(args.worlds, "attention", 1 << 17, 128, names[:1], heads=8, dim=64)
     if not args.skip_genome:
         bench_memory(args.worlds, "genome", genome_len, 128, ["window|exponential|8 hubs"],
                      heads=4, dim=16)

@@ -186,11 +186,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     res: dict = {}
     try:
         res["equality"] = {name: _equality(name, rank) for name in CASES}
-        # the same with the engine's own chunk recomputation instead of the extra checkpoint
+        # again with local chunks of 5 query rows: keys/gradients across chunk boundaries
         import attnkit.distributed.sequence as seq
 
-        seq._engine_recomputes = lambda *args: True
-        res["no_checkpoint"] = _equality("uneven window|exponential|global, GQA", rank)
+        seq._CHUNK_ROWS = 5
+        res["many_chunks"] = {name: _equality(name, rank) for name in CASES}
+        seq._CHUNK_ROWS = None
         res["genome"] = _genome(rank)
         res["bad"] = _bad_inputs(rank)
         res["timeout"] = _timeout(rank)  # last: it leaves rank 0's group unusable
@@ -231,8 +232,11 @@ def test_forward_and_backward_equal_single_process(spawned, name):
         b - a for a, b in (shard_bounds(L, _WORLD, r) for r in range(_WORLD))]
 
 
-def test_without_the_extra_checkpoint_too(spawned):
-    assert max(spawned[0]["no_checkpoint"]["err"]) < 1e-10
+@pytest.mark.parametrize("name", list(CASES))
+def test_many_local_chunks_equal_single_process(spawned, name):
+    for r in range(_WORLD):
+        errs = spawned[r]["many_chunks"][name]["err"]
+        assert len(errs) == 4 and max(errs) < 1e-10, (r, errs)
 
 
 def test_genome_encoder_sequence_parallel_equals_single_process(spawned):

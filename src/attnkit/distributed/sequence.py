@@ -18,14 +18,18 @@ intersections) plus ``global_tokens``:
   every key, so each rank attends the global queries to its *own* keys and the per-rank partial
   softmaxes are merged exactly through their log-sum-exps (an ``all_reduce`` of max, weighted
   outputs and weights), as FlashAttention merges key blocks.
-- **Backward.** Both exchanges are :class:`torch.autograd.Function` s whose backward sends the
-  gradients of fetched keys/values back to their owners (the reverse point-to-point messages)
-  and all-reduces the global rows' gradients, so ``q``, ``k`` and ``v`` of every rank get exactly
-  the gradients of the single-process computation.
-- **Local compute** is the engine's own structured kernels (``attnkit.kernels.structured``): the
-  fetched keys are laid out compactly (halo segments, then global keys not already present) and
+- **Local compute** is the engine's own structured kernels (``attnkit.kernels.structured``),
+  chunk by chunk over the local queries: each chunk reads a compact copy of only the keys it
+  needs (its part of the own shard and of the halo, then global keys not already present), and
   the pattern's offsets become band/offset components of that compact layout, with masks that
   keep every allowed pair exactly once.
+- **Backward** (one :class:`torch.autograd.Function` for the whole call) recomputes chunk by
+  chunk, as FlashAttention does, accumulating straight into one gradient buffer per input;
+  then it sends the gradients of fetched keys/values back to their owners (the reverse
+  point-to-point messages) and all-reduces the global rows' gradients, so ``q``, ``k`` and
+  ``v`` of every rank get exactly the gradients of the single-process computation. Only the
+  inputs and the fetched rows are kept between forward and backward, so a rank's peak memory
+  is that of one process at the shard's length plus the halo.
 
 Every call first all-gathers a small metadata vector (shapes, dtype, pattern fingerprint, local
 errors), so a rank with a mismatched shape makes *every* rank raise the same ``ValueError``
@@ -46,7 +50,6 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..kernels import structured as _structured
 from ..kernels.components import AllKeys, Band, KeySet, MaskTerm, Offsets
@@ -79,6 +82,8 @@ __all__ = [
 DEFAULT_TIMEOUT = timedelta(seconds=120)
 # A run of at least this many consecutive offsets becomes a band component (else a gather list).
 _MIN_BAND_RUN = 8
+# Query rows per local chunk (None: sized like the engine's chunks); tests set it small.
+_CHUNK_ROWS: int | None = None
 # Bytes of a local error message carried in the metadata exchange.
 _MSG_LEN = 240
 _META_INTS = 12
@@ -396,7 +401,7 @@ def _plan(pattern: Pattern, length: int, world: int) -> _Plan:
     return _plan_cached(repr(pattern), pattern, length, world)
 
 
-# ------------------------------------------------------------------------------- autograd comm
+# ------------------------------------------------------------------------------- exchanges
 
 
 def _seq_cat(parts: list[Tensor], like: Tensor, dim: int = 2) -> Tensor:
@@ -407,103 +412,50 @@ def _seq_cat(parts: list[Tensor], like: Tensor, dim: int = 2) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-class _Gather(torch.autograd.Function):
-    """Fetch the K/V halo (point-to-point) and the global tokens' K/V and queries (all_reduce).
+def _fetch_halo(plan: _Plan, comm: _Comm, k: Tensor, v: Tensor, phase: str = "fwd") -> Tensor:
+    """The key/value positions rank ``comm.rank`` needs from other ranks, fetched
+    point-to-point: ``(B, Hkv, n_halo, D + Dv)`` (K and V side by side, one message per pair of
+    ranks), the non-own pieces of :meth:`_Plan.pieces` in order."""
+    r = comm.rank
+    s = plan.bounds[r][0]
+    d = k.shape[3]
+    msgs = {dst: torch.cat([_seq_cat([t[:, :, a - s:b - s] for a, b in ivs], t)
+                            for t in (k, v)], -1)
+            for dst, ivs in plan.sends(r).items()}
+    shapes = {src: (*k.shape[:2], sum(b - a for a, b in ivs), d + v.shape[3])
+              for src, ivs in plan.recvs(r).items()}
+    got = comm.exchange(msgs, shapes, k, phase)
+    parts, offs = [], dict.fromkeys(got, 0)
+    for owner, a, b in plan.pieces(r):
+        if owner != r:
+            parts.append(got[owner][:, :, offs[owner]:offs[owner] + b - a])
+            offs[owner] += b - a
+    return _seq_cat(parts, k.new_zeros(*k.shape[:2], 0, d + v.shape[3]))
 
-    ``k (B, Hkv, L_local, D)``, ``v (B, Hkv, L_local, Dv)`` -> ``kc``, ``vc`` over the compact
-    key layout ``(B, Hkv, L_compact, .)`` (segments, then the extra global keys);
-    ``q (B, Hq, L_local, D)`` -> ``q_hubs (B, Hq, n_hubs, D)``. One message per pair of ranks
-    carries K and V side by side. Backward returns fetched gradients to their owners."""
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan, comm: _Comm):
-        r = comm.rank
-        s, _ = plan.bounds[r]
-        d = k.shape[3]
-        sends, recvs = plan.sends(r), plan.recvs(r)
-        msgs = {dst: torch.cat([_seq_cat([t[:, :, a - s:b - s] for a, b in ivs], t)
-                                for t in (k, v)], -1)
-                for dst, ivs in sends.items()}
-        shapes = {src: (*k.shape[:2], sum(b - a for a, b in ivs), d + v.shape[3])
-                  for src, ivs in recvs.items()}
-        got = comm.exchange(msgs, shapes, k, "fwd")
-        kparts, vparts, offs = [], [], dict.fromkeys(got, 0)
-        for owner, a, b in plan.pieces(r):
-            if owner == r:
-                kparts.append(k[:, :, a - s:b - s])
-                vparts.append(v[:, :, a - s:b - s])
-            else:
-                buf = got[owner][:, :, offs[owner]:offs[owner] + b - a]
-                offs[owner] += b - a
-                kparts.append(buf[..., :d])
-                vparts.append(buf[..., d:])
-        hubs = plan.hubs
-        q_hubs = q.new_zeros(q.shape[0], q.shape[1], len(hubs), q.shape[3])
-        if hubs:
-            k_hubs, v_hubs, q_hubs = _hub_rows_all_reduce((k, v, q), plan, comm, "fwd")
-            extra = plan.needs[r].extra_hubs
-            if extra:
-                sel = torch.tensor([hubs.index(h) for h in extra], dtype=torch.long,
-                                   device=k.device)
-                kparts.append(k_hubs.index_select(2, sel))
-                vparts.append(v_hubs.index_select(2, sel))
-        ctx.plan, ctx.comm = plan, comm
-        ctx.shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
-        kc, vc = _seq_cat(kparts, k), _seq_cat(vparts, v)
-        # Nothing fetched: never return a view of an input.
-        kc = kc.clone() if kc.numel() and kc.data_ptr() == k.data_ptr() else kc
-        vc = vc.clone() if vc.numel() and vc.data_ptr() == v.data_ptr() else vc
-        return kc, vc, q_hubs
-
-    @staticmethod
-    def backward(ctx, g_kc: Tensor, g_vc: Tensor, g_qhubs: Tensor):
-        plan, comm = ctx.plan, ctx.comm
-        r = comm.rank
-        s, _ = plan.bounds[r]
-        q_shape, k_shape, v_shape = ctx.shapes
-        d = k_shape[3]
-        g_k, g_v = g_kc.new_zeros(k_shape), g_vc.new_zeros(v_shape)
-        back: dict[int, list[Tensor]] = {}
-        pos = 0
-        for owner, a, b in plan.pieces(r):
-            gk, gv = g_kc[:, :, pos:pos + b - a], g_vc[:, :, pos:pos + b - a]
+def _return_halo_grads(plan: _Plan, comm: _Comm, g_halo: Tensor, g_k: Tensor,
+                       g_v: Tensor) -> None:
+    """Backward of :func:`_fetch_halo`: send each owner the gradients of the positions fetched
+    from it; add what other ranks send back into ``g_k`` / ``g_v`` (in place)."""
+    r = comm.rank
+    s = plan.bounds[r][0]
+    d = g_k.shape[3]
+    back: dict[int, list[Tensor]] = {}
+    pos = 0
+    for owner, a, b in plan.pieces(r):
+        if owner != r:
+            back.setdefault(owner, []).append(g_halo[:, :, pos:pos + b - a])
             pos += b - a
-            if owner == r:
-                g_k[:, :, a - s:b - s] += gk
-                g_v[:, :, a - s:b - s] += gv
-            else:
-                back.setdefault(owner, []).append(torch.cat([gk, gv], -1))
-        sends = {owner: _seq_cat(gs, g_kc) for owner, gs in back.items()}
-        shapes = {src: (*k_shape[:2], sum(b - a for a, b in ivs), d + v_shape[3])
-                  for src, ivs in plan.sends(r).items()}
-        got = comm.exchange(sends, shapes, g_kc, "bwd")
-        for src, ivs in plan.sends(r).items():
-            off = 0
-            for a, b in ivs:
-                g_k[:, :, a - s:b - s] += got[src][:, :, off:off + b - a, :d]
-                g_v[:, :, a - s:b - s] += got[src][:, :, off:off + b - a, d:]
-                off += b - a
-        g_q = None
-        hubs = plan.hubs
-        if hubs:
-            n = len(hubs)
-            g_kh = g_kc.new_zeros(k_shape[0], k_shape[1], n, d)
-            g_vh = g_vc.new_zeros(v_shape[0], v_shape[1], n, v_shape[3])
-            extra = plan.needs[r].extra_hubs
-            if extra:
-                sel = torch.tensor([hubs.index(h) for h in extra], dtype=torch.long,
-                                   device=g_kc.device)
-                g_kh.index_copy_(2, sel, g_kc[:, :, pos:pos + len(extra)])
-                g_vh.index_copy_(2, sel, g_vc[:, :, pos:pos + len(extra)])
-            g_kh, g_vh, g_qh = _hub_rows_all_reduce((g_kh, g_vh, g_qhubs), plan, comm, "bwd",
-                                                    reduce_only=True)
-            own, local = _owned_hubs(plan, r, g_kc.device)
-            if own.numel():
-                g_k.index_add_(2, local, g_kh.index_select(2, own))
-                g_v.index_add_(2, local, g_vh.index_select(2, own))
-                g_q = g_qh.new_zeros(q_shape)
-                g_q.index_add_(2, local, g_qh.index_select(2, own))
-        return g_q, g_k, g_v, None, None
+    sends = {owner: _seq_cat(gs, g_halo) for owner, gs in back.items()}
+    shapes = {src: (*g_k.shape[:2], sum(b - a for a, b in ivs), d + g_v.shape[3])
+              for src, ivs in plan.sends(r).items()}
+    got = comm.exchange(sends, shapes, g_k, "bwd")
+    for src, ivs in plan.sends(r).items():
+        off = 0
+        for a, b in ivs:
+            g_k[:, :, a - s:b - s] += got[src][:, :, off:off + b - a, :d]
+            g_v[:, :, a - s:b - s] += got[src][:, :, off:off + b - a, d:]
+            off += b - a
 
 
 def _owned_hubs(plan: _Plan, r: int, device) -> tuple[Tensor, Tensor]:
@@ -540,37 +492,277 @@ def _hub_rows_all_reduce(ts: tuple[Tensor, ...], plan: _Plan, comm: _Comm, phase
     return out
 
 
-class _MergeRows(torch.autograd.Function):
-    """Exact merge of per-rank partial softmaxes of the global query rows.
+def _merge_rows(out: Tensor, lse: Tensor, comm: _Comm) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact merge of the ranks' partial softmaxes of the global query rows.
 
     ``out (B, Hkv, G, n, Dv)`` normalized over this rank's keys, ``lse (B, Hkv, G, n)`` ->
-    the softmax over all ranks' keys: ``sum_r w_r out_r / sum_r w_r`` with
-    ``w_r = exp(lse_r - max_r lse_r)``."""
+    ``(merged, coef, out_cd)``: the softmax over all ranks' keys
+    ``sum_r w_r out_r / sum_r w_r`` with ``w_r = exp(lse_r - max_r lse_r)`` (in fp32 at least),
+    this rank's share ``coef = w_r / sum_r w_r``, and ``out`` in that dtype (for backward)."""
+    cd = torch.promote_types(out.dtype, torch.float32)  # merge half inputs in fp32
+    m = comm.all_reduce(lse.detach().to(cd, copy=True), op=dist.ReduceOp.MAX)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse.to(cd) - m)  # 0 for rows with no local key
+    num = out.to(cd) * w.unsqueeze(-1)
+    buf = comm.all_reduce(torch.cat([num.reshape(-1), w.reshape(-1)]))
+    num = buf[:num.numel()].view(num.shape)
+    total = buf[num.numel():].view(w.shape)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return num / total.unsqueeze(-1), w / total, out.to(cd)
+
+
+# ------------------------------------------------------------------------------- local chunks
+
+
+@dataclass
+class _Chunk:
+    """Local query rows ``[q0, q1)`` and the compact key layout they read: ``slices`` of the
+    own shard (source 0) or of the fetched halo (source 1), then the global tokens
+    ``hub_idx`` (indices into ``plan.hubs``) outside those slices; ``comps`` are the engine
+    components over that layout."""
+
+    q0: int
+    q1: int
+    slices: list[tuple[int, int, int]]
+    hub_idx: Tensor
+    comps: list
+    lk: int
+
+
+def _sources(plan: _Plan, r: int) -> list[tuple[int, int, int, int]]:
+    """``(a, b, source, base)`` for rank ``r``'s needed positions ``[a, b)``: source 0 = own
+    shard at local index ``base``, 1 = the fetched halo at index ``base``."""
+    s = plan.bounds[r][0]
+    out, hoff = [], 0
+    for owner, a, b in plan.pieces(r):
+        if owner == r:
+            out.append((a, b, 0, a - s))
+        else:
+            out.append((a, b, 1, hoff))
+            hoff += b - a
+    return out
+
+
+def _layout(plan: _Plan, pattern: Pattern, need: _Need, start: int, stop: int,
+            device) -> tuple[list, int]:
+    """Engine components (lowered) for query positions ``[start, stop)`` over the compact key
+    layout of ``need``, and that layout's length."""
+    lq = stop - start
+    kpos = torch.cat([torch.arange(a, b, device=device) for a, b in need.segments]
+                     + [torch.tensor(need.extra_hubs, dtype=torch.long, device=device)])
+    seg_id = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=device)
+                        for i, (a, b) in enumerate(need.segments)]
+                       + [torch.full((len(need.extra_hubs),), -1, dtype=torch.long,
+                                     device=device)])
+    lk = kpos.numel()
+    comps = _local_components(plan, pattern, start, stop, need, lq, lk, kpos, seg_id, device)
+    return lower(comps, lq, lk), lk
+
+
+def _chunks(plan: _Plan, pattern: Pattern, r: int, ctx: Ctx, d: int, dv: int,
+            device) -> list[_Chunk]:
+    """Split rank ``r``'s query rows into chunks that each read a compact copy of only the keys
+    they need, sized like the engine's own chunks (so per-rank memory stays proportional to the
+    shard: no copy of the whole shard's keys)."""
+    s, e = plan.bounds[r]
+    rows = _CHUNK_ROWS
+    if rows is None:
+        comps, lk = _layout(plan, pattern, plan.needs[r], s, e, device)
+        ctx.lk = lk
+        width = sum(_structured._width(c, ctx, d) for c in comps) * ctx.batch
+        rows = max(ctx.block, int(_structured.CHUNK_ELEMENTS // max(width, 1))
+                   // ctx.block * ctx.block)
+    if _CHUNK_ROWS is None:
+        # Far offsets (exponential) make a chunk's compact keys many times its rows: keep
+        # that copy (and its gradient) to a quarter of the engine's chunk budget.
+        per_key = ctx.batch * ctx.hkv * (d + dv)
+        while rows > ctx.block:
+            need = _need(plan.length, s, min(e, s + rows), plan.offset_runs, plan.hubs)
+            keys = sum(b - a for a, b in need.segments) + len(need.extra_hubs)
+            if keys * per_key <= _structured.CHUNK_ELEMENTS // 4:
+                break
+            rows = max(ctx.block, rows // 2 // ctx.block * ctx.block)
+    srcs = _sources(plan, r)
+    out = []
+    for c0 in range(0, e - s, rows):
+        c1 = min(e - s, c0 + rows)
+        need = _need(plan.length, s + c0, s + c1, plan.offset_runs, plan.hubs)
+        slices = []
+        for a, b in need.segments:
+            for sa, sb, src, base in srcs:
+                lo, hi = max(a, sa), min(b, sb)
+                if lo < hi:
+                    slices.append((src, base + lo - sa, base + hi - sa))
+        hub_idx = torch.tensor([plan.hubs.index(h) for h in need.extra_hubs], dtype=torch.long,
+                               device=device)
+        comps, lk = _layout(plan, pattern, need, s + c0, s + c1, device)
+        out.append(_Chunk(c0, c1, slices, hub_idx, comps, lk))
+    return out
+
+
+def _assemble(ch: _Chunk, own: Tensor, halo: Tensor, hubs: Tensor | None) -> Tensor:
+    """The chunk's compact keys (or values): ``(B, Hkv, lk, C)``."""
+    parts = [(own if src == 0 else halo)[:, :, lo:hi] for src, lo, hi in ch.slices]
+    if ch.hub_idx.numel():
+        parts.append(hubs.index_select(2, ch.hub_idx))
+    return _seq_cat(parts, own[:, :, :0])
+
+
+def _scatter(ch: _Chunk, g: Tensor, g_own: Tensor, g_halo: Tensor, g_hubs: Tensor | None) -> None:
+    """Backward of :func:`_assemble`: add ``g (B, Hkv, lk, C)`` into its sources, in place."""
+    pos = 0
+    for src, lo, hi in ch.slices:
+        (g_own if src == 0 else g_halo)[:, :, lo:hi] += g[:, :, pos:pos + hi - lo]
+        pos += hi - lo
+    if ch.hub_idx.numel():
+        g_hubs.index_add_(2, ch.hub_idx, g[:, :, pos:])
+
+
+class _ShardAttention(torch.autograd.Function):
+    """This rank's rows of the sharded attention, forward and backward in one place.
+
+    Forward fetches the halo (point-to-point) and the global tokens' rows (all_reduce), then
+    runs the engine chunk by chunk over compact copies of just the keys each chunk needs, and
+    merges the global query rows across ranks. Nothing but the inputs and the (small) fetched
+    rows is kept: backward recomputes chunk by chunk (as FlashAttention does) and accumulates
+    straight into one gradient buffer per input, then returns the halo gradients to their
+    owners and all-reduces the global rows' gradients. Peak memory per rank is therefore that
+    of one process at the shard's length, plus the halo."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, lse: Tensor, comm: _Comm):
-        cd = torch.promote_types(out.dtype, torch.float32)  # merge half inputs in fp32
-        m = comm.all_reduce(lse.detach().to(cd, copy=True), op=dist.ReduceOp.MAX)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w = torch.exp(lse.to(cd) - m)  # 0 for rows with no local key
-        num = out.to(cd) * w.unsqueeze(-1)
-        buf = comm.all_reduce(torch.cat([num.reshape(-1), w.reshape(-1)]))
-        num = buf[:num.numel()].view(num.shape)
-        total = buf[num.numel():].view(w.shape)
-        nonempty = total > 0
-        total = torch.where(nonempty, total, torch.ones_like(total))
-        merged = num / total.unsqueeze(-1)
-        ctx.comm, ctx.dtypes = comm, (out.dtype, lse.dtype)
-        ctx.save_for_backward(out.to(cd), w / total, merged)
-        return merged.to(out.dtype)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan, comm: _Comm, pattern,
+                scale: float):
+        r = comm.rank
+        B, hq, lq, d = q.shape
+        hkv, dv = k.shape[1], v.shape[3]
+        g = hq // hkv
+        device = q.device
+        halo = _fetch_halo(plan, comm, k, v)
+        k_h = v_h = q_h = None
+        if plan.hubs:
+            k_h, v_h, q_h = _hub_rows_all_reduce((k, v, q), plan, comm, "fwd")
+        ectx = Ctx(lq=lq, lk=lq, batch=B, hkv=hkv, groups=g, bias=None, score_mod=None,
+                   dropout_p=0.0, need_lse=False)
+        chunks = _chunks(plan, pattern, r, ectx, d, dv, device)
+        qg = q.reshape(B, hkv, g, lq, d)
+        out = q.new_empty(B, hkv, g, lq, dv)
+        for ch in chunks:
+            o = _chunk_rows(ch, qg, k, v, halo, k_h, v_h, d, scale)
+            out[:, :, :, ch.q0:ch.q1] = o
+        saved = [q, k, v, halo]
+        ctx.hub_rows = None
+        if plan.hubs:
+            o_r, lse_r = _hub_partial(q_h, k, v, plan, pattern, r, scale)
+            merged, coef, o_cd = _merge_rows(o_r, lse_r, comm)
+            own, local = _owned_hubs(plan, r, device)
+            out.index_copy_(3, local, merged.to(out.dtype).index_select(3, own))
+            saved += [k_h, v_h, q_h, merged, coef, o_cd]
+            ctx.hub_rows = True
+        ctx.save_for_backward(*saved)
+        ctx.plan, ctx.comm, ctx.pattern, ctx.scale, ctx.chunks = plan, comm, pattern, scale, chunks
+        return out.view(B, hq, lq, dv)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        out, coef, merged = ctx.saved_tensors
-        g = ctx.comm.all_reduce(g.to(out.dtype, copy=True).contiguous(), phase="bwd")  # all ranks
-        g_out = coef.unsqueeze(-1) * g
-        g_lse = coef * (g * (out - merged)).sum(-1)
-        return g_out.to(ctx.dtypes[0]), g_lse.to(ctx.dtypes[1]), None
+    def backward(ctx, g_out: Tensor):
+        plan, comm, pattern, scale = ctx.plan, ctx.comm, ctx.pattern, ctx.scale
+        r = comm.rank
+        q, k, v, halo = ctx.saved_tensors[:4]
+        B, hq, lq, d = q.shape
+        hkv, dv = k.shape[1], v.shape[3]
+        g = hq // hkv
+        g_out = g_out.reshape(B, hkv, g, lq, dv)
+        g_k = g_v = g_kh = g_vh = g_qh = None
+        if ctx.hub_rows:
+            k_h, v_h, q_h, merged, coef, o_cd = ctx.saved_tensors[4:]
+            own, local = _owned_hubs(plan, r, q.device)
+            gm = merged.new_zeros(merged.shape)
+            gm.index_copy_(3, own, g_out.index_select(3, local).to(gm.dtype))
+            gm = comm.all_reduce(gm, phase="bwd")  # every rank: the merged rows' gradient
+            g_o = coef.unsqueeze(-1) * gm
+            g_lse = coef * (gm * (o_cd - merged)).sum(-1)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (q_h, k, v)]
+                o_r, lse_r = _hub_partial(*leaves, plan, pattern, r, scale)
+                g_qh, g_k, g_v = torch.autograd.grad(
+                    (o_r, lse_r), leaves, (g_o.to(o_r.dtype), g_lse.to(lse_r.dtype)),
+                    allow_unused=True)
+            # accumulated into in place below: own fresh, contiguous buffers
+            g_k, g_v = (None if t is None else t.contiguous() for t in (g_k, g_v))
+            g_kh, g_vh = torch.zeros_like(k_h), torch.zeros_like(v_h)
+            g_qh = torch.zeros_like(q_h) if g_qh is None else g_qh
+        g_k = torch.zeros_like(k) if g_k is None else g_k
+        g_v = torch.zeros_like(v) if g_v is None else g_v
+        g_q = torch.zeros_like(q).view(B, hkv, g, lq, d)
+        g_halo = torch.zeros_like(halo)
+        qg = q.reshape(B, hkv, g, lq, d)
+        for ch in ctx.chunks:
+            with torch.enable_grad():
+                qc = qg[:, :, :, ch.q0:ch.q1].detach().requires_grad_()
+                kc, vc = _chunk_kv(ch, k, v, halo, k_h if ctx.hub_rows else None,
+                                   v_h if ctx.hub_rows else None, d)
+                kc, vc = kc.detach().requires_grad_(), vc.detach().requires_grad_()
+                o = _attend_chunk(ch, qc, kc, vc, scale)
+                if not o.requires_grad:  # no allowed key in this chunk
+                    continue
+                gq, gk, gv = torch.autograd.grad(o, (qc, kc, vc),
+                                                 g_out[:, :, :, ch.q0:ch.q1].to(o.dtype),
+                                                 allow_unused=True)
+            if gq is not None:
+                g_q[:, :, :, ch.q0:ch.q1] += gq
+            for gt, g_own, g_hal, g_hub in ((gk, g_k, g_halo[..., :d], g_kh),
+                                            (gv, g_v, g_halo[..., d:], g_vh)):
+                if gt is not None:
+                    _scatter(ch, gt, g_own, g_hal, g_hub)
+        _return_halo_grads(plan, comm, g_halo, g_k, g_v)
+        g_q = g_q.view(B, hq, lq, d)
+        if ctx.hub_rows:
+            g_kh, g_vh, g_qh = _hub_rows_all_reduce((g_kh, g_vh, g_qh), plan, comm, "bwd",
+                                                    reduce_only=True)
+            own, local = _owned_hubs(plan, r, q.device)
+            if own.numel():
+                g_k.index_add_(2, local, g_kh.index_select(2, own))
+                g_v.index_add_(2, local, g_vh.index_select(2, own))
+                g_q.index_add_(2, local, g_qh.index_select(2, own))
+        return g_q, g_k, g_v, None, None, None, None
+
+
+def _chunk_kv(ch: _Chunk, k, v, halo, k_h, v_h, d: int) -> tuple[Tensor, Tensor]:
+    return (_assemble(ch, k, halo[..., :d], k_h), _assemble(ch, v, halo[..., d:], v_h))
+
+
+def _attend_chunk(ch: _Chunk, qc: Tensor, kc: Tensor, vc: Tensor, scale: float) -> Tensor:
+    """Engine attention of the chunk's queries ``(B, Hkv, G, nq, D)`` on its compact keys."""
+    B, hkv, g, nq, _ = qc.shape
+    if not ch.comps:
+        return qc.new_zeros(B, hkv, g, nq, vc.shape[3])
+    ectx = Ctx(lq=nq, lk=ch.lk, batch=B, hkv=hkv, groups=g, bias=None, score_mod=None,
+               dropout_p=0.0, need_lse=False)
+    return structured_attention(qc * scale, kc, vc, ch.comps, ectx)[0]
+
+
+def _chunk_rows(ch: _Chunk, qg, k, v, halo, k_h, v_h, d: int, scale: float) -> Tensor:
+    kc, vc = _chunk_kv(ch, k, v, halo, k_h, v_h, d)
+    return _attend_chunk(ch, qg[:, :, :, ch.q0:ch.q1], kc, vc, scale)
+
+
+def _hub_partial(q_h: Tensor, k: Tensor, v: Tensor, plan: _Plan, pattern: Pattern, r: int,
+                 scale: float) -> tuple[Tensor, Tensor]:
+    """The global query rows ``q_h (B, Hq, n, D)`` attended to this rank's own keys only:
+    ``(out (B, Hkv, G, n, Dv), lse (B, Hkv, G, n))``, merged across ranks by
+    :func:`_merge_rows`."""
+    B, hq, n, d = q_h.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    s = plan.bounds[r][0]
+    hub_pos = torch.tensor(plan.hubs, dtype=torch.long, device=q_h.device)
+
+    def hub_rows_ok(i, j):
+        return pattern.allowed(hub_pos[i], s + j, plan.length, plan.length)
+
+    hctx = Ctx(lq=n, lk=lk, batch=B, hkv=hkv, groups=g, bias=None, score_mod=None,
+               dropout_p=0.0, need_lse=True)
+    return structured_attention((q_h * scale).view(B, hkv, g, n, d), k, v,
+                                [AllKeys(masks=(MaskTerm(_Pred(hub_rows_ok)),))], hctx)
 
 
 # ------------------------------------------------------------------------------- masks
@@ -595,11 +787,10 @@ def _in_runs(x: Tensor, runs: tuple[tuple[int, int], ...]) -> Tensor:
     return (idx >= 0) & (x <= hi[idx.clamp(min=0)])
 
 
-def _local_components(plan: _Plan, pattern: Pattern, r: int, lq: int, lk: int,
-                      kpos: Tensor, seg_id: Tensor, device) -> list:
-    """Components over compact keys for this rank's non-global query rows."""
-    s, e = plan.bounds[r]
-    need = plan.needs[r]
+def _local_components(plan: _Plan, pattern: Pattern, s: int, e: int, need: _Need, lq: int,
+                      lk: int, kpos: Tensor, seg_id: Tensor, device) -> list:
+    """Components over the compact keys of ``need`` for the non-global query rows among
+    positions ``[s, e)``."""
     delta = lk - lq
     starts, c = [], 0
     for a, b in need.segments:
@@ -821,77 +1012,8 @@ def sequence_parallel_attention(
 
 
 def _attend(q, k, v, pattern, plan: _Plan, comm: _Comm, scale) -> Tensor:
-    r = comm.rank
-    s, e = plan.bounds[r]
-    B, hq, lq, d = q.shape
-    hkv, dv = k.shape[1], v.shape[3]
-    g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    device = q.device
-
-    kc, vc, q_hubs = _Gather.apply(q, k, v, plan, comm)
-    need = plan.needs[r]
-    lk = kc.shape[2]
-    kpos = torch.cat([torch.arange(a, b, device=device) for a, b in need.segments]
-                     + [torch.tensor(need.extra_hubs, dtype=torch.long, device=device)])
-    seg_id = torch.cat([torch.full((b - a,), i, dtype=torch.long, device=device)
-                        for i, (a, b) in enumerate(need.segments)]
-                       + [torch.full((len(need.extra_hubs),), -1, dtype=torch.long,
-                                     device=device)])
-    comps = lower(_local_components(plan, pattern, r, lq, lk, kpos, seg_id, device), lq, lk)
-    ctx = Ctx(lq=lq, lk=lk, batch=B, hkv=hkv, groups=g, bias=None, score_mod=None,
-              dropout_p=0.0, need_lse=False)
-    qg = (q * scale).view(B, hkv, g, lq, d)
-
-    def local_rows(qg: Tensor, kc: Tensor, vc: Tensor) -> Tensor:
-        return structured_attention(qg, kc, vc, comps, ctx)[0]
-
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qg, kc, vc))
-    if grad and not _engine_recomputes(comps, ctx, d):
-        # A shard is short, so the engine may keep every chunk's intermediates for backward
-        # (it recomputes only from three chunks on): recompute here instead, keeping the
-        # per-rank peak proportional to the shard.
-        out = checkpoint(local_rows, qg, kc, vc, use_reentrant=False)
-    else:
-        out = local_rows(qg, kc, vc)
-    if grad and not out.requires_grad:
-        # No allowed key for any local row: keep the graph connected (adding empty sums, an
-        # exact 0) so that this rank's backward still joins the exchange's backward messages.
-        out = out + (qg[..., :0, :].sum() + kc[:, :, :0].sum() + vc[:, :, :0].sum())
-    out = out.reshape(B, hq, lq, dv).to(q.dtype)
-    if not plan.hubs:
-        return out
-
-    # Global query rows: attend to this rank's own keys (read from the compact layout, so k and
-    # v need not be kept for backward), then merge the ranks' partial softmaxes exactly.
-    n = len(plan.hubs)
-    hub_pos = torch.tensor(plan.hubs, dtype=torch.long, device=device)
-    own_key = (kpos >= s) & (kpos < e) & (seg_id >= 0)
-
-    def hub_rows_ok(i, j):
-        ok = pattern.allowed(hub_pos[i], kpos[j], plan.length, plan.length)
-        return ok & own_key[j]
-
-    hctx = Ctx(lq=n, lk=lk, batch=B, hkv=hkv, groups=g, bias=None, score_mod=None,
-               dropout_p=0.0, need_lse=True)
-    qh = (q_hubs * scale).view(B, hkv, g, n, d)
-    o_r, lse_r = structured_attention(qh, kc, vc,
-                                      [AllKeys(masks=(MaskTerm(_Pred(hub_rows_ok)),))], hctx)
-    merged = _MergeRows.apply(o_r, lse_r, comm).reshape(B, hq, n, dv).to(q.dtype)
-    own, local = _owned_hubs(plan, r, device)
-    return out.index_copy(2, local, merged.index_select(2, own))
-
-
-def _engine_recomputes(comps: list, ctx: Ctx, d: int) -> bool:
-    """Whether ``structured_attention`` will recompute its chunks in backward itself (its own
-    rule: more than two chunks). Only decides whether to add a checkpoint, never correctness."""
-    try:
-        width = sum(_structured._width(c, ctx, d) for c in comps) * ctx.batch
-        rows = max(ctx.block, int(_structured.CHUNK_ELEMENTS // max(width, 1))
-                   // ctx.block * ctx.block)
-    except (AttributeError, TypeError):  # engine internals changed: checkpoint anyway
-        return False
-    return math.ceil(ctx.lq / max(min(rows, ctx.lq), 1)) > 2
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    return _ShardAttention.apply(q, k, v, plan, comm, pattern, scale)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -932,9 +1054,10 @@ def halo_exchange(x: Tensor, left: int, right: int, group=None, dim: int = 1,
     xm = x.detach().movedim(dim, 0)  # (L_local, *rest)
     rest = xm.shape[1:]
     flat = xm.reshape(1, 1, xm.shape[0], -1)
-    with torch.no_grad():
-        empty = flat.new_zeros(1, 1, flat.shape[2], 0)
-        ext, _, _ = _Gather.apply(empty, flat, empty, plan, comm)
+    halo = _fetch_halo(plan, comm, flat, flat[..., :0])
+    parts = [flat[:, :, base:base + b - a] if src == 0 else halo[:, :, base:base + b - a]
+             for a, b, src, base in _sources(plan, comm.rank)]
+    ext = _seq_cat(parts, flat)
     n_left = s - plan.needs[comm.rank].segments[0][0]
     out = ext.reshape(ext.shape[2], *rest).movedim(0, dim)
     return out, n_left
