@@ -132,15 +132,26 @@ def test_torch_flop_counter_gets_causal_attention_wrong():
     assert r.attention < 0.51 * dense
 
 
-def test_torch_flop_counter_overcounts_sliding_window():
-    """The engine evaluates a window in dense blocks: torch counts the blocks' matmuls, which
-    are many more than the allowed pairs."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_flop_counter_gets_sliding_window_wrong(fused, monkeypatch):
+    """The engine's PyTorch band kernel evaluates a window in dense blocks: torch counts the
+    blocks' matmuls, many more than the allowed pairs. The fused compiled kernel (fp32 on CPU)
+    is invisible to torch's counter: it counts nothing for the attention core."""
+    from attnkit.kernels import native
+
+    if fused and not native.band_available():
+        pytest.skip("no fused band kernel here (no C compiler)")
+    if not fused:
+        monkeypatch.setitem(native._state, "ok", False)
     m = MultiheadAttention(DIM, 4, pattern=P.causal() & P.sliding_window(4))
     x = torch.randn(B, 64, DIM)
     r = count(m, x)
     torch_total, torch_linear = _torch_linear_flops(m, x)
     assert torch_linear == r.linear
-    assert torch_total - torch_linear > r.attention
+    if fused:
+        assert torch_total == torch_linear and r.attention > 0
+    else:
+        assert torch_total - torch_linear > r.attention
 
 
 def test_bad_model_type():

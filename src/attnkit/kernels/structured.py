@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import csr
+from . import csr, native
 from .components import (
     AllKeys,
     Band,
@@ -167,7 +167,46 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     return out, lse
 
 
+class _NativeBand(torch.autograd.Function):
+    """The fused compiled band kernel forward (:mod:`.native`); backward recomputes the block
+    through the PyTorch band kernel and differentiates that (the same function)."""
+
+    @staticmethod
+    def forward(c, qs, k, v, comp: Ranges, q0: int, q1: int, ctx: Ctx):
+        lo, hi = comp.band
+        out, lse = native.band_forward(qs, k, v, lo, hi, q0, q1)
+        c.save_for_backward(qs, k, v)
+        c.args = (comp, q0, q1, ctx)
+        return out, lse
+
+    @staticmethod
+    def backward(c, g_out, g_lse):
+        comp, q0, q1, ctx = c.args
+        leaves = [t.detach().requires_grad_() for t in c.saved_tensors]
+        with torch.enable_grad():
+            out, lse = _band_torch_partial(comp, *leaves, q0, q1, replace(ctx, need_lse=True),
+                                           True)
+            grads = torch.autograd.grad((out, lse), leaves, (g_out, g_lse), allow_unused=True)
+        return (*grads, None, None, None, None)
+
+
+def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
+    return (not comp.masks and not (ctx.dropout_p > 0 and training)
+            and comp.band[1] - comp.band[0] + 1 <= native.BAND_MAX_WIDTH
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qs, k, v))
+            and native.band_available())
+
+
 def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Band kernel without bias or score_mod: the fused compiled kernel when it applies (no
+    extra masks, no dropout, fp32 on CPU), else :func:`_band_torch_partial`."""
+    if _native_band_ok(comp, qs, k, v, ctx, training):
+        out, lse = _NativeBand.apply(qs, k, v, comp, q0, q1, ctx)
+        return out, (lse if ctx.need_lse else None)
+    return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
+
+
+def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Band kernel without bias or score_mod: keys are viewed as overlapping windows
     (``unfold``, no gather), the mask is fused into the score GEMM (``baddbmm``) and the softmax
     is torch's fused one. One GEMM pair per (batch, kv-head)."""

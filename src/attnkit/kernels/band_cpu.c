@@ -1,0 +1,188 @@
+// Fused band attention forward for attnkit (loaded by attnkit/kernels/native.py via ctypes).
+//
+// Query i sees keys j with lo <= j - i - (Lk - L) <= hi. Per (batch, head, block of bq query
+// rows): one GEMM for the scores of the block's key window (the sgemm of torch's own BLAS,
+// passed in as a pointer), a softmax over each row's contiguous key range in place (AVX2 exp,
+// the polynomial of PyTorch's exp_u20; other entries of the row are zeroed), and one GEMM for
+// the output; the log-sum-exp of each row is written for merging and backward. Inputs are
+// contiguous fp32: q (B, Hq, L, d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv), head h
+// reads kv head h / (Hq / Hkv). Rows [q0, q1) are computed into out (B, Hq, q1 - q0, dv) and
+// lse (B, Hq, q1 - q0); a row with no key gives zeros and -inf. Work items are split over
+// nthreads threads (torch's OpenMP team when given, else POSIX threads), each with one-thread
+// MKL.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*,
+                        const float*, const float*, const int*, const float*, const int*,
+                        const float*, float*, const int*);
+typedef int (*setthreads_t)(int);
+typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*thread_num_t)(void);
+
+typedef struct {
+  const float *q, *k, *v; float *out, *lse;
+  int64_t B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks;
+  sgemm_t gemm; setthreads_t setthreads;
+  int64_t start, stop;  // work items [start, stop)
+  int err;
+} job_t;
+
+#ifdef __AVX2__
+static inline __m256 exp256(__m256 x) {
+  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f),
+               c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f),
+               c5 = _mm256_set1_ps(0.00828929059f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2 = _mm256_set1_ps(0.693147181f);
+  const __m256 lo = _mm256_set1_ps(-87.3365447f), hi = _mm256_set1_ps(88.7228394f);
+  __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, ln2, x);
+  __m256 p = _mm256_fmadd_ps(r, c5, c4);
+  p = _mm256_fmadd_ps(r, p, c3);
+  p = _mm256_fmadd_ps(r, p, c2);
+  p = _mm256_fmadd_ps(r, p, c1);
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  __m256i n = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
+  __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  pow2 = _mm256_blendv_ps(pow2, _mm256_setzero_ps(), small);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
+}
+static inline float hmax(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+#endif
+
+// softmax of s[a:b) in place (rest of the row zeroed); returns lse (-inf if empty)
+static float row_softmax(float *s, int64_t W, int64_t a, int64_t b) {
+  if (a >= b) { memset(s, 0, W * sizeof(float)); return -INFINITY; }
+  if (a > 0) memset(s, 0, a * sizeof(float));
+  if (b < W) memset(s + b, 0, (W - b) * sizeof(float));
+  float *x = s + a; int64_t n = b - a, i = 0;
+  float m = -INFINITY;
+#ifdef __AVX2__
+  __m256 vm = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+  m = hmax(vm);
+#endif
+  for (; i < n; i++) m = x[i] > m ? x[i] : m;
+  float sum = 0.f; i = 0;
+#ifdef __AVX2__
+  __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
+    _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
+  }
+  sum = hsum(vs);
+#endif
+  for (; i < n; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
+  float inv = 1.f / sum; i = 0;
+#ifdef __AVX2__
+  __m256 vi = _mm256_set1_ps(inv);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vi));
+#endif
+  for (; i < n; i++) x[i] *= inv;
+  return m + logf(sum);
+}
+
+static void *worker(void *arg) {
+  job_t *J = (job_t *)arg;
+  if (J->setthreads) J->setthreads(1);
+  int64_t g = J->Hq / J->Hkv, wmax = J->bq + J->hi - J->lo;
+  float *S = (float *)malloc(sizeof(float) * J->bq * (wmax > 0 ? wmax : 1));
+  if (!S) { J->err = 1; return NULL; }
+  const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  for (int64_t it = J->start; it < J->stop; it++) {
+    int64_t blk = it % J->nblocks, bh = it / J->nblocks;
+    int64_t b = bh / J->Hq, h = bh % J->Hq, hk = h / g;
+    int64_t i0 = J->q0 + blk * J->bq, i1 = i0 + J->bq < J->q1 ? i0 + J->bq : J->q1;
+    int64_t nq = i1 - i0, delta = J->Lk - J->L;  // key j allowed iff lo <= j - i - delta <= hi
+    int64_t j0 = i0 + delta + J->lo, j1 = i1 - 1 + delta + J->hi + 1;
+    if (j0 < 0) j0 = 0;
+    if (j1 > J->Lk) j1 = J->Lk;
+    const float *qp = J->q + ((b * J->Hq + h) * J->L + i0) * J->d;
+    int64_t nrows = J->q1 - J->q0;  // out (B, Hq, q1 - q0, dv), lse (B, Hq, q1 - q0)
+    float *op = J->out + ((b * J->Hq + h) * nrows + (i0 - J->q0)) * J->dv;
+    float *lp = J->lse + (b * J->Hq + h) * nrows + (i0 - J->q0);
+    if (j1 <= j0) {
+      memset(op, 0, sizeof(float) * nq * J->dv);
+      for (int64_t r = 0; r < nq; r++) lp[r] = -INFINITY;
+      continue;
+    }
+    int W = (int)(j1 - j0), M = (int)nq, D = (int)J->d, DV = (int)J->dv;
+    const float *kp = J->k + ((b * J->Hkv + hk) * J->Lk + j0) * J->d;
+    const float *vp = J->v + ((b * J->Hkv + hk) * J->Lk + j0) * J->dv;
+    // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
+    J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+    for (int64_t r = 0; r < nq; r++) {
+      int64_t i = i0 + r, a = i + delta + J->lo - j0, e = i + delta + J->hi + 1 - j0;
+      if (a < 0) a = 0;
+      if (e > W) e = W;
+      lp[r] = row_softmax(S + r * W, W, a, e);
+    }
+    // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
+    J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
+  }
+  free(S);
+  if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
+  return NULL;
+}
+
+typedef struct { job_t *jobs; thread_num_t thread_num; } team_t;
+
+static void team_worker(void *arg) {
+  team_t *T = (team_t *)arg;
+  worker(&T->jobs[T->thread_num()]);
+}
+
+// omp_parallel / omp_thread_num: GOMP_parallel and omp_get_thread_num of the OpenMP runtime
+// torch itself uses (so the work runs on torch's own thread team, not on new threads that
+// would compete with torch's spinning idle workers); NULL: POSIX threads.
+int band_forward(const float *q, const float *k, const float *v, float *out, float *lse,
+                 int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t Lk, int64_t d,
+                 int64_t dv, int64_t lo, int64_t hi, int64_t q0, int64_t q1, int64_t bq,
+                 int nthreads, void *gemm, void *setthreads, void *omp_parallel,
+                 void *omp_thread_num) {
+  int64_t nblocks = (q1 - q0 + bq - 1) / bq, total = B * Hq * nblocks;
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > total) nthreads = (int)(total > 0 ? total : 1);
+  job_t jobs[64]; pthread_t tid[64];
+  if (nthreads > 64) nthreads = 64;
+  for (int t = 0; t < nthreads; t++) {
+    job_t j = {q, k, v, out, lse, B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks,
+               (sgemm_t)gemm, (setthreads_t)setthreads,
+               total * t / nthreads, total * (t + 1) / nthreads, 0};
+    jobs[t] = j;
+  }
+  int err = 0;
+  if (omp_parallel && omp_thread_num && nthreads > 1) {
+    team_t team = {jobs, (thread_num_t)omp_thread_num};
+    ((gomp_parallel_t)omp_parallel)(team_worker, &team, (unsigned)nthreads, 0);
+  } else {
+    int started = 1;
+    for (; started < nthreads; started++)
+      if (pthread_create(&tid[started], NULL, worker, &jobs[started])) break;
+    // threads that could not start: run their share here
+    for (int t = started; t < nthreads; t++) worker(&jobs[t]);
+    worker(&jobs[0]);
+    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
+  }
+  for (int t = 0; t < nthreads; t++) err |= jobs[t].err;
+  return err ? -1 : 0;
+}

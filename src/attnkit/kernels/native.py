@@ -1,0 +1,200 @@
+"""Optional compiled CPU kernel: the fused band (sliding-window) attention forward.
+
+The engine's band kernel in plain PyTorch makes separate passes over each block's score matrix
+(the score GEMM with a mask added, the softmax, the output GEMM). ``band_cpu.c`` fuses them per
+block of query rows: one GEMM (the ``sgemm`` of torch's own BLAS), a softmax over each row's
+contiguous key range in place, one GEMM. It is compiled with the system C compiler the first time
+it is needed (about a second), into a cache directory keyed by the source, the flags and the CPU,
+and loaded with :mod:`ctypes` (which releases the GIL during the call).
+
+Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-check, or with
+``ATTNKIT_NATIVE=0`` in the environment, :func:`band_available` is ``False`` and the engine uses
+its PyTorch kernels (the same results). Only contiguous fp32 CPU tensors take this path; backward
+recomputes through the PyTorch kernel (see ``structured._NativeBand``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH"]
+
+_SOURCE = Path(__file__).with_name("band_cpu.c")
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
+_LIBS = ["-lm", "-lpthread"]
+#: Widest band (``hi - lo + 1`` keys) the fused kernel takes; its per-thread score buffer is
+#: ``block x (block + width)`` floats. Wider bands use the PyTorch kernel, which chunks.
+BAND_MAX_WIDTH = 8192
+#: Query rows per block of the fused kernel (one GEMM pair per block and head).
+BLOCK = 64
+
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ATTNKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "attnkit")
+    return Path(root)
+
+
+def _cpu_key() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr((_FLAGS, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"band_cpu-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target, then rename: processes building at once (DDP ranks) never load
+    # a half-written library
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _torch_symbol(name: str) -> int | None:
+    lib_dir = Path(torch.__file__).with_name("lib")
+    for cand in sorted(lib_dir.glob("libtorch_cpu*")):
+        try:
+            return ctypes.cast(getattr(ctypes.CDLL(str(cand)), name), ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _load():
+    lib = ctypes.CDLL(str(_build()))
+    fn = lib.band_forward
+    i64 = ctypes.c_int64
+    fn.argtypes = [ctypes.c_void_p] * 5 + [i64] * 12 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    fn.restype = ctypes.c_int
+    gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
+    if gemm is None:
+        raise RuntimeError("torch's library exports no sgemm_")
+    one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
+    return fn, gemm, one_thread, *_openmp()
+
+
+def _openmp() -> tuple[int | None, int | None]:
+    """``GOMP_parallel`` and ``omp_get_thread_num`` of the OpenMP runtime torch loaded (found
+    in this process's memory map), so the kernel runs on torch's own thread team: separate
+    threads would compete for the cores with torch's idle workers, which spin for a while after
+    each parallel op. ``(None, None)``: the kernel starts POSIX threads instead."""
+    torch.ones(64, 64).sum()  # make sure torch's OpenMP runtime is loaded and initialized
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None, None
+    paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]
+             and line.split()[-1].startswith("/")}
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+            par, num = lib.GOMP_parallel, lib.omp_get_thread_num
+        except (OSError, AttributeError):
+            continue
+        return (ctypes.cast(par, ctypes.c_void_p).value, ctypes.cast(num, ctypes.c_void_p).value)
+    return None, None
+
+
+def _self_check() -> None:
+    """A small band against a dense masked reference, so a BLAS with other integer widths or a
+    miscompiled kernel disables the path instead of giving wrong answers."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 37, 8, generator=g), torch.randn(1, 1, 37, 8, generator=g)
+    v = torch.randn(1, 1, 37, 5, generator=g)
+    out, lse = _call(q, k, v, -4, 2, 0, 37, block=16)
+    i = torch.arange(37)
+    rel = i.view(1, -1) - i.view(-1, 1)
+    s = (q @ k.transpose(-1, -2)).masked_fill(~((rel >= -4) & (rel <= 2)), float("-inf"))
+    ref = torch.softmax(s, -1) @ v
+    if not (torch.allclose(out, ref, atol=1e-5) and
+            torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
+        raise RuntimeError("self-check against a dense reference failed")
+
+
+def band_available() -> bool:
+    """Whether the fused kernel is built, loaded and checked (built on the first call)."""
+    if "ok" not in _state:
+        _state["ok"] = False
+        if os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        try:
+            _state["fn"] = _load()
+            _self_check()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch kernels
+            _state.pop("fn", None)
+            warnings.warn(f"attnkit: fused CPU band kernel unavailable ({e}); using the "
+                          f"PyTorch kernels", RuntimeWarning, stacklevel=2)
+    return _state["ok"]
+
+
+def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
+          block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    fn, gemm, one_thread, omp_parallel, omp_thread_num = _state["fn"]
+    B, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = q.new_empty(B, hq, q1 - q0, dv)
+    lse = q.new_empty(B, hq, q1 - q0)
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, torch.get_num_threads(),
+            gemm, one_thread, omp_parallel, omp_thread_num)
+    if rc != 0:
+        raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
+    return out, lse
+
+
+def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
+                 q1: int) -> tuple[Tensor, Tensor]:
+    """Band attention of query rows ``[q0, q1)``: key ``j`` is allowed for query ``i`` iff
+    ``lo <= j - i - (Lk - Lq) <= hi``.
+
+    Args:
+        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), fp32, CPU.
+        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
+    Returns:
+        ``out (B, Hkv, G, q1 - q0, Dv)`` and ``lse (B, Hkv, G, q1 - q0)`` (``-inf`` and zeros
+        for rows without keys). Not differentiable by itself.
+    """
+    if not band_available():
+        raise RuntimeError("the fused band kernel is not available here (see band_available)")
+    B, hkv, g, lq, d = qs.shape
+    q = qs.detach().reshape(B, hkv * g, lq, d).contiguous()
+    out, lse = _call(q, k.detach().contiguous(), v.detach().contiguous(), lo, hi, q0, q1)
+    return (out.view(B, hkv, g, q1 - q0, v.shape[3]), lse.view(B, hkv, g, q1 - q0))

@@ -1,0 +1,161 @@
+"""The fused compiled band kernel (attnkit.kernels.native) against dense fp64 references.
+
+It serves fp32 CPU bands without extra masks or dropout; every other call takes the PyTorch
+kernels (tested in test_engine.py). Here each test checks the native path was really taken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnkit.kernels.structured as structured
+from attnkit import attention, dense_reference
+from attnkit import patterns as P
+from attnkit.kernels import native
+
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
+pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the fused kernel is optional")
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """Count calls of the fused kernel (and fail loudly if it is unavailable)."""
+    assert native.band_available(), "a C compiler exists, so the fused kernel must build"
+    seen = []
+    real = native.band_forward
+
+    def spy(*a, **kw):
+        seen.append(a[3:])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(native, "band_forward", spy)
+    return seen
+
+
+def _qkv(b, hq, hkv, lq, lk, d, dv, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=g) * scale
+    k = torch.randn(b, hkv, lk, d, generator=g) * scale
+    v = torch.randn(b, hkv, lk, dv, generator=g)
+    return q, k, v
+
+
+def _ref(q, k, v, pattern):
+    mask = pattern.to_dense(q.shape[2], k.shape[2])
+    return dense_reference(q.double(), k.double(), v.double(), mask)[0]
+
+
+CASES = {
+    "window": (P.sliding_window(5), 1, 4, 2, 37, 37, 8, 5),
+    "window & causal": (P.sliding_window(6) & P.causal(), 2, 2, 2, 41, 41, 16, 16),
+    "causal window, GQA 4:1": (P.sliding_window(9) & P.causal(), 1, 4, 1, 70, 70, 8, 3),
+    "wide window, one block": (P.sliding_window(200), 1, 2, 2, 150, 150, 8, 8),
+    "fewer queries than keys (decoding alignment)": (P.sliding_window(3), 1, 2, 2, 9, 30, 8, 8),
+    "more queries than keys: empty rows": (P.sliding_window(2) & P.causal(), 1, 2, 2, 30, 9, 8,
+                                           8),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_band_matches_dense_reference(name, calls):
+    pattern, b, hq, hkv, lq, lk, d, dv = CASES[name]
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv)
+    out = attention(q, k, v, pattern=pattern)
+    assert calls, "the fused kernel was not used"
+    assert (out.double() - _ref(q, k, v, pattern)).abs().max() < 1e-5
+    assert torch.isfinite(out).all()
+
+
+def test_empty_rows_give_zeros(calls):
+    q, k, v = _qkv(1, 2, 2, 30, 9, 8, 8)
+    out = attention(q, k, v, pattern=P.sliding_window(2) & P.causal())
+    mask = (P.sliding_window(2) & P.causal()).to_dense(30, 9)
+    empty = ~mask.any(1)
+    assert calls and empty.any()
+    assert (out[:, :, empty] == 0).all()
+
+
+def test_extreme_logits_are_stable(calls):
+    q, k, v = _qkv(1, 2, 2, 64, 64, 16, 8, scale=60.0)  # logits of size ~1e4
+    out = attention(q, k, v, pattern=P.sliding_window(7))
+    assert calls and torch.isfinite(out).all()
+    assert (out.double() - _ref(q, k, v, P.sliding_window(7))).abs().max() < 1e-4
+
+
+def test_chunked_rows_and_gradients_match_fp64(calls, monkeypatch):
+    # tiny engine chunks: the kernel computes row ranges [q0, q1) that start mid-sequence
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 2000)
+    pattern = P.sliding_window(4)
+    q, k, v = _qkv(2, 4, 2, 100, 100, 8, 6, seed=3)
+    w = torch.randn(2, 4, 100, 6, generator=torch.Generator().manual_seed(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    (attention(*leaves, pattern=pattern) * w).sum().backward()
+    # several chunks (q0 > 0), recomputed in backward (checkpointing)
+    assert len(calls) > 4 and any(c[2] > 0 for c in calls)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    mask = pattern.to_dense(100, 100)
+    (dense_reference(*ref, mask)[0] * w.double()).sum().backward()
+    for got, want in zip(leaves, ref):
+        assert (got.grad.double() - want.grad).abs().max() < 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(lq=st.integers(1, 90), extra=st.integers(0, 20), w=st.integers(0, 40),
+       causal=st.booleans(), groups=st.sampled_from([1, 2, 3]), d=st.integers(1, 20))
+def test_random_bands_match_reference(lq, extra, w, causal, groups, d):
+    assert native.band_available()
+    pattern = P.sliding_window(w) & P.causal() if causal else P.sliding_window(w)
+    lk = lq + extra
+    q, k, v = _qkv(1, 2 * groups, 2, lq, lk, d, 3, seed=lq * 7 + w)
+    out = attention(q, k, v, pattern=pattern)
+    assert (out.double() - _ref(q, k, v, pattern)).abs().max() < 1e-5
+
+
+def test_composed_pattern_uses_it_for_its_band_and_merges_exactly(calls):
+    pattern = P.sliding_window(3) | P.global_tokens([5, 31])
+    q, k, v = _qkv(1, 2, 2, 40, 40, 8, 8)
+    out = attention(q, k, v, pattern=pattern)
+    assert calls == [(-3, 3, 0, 40)]
+    assert (out.double() - _ref(q, k, v, pattern)).abs().max() < 1e-5
+
+
+def test_other_calls_keep_the_pytorch_kernels(calls):
+    q, k, v = _qkv(1, 2, 2, 40, 40, 8, 8)
+    attention(q.double(), k.double(), v.double(), pattern=P.sliding_window(3))  # fp64
+    attention(q, k, v, pattern=P.sliding_window(3), dropout_p=0.5)  # dropout
+    attention(q, k, v, pattern=P.sliding_window(3), score_mod=lambda s, b, h, i, j: s)
+    assert calls == []
+
+
+def test_disabled_by_environment_variable():
+    code = ("import attnkit.kernels.native as n; import torch, attnkit; "
+            "from attnkit import patterns as P; q = torch.randn(1, 1, 8, 4); "
+            "attnkit.attention(q, q, q, pattern=P.sliding_window(1)); "
+            "print(n.band_available())")
+    env = {**os.environ, "ATTNKIT_NATIVE": "0"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_failed_self_check_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+
+    def broken():
+        raise RuntimeError("self-check against a dense reference failed")
+
+    monkeypatch.setattr(native, "_self_check", broken)
+    with pytest.warns(RuntimeWarning, match="fused CPU band kernel unavailable"):
+        assert native.band_available() is False
+    q, k, v = _qkv(1, 2, 2, 20, 20, 8, 8)
+    out = attention(q, k, v, pattern=P.sliding_window(3))
+    assert (out.double() - _ref(q, k, v, P.sliding_window(3))).abs().max() < 1e-5
