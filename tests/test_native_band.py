@@ -98,13 +98,27 @@ def test_chunked_rows_and_gradients_match_fp64(calls, monkeypatch):
     w = torch.randn(2, 4, 100, 6, generator=torch.Generator().manual_seed(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     (attention(*leaves, pattern=pattern) * w).sum().backward()
-    # several chunks (q0 > 0), recomputed in backward (checkpointing)
-    assert len(calls) > 4 and any(c[2] > 0 for c in calls)
+    # several chunks, each a sub-problem with its own key window (a shifted band), recomputed
+    # in backward (checkpointing)
+    assert len(calls) > 4 and any(c[:2] != (-4, 4) for c in calls)
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     mask = pattern.to_dense(100, 100)
     (dense_reference(*ref, mask)[0] * w.double()).sum().backward()
     for got, want in zip(leaves, ref):
         assert (got.grad.double() - want.grad).abs().max() < 1e-5
+
+
+def test_row_ranges_of_the_raw_kernel():
+    assert native.band_available()
+    q, k, v = _qkv(2, 4, 2, 45, 50, 8, 6, seed=5)
+    qs = (q / 8**0.5).view(2, 2, 2, 45, 8)
+    out, lse = native.band_forward(qs, k, v, -3, 5, 10, 31)
+    i, j = torch.arange(45).view(-1, 1), torch.arange(50).view(1, -1)
+    rel = j - i - 5
+    mask = (rel >= -3) & (rel <= 5)
+    ref = dense_reference(q.double(), k.double(), v.double(), mask)[0][:, :, 10:31]
+    assert out.shape == (2, 2, 2, 21, 6) and lse.shape == (2, 2, 2, 21)
+    assert (out.reshape(2, 4, 21, 6).double() - ref).abs().max() < 1e-5
 
 
 @settings(max_examples=25, deadline=None)

@@ -168,26 +168,28 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
 
 
 class _NativeBand(torch.autograd.Function):
-    """The fused compiled band kernel forward (:mod:`.native`); backward recomputes the block
-    through the PyTorch band kernel and differentiates that (the same function)."""
+    """The fused compiled band kernel forward (:mod:`.native`) on one chunk: queries
+    ``(B, Hkv, G, nq, D)`` and the keys/values their band reaches; backward recomputes the chunk
+    through the PyTorch band kernel and differentiates that (the same function). Inputs are the
+    chunk's slices, so gradients stay chunk-sized (the slicing's own backward places them)."""
 
     @staticmethod
-    def forward(c, qs, k, v, comp: Ranges, q0: int, q1: int, ctx: Ctx):
+    def forward(c, qs, k, v, comp: Ranges, ctx: Ctx):
         lo, hi = comp.band
-        out, lse = native.band_forward(qs, k, v, lo, hi, q0, q1)
+        out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3])
         c.save_for_backward(qs, k, v)
-        c.args = (comp, q0, q1, ctx)
+        c.args = (comp, ctx)
         return out, lse
 
     @staticmethod
     def backward(c, g_out, g_lse):
-        comp, q0, q1, ctx = c.args
+        comp, ctx = c.args
         leaves = [t.detach().requires_grad_() for t in c.saved_tensors]
         with torch.enable_grad():
-            out, lse = _band_torch_partial(comp, *leaves, q0, q1, replace(ctx, need_lse=True),
+            out, lse = _band_torch_partial(comp, *leaves, 0, ctx.lq, replace(ctx, need_lse=True),
                                            True)
             grads = torch.autograd.grad((out, lse), leaves, (g_out, g_lse), allow_unused=True)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None)
 
 
 def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
@@ -201,7 +203,19 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
     """Band kernel without bias or score_mod: the fused compiled kernel when it applies (no
     extra masks, no dropout, fp32 on CPU), else :func:`_band_torch_partial`."""
     if _native_band_ok(comp, qs, k, v, ctx, training):
-        out, lse = _NativeBand.apply(qs, k, v, comp, q0, q1, ctx)
+        # the chunk's rows and the keys their band reaches, as a sub-problem of its own
+        lo, hi = comp.band
+        delta = ctx.lk - ctx.lq
+        a, z = max(0, q0 + delta + lo), min(ctx.lk, q1 + delta + hi)
+        if z <= a:  # no key for any row of the chunk
+            B, hkv, g, _, _ = qs.shape
+            return (qs.new_zeros(B, hkv, g, q1 - q0, v.shape[-1]),
+                    torch.full((B, hkv, g, q1 - q0), NEG_INF, dtype=qs.dtype, device=qs.device))
+        sub_lq, sub_lk = q1 - q0, z - a
+        shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
+        sub = replace(comp, band=(lo + shift, hi + shift))
+        out, lse = _NativeBand.apply(qs[:, :, :, q0:q1], k[:, :, a:z], v[:, :, a:z], sub,
+                                     replace(ctx, lq=sub_lq, lk=sub_lk))
         return out, (lse if ctx.need_lse else None)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
