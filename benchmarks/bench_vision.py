@@ -4,7 +4,10 @@
 
 Prints one JSON object per case: our time and peak memory, the peer's, and the ratios. Peak
 memory is the rise of peak RSS during one forward+backward in a fresh subprocess per case
-(``attnkit.profiling.peak_rss_subprocess``); time is the median wall time in this process.
+(``attnkit.profiling.peak_rss_subprocess``). Time is the median wall time in this process, with
+the implementations *interleaved* (ours, peer channels-first, peer channels-last, ours, ...), so
+load from other processes on a shared machine hits every side alike and the ratios stay
+meaningful even when the absolute times do not.
 The peer is ``axial_attention.AxialAttention(dim=64, heads=4, num_dimensions=3)`` (default
 ``sum_axial_out=True``: the three axes run in parallel on the input and are summed; ours runs
 them in sequence; the work per axis is the same). Its default layout is channels-last
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 import torch
 
@@ -45,18 +50,43 @@ def forward_backward(layer, x) -> None:
     layer(x).square().mean().backward()
 
 
-def run_case(impl: str, side: int, dim: int, heads: int, threads: int, repeat: int) -> dict:
+def peak_mem_mb(impl: str, side: int, dim: int, heads: int, threads: int) -> float:
+    """Peak-RSS rise (MB) of one forward+backward in a fresh subprocess."""
     mem = peak_rss_subprocess(forward_backward, impl, side, dim, heads, threads, setup=build)
+    return round(mem / 2**20, 1)
+
+
+def run_case(impl: str, side: int, dim: int, heads: int, threads: int, repeat: int) -> dict:
+    """One implementation alone: median time over ``repeat`` runs and peak memory."""
+    mem = peak_mem_mb(impl, side, dim, heads, threads)
     layer, x = build(impl, side, dim, heads, threads)
     t = measure(forward_backward, layer, x, repeat=repeat, warmup=1)
-    return {"time_s": round(t, 4), "peak_mem_mb": round(mem / 2**20, 1)}
+    return {"time_s": round(t, 4), "peak_mem_mb": mem}
+
+
+def interleaved_times(impls: list[str], side: int, dim: int, heads: int, threads: int,
+                      repeat: int) -> dict[str, float]:
+    """Median forward+backward seconds of each implementation, timed round-robin in one process
+    (one warm-up call each, then ``repeat`` rounds of one call per implementation)."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    cases = {impl: build(impl, side, dim, heads, threads) for impl in impls}
+    for layer, x in cases.values():
+        forward_backward(layer, x)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(repeat):
+        for impl, (layer, x) in cases.items():
+            t0 = time.perf_counter()
+            forward_backward(layer, x)
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: round(statistics.median(ts), 4) for impl, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip the 128^3 case")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9, help="interleaved rounds (median)")
     ap.add_argument("--peer-big", action="store_true",
                     help="also run the peer at 128^3 (it stores ~4 GB score matrices per axis)")
     args = ap.parse_args(argv)
@@ -68,19 +98,21 @@ def main(argv: list[str] | None = None) -> None:
         print("axial_attention is not installed: peer figures omitted", file=sys.stderr)
 
     side, dim, heads = 32, 64, 4
-    ours = run_case("attnkit", side, dim, heads, args.threads, args.repeat)
-    for peer, layout in (("lucid_cf", "channels-first (1, 64, 32, 32, 32), dim_index=1"),
-                         ("lucid_cl", "channels-last (1, 32, 32, 32, 64), dim_index=-1")):
+    peers = (("lucid_cf", "channels-first (1, 64, 32, 32, 32), dim_index=1"),
+             ("lucid_cl", "channels-last (1, 32, 32, 32, 64), dim_index=-1"))
+    impls = ["attnkit"] + ([p for p, _ in peers] if have_peer else [])
+    mems = {impl: peak_mem_mb(impl, side, dim, heads, args.threads) for impl in impls}
+    times = interleaved_times(impls, side, dim, heads, args.threads, args.repeat)
+    for peer, layout in peers:
         line = {"case": "axial_fwd_bwd_32^3_dim64_heads4", "threads": args.threads,
-                "attnkit_time_s": ours["time_s"], "attnkit_peak_mem_mb": ours["peak_mem_mb"]}
+                "timing": f"interleaved, median of {args.repeat}",
+                "attnkit_time_s": times["attnkit"], "attnkit_peak_mem_mb": mems["attnkit"]}
         if have_peer:
-            theirs = run_case(peer, side, dim, heads, args.threads, args.repeat)
             line.update({
                 "peer": f"lucidrains axial_attention.AxialAttention, {layout}",
-                "peer_time_s": theirs["time_s"], "peer_peak_mem_mb": theirs["peak_mem_mb"],
-                "speedup": round(theirs["time_s"] / ours["time_s"], 3),
-                "peer_mem_over_ours": round(theirs["peak_mem_mb"] / max(ours["peak_mem_mb"],
-                                                                       1e-9), 3),
+                "peer_time_s": times[peer], "peer_peak_mem_mb": mems[peer],
+                "speedup": round(times[peer] / times["attnkit"], 3),
+                "peer_mem_over_ours": round(mems[peer] / max(mems["attnkit"], 1e-9), 3),
             })
         print(json.dumps(line), flush=True)
 

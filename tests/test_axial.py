@@ -175,3 +175,36 @@ def test_bad_input_messages():
         AxialAttention(10, 3)
     with pytest.raises(ValueError, match="chunk_size"):
         AxialAttention(8, 2, chunk_size=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_projections_equal_the_unfolded_axis_chain(bias):
+    # forward() folds axis a's output projection into axis a+1's QKV projection; the plain
+    # chain of axis_step calls (each with its own output projection) must give the same
+    # outputs, maps and gradients, with and without projection biases.
+    torch.manual_seed(6)
+    m = AxialAttention(6, 3, 3, rel_pos_max_distance=1, bias=bias).double()
+    for p in m.rel_pos:
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    valid = torch.rand(2, 3, 4, 5) > 0.25
+    out, maps = m(x, valid, need_weights=True)
+    h, ref_maps = x.masked_fill(~valid.unsqueeze(-1), 0.0), []
+    for axis in range(3):
+        h, w = m.axis_step(h, axis, valid, need_weights=True)
+        ref_maps.append(w)
+    ref = h.masked_fill(~valid.unsqueeze(-1), 0.0)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for w, rw in zip(maps.per_axis, ref_maps):
+        torch.testing.assert_close(w, rw, atol=1e-12, rtol=1e-12)
+    params = [x, *m.parameters()]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-11)
+    # Every parameter is reached (out[0] and out[1] only through the folded weights).
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+    ref_dense = _dense_layer(m, x.detach(), valid)[0]
+    torch.testing.assert_close(out.detach(), ref_dense, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="fold_previous"):
+        m.projection(0, fold_previous=True)

@@ -49,7 +49,11 @@ class AxialAttention(nn.Module):
     """Multi-head self-attention applied along each spatial axis in turn (axis 0 first).
 
     Each axis has its own QKV and output projections; the output of axis ``a`` is the input of
-    axis ``a + 1`` (no residual inside the layer: wrap it in a block for that).
+    axis ``a + 1`` (no residual inside the layer: wrap it in a block for that). Since nothing
+    sits between axis ``a``'s output projection and axis ``a + 1``'s QKV projection, the forward
+    pass multiplies the two weights (``(3C x C) @ (C x C)``, negligible) and applies them as one
+    projection: same function and gradients, one ``N x C x C`` product fewer per axis
+    (see :meth:`projection`).
 
     Args:
         dim: channels ``C`` (last dimension of the input); divisible by ``num_heads``.
@@ -161,21 +165,56 @@ class AxialAttention(nn.Module):
         per_line = self.num_heads * length * max(length, self.head_dim)
         return max(1, _CHUNK_ELEMENTS // per_line)
 
-    def axis_step(
-        self, h: Tensor, axis: int, valid: Tensor | None = None, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Attention along one axis. ``h (B, *spatial, C)``, ``valid (B, *spatial)`` bool or None.
+    def projection(self, axis: int, fold_previous: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Weight ``(3C, C)`` and bias ``(3C,)`` (or None) giving axis ``axis``'s q, k, v.
 
-        Returns ``(out (B, *spatial, C), weights (B, H, *spatial, L) or None)``. Equals dense
-        attention over all voxels with a mask allowing only pairs on the same axis line (and,
-        with ``valid``, only valid keys).
+        The rows are the query, key and value projections of ``self.qkv[axis]``, with the
+        softmax scale ``1/sqrt(d)`` folded into the query rows (so the engine runs with
+        ``scale=1``). With ``fold_previous`` (``axis > 0``), the previous axis' output projection
+        ``self.out[axis - 1]`` is folded in as well: nothing nonlinear sits between the two, so
+        ``qkv(out(o)) = o @ (W_qkv W_out)^T + (W_qkv b_out + b_qkv)`` maps the previous axis'
+        attention output ``o`` straight to this axis' q, k, v. This saves one ``(N x C) @ (C x C)``
+        product (and its two backward products and its stored activation) per axis, and
+        gradients still reach both modules' parameters through the tiny ``(3C x C) @ (C x C)``
+        product.
         """
-        spatial, C = tuple(h.shape[1:-1]), h.shape[-1]
+        C = self.dim
+        w, b = self.qkv[axis].weight, self.qkv[axis].bias
+        if fold_previous:
+            if axis < 1:
+                raise ValueError(f"fold_previous needs axis >= 1, got axis={axis}")
+            w_out, b_out = self.out[axis - 1].weight, self.out[axis - 1].bias
+            if b_out is not None:
+                b = w @ b_out if b is None else torch.addmv(b, w, b_out)
+            w = w @ w_out
+        scale = torch.ones(3 * C, 1, dtype=w.dtype, device=w.device)
+        scale[:C] = 1.0 / math.sqrt(self.head_dim)
+        return w * scale, None if b is None else b * scale.view(-1)
+
+    def attend(
+        self,
+        h: Tensor,
+        axis: int,
+        weight: Tensor,
+        proj_bias: Tensor | None,
+        valid: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Project ``h (B, *spatial, C_in)`` to q, k, v with ``weight (3C, C_in)`` / ``proj_bias
+        (3C,)`` (query rows pre-scaled, see :meth:`projection`) and attend along axis ``axis``.
+
+        Returns ``(o (B, *spatial, C), weights (B, H, *spatial, L) or None)`` with ``o`` the
+        heads' concatenated outputs *before* any output projection. ``o`` is a view whose memory
+        is ordered line by line along ``axis``.
+        """
+        spatial, C_in, C = tuple(h.shape[1:-1]), h.shape[-1], self.dim
         H, d, L = self.num_heads, self.head_dim, spatial[axis]
-        # Put the axis just before the channels: rows of `lines` are the axis' lines.
+        # Put the axis just before the channels: rows of `lines` are the axis' lines. (One copy
+        # of the C_in-channel input; projecting first and handing SDPA strided q/k/v with the
+        # line axis outermost is about 2x slower in SDPA's CPU kernel.)
         moved = h.movedim(axis + 1, -2)
         batch_shape = moved.shape[:-2]  # (B, *other axes)
-        lines = moved.reshape(-1, L, C)
+        lines = moved.reshape(-1, L, C_in)
         keep = None
         if valid is not None:
             keep = valid.movedim(axis + 1, -1).reshape(-1, L)
@@ -188,22 +227,15 @@ class AxialAttention(nn.Module):
         step = self.lines_per_chunk(L)
         dropout_p = self.dropout if self.training else 0.0
         outs, maps = [], []
-        weight, proj_bias = self.qkv[axis].weight, self.qkv[axis].bias
-        q_scale = 1.0 / math.sqrt(d)
         for s in range(0, lines.shape[0], step):
             chunk = lines if step >= lines.shape[0] else lines[s:s + step]
             n = chunk.shape[0]
-            # Three projections (slices of one QKV weight) rather than one 3C-wide output: each
-            # gradient then arrives in its own contiguous buffer instead of being stacked.
-            # The softmax scale 1/sqrt(d) is folded into the (C x C) query weight, not applied to
-            # the (n, H, L, d) queries: same result, one activation-sized op fewer per axis.
-            q, k, v = (
-                F.linear(chunk, weight[i * C:(i + 1) * C] * (q_scale if i == 0 else 1.0),
-                         None if proj_bias is None else
-                         proj_bias[i * C:(i + 1) * C] * (q_scale if i == 0 else 1.0))
-                .view(n, L, H, d).transpose(1, 2)
-                for i in range(3)
-            )
+            # One (3C)-wide projection; q, k, v are strided views (n, H, L, d) of its output,
+            # which SDPA reads in place. Backward stacks their gradients into one buffer (the
+            # transpose from SDPA's (n, H, L, d) gradients is needed anyway) and runs a single
+            # (N x 3C) @ (3C x C_in) product for the input gradient.
+            q, k, v = (t.transpose(1, 2) for t in
+                       F.linear(chunk, weight, proj_bias).view(n, L, 3, H, d).unbind(2))
             bias = None if rel is None else rel.unsqueeze(0)  # (1, H, L, L)
             if keep is not None:
                 kk = keep[s:s + step].view(n, 1, 1, L)
@@ -215,7 +247,7 @@ class AxialAttention(nn.Module):
                 maps.append(w)  # (n, H, L, L)
             else:
                 o = res
-            outs.append(self.out[axis](o.transpose(1, 2).reshape(n, L, C)))
+            outs.append(o.transpose(1, 2).reshape(n, L, C))  # SDPA's output is (n, L, H, d)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # cat would copy a lone chunk
         out = out.view(*batch_shape, L, C).movedim(-2, axis + 1)
         if not need_weights:
@@ -224,6 +256,20 @@ class AxialAttention(nn.Module):
         w = (maps[0] if len(maps) == 1 else torch.cat(maps)).view(*batch_shape, H, L, L)
         w = w.movedim(-3, 1)
         return out, w.movedim(-2, axis + 2)
+
+    def axis_step(
+        self, h: Tensor, axis: int, valid: Tensor | None = None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention along one axis. ``h (B, *spatial, C)``, ``valid (B, *spatial)`` bool or None.
+
+        Returns ``(out (B, *spatial, C), weights (B, H, *spatial, L) or None)``, ``out`` after
+        this axis' output projection. Equals dense attention over all voxels with a mask
+        allowing only pairs on the same axis line (and, with ``valid``, only valid keys).
+        (:meth:`forward` chains the axes with the output projections folded, see
+        :meth:`projection`; this is the unfolded single step.)
+        """
+        o, w = self.attend(h, axis, *self.projection(axis), valid, need_weights)
+        return self.out[axis](o), w
 
     # ------------------------------------------------------------------------------ forward
 
@@ -255,8 +301,12 @@ class AxialAttention(nn.Module):
             h = x.masked_fill(~mask.unsqueeze(-1), 0.0)
         per_axis = []
         for axis in range(self.num_axes):
-            h, w = self.axis_step(h, axis, mask, need_weights)
+            # h is the previous axis' attention output before its output projection (folded
+            # into this axis' q/k/v projection), or the input for axis 0.
+            h, w = self.attend(h, axis, *self.projection(axis, fold_previous=axis > 0), mask,
+                               need_weights)
             per_axis.append(w)
+        h = self.out[-1](h)
         if mask is not None:
             h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
         h = h.contiguous()
