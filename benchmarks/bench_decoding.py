@@ -84,6 +84,8 @@ def hf_step_time(model, context: int, steps: int, vocab: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer repeats")
+    ap.add_argument("--case", choices=("all", "generate", "roofline"), default="all",
+                    help="run only one case (default: both)")
     args = ap.parse_args()
     if args.quick:
         vocab, dim, depth, heads, prompt_len, new, repeats, steps = 256, 256, 4, 8, 512, 256, 2, 16
@@ -101,19 +103,22 @@ def main() -> None:
         peer = hf_model(vocab, dim, depth, heads, kv, max_len)
         same = generate(ours, prompt[:8], 4, temperature=0)  # warm-up
         hf_generate(peer, prompt[:8], 4)
-        t_ours, t_peer = time_pair(
-            lambda m=ours: generate(m, prompt, new, temperature=0, cache="static"),
-            lambda m=peer: hf_generate(m, prompt, new), repeats)
         assert same.numel() == 12
-        print(json.dumps({
-            "case": "generate", "variant": name, "kv_heads": kv, "prompt": prompt_len,
-            "new_tokens": new, **base,
-            "params_attnkit": sum(p.numel() for p in ours.parameters()),
-            "params_transformers": sum(p.numel() for p in peer.parameters()),
-            "tokens_per_s_attnkit": round(new / t_ours, 2),
-            "tokens_per_s_transformers": round(new / t_peer, 2),
-            "ratio": round(t_peer / t_ours, 3),
-        }), flush=True)
+        if args.case in ("all", "generate"):
+            t_ours, t_peer = time_pair(
+                lambda m=ours: generate(m, prompt, new, temperature=0, cache="static"),
+                lambda m=peer: hf_generate(m, prompt, new), repeats)
+            print(json.dumps({
+                "case": "generate", "variant": name, "kv_heads": kv, "prompt": prompt_len,
+                "new_tokens": new, **base,
+                "params_attnkit": sum(p.numel() for p in ours.parameters()),
+                "params_transformers": sum(p.numel() for p in peer.parameters()),
+                "tokens_per_s_attnkit": round(new / t_ours, 2),
+                "tokens_per_s_transformers": round(new / t_peer, 2),
+                "ratio": round(t_peer / t_ours, 3),
+            }), flush=True)
+        if args.case not in ("all", "roofline"):
+            continue
         step = peer_step = float("inf")
         for _ in range(repeats):  # alternate, best of each
             step = min(step, time_per_token(ours, roof_ctx, steps=steps, use_cache=True,

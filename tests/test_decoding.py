@@ -235,3 +235,102 @@ def test_model_head_mask():
     assert (model(ids, head_mask=off) - model(ids)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="head_mask"):
         model(ids, head_mask=torch.ones(3, 4))
+
+
+# ------------------------------------------------------------------ fast decoding paths
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Set torch's thread count inside a test (restored afterwards); split even tiny weights."""
+    import attnkit.nn.attention as mha
+
+    monkeypatch.setattr(mha, "SPLIT_MIN_NUMEL", 0)
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads, out_features, shape, parts", [
+    (2, 12, (9,), 2), (2, 12, (1, 9), 2), (2, 12, (2, 1, 9), 2), (2, 12, (4, 9), 2),
+    (3, 12, (1, 1, 9), 3), (4, 6, (1, 9), 3),  # largest divisor of out <= threads
+    (2, 7, (1, 9), 1), (2, 12, (5, 9), 1), (1, 12, (1, 9), 1),  # plain F.linear
+    (2, 12, (0, 9), 1),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_linear_matches_plain_product(threads, monkeypatch, n_threads, out_features,
+                                             shape, parts, bias):
+    import attnkit.nn.attention as mha
+    from attnkit.nn.attention import _split_parts, split_linear
+
+    threads(n_threads)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, 9, generator=gen, dtype=torch.float64)
+    b = torch.randn(out_features, generator=gen, dtype=torch.float64) if bias else None
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    assert _split_parts(x, w) == parts
+    if n_threads == 2 and parts == 2:  # weights below SPLIT_MIN_NUMEL stay plain
+        monkeypatch.setattr(mha, "SPLIT_MIN_NUMEL", w.numel() + 1)
+        assert _split_parts(x, w) == 1
+        monkeypatch.setattr(mha, "SPLIT_MIN_NUMEL", 0)
+    expected = (x.unsqueeze(-2) * w).sum(-1) + (0 if b is None else b)
+    got = split_linear(x, w, b)
+    assert got.shape == (*shape[:-1], out_features)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    got32 = split_linear(x.float(), w.float(), None if b is None else b.float())
+    torch.testing.assert_close(got32, expected.float(), atol=1e-5, rtol=0)
+
+
+def test_split_linear_gradients_and_module(threads):
+    from attnkit.nn.attention import SplitLinear, _split_parts, split_linear
+
+    threads(2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert _split_parts(x, w) == 2
+    assert torch.autograd.gradcheck(split_linear, (x, w, b))
+    # The module: nn.Linear's parameters and state dict, and forward hooks still fire.
+    plain = torch.nn.Linear(6, 8).double()
+    fast = SplitLinear(6, 8).double()
+    fast.load_state_dict(plain.state_dict())
+    seen = []
+    fast.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    torch.testing.assert_close(fast(x), plain(x), atol=1e-12, rtol=0)
+    assert seen == [(1, 1, 8)] and list(fast.state_dict()) == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("kv", [1, 2, 6])
+def test_folded_decoding_step_equals_per_head_attention(threads, monkeypatch, n_threads, kv):
+    from attnkit import patterns as P
+    from attnkit.cache import DynamicCache
+    from attnkit.nn.attention import MultiheadAttention
+
+    threads(n_threads)
+    torch.manual_seed(0)
+    m = MultiheadAttention(48, 6, kv, pattern=P.causal()).double().eval()
+    x = torch.randn(2, 10, 48, dtype=torch.float64)
+    gate = torch.rand(6, dtype=torch.float64)
+    assert (m._fold_parts(None, 1, False, 0.0) > 0) == (kv < 6)
+
+    def run() -> torch.Tensor:
+        cache = DynamicCache()
+        m(x[:, :7], cache=cache)
+        return torch.cat([m(x[:, i:i + 1], cache=cache, head_mask=gate) for i in range(7, 10)], 1)
+
+    folded = run()
+    monkeypatch.setattr(MultiheadAttention, "_fold_parts", lambda self, *a: 0)
+    per_head = run()
+    torch.testing.assert_close(folded, per_head, atol=1e-12, rtol=0)
+    full = m(x, head_mask=gate)[:, 7:]
+    torch.testing.assert_close(folded, full, atol=1e-10, rtol=0)
+
+
+def test_convert_keeps_the_fast_projection_class():
+    from attnkit.nn.attention import SplitLinear
+
+    new = convert_kv_heads(_model(), 1)
+    assert all(type(getattr(b.attn, n)) is SplitLinear
+               for b in new.blocks for n in ("q_proj", "k_proj", "v_proj", "out_proj"))

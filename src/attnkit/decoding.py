@@ -177,7 +177,8 @@ def convert_kv_heads(model: nn.Module, num_kv_heads: int) -> nn.Module:
             old: nn.Linear = getattr(layer, name)
             d = layer.head_dim
             w = old.weight.view(num_kv_heads, ratio, d, old.in_features).mean(1)
-            lin = nn.Linear(old.in_features, num_kv_heads * d, bias=old.bias is not None,
+            # type(old): keeps e.g. SplitLinear's fast decoding path
+            lin = type(old)(old.in_features, num_kv_heads * d, bias=old.bias is not None,
                             device=old.weight.device, dtype=old.weight.dtype)
             lin.weight.copy_(w.reshape(num_kv_heads * d, old.in_features))
             if old.bias is not None:

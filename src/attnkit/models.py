@@ -9,10 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .nn.attention import MultiheadAttention
+from .nn.attention import MultiheadAttention, SplitLinear
 from .patterns import causal, sliding_window
 
 __all__ = ["DecoderLM", "DecoderBlock"]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class DecoderBlock(nn.Module):
@@ -26,13 +30,14 @@ class DecoderBlock(nn.Module):
                                        dropout=dropout, layer_idx=layer_idx)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(mlp_ratio * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None,
                 head_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
+        x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
+        return x + drop(self.mlp(self.norm2(x)))
 
 
 class DecoderLM(nn.Module):
@@ -82,7 +87,7 @@ class DecoderLM(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head = SplitLinear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
         self.apply(self._init)
 
@@ -104,7 +109,8 @@ class DecoderLM(nn.Module):
             raise ValueError(f"token ids must have shape (B, L), got {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(
                 f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]"
