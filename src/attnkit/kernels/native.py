@@ -122,7 +122,9 @@ def _openmp() -> tuple[int | None, int | None]:
         return None, None
     paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]
              and line.split()[-1].startswith("/")}
-    for path in sorted(paths):
+    # torch's own bundled runtime first, should another OpenMP runtime be loaded too
+    torch_dir = str(Path(torch.__file__).parent)
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         try:
             lib = ctypes.CDLL(path)
             par, num = lib.GOMP_parallel, lib.omp_get_thread_num
