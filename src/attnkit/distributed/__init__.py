@@ -10,32 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-from .sequence import (
-    CommStats,
-    comm_stats,
-    communication_volume,
-    gather_sequence,
-    halo_exchange,
-    reset_comm_stats,
-    sequence_layout,
-    sequence_parallel_attention,
-    shard_bounds,
-    shard_sequence,
-)
+from . import sequence
+from .sequence import *  # noqa: F403 - the package exports exactly sequence.__all__
 
-__all__ = [
-    "sequence_parallel_attention",
-    "shard_bounds",
-    "shard_sequence",
-    "gather_sequence",
-    "sequence_layout",
-    "halo_exchange",
-    "communication_volume",
-    "comm_stats",
-    "reset_comm_stats",
-    "CommStats",
-]
-_SEQUENCE = list(__all__)
+__all__ = list(sequence.__all__)
 
 
 def _data_parallel_names() -> list[str]:

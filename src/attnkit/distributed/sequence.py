@@ -671,7 +671,7 @@ class _ShardAttention(torch.autograd.Function):
         hkv, dv = k.shape[1], v.shape[3]
         g = hq // hkv
         g_out = g_out.reshape(B, hkv, g, lq, dv)
-        g_k = g_v = g_kh = g_vh = g_qh = None
+        g_k = g_v = g_kh = g_vh = g_qh = k_h = v_h = None
         if ctx.hub_rows:
             k_h, v_h, q_h, merged, coef, o_cd = ctx.saved_tensors[4:]
             own, local = _owned_hubs(plan, r, q.device)
@@ -698,8 +698,7 @@ class _ShardAttention(torch.autograd.Function):
         for ch in ctx.chunks:
             with torch.enable_grad():
                 qc = qg[:, :, :, ch.q0:ch.q1].detach().requires_grad_()
-                kc, vc = _chunk_kv(ch, k, v, halo, k_h if ctx.hub_rows else None,
-                                   v_h if ctx.hub_rows else None, d)
+                kc, vc = _chunk_kv(ch, k, v, halo, k_h, v_h, d)
                 kc, vc = kc.detach().requires_grad_(), vc.detach().requires_grad_()
                 o = _attend_chunk(ch, qc, kc, vc, scale)
                 if not o.requires_grad:  # no allowed key in this chunk
@@ -718,7 +717,6 @@ class _ShardAttention(torch.autograd.Function):
         if ctx.hub_rows:
             g_kh, g_vh, g_qh = _hub_rows_all_reduce((g_kh, g_vh, g_qh), plan, comm, "bwd",
                                                     reduce_only=True)
-            own, local = _owned_hubs(plan, r, q.device)
             if own.numel():
                 g_k.index_add_(2, local, g_kh.index_select(2, own))
                 g_v.index_add_(2, local, g_vh.index_select(2, own))

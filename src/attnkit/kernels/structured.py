@@ -133,6 +133,13 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
 
 
+def _no_keys(qs: Tensor, nq: int, dv: int) -> tuple[Tensor, Tensor]:
+    """The partial result of ``nq`` query rows without any key: zeros and ``-inf`` lse."""
+    B, hkv, g = qs.shape[:3]
+    return (qs.new_zeros(B, hkv, g, nq, dv),
+            torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -144,8 +151,7 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     nq = q1 - q0
     cand = comp.block_candidates(q0, q1, ctx.lq, ctx.lk, bq, qs.device)
     if cand is None:
-        return (qs.new_zeros(B, hkv, g, nq, dv),
-                torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+        return _no_keys(qs, nq, dv)
     qi, kj, valid = cand
     nb, width = valid.shape[0], valid.shape[2]
     pad = nb * bq - nq
@@ -208,9 +214,7 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
         delta = ctx.lk - ctx.lq
         a, z = max(0, q0 + delta + lo), min(ctx.lk, q1 + delta + hi)
         if z <= a:  # no key for any row of the chunk
-            B, hkv, g, _, _ = qs.shape
-            return (qs.new_zeros(B, hkv, g, q1 - q0, v.shape[-1]),
-                    torch.full((B, hkv, g, q1 - q0), NEG_INF, dtype=qs.dtype, device=qs.device))
+            return _no_keys(qs, q1 - q0, v.shape[-1])
         sub_lq, sub_lk = q1 - q0, z - a
         shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
         sub = replace(comp, band=(lo + shift, hi + shift))
@@ -505,8 +509,7 @@ def structured_attention(
     """
     B, hkv, g, lq, d = qs.shape
     if not comps or lq == 0:
-        return (qs.new_zeros(B, hkv, g, lq, v.shape[-1]),
-                torch.full((B, hkv, g, lq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+        return _no_keys(qs, lq, v.shape[-1])
     ctx.sparse_mm = all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k, v))
     width = sum(_width(c, ctx, d) for c in comps) * B
     rows = max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)

@@ -37,9 +37,13 @@ def _split_parts(x: Tensor, weight: Tensor) -> int:
             or x.dtype not in _SPLIT_DTYPES or weight.dtype != x.dtype
             or x.device.type != "cpu" or not weight.is_contiguous()):
         return 1
-    out_features = weight.shape[0]
-    for parts in range(min(threads, out_features), 1, -1):
-        if out_features % parts == 0:
+    return _largest_divisor(weight.shape[0], threads)
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (at least 1)."""
+    for parts in range(min(cap, n), 1, -1):
+        if n % parts == 0:
             return parts
     return 1
 
@@ -264,10 +268,7 @@ class MultiheadAttention(nn.Module):
         g = self.num_heads // self.num_kv_heads
         if pattern is not None or length != 1 or need_weights or dropout_p or g == 1:
             return 0
-        for parts in range(min(g, max(1, torch.get_num_threads() // self.num_kv_heads)), 0, -1):
-            if g % parts == 0:
-                return parts
-        return 1
+        return _largest_divisor(g, torch.get_num_threads() // self.num_kv_heads)
 
     def extra_repr(self) -> str:
         return (
