@@ -497,3 +497,14 @@ def test_public_api_names():
     for name in ["causal", "sliding_window", "dilated", "exponential", "global_tokens",
                  "random_keys", "graph", "block_diagonal"]:
         assert callable(getattr(P, name))
+
+
+@pytest.mark.parametrize("shape", [(7,), ()])
+def test_low_rank_bias_broadcasts_like_the_reference(shape):
+    """A bias of shape (Lk,) or a scalar broadcasts to (B, Hq, Lq, Lk) (SDPA needs 2-D masks)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(shape, generator=g, dtype=torch.float64)
+    ref = dense_reference(q, k, v, bias=bias.expand(2, 2, 5, 7))[0]
+    torch.testing.assert_close(attention(q, k, v, bias=bias), ref)

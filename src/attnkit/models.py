@@ -9,14 +9,38 @@ import torch
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .nn.attention import MultiheadAttention, SplitLinear
+from .nn.attention import MultiheadAttention, SplitLinear, split_linear
 from .patterns import causal, sliding_window
 
-__all__ = ["DecoderLM", "DecoderBlock"]
+__all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
 
 
 def _identity(x: Tensor) -> Tensor:
     return x
+
+
+class GeluMLP(nn.Sequential):
+    """``Linear -> GELU -> Linear`` (an ``nn.Sequential``, so parameter names stay ``0.weight``,
+    ``2.weight``...). The first product and the GELU run as one pass of
+    :func:`~attnkit.nn.attention.split_linear` (fused in the native decoding GEMV)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, act, fc2 = self
+        if (type(act) is nn.GELU and act.approximate == "none" and type(fc1) is SplitLinear
+                and not _has_hooks(fc1, act)):
+            return fc2(split_linear(x, fc1.weight, fc1.bias, gelu=True))
+        return fc2(act(fc1(x)))  # hooks to run, or the layers were swapped (e.g. pruning)
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own or global ones)."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or any(
+        mod._forward_hooks or mod._forward_pre_hooks for mod in modules))
 
 
 class DecoderBlock(nn.Module):
@@ -30,7 +54,7 @@ class DecoderBlock(nn.Module):
                                        dropout=dropout, layer_idx=layer_idx)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(mlp_ratio * dim)
-        self.mlp = nn.Sequential(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
+        self.mlp = GeluMLP(dim, hidden)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None,

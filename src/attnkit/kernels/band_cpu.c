@@ -186,3 +186,143 @@ int band_forward(const float *q, const float *k, const float *v, float *out, flo
   for (int t = 0; t < nthreads; t++) err |= jobs[t].err;
   return err ? -1 : 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Decoding attention: a few query rows per key/value head (a cached decoding step, the query
+// heads of a group stacked as rows) against every key. Keys are split into chunks (split-K,
+// "flash-decoding") so that all threads work even when there is one key/value head; each chunk
+// is one sgemm for the scores, an exp pass, one sgemm for the partial output; the chunks' partial
+// results merge through their row maxima and sums. Each thread reads its chunk of K and V
+// sequentially once, for all rows.
+// q (BH, M, d) contiguous pre-scaled; k, v rows contiguous (row stride d / dv) with stride
+// ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
+
+typedef struct {
+  const float *q, *k, *v; float *opart, *mpart, *lpart;
+  int64_t M, Lk, d, dv, ks, vs, nsplit, chunk;
+  sgemm_t gemm; setthreads_t setthreads;
+  int64_t start, stop;
+  int err;
+} djob_t;
+
+static void *decode_worker(void *arg) {
+  djob_t *J = (djob_t *)arg;
+  if (J->setthreads) J->setthreads(1);
+  float *S = (float *)malloc(sizeof(float) * J->M * J->chunk);
+  if (!S) { J->err = 1; return NULL; }
+  const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  for (int64_t it = J->start; it < J->stop; it++) {
+    int64_t bh = it / J->nsplit, sp = it % J->nsplit;
+    int64_t j0 = sp * J->chunk, j1 = j0 + J->chunk < J->Lk ? j0 + J->chunk : J->Lk;
+    float *op = J->opart + it * J->M * J->dv, *mp = J->mpart + it * J->M,
+          *lp = J->lpart + it * J->M;
+    if (j1 <= j0) {
+      memset(op, 0, sizeof(float) * J->M * J->dv);
+      for (int64_t r = 0; r < J->M; r++) { mp[r] = -INFINITY; lp[r] = 0.f; }
+      continue;
+    }
+    int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
+    const float *qp = J->q + bh * J->M * J->d;
+    const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
+    J->gemm(&T, &N, &W, &Mi, &D, &one, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
+    for (int64_t r = 0; r < J->M; r++) {
+      float *x = S + r * W, m = -INFINITY, sum = 0.f;
+      int64_t i = 0;
+#ifdef __AVX2__
+      __m256 vm = _mm256_set1_ps(-INFINITY);
+      for (; i + 8 <= W; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+      m = hmax(vm);
+#endif
+      for (; i < W; i++) m = x[i] > m ? x[i] : m;
+      i = 0;
+#ifdef __AVX2__
+      __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
+      for (; i + 8 <= W; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
+        _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
+      }
+      sum = hsum(vs);
+#endif
+      for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
+      mp[r] = m; lp[r] = sum;
+    }
+    J->gemm(&N, &N, &DV, &Mi, &W, &one, vp, &DV, S, &W, &zero, op, &DV);  // O (M x dv)
+  }
+  free(S);
+  if (J->setthreads) J->setthreads(0);
+  return NULL;
+}
+
+typedef struct { djob_t *jobs; thread_num_t thread_num; } dteam_t;
+
+static void decode_team_worker(void *arg) {
+  dteam_t *T = (dteam_t *)arg;
+  decode_worker(&T->jobs[T->thread_num()]);
+}
+
+int decode_forward(const float *q, const float *k, const float *v, float *out, float *lse,
+                   int64_t BH, int64_t M, int64_t Lk, int64_t d, int64_t dv, int64_t ks,
+                   int64_t vs, int64_t nsplit, int nthreads, void *gemm, void *setthreads,
+                   void *omp_parallel, void *omp_thread_num) {
+  if (nsplit < 1) nsplit = 1;
+  int64_t chunk = (Lk + nsplit - 1) / nsplit, total = BH * nsplit;
+  if (chunk < 1) chunk = 1;
+  float *opart = (float *)malloc(sizeof(float) * total * M * dv);
+  float *mpart = (float *)malloc(sizeof(float) * total * M);
+  float *lpart = (float *)malloc(sizeof(float) * total * M);
+  if (!opart || !mpart || !lpart) { free(opart); free(mpart); free(lpart); return -1; }
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > total) nthreads = (int)(total > 0 ? total : 1);
+  if (nthreads > 64) nthreads = 64;
+  djob_t jobs[64]; pthread_t tid[64];
+  for (int t = 0; t < nthreads; t++) {
+    djob_t j = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk,
+                (sgemm_t)gemm, (setthreads_t)setthreads,
+                total * t / nthreads, total * (t + 1) / nthreads, 0};
+    jobs[t] = j;
+  }
+  if (omp_parallel && omp_thread_num && nthreads > 1) {
+    dteam_t team = {jobs, (thread_num_t)omp_thread_num};
+    ((gomp_parallel_t)omp_parallel)(decode_team_worker, &team, (unsigned)nthreads, 0);
+  } else {
+    int started = 1;
+    for (; started < nthreads; started++)
+      if (pthread_create(&tid[started], NULL, decode_worker, &jobs[started])) break;
+    for (int t = started; t < nthreads; t++) decode_worker(&jobs[t]);
+    decode_worker(&jobs[0]);
+    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
+  }
+  int err = 0;
+  for (int t = 0; t < nthreads; t++) err |= jobs[t].err;
+  if (!err) {
+    // merge the chunks of each (head, row): out = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s
+    for (int64_t bh = 0; bh < BH; bh++)
+      for (int64_t r = 0; r < M; r++) {
+        float m = -INFINITY;
+        for (int64_t s = 0; s < nsplit; s++) {
+          float ms = mpart[(bh * nsplit + s) * M + r];
+          m = ms > m ? ms : m;
+        }
+        float *o = out + (bh * M + r) * dv;
+        memset(o, 0, sizeof(float) * dv);
+        float l = 0.f;
+        if (m != -INFINITY)
+          for (int64_t s = 0; s < nsplit; s++) {
+            int64_t it = bh * nsplit + s;
+            float w = expf(mpart[it * M + r] - m);
+            l += w * lpart[it * M + r];
+            const float *os = opart + (it * M + r) * dv;
+            for (int64_t c = 0; c < dv; c++) o[c] += w * os[c];
+          }
+        if (l > 0.f) {
+          float inv = 1.f / l;
+          for (int64_t c = 0; c < dv; c++) o[c] *= inv;
+          lse[bh * M + r] = m + logf(l);
+        } else {
+          lse[bh * M + r] = -INFINITY;
+        }
+      }
+  }
+  free(opart); free(mpart); free(lpart);
+  return err ? -1 : 0;
+}

@@ -1,4 +1,5 @@
-"""Optional compiled CPU kernel: the fused band (sliding-window) attention forward.
+"""Optional compiled CPU kernels: the fused band (sliding-window) attention forward, and the
+matrix-vector products of a decoding step.
 
 The engine's band kernel in plain PyTorch makes separate passes over each block's score matrix
 (the score GEMM with a mask added, the softmax, the output GEMM). ``band_cpu.c`` fuses them per
@@ -11,6 +12,11 @@ Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-
 ``ATTNKIT_NATIVE=0`` in the environment, :func:`band_available` is ``False`` and the engine uses
 its PyTorch kernels (the same results). Only contiguous fp32 CPU tensors take this path; backward
 recomputes through the PyTorch kernel (see ``structured._NativeBand``).
+
+``gemv_cpu.c`` (:func:`gemv_rows`) multiplies a few rows by a weight matrix with every thread
+streaming its own block of the weight's rows (a BLAS gemv reads it on one thread): decoding one
+token is bound by reading the weights, so this is what sets its speed. Same fallbacks
+(:func:`gemv_available`); no autograd (inference only).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH"]
+__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_forward", "gemv_available",
+           "gemv_rows"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
+_GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
 _LIBS = ["-lm", "-lpthread"]
 #: Widest band (``hi - lo + 1`` keys) the fused kernel takes; its per-thread score buffer is
@@ -61,13 +69,13 @@ def _cpu_key() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _build() -> Path:
+def _build(source: Path = _SOURCE) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = _SOURCE.read_bytes()
+    src = source.read_bytes()
     key = hashlib.sha256(src + repr((_FLAGS, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"band_cpu-{key}.so"
+    out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,10 +84,10 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE), *_LIBS],
+        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(source), *_LIBS],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+            raise RuntimeError(f"{cc} failed on {source.name}: {proc.stderr.strip()[:500]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -107,7 +115,10 @@ def _load():
     if gemm is None:
         raise RuntimeError("torch's library exports no sgemm_")
     one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
-    return fn, gemm, one_thread, *_openmp()
+    dec = lib.decode_forward
+    dec.argtypes = [ctypes.c_void_p] * 5 + [i64] * 8 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    dec.restype = ctypes.c_int
+    return fn, gemm, one_thread, *_openmp(), dec
 
 
 def _openmp() -> tuple[int | None, int | None]:
@@ -148,28 +159,45 @@ def _self_check() -> None:
     if not (torch.allclose(out, ref, atol=1e-5) and
             torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
         raise RuntimeError("self-check against a dense reference failed")
+    # the decoding kernel: 3 rows per head, 2 key/value heads, keys split in 3 chunks
+    q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 41, 8, generator=g)
+    v = torch.randn(2, 41, 5, generator=g)
+    out, lse = _decode_call(q, k, v, nsplit=3)
+    s = q @ k.transpose(-1, -2)
+    if not (torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-5) and
+            torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
+        raise RuntimeError("decoding self-check against a dense reference failed")
+
+
+def _native_disabled() -> bool:
+    return os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _available(state: dict, load, self_check, what: str) -> bool:
+    """Build, load and check a kernel once; any failure means: use the PyTorch path."""
+    if "ok" not in state:
+        state["ok"] = False
+        if _native_disabled():
+            return False
+        try:
+            state["fn"] = load()
+            self_check()
+            state["ok"] = True
+        except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch kernels
+            state.pop("fn", None)
+            warnings.warn(f"attnkit: {what} unavailable ({e}); using PyTorch instead",
+                          RuntimeWarning, stacklevel=3)
+    return state["ok"]
 
 
 def band_available() -> bool:
-    """Whether the fused kernel is built, loaded and checked (built on the first call)."""
-    if "ok" not in _state:
-        _state["ok"] = False
-        if os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-            return False
-        try:
-            _state["fn"] = _load()
-            _self_check()
-            _state["ok"] = True
-        except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch kernels
-            _state.pop("fn", None)
-            warnings.warn(f"attnkit: fused CPU band kernel unavailable ({e}); using the "
-                          f"PyTorch kernels", RuntimeWarning, stacklevel=2)
-    return _state["ok"]
+    """Whether the fused band kernel is built, loaded and checked (built on the first call)."""
+    return _available(_state, _load, _self_check, "fused CPU band kernel")
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
           block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    fn, gemm, one_thread, omp_parallel, omp_thread_num = _state["fn"]
+    fn, gemm, one_thread, omp_parallel, omp_thread_num, _ = _state["fn"]
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     out = q.new_empty(B, hq, q1 - q0, dv)
@@ -200,3 +228,111 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     q = qs.detach().reshape(B, hkv * g, lq, d).contiguous()
     out, lse = _call(q, k.detach().contiguous(), v.detach().contiguous(), lo, hi, q0, q1)
     return (out.view(B, hkv, g, q1 - q0, v.shape[3]), lse.view(B, hkv, g, q1 - q0))
+
+
+#: Keys per chunk below which :func:`decode_forward` stops splitting a head's keys further.
+DECODE_MIN_CHUNK = 256
+
+
+def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int) -> tuple[Tensor, Tensor]:
+    _, gemm, one_thread, omp_parallel, omp_thread_num, fn = _state["fn"]
+    bh, m, d = q.shape
+    lk, dv = k.shape[1], v.shape[2]
+    out = q.new_empty(bh, m, dv)
+    lse = q.new_empty(bh, m)
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+            bh, m, lk, d, dv, k.stride(0), v.stride(0), nsplit, torch.get_num_threads(),
+            gemm, one_thread, omp_parallel, omp_thread_num)
+    if rc != 0:
+        raise MemoryError("attnkit decoding kernel: out of memory for its buffers")
+    return out, lse
+
+
+def decode_forward(qs: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Every query row attends to every key (a cached decoding step), split over keys so all
+    threads work even with one key/value head.
+
+    Args:
+        qs: pre-scaled queries ``(B, Hkv, R, D)``: the ``R`` rows sharing each key/value head
+            (a group's query heads times the new positions), fp32 CPU.
+        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, each key/value row contiguous (a view
+            into a longer preallocated cache is fine).
+    Returns:
+        ``out (B, Hkv, R, Dv)`` and ``lse (B, Hkv, R)``. Not differentiable.
+    """
+    if not band_available():
+        raise RuntimeError("the native kernels are not available here (see band_available)")
+    B, hkv, rows, d = qs.shape
+    lk = k.shape[2]
+    q = qs.detach().reshape(B * hkv, rows, d).contiguous()
+
+    def heads(t: Tensor) -> Tensor:  # (B*Hkv, Lk, D) with contiguous rows, no copy if possible
+        t = t.detach()
+        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (
+                B > 1 and t.stride(0) != hkv * t.stride(1)):
+            t = t.contiguous()
+        return t.as_strided((B * hkv, lk, t.shape[-1]), (t.stride(1), t.shape[-1], 1))
+
+    # enough chunks for every thread, none shorter than DECODE_MIN_CHUNK keys
+    threads = torch.get_num_threads()
+    nsplit = max(1, min(-(-threads // (B * hkv)), lk // DECODE_MIN_CHUNK))
+    out, lse = _decode_call(q, heads(k), heads(v), nsplit)
+    return out.view(B, hkv, rows, v.shape[-1]), lse.view(B, hkv, rows)
+
+
+# ------------------------------------------------------------------------ decoding GEMV
+
+_gemv_state: dict = {}
+#: Most rows :func:`gemv_rows` takes (a decoding step's tokens x batch); more rows are a GEMM.
+GEMV_MAX_ROWS = 4
+
+
+def _load_gemv():
+    lib = ctypes.CDLL(str(_build(_GEMV_SOURCE)))
+    fn = lib.gemv_rows
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + \
+        [ctypes.c_void_p] * 2
+    fn.restype = ctypes.c_int
+    return fn, *_openmp()
+
+
+def _gemv_self_check() -> None:
+    g = torch.Generator().manual_seed(0)
+    for rows, out_f, in_f in ((1, 37, 21), (3, 64, 48)):
+        x, w = torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
+        b = torch.randn(out_f, generator=g)
+        for bias in (None, b):
+            ref = torch.nn.functional.linear(x, w, bias)
+            if not (torch.allclose(_gemv_call(x, w, bias, False), ref, atol=1e-4) and
+                    torch.allclose(_gemv_call(x, w, bias, True), torch.nn.functional.gelu(ref),
+                                   atol=1e-4)):
+                raise RuntimeError("self-check against torch.nn.functional.linear failed")
+
+
+def gemv_available() -> bool:
+    """Whether the decoding GEMV kernel is built, loaded and checked (built on the first call)."""
+    return _available(_gemv_state, _load_gemv, _gemv_self_check, "native GEMV kernel")
+
+
+def _gemv_call(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    fn, omp_parallel, omp_thread_num = _gemv_state["fn"]
+    out_f, in_f = weight.shape
+    rows = x.numel() // in_f
+    y = x.new_empty(rows, out_f)
+    fn(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+       rows, in_f, out_f, int(gelu), torch.get_num_threads(), omp_parallel, omp_thread_num)
+    return y
+
+
+def gemv_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+              gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` (then ``F.gelu`` with ``gelu=True``, in the same pass) for
+    ``x (..., in)`` with at most :data:`GEMV_MAX_ROWS` rows, ``weight (out, in)`` contiguous,
+    ``bias (out,)``: fp32 CPU tensors; not differentiable (the caller checks that no gradient
+    is needed). Returns ``(..., out)``."""
+    if not gemv_available():
+        raise RuntimeError("the native GEMV kernel is not available here (see gemv_available)")
+    if not weight.is_contiguous():
+        raise ValueError("gemv_rows needs a contiguous weight")
+    out = _gemv_call(x.contiguous(), weight, None if bias is None else bias.contiguous(), gelu)
+    return out.view(*x.shape[:-1], weight.shape[0])

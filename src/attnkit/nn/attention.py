@@ -13,17 +13,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import SparseWeights, attention
+from ..kernels import native
 from ..patterns import Pattern
 
 __all__ = ["RotaryEmbedding", "MultiheadAttention", "SplitLinear", "split_linear"]
 
 # A decoding step multiplies one token by every weight matrix: matrix-vector products limited by
 # memory bandwidth. F.linear hands them to a BLAS GEMV that reads the weight on one thread
-# (~15 GB/s measured here for fp32 with MKL at 2 threads); one batched product over blocks of
-# output features, a block per thread, reads it on all threads (~22-30 GB/s). Below ~1 MB of
-# weight the threads' start-up costs more than it saves (measured), so small layers stay plain.
+# (~15 GB/s measured here for fp32 with MKL at 2 threads). Without autograd, fp32 goes to the
+# native GEMV (kernels/gemv_cpu.c: each thread streams its block of rows); otherwise one batched
+# product over blocks of output features, a block per thread, reads it on all threads (~22-30
+# GB/s). Below ~1 MB of weight the threads' start-up costs more than it saves (measured), so
+# small layers stay plain.
 SPLIT_MAX_ROWS = 4  # rows (tokens x batch) up to which split_linear splits; above: F.linear
 SPLIT_MIN_NUMEL = 1 << 18  # smallest weight (elements) that split_linear splits
+NATIVE_MIN_NUMEL = 1 << 14  # smallest weight for the native GEMV (its thread start-up is cheap)
 _MKL = torch.backends.mkl.is_available()
 _SPLIT_DTYPES = (torch.float32, torch.float64)
 
@@ -48,20 +52,42 @@ def _largest_divisor(n: int, cap: int) -> int:
     return 1
 
 
-def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, faster for the few rows of a decoding step.
+def _native_ok(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether :func:`split_linear` can use the native GEMV (fp32 CPU, few rows, no autograd)."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.dim() == 2
+            and weight.numel() >= NATIVE_MIN_NUMEL and x.device.type == "cpu"
+            and weight.device.type == "cpu" and weight.is_contiguous()
+            and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and 0 < x.numel() <= native.GEMV_MAX_ROWS * weight.shape[1]
+            and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]
+                                  and bias.device.type == "cpu"))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                  or (bias is not None and bias.requires_grad)))
+            and native.gemv_available())
 
-    ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` -> ``(..., out)``. With at most
-    :data:`SPLIT_MAX_ROWS` rows, a weight of at least :data:`SPLIT_MIN_NUMEL` elements,
-    fp32/fp64 on CPU with MKL and two or more threads, the output features are cut into ``P``
-    blocks (``P`` = threads, or the largest smaller divisor of ``out``) computed by one
-    ``baddbmm`` over views of ``weight`` (no copy), so the weight is read by all threads at
-    once; otherwise it is ``F.linear``. Same result up to floating-point rounding;
-    differentiable either way.
+
+def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
+                 gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)`` (then ``F.gelu`` with ``gelu=True``), faster for the few
+    rows of a decoding step.
+
+    ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` -> ``(..., out)``. Without autograd,
+    fp32 on CPU with at most ``GEMV_MAX_ROWS`` rows goes to the native GEMV kernel
+    (:func:`attnkit.kernels.native.gemv_rows`: each thread streams its own block of the weight's
+    rows) when it is available. Otherwise, with at most :data:`SPLIT_MAX_ROWS` rows, a weight
+    of at least :data:`SPLIT_MIN_NUMEL` elements, fp32/fp64 on CPU with MKL and two or more
+    threads, the output features are cut into ``P`` blocks (``P`` = threads, or the largest
+    smaller divisor of ``out``) computed by one ``baddbmm`` over views of ``weight`` (no copy),
+    so the weight is read by all threads at once; else it is ``F.linear``. Same result up to
+    floating-point rounding; differentiable except on the native path (taken only without
+    autograd).
     """
+    if _native_ok(x, weight, bias):
+        return native.gemv_rows(x, weight, bias, gelu=gelu)  # GELU fused into the same pass
     parts = _split_parts(x, weight)
     if parts < 2:
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     xs = x.reshape(1, rows, in_features).expand(parts, rows, in_features)
@@ -71,8 +97,10 @@ def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     else:
         y = torch.baddbmm(bias.view(parts, 1, out_features // parts), xs, ws)
     if rows == 1:  # (P, 1, out/P) is already the (1, out) row
-        return y.view(*x.shape[:-1], out_features)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+        y = y.view(*x.shape[:-1], out_features)
+    else:
+        y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    return F.gelu(y) if gelu else y
 
 
 class SplitLinear(nn.Linear):
