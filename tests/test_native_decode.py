@@ -113,7 +113,7 @@ def test_gemv_matches_linear(rows, out_f, in_f, bias, gelu):
 
 
 def test_split_linear_uses_gemv_only_without_autograd(monkeypatch):
-    seen = _spy(monkeypatch, "gemv_rows")
+    seen = _spy(monkeypatch, "gemv_multi")
     lin = torch.nn.Linear(256, 300)
     x = torch.randn(1, 1, 256)
     with torch.no_grad():
@@ -149,3 +149,101 @@ def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch):
         full = model(ids)[:, -1]
     assert seen
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), sizes=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       in_f=st.integers(1, 90), bias=st.booleans(), gelu=st.booleans(), residual=st.booleans(),
+       norm=st.sampled_from([None, "plain", "affine"]))
+def test_gemv_multi_matches_torch(rows, sizes, in_f, bias, gelu, residual, norm):
+    """Several weights in one call, with the LayerNorm before and the residual after fused in,
+    against F.layer_norm / F.linear / torch.cat in fp64."""
+    g = torch.Generator().manual_seed(rows * 7919 + in_f * 31 + sum(sizes))
+    x = torch.randn(rows, in_f, generator=g) * 3 + 1
+    ws = [torch.randn(o, in_f, generator=g) for o in sizes]
+    bs = [torch.randn(o, generator=g) if bias and i != 1 else None for i, o in enumerate(sizes)]
+    res = torch.randn(rows, sum(sizes), generator=g) if residual else None
+    ln = None
+    xd = x.double()
+    if norm is not None:
+        lw, lb = ((torch.randn(in_f, generator=g), torch.randn(in_f, generator=g))
+                  if norm == "affine" else (None, None))
+        ln = (lw, lb, 1e-5)
+        xd = F.layer_norm(xd, (in_f,), None if lw is None else lw.double(),
+                          None if lb is None else lb.double(), 1e-5)
+    ref = torch.cat([F.linear(xd, w.double(), None if b is None else b.double())
+                     for w, b in zip(ws, bs)], -1)
+    if gelu:
+        ref = F.gelu(ref)
+    if res is not None:
+        ref = ref + res.double()
+    out = native.gemv_multi(x, ws, bs, gelu=gelu, residual=res, layer_norm=ln)
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_gemv_multi_rope_matches_rotary_embedding():
+    """The rotary embedding applied in the GEMV pass equals RotaryEmbedding on the output."""
+    from attnkit.nn.attention import RotaryEmbedding
+
+    torch.manual_seed(0)
+    hd, heads, length = 16, 3, 2
+    rot = RotaryEmbedding(hd)
+    x = torch.randn(1, length, 40)
+    w_qk, w_v = torch.randn(heads * hd, 40), torch.randn(hd, 40)
+    cos, sin = rot._cos_sin(5, 5 + length, x.device, x.dtype)
+    out = native.gemv_multi(x, (w_qk, w_v), rope=(cos, sin, heads * hd))
+    plain = F.linear(x, w_qk).view(1, length, heads, hd).transpose(1, 2)
+    ref_qk = rot(plain, offset=5).transpose(1, 2).reshape(1, length, heads * hd)
+    torch.testing.assert_close(out[..., :heads * hd], ref_qk, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[..., heads * hd:], F.linear(x, w_v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"weights": ()}, "weights"),
+    ({"weights": (torch.randn(4, 7),)}, r"weights\[0\]"),
+    ({"biases": (torch.randn(3),)}, r"biases\[0\]"),
+    ({"residual": torch.randn(1, 5)}, "residual"),
+    ({"layer_norm": (torch.randn(3), None, 1e-5)}, "layer_norm weight"),
+    ({"rope": (torch.randn(1, 4), torch.randn(1, 4), 3)}, "rope cols"),
+    ({"rope": (torch.randn(2, 4), torch.randn(2, 4), 4)}, "rope cos"),
+])
+def test_gemv_multi_bad_input(kwargs, match):
+    args = {"x": torch.randn(1, 8), "weights": (torch.randn(4, 8),), "biases": None, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        native.gemv_multi(args.pop("x"), args.pop("weights"), args.pop("biases"), **args)
+
+
+def test_decoder_block_native_step_equals_module_path():
+    """The fused decoding step of a block (norms, projections, rotary, residuals in native
+    GEMV calls) gives what the modules compute one by one; hooks, autograd and swapped layers
+    take the module path."""
+    from attnkit.models import DecoderBlock
+
+    torch.manual_seed(0)
+    block = DecoderBlock(96, 6, 2, P.causal(), 4.0, 0.0, 0).eval()
+    for p in block.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(1, 1, 96)
+    past = torch.randn(1, 20, 96)
+    with torch.no_grad():
+        outs = []
+        for use_hook in (False, True):
+            cache = StaticCache(40)
+            block.attn(block.norm1(past), cache=cache)  # fill the cache through the modules
+            handle = block.mlp.register_forward_hook(lambda *a: None) if use_hook else None
+            assert block._decode_ready(x) is not use_hook
+            outs.append(block(x, cache))
+            assert cache.seq_length(0) == 21
+            if handle is not None:
+                handle.remove()
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    assert not block._decode_ready(x)  # grad mode is on outside no_grad
+    with torch.no_grad():
+        assert block._decode_ready(x)
+        assert not block._decode_ready(torch.randn(1, 5, 96))  # more rows than a GEMV takes
+        assert not block._decode_ready(x.double())
+        block.train()
+        assert not block._decode_ready(x)
+        block.eval()
+        block.mlp[1] = torch.nn.ReLU()
+        assert not block._decode_ready(x)

@@ -214,6 +214,14 @@ def attention(
     bias = _prepare_bias(bias, q.dtype)
     dense = pattern is None or isinstance(pattern, Causal)
 
+    if (dense and score_mod is None and not return_weights and bias is None
+            and not isinstance(temperature, Tensor)
+            and _decode_ok(q, k, v, pattern, dropout_p, lq, lk, g)):
+        # the group's query heads as rows of its key/value head; the scale goes into the kernel
+        qr = q.reshape(B, hkv, g * lq, d)
+        out = native.decode_forward(qr, k, v, scale / float(temperature))[0]
+        return out.view(B, hq, lq, dv)
+
     per_head_temp = isinstance(temperature, Tensor) and temperature.numel() > 1
     if isinstance(temperature, Tensor) and not per_head_temp:
         temperature = temperature.reshape(())
@@ -225,9 +233,6 @@ def attention(
         qs = q if float(temperature) == 1.0 and scale == 1.0 else q * (scale / float(temperature))
 
     if dense and score_mod is None and not return_weights:
-        if bias is None and _decode_ok(qs, k, v, pattern, dropout_p, lq, lk, g):
-            qr = qs.reshape(B, hkv, g * lq, d)  # the group's query heads as rows of its kv head
-            return native.decode_forward(qr, k, v)[0].view(B, hq, lq, dv)
         out = _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g)
         if out is not None:
             return out

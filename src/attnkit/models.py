@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from .cache import KVCache
-from .nn.attention import MultiheadAttention, SplitLinear, split_linear
+from .kernels import native
+from .nn.attention import MultiheadAttention, SplitLinear, _has_hooks, split_linear
 from .patterns import causal, sliding_window
 
 __all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
@@ -27,20 +28,20 @@ class GeluMLP(nn.Sequential):
     def __init__(self, dim: int, hidden: int):
         super().__init__(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
 
+    def _decode_step(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """``x + self(norm(x))`` in two native GEMV calls (LayerNorm fused into the first,
+        the residual into the second). The caller checks that the native path applies."""
+        fc1, _, fc2 = self
+        h = native.gemv_multi(x, (fc1.weight,), (fc1.bias,), gelu=True,
+                              layer_norm=(norm.weight, norm.bias, norm.eps), check=False)
+        return native.gemv_multi(h, (fc2.weight,), (fc2.bias,), residual=x, check=False)
+
     def forward(self, x: Tensor) -> Tensor:
         fc1, act, fc2 = self
         if (type(act) is nn.GELU and act.approximate == "none" and type(fc1) is SplitLinear
                 and not _has_hooks(fc1, act)):
             return fc2(split_linear(x, fc1.weight, fc1.bias, gelu=True))
         return fc2(act(fc1(x)))  # hooks to run, or the layers were swapped (e.g. pruning)
-
-
-def _has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run forward hooks (their own or global ones)."""
-    from torch.nn.modules import module as m
-
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or any(
-        mod._forward_hooks or mod._forward_pre_hooks for mod in modules))
 
 
 class DecoderBlock(nn.Module):
@@ -59,9 +60,49 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None,
                 head_mask: Tensor | None = None) -> Tensor:
+        if head_mask is None and self._decode_ready(x):
+            # a decoding step: four native GEMV calls (norms and residuals fused in) around
+            # the engine's attention; same results, a fraction of the per-step overhead
+            x = self.attn._decode_step(x, self.norm1, cache)
+            return self.mlp._decode_step(x, self.norm2)
         drop = self.drop if self.training and self.drop.p > 0 else _identity
         x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
         return x + drop(self.mlp(self.norm2(x)))
+
+
+    def _decode_ready(self, x: Tensor) -> bool:
+        """Whether this call can take the native decoding path: inference without autograd,
+        fp32 on CPU, at most ``GEMV_MAX_ROWS`` rows, the block's own layer types (nothing
+        swapped in, no hooks to run) with contiguous fp32 CPU weights.
+
+        Runs on every decoding step of every block, so it reads the module dictionaries
+        directly (``nn.Module.__getattr__`` alone would cost more than the step it saves)."""
+        if (self.training or torch.is_grad_enabled() or x.dtype != torch.float32
+                or not x.is_cpu or x.shape[0] * x.shape[1] > native.GEMV_MAX_ROWS):
+            return False
+        mods = self._modules
+        attn, mlp, norm1, norm2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
+        if (type(attn) is not MultiheadAttention or type(mlp) is not GeluMLP
+                or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm):
+            return False
+        am, mm = attn._modules, mlp._modules
+        if len(mm) != 3:
+            return False
+        fc1, act, fc2 = mm.values()
+        if type(act) is not nn.GELU or act.approximate != "none":
+            return False
+        linears = (am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"], fc1, fc2)
+        for m in linears:
+            if type(m) is not SplitLinear and type(m) is not nn.Linear:
+                return False
+        if _has_hooks(norm1, norm2, attn, mlp, act, *linears):
+            return False
+        for m in (*linears, norm1, norm2):
+            for t in m._parameters.values():
+                if t is not None and (t.dtype != torch.float32 or not t.is_cpu
+                                      or not t.is_contiguous()):
+                    return False
+        return native.gemv_available()
 
 
 class DecoderLM(nn.Module):

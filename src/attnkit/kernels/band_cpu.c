@@ -194,12 +194,13 @@ int band_forward(const float *q, const float *k, const float *v, float *out, flo
 // is one sgemm for the scores, an exp pass, one sgemm for the partial output; the chunks' partial
 // results merge through their row maxima and sums. Each thread reads its chunk of K and V
 // sequentially once, for all rows.
-// q (BH, M, d) contiguous pre-scaled; k, v rows contiguous (row stride d / dv) with stride
+// q (BH, M, d) contiguous, scores scaled by `scale` (the first sgemm's alpha); k, v rows contiguous (row stride d / dv) with stride
 // ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
 
 typedef struct {
   const float *q, *k, *v; float *opart, *mpart, *lpart;
   int64_t M, Lk, d, dv, ks, vs, nsplit, chunk;
+  float scale;
   sgemm_t gemm; setthreads_t setthreads;
   int64_t start, stop;
   int err;
@@ -224,7 +225,7 @@ static void *decode_worker(void *arg) {
     int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
     const float *qp = J->q + bh * J->M * J->d;
     const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
-    J->gemm(&T, &N, &W, &Mi, &D, &one, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
+    J->gemm(&T, &N, &W, &Mi, &D, &J->scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
     for (int64_t r = 0; r < J->M; r++) {
       float *x = S + r * W, m = -INFINITY, sum = 0.f;
       int64_t i = 0;
@@ -262,8 +263,8 @@ static void decode_team_worker(void *arg) {
 
 int decode_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                    int64_t BH, int64_t M, int64_t Lk, int64_t d, int64_t dv, int64_t ks,
-                   int64_t vs, int64_t nsplit, int nthreads, void *gemm, void *setthreads,
-                   void *omp_parallel, void *omp_thread_num) {
+                   int64_t vs, int64_t nsplit, float scale, int nthreads, void *gemm,
+                   void *setthreads, void *omp_parallel, void *omp_thread_num) {
   if (nsplit < 1) nsplit = 1;
   int64_t chunk = (Lk + nsplit - 1) / nsplit, total = BH * nsplit;
   if (chunk < 1) chunk = 1;
@@ -276,7 +277,7 @@ int decode_forward(const float *q, const float *k, const float *v, float *out, f
   if (nthreads > 64) nthreads = 64;
   djob_t jobs[64]; pthread_t tid[64];
   for (int t = 0; t < nthreads; t++) {
-    djob_t j = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk,
+    djob_t j = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk, scale,
                 (sgemm_t)gemm, (setthreads_t)setthreads,
                 total * t / nthreads, total * (t + 1) / nthreads, 0};
     jobs[t] = j;

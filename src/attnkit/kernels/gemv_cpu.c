@@ -5,8 +5,10 @@
 // here each thread of torch's OpenMP team streams its own contiguous block of W's rows, so the
 // whole memory bandwidth is used. Four rows of W at a time share each load of x. With gelu set,
 // y = GELU(y) (the exact erf form, as torch.nn.functional.gelu) is applied in the same pass.
+// Several weights that multiply the same x can go in one call (segments of one output row).
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <pthread.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -15,10 +17,18 @@
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 typedef int (*thread_num_t)(void);
 
+// Up to MAX_SEG weights share one x and one output row: segment s writes columns
+// [off[s], off[s] + O[s]) of y (row stride ldy). One call, one wake-up of the thread team, for
+// several products of the same input (a layer's query, key and value projections). They come
+// as scalar arguments, not arrays: building arrays costs the caller (ctypes) more time.
+#define MAX_SEG 3
+
 typedef struct {
-  const float *x, *W, *bias; float *y;
-  int64_t R, I, O;
-  int nthreads, gelu;
+  const float *x, *res; float *y;
+  int64_t R, I, ldy;
+  int nseg, nthreads, gelu;
+  const float *W[MAX_SEG], *bias[MAX_SEG];
+  int64_t O[MAX_SEG], off[MAX_SEG], quad0[MAX_SEG + 1];  // quad0: first 4-row group of s
   thread_num_t thread_num;
 } gemv_t;
 
@@ -31,14 +41,16 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
-// y[r, o] for rows o in [o0, o1) of W and every row r of x. Each group of four rows of W is
-// used for all rows of x while it sits in L1, so W is read from memory once.
-static void gemv_block(const gemv_t *G, int64_t o0, int64_t o1) {
-  const int64_t I = G->I, O = G->O;
+// y[r, off + o] for rows o in [o0, o1) of segment s's W and every row r of x. Each group of four
+// rows of W is used for all rows of x while it sits in L1, so W is read from memory once.
+static void gemv_block(const gemv_t *G, int s, int64_t o0, int64_t o1) {
+  const int64_t I = G->I, ldy = G->ldy;
+  const float *W = G->W[s], *bias = G->bias[s];
+  float *Y = G->y + G->off[s];
   int64_t o = o0;
 #ifdef __AVX2__
   for (; o + 4 <= o1; o += 4) {
-    const float *w0 = G->W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+    const float *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
     for (int64_t r = 0; r < G->R; r++) {
       const float *x = G->x + r * I;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -54,37 +66,49 @@ static void gemv_block(const gemv_t *G, int64_t o0, int64_t o1) {
       for (; i < I; i++) {
         s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
       }
-      float *y = G->y + r * O + o;
+      float *y = Y + r * ldy + o;
       y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
     }
   }
 #endif
   for (; o < o1; o++) {
-    const float *w = G->W + o * I;
+    const float *w = W + o * I;
     for (int64_t r = 0; r < G->R; r++) {
       const float *x = G->x + r * I;
-      float s = 0.f;
-      for (int64_t i = 0; i < I; i++) s += w[i] * x[i];
-      G->y[r * O + o] = s;
+      float acc = 0.f;
+      for (int64_t i = 0; i < I; i++) acc += w[i] * x[i];
+      Y[r * ldy + o] = acc;
     }
   }
-  if (G->bias)
+  if (bias)
     for (int64_t r = 0; r < G->R; r++)
-      for (o = o0; o < o1; o++) G->y[r * O + o] += G->bias[o];
+      for (o = o0; o < o1; o++) Y[r * ldy + o] += bias[o];
   if (G->gelu)
     for (int64_t r = 0; r < G->R; r++)
       for (o = o0; o < o1; o++) {
-        float v = G->y[r * O + o];
-        G->y[r * O + o] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+        float v = Y[r * ldy + o];
+        Y[r * ldy + o] = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
       }
+  if (G->res) {
+    const float *res = G->res + G->off[s];
+    for (int64_t r = 0; r < G->R; r++)
+      for (o = o0; o < o1; o++) Y[r * ldy + o] += res[r * ldy + o];
+  }
 }
 
 static void gemv_thread(gemv_t *G, int t) {
-  // contiguous blocks of W's rows, multiples of 4 so each thread keeps the 4-row inner loop
-  int64_t quads = (G->O + 3) / 4;
-  int64_t o0 = 4 * (quads * t / G->nthreads), o1 = 4 * (quads * (t + 1) / G->nthreads);
-  if (o1 > G->O) o1 = G->O;
-  if (o0 < o1) gemv_block(G, o0, o1);
+  // contiguous blocks of 4-row groups over all segments in turn (so each thread keeps the
+  // 4-row inner loop and streams its own part of the weights)
+  int64_t quads = G->quad0[G->nseg];
+  int64_t q0 = quads * t / G->nthreads, q1 = quads * (t + 1) / G->nthreads;
+  for (int s = 0; s < G->nseg; s++) {
+    int64_t a = q0 > G->quad0[s] ? q0 : G->quad0[s];
+    int64_t b = q1 < G->quad0[s + 1] ? q1 : G->quad0[s + 1];
+    if (a >= b) continue;
+    int64_t o0 = 4 * (a - G->quad0[s]), o1 = 4 * (b - G->quad0[s]);
+    if (o1 > G->O[s]) o1 = G->O[s];
+    if (o0 < o1) gemv_block(G, s, o0, o1);
+  }
 }
 
 static void team_worker(void *arg) {
@@ -100,12 +124,83 @@ static void *pthread_worker(void *arg) {
   return NULL;
 }
 
-int gemv_rows(const float *x, const float *W, const float *bias, float *y, int64_t R,
-              int64_t I, int64_t O, int gelu, int nthreads, void *omp_parallel,
-              void *omp_thread_num) {
+// Each row of x replaced by LayerNorm(x) (as torch.nn.functional.layer_norm: biased variance,
+// eps inside the square root; ln_w / ln_b may be NULL), written to xn (R, I).
+static void layer_norm_rows(const float *x, float *xn, int64_t R, int64_t I, const float *ln_w,
+                            const float *ln_b, double eps) {
+  for (int64_t r = 0; r < R; r++) {
+    const float *a = x + r * I;
+    float *b = xn + r * I;
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < I; i++) mean += a[i];
+    mean /= (double)I;
+    for (int64_t i = 0; i < I; i++) { double d = a[i] - mean; var += d * d; }
+    float inv = (float)(1.0 / sqrt(var / (double)I + eps)), m = (float)mean;
+    for (int64_t i = 0; i < I; i++) {
+      float v = (a[i] - m) * inv;
+      if (ln_w) v *= ln_w[i];
+      if (ln_b) v += ln_b[i];
+      b[i] = v;
+    }
+  }
+}
+
+// Rotary position embedding ("rotate-half" layout) of the first rope_cols columns of each row
+// of y, in heads of rope_dim channels: c' = c * cos[i] + c_partner * ssin[i], where the partner
+// of channel i is i +- rope_dim / 2 and ssin is the sine with rotate-half's sign folded in. Row
+// r holds position r % rope_len of the (rope_len, rope_dim) tables.
+static void rope_rows(float *y, int64_t R, int64_t ldy, const float *cos_t, const float *ssin_t,
+                      int64_t cols, int64_t dim, int64_t len) {
+  const int64_t half = dim / 2;
+  for (int64_t r = 0; r < R; r++) {
+    const float *c = cos_t + (r % len) * dim, *sn = ssin_t + (r % len) * dim;
+    for (int64_t h0 = 0; h0 + dim <= cols; h0 += dim) {
+      float *a = y + r * ldy + h0, *b = a + half;
+      for (int64_t i = 0; i < half; i++) {
+        float u = a[i], v = b[i];
+        a[i] = u * c[i] + v * sn[i];
+        b[i] = v * c[half + i] + u * sn[half + i];
+      }
+    }
+  }
+}
+
+// y (R, sum O): segment s = x (R, I) @ Ws (Os, I)^T + bs in the columns after the earlier
+// segments' (bs may be NULL; segments past nseg are ignored); then GELU with gelu set; then
+// + res (R, sum O) when res is not NULL (a residual connection); then the rotary embedding of
+// the first rope_cols columns when rope_cols > 0.
+// With ln set, x is first replaced by LayerNorm(x) (ln_w, ln_b, ln_eps). Returns -1 for a bad
+// segment count or a failed allocation, else 0.
+int gemv_rows(const float *x, float *y, int64_t R, int64_t I, int nseg,
+              const float *W0, const float *W1, const float *W2, const float *b0,
+              const float *b1, const float *b2, int64_t O0, int64_t O1, int64_t O2,
+              int gelu, const float *res, int ln, const float *ln_w,
+              const float *ln_b, double ln_eps, const float *rope_cos, const float *rope_sin,
+              int64_t rope_cols, int64_t rope_dim, int64_t rope_len, int nthreads,
+              void *omp_parallel, void *omp_thread_num) {
+  if (nseg < 1 || nseg > MAX_SEG) return -1;
   if (nthreads < 1) nthreads = 1;
   if (nthreads > 64) nthreads = 64;
-  gemv_t G = {x, W, bias, y, R, I, O, nthreads, gelu, (thread_num_t)omp_thread_num};
+  float *xn = NULL;
+  if (ln) {
+    xn = (float *)malloc(sizeof(float) * R * I);
+    if (!xn) return -1;
+    layer_norm_rows(x, xn, R, I, ln_w, ln_b, ln_eps);
+    x = xn;
+  }
+  gemv_t G;
+  const float *W[MAX_SEG] = {W0, W1, W2}, *bias[MAX_SEG] = {b0, b1, b2};
+  int64_t O[MAX_SEG] = {O0, O1, O2};
+  G.x = x; G.res = res; G.y = y; G.R = R; G.I = I; G.nseg = nseg;
+  G.nthreads = nthreads; G.gelu = gelu; G.thread_num = (thread_num_t)omp_thread_num;
+  G.quad0[0] = 0;
+  int64_t ldy = 0;
+  for (int s = 0; s < nseg; s++) {
+    G.W[s] = W[s]; G.bias[s] = bias[s]; G.O[s] = O[s]; G.off[s] = ldy;
+    ldy += O[s];
+    G.quad0[s + 1] = G.quad0[s] + (O[s] + 3) / 4;
+  }
+  G.ldy = ldy;
   if (nthreads == 1) {
     gemv_thread(&G, 0);
   } else if (omp_parallel && omp_thread_num) {
@@ -121,5 +216,8 @@ int gemv_rows(const float *x, const float *W, const float *bias, float *y, int64
     gemv_thread(&G, 0);
     for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
   }
+  free(xn);
+  if (rope_cols > 0 && rope_dim >= 2 && rope_len >= 1)
+    rope_rows(y, R, ldy, rope_cos, rope_sin, rope_cols, rope_dim, rope_len);
   return 0;
 }

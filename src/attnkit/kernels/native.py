@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_forward", "gemv_available",
-           "gemv_rows"]
+           "gemv_multi", "gemv_rows"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
@@ -116,7 +116,8 @@ def _load():
         raise RuntimeError("torch's library exports no sgemm_")
     one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
     dec = lib.decode_forward
-    dec.argtypes = [ctypes.c_void_p] * 5 + [i64] * 8 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    dec.argtypes = [ctypes.c_void_p] * 5 + [i64] * 8 + [ctypes.c_float, ctypes.c_int] + \
+        [ctypes.c_void_p] * 4
     dec.restype = ctypes.c_int
     return fn, gemm, one_thread, *_openmp(), dec
 
@@ -162,8 +163,8 @@ def _self_check() -> None:
     # the decoding kernel: 3 rows per head, 2 key/value heads, keys split in 3 chunks
     q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 41, 8, generator=g)
     v = torch.randn(2, 41, 5, generator=g)
-    out, lse = _decode_call(q, k, v, nsplit=3)
-    s = q @ k.transpose(-1, -2)
+    out, lse = _decode_call(q, k, v, nsplit=3, scale=0.5)
+    s = 0.5 * (q @ k.transpose(-1, -2))
     if not (torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-5) and
             torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
         raise RuntimeError("decoding self-check against a dense reference failed")
@@ -234,27 +235,32 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
 DECODE_MIN_CHUNK = 256
 
 
-def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int) -> tuple[Tensor, Tensor]:
+def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float = 1.0,
+                 bh: int | None = None, ks: int | None = None,
+                 vs: int | None = None) -> tuple[Tensor, Tensor]:
     _, gemm, one_thread, omp_parallel, omp_thread_num, fn = _state["fn"]
-    bh, m, d = q.shape
-    lk, dv = k.shape[1], v.shape[2]
+    m, d = q.shape[-2:]
+    bh = q.shape[0] if bh is None else bh
+    lk, dv = k.shape[-2], v.shape[-1]
     out = q.new_empty(bh, m, dv)
     lse = q.new_empty(bh, m)
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            bh, m, lk, d, dv, k.stride(0), v.stride(0), nsplit, torch.get_num_threads(),
+            bh, m, lk, d, dv, k.stride(0) if ks is None else ks,
+            v.stride(0) if vs is None else vs, nsplit, scale, torch.get_num_threads(),
             gemm, one_thread, omp_parallel, omp_thread_num)
     if rc != 0:
         raise MemoryError("attnkit decoding kernel: out of memory for its buffers")
     return out, lse
 
 
-def decode_forward(qs: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def decode_forward(q: Tensor, k: Tensor, v: Tensor,
+                   scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Every query row attends to every key (a cached decoding step), split over keys so all
     threads work even with one key/value head.
 
     Args:
-        qs: pre-scaled queries ``(B, Hkv, R, D)``: the ``R`` rows sharing each key/value head
-            (a group's query heads times the new positions), fp32 CPU.
+        q: queries ``(B, Hkv, R, D)``: the ``R`` rows sharing each key/value head (a group's
+            query heads times the new positions), fp32 CPU; scores are ``scale * q.k``.
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, each key/value row contiguous (a view
             into a longer preallocated cache is fine).
     Returns:
@@ -262,21 +268,24 @@ def decode_forward(qs: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not band_available():
         raise RuntimeError("the native kernels are not available here (see band_available)")
-    B, hkv, rows, d = qs.shape
-    lk = k.shape[2]
-    q = qs.detach().reshape(B * hkv, rows, d).contiguous()
+    B, hkv, rows, d = q.shape
+    q = q.reshape(B * hkv, rows, d)
+    if not q.is_contiguous():
+        q = q.contiguous()
 
-    def heads(t: Tensor) -> Tensor:  # (B*Hkv, Lk, D) with contiguous rows, no copy if possible
-        t = t.detach()
+    def rows_ok(t: Tensor) -> Tensor:
+        # each head's rows contiguous, the heads evenly spaced (a view into a cache is fine)
         if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (
                 B > 1 and t.stride(0) != hkv * t.stride(1)):
             t = t.contiguous()
-        return t.as_strided((B * hkv, lk, t.shape[-1]), (t.stride(1), t.shape[-1], 1))
+        return t
 
+    k, v = rows_ok(k), rows_ok(v)
     # enough chunks for every thread, none shorter than DECODE_MIN_CHUNK keys
+    lk = k.shape[2]
     threads = torch.get_num_threads()
     nsplit = max(1, min(-(-threads // (B * hkv)), lk // DECODE_MIN_CHUNK))
-    out, lse = _decode_call(q, heads(k), heads(v), nsplit)
+    out, lse = _decode_call(q, k, v, nsplit, float(scale), B * hkv, k.stride(1), v.stride(1))
     return out.view(B, hkv, rows, v.shape[-1]), lse.view(B, hkv, rows)
 
 
@@ -290,8 +299,9 @@ GEMV_MAX_ROWS = 4
 def _load_gemv():
     lib = ctypes.CDLL(str(_build(_GEMV_SOURCE)))
     fn = lib.gemv_rows
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + \
-        [ctypes.c_void_p] * 2
+    vp, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [vp, vp, i64, i64, cint, vp, vp, vp, vp, vp, vp, i64, i64, i64, cint, vp,
+                   cint, vp, vp, ctypes.c_double, vp, vp, i64, i64, i64, cint, vp, vp]
     fn.restype = ctypes.c_int
     return fn, *_openmp()
 
@@ -303,10 +313,16 @@ def _gemv_self_check() -> None:
         b = torch.randn(out_f, generator=g)
         for bias in (None, b):
             ref = torch.nn.functional.linear(x, w, bias)
-            if not (torch.allclose(_gemv_call(x, w, bias, False), ref, atol=1e-4) and
-                    torch.allclose(_gemv_call(x, w, bias, True), torch.nn.functional.gelu(ref),
-                                   atol=1e-4)):
+            if not (torch.allclose(_gemv_call(x, (w,), (bias,), False), ref, atol=1e-4) and
+                    torch.allclose(_gemv_call(x, (w,), (bias,), True),
+                                   torch.nn.functional.gelu(ref), atol=1e-4)):
                 raise RuntimeError("self-check against torch.nn.functional.linear failed")
+        # three segments of one output row (odd sizes: a segment boundary inside a 4-row group)
+        w2, w3 = torch.randn(5, in_f, generator=g), torch.randn(10, in_f, generator=g)
+        ref = torch.cat([torch.nn.functional.linear(x, w, b), x @ w2.T, x @ w3.T], -1)
+        if not torch.allclose(_gemv_call(x, (w, w2, w3), (b, None, None), False), ref,
+                              atol=1e-4):
+            raise RuntimeError("multi-segment self-check against torch.cat of linears failed")
 
 
 def gemv_available() -> bool:
@@ -314,14 +330,32 @@ def gemv_available() -> bool:
     return _available(_gemv_state, _load_gemv, _gemv_self_check, "native GEMV kernel")
 
 
-def _gemv_call(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None = None,
+               layer_norm=None, rope=None) -> Tensor:
     fn, omp_parallel, omp_thread_num = _gemv_state["fn"]
-    out_f, in_f = weight.shape
+    n = len(weights)
+    in_f = weights[0].shape[1]
     rows = x.numel() // in_f
-    y = x.new_empty(rows, out_f)
-    fn(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-       rows, in_f, out_f, int(gelu), torch.get_num_threads(), omp_parallel, omp_thread_num)
+    w = [t.data_ptr() for t in weights] + [0] * (3 - n)
+    b = [0 if t is None else t.data_ptr() for t in biases] + [0] * (3 - n)
+    o = [t.shape[0] for t in weights] + [0] * (3 - n)
+    y = x.new_empty(rows, o[0] + o[1] + o[2])
+    ln_w, ln_b, eps = (None, None, 0.0) if layer_norm is None else layer_norm
+    rc = fn(x.data_ptr(), y.data_ptr(), rows, in_f, n, *w, *b, *o, int(gelu),
+            0 if residual is None else residual.data_ptr(), int(layer_norm is not None),
+            0 if ln_w is None else ln_w.data_ptr(), 0 if ln_b is None else ln_b.data_ptr(),
+            float(eps), *_rope_args(rope), torch.get_num_threads(), omp_parallel,
+            omp_thread_num)
+    if rc != 0:
+        raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
     return y
+
+
+def _rope_args(rope) -> tuple[int, int, int, int, int]:
+    if rope is None:
+        return 0, 0, 0, 0, 0
+    cos, signed_sin, cols = rope
+    return cos.data_ptr(), signed_sin.data_ptr(), cols, cos.shape[1], cos.shape[0]
 
 
 def gemv_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
@@ -330,9 +364,104 @@ def gemv_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     ``x (..., in)`` with at most :data:`GEMV_MAX_ROWS` rows, ``weight (out, in)`` contiguous,
     ``bias (out,)``: fp32 CPU tensors; not differentiable (the caller checks that no gradient
     is needed). Returns ``(..., out)``."""
+    return gemv_multi(x, (weight,), (bias,), gelu=gelu)
+
+
+#: Most weights one :func:`gemv_multi` call takes.
+GEMV_MAX_WEIGHTS = 3
+
+
+def gemv_multi(x: Tensor, weights, biases=None, *, gelu: bool = False,
+               residual: Tensor | None = None, layer_norm=None, rope=None,
+               check: bool = True) -> Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one pass of
+    the thread team (e.g. a layer's query, key and value projections of one token), with the
+    steps around it a decoding block needs fused in.
+
+    Args:
+        x: ``(..., in)`` with at most :data:`GEMV_MAX_ROWS` rows, fp32 CPU.
+        weights: 1 to :data:`GEMV_MAX_WEIGHTS` contiguous ``(out_i, in)`` fp32 CPU tensors.
+        biases: ``None`` or one ``(out_i,)`` tensor or ``None`` per weight.
+        gelu: apply the exact GELU to the whole output in the same pass.
+        residual: ``(..., sum(out_i))`` added last (a residual connection), or ``None``.
+        layer_norm: ``(weight, bias, eps)`` (weight/bias ``(in,)`` or ``None``): multiply
+            ``F.layer_norm(x, (in,), weight, bias, eps)`` instead of ``x``.
+        rope: ``(cos, signed_sin, cols)``: rotate the first ``cols`` output columns (heads of
+            ``D`` channels, ``cols % D == 0``) by rotary position embeddings, "rotate-half"
+            layout: ``y * cos + swap_halves(y) * signed_sin`` per head, with ``(L, D)`` fp32
+            tables for the ``L`` positions of ``x (..., L, in)`` (``signed_sin`` = ``sin`` with
+            rotate-half's sign folded in, as :class:`attnkit.nn.RotaryEmbedding` keeps it).
+            Applied last.
+        check: validate the arguments (``False``: the caller already has; a decoding step
+            saves the microseconds).
+    Returns:
+        ``(..., sum(out_i))``. Not differentiable (the caller checks that no gradient is
+        needed).
+    """
     if not gemv_available():
         raise RuntimeError("the native GEMV kernel is not available here (see gemv_available)")
-    if not weight.is_contiguous():
-        raise ValueError("gemv_rows needs a contiguous weight")
-    out = _gemv_call(x.contiguous(), weight, None if bias is None else bias.contiguous(), gelu)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    biases = (None,) * len(weights) if biases is None else biases
+    if check:
+        weights, biases = tuple(weights), tuple(biases)
+        _check_gemv(x, weights, biases, residual, layer_norm, rope)
+        biases = tuple(None if b is None else b.contiguous() for b in biases)
+        if residual is not None:
+            residual = residual.contiguous()
+        if rope is not None:
+            rope = (rope[0].contiguous(), rope[1].contiguous(), int(rope[2]))
+    out = _gemv_call(x.contiguous(), weights, biases, gelu, residual, layer_norm, rope)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _check_gemv(x: Tensor, weights, biases, residual, layer_norm, rope) -> None:
+    if not 1 <= len(weights) <= GEMV_MAX_WEIGHTS or len(biases) != len(weights):
+        raise ValueError(f"weights: 1 to {GEMV_MAX_WEIGHTS} tensors, and one bias (or None) "
+                         f"each; got {len(weights)} weights and {len(biases)} biases")
+    in_f = x.shape[-1] if x.dim() else 0
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be fp32 on CPU, got {x.dtype} on {x.device}")
+    if not 0 < x.numel() <= GEMV_MAX_ROWS * in_f:
+        raise ValueError(f"x must hold 1 to {GEMV_MAX_ROWS} rows, got shape {tuple(x.shape)}")
+
+    def vector(t, name: str, n: int) -> None:
+        if t is not None and (not isinstance(t, Tensor) or t.shape != (n,)
+                              or t.dtype != torch.float32 or t.device.type != "cpu"):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be None or an fp32 CPU ({n},) tensor, got {got}")
+
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if (not isinstance(w, Tensor) or w.dim() != 2 or w.shape[1] != in_f
+                or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous()):
+            got = f"{w.dtype} {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"weights[{i}] must be a contiguous fp32 CPU (out, {in_f}) tensor, "
+                             f"got {got}")
+        vector(b, f"biases[{i}]", w.shape[0])
+    total = sum(w.shape[0] for w in weights)
+    if residual is not None and (residual.shape != (*x.shape[:-1], total)
+                                 or residual.dtype != torch.float32
+                                 or residual.device.type != "cpu"):
+        raise ValueError(f"residual must be an fp32 CPU {(*x.shape[:-1], total)} tensor, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    if layer_norm is not None:
+        if not isinstance(layer_norm, tuple) or len(layer_norm) != 3:
+            raise ValueError("layer_norm must be a (weight, bias, eps) tuple")
+        vector(layer_norm[0], "layer_norm weight", in_f)
+        vector(layer_norm[1], "layer_norm bias", in_f)
+        if not float(layer_norm[2]) >= 0:
+            raise ValueError(f"layer_norm eps must be >= 0, got {layer_norm[2]}")
+    if rope is not None:
+        if not isinstance(rope, tuple) or len(rope) != 3:
+            raise ValueError("rope must be a (cos, signed_sin, cols) tuple")
+        cos, sin, cols = rope
+        length = x.shape[-2] if x.dim() >= 2 else 1
+        for name, t in (("cos", cos), ("signed_sin", sin)):
+            if (not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0] != length
+                    or t.shape[1] < 2 or t.shape[1] % 2 or t.dtype != torch.float32
+                    or not t.is_cpu or t.shape != cos.shape):
+                raise ValueError(f"rope {name} must be an fp32 CPU (L, D) table with L = "
+                                 f"{length} positions and an even D")
+        d = cos.shape[1]
+        if isinstance(cols, bool) or not isinstance(cols, int) or not 0 <= cols <= total \
+                or cols % d:
+            raise ValueError(f"rope cols must be a multiple of D = {d} in [0, {total}], "
+                             f"got {cols!r}")

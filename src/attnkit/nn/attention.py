@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
 from ..functional import SparseWeights, attention
 from ..kernels import native
@@ -83,7 +84,8 @@ def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *,
     autograd).
     """
     if _native_ok(x, weight, bias):
-        return native.gemv_rows(x, weight, bias, gelu=gelu)  # GELU fused into the same pass
+        # checked above; GELU fused into the same pass
+        return native.gemv_multi(x, (weight,), (bias,), gelu=gelu, check=False)
     parts = _split_parts(x, weight)
     if parts < 2:
         y = F.linear(x, weight, bias)
@@ -113,8 +115,11 @@ class SplitLinear(nn.Linear):
 
 def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     """``x * cos + rotate_half(x) * sin`` for ``x (..., L, D)`` and tables ``(L, D)``:
-    rotate_half(x) = cat(-x2, x1); roll(x, D/2) = cat(x2, x1), its sign is in ``signed_sin``."""
-    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * signed_sin
+    rotate_half(x) = cat(-x2, x1); swapping the halves gives cat(x2, x1) (one flip of a
+    ``(..., 2, D/2)`` view, fewer kernels than ``torch.roll``), its sign is in ``signed_sin``."""
+    d = x.shape[-1]
+    swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 class RotaryEmbedding(nn.Module):
@@ -164,6 +169,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
         length = x.shape[2]
         return _rotate(x, *self._cos_sin(offset, offset + length, x.device, x.dtype))
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own or global ones)."""
+    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        return True
+    for mod in modules:
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return True
+    return False
 
 
 class MultiheadAttention(nn.Module):
@@ -252,15 +267,31 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"x must have shape (B, L, {self.dim}), got {tuple(x.shape)}")
         if x.shape[1] == 0:
             raise ValueError("x must hold at least one position (L >= 1)")
+        offset = 0 if cache is None else cache.seq_length(self.layer_idx)
+        heads, weights = self._attend(x, self._fused_qkv(x, offset), offset, cache,
+                                      need_weights, head_mask)
+        out = self.out_proj(heads)
+        return (out, weights) if need_weights else out
+
+    def _attend(self, x: Tensor, qkv: Tensor | None, offset: int, cache, need_weights: bool,
+                head_mask: Tensor | None) -> tuple[Tensor, Tensor | SparseWeights | None]:
+        """Everything between the input and ``out_proj``: ``x (B, L, dim)`` at positions
+        ``offset..`` -> the heads' outputs ``(B, L, num_heads * head_dim)`` and the weights
+        (or None). ``qkv``: the three projections of ``x`` concatenated, queries and keys
+        already rotated, if computed by :meth:`_fused_qkv`."""
         b, length, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(b, length, h, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, length, hkv, hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, hkv, hd).transpose(1, 2)
-        offset = 0 if cache is None else cache.seq_length(self.layer_idx)
-        if self.rotary is not None:  # one table lookup for q and k
-            cos, sin = self.rotary._cos_sin(offset, offset + length, q.device, q.dtype)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if qkv is not None:
+            qk = qkv[..., :(h + hkv) * hd].view(b, length, h + hkv, hd)
+            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
+            v = qkv[..., (h + hkv) * hd:].view(b, length, hkv, hd).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, length, h, hd).transpose(1, 2)
+            k = self.k_proj(x).view(b, length, hkv, hd).transpose(1, 2)
+            v = self.v_proj(x).view(b, length, hkv, hd).transpose(1, 2)
+            if self.rotary is not None:  # one table lookup for q and k
+                cos, sin = self.rotary._cos_sin(offset, offset + length, q.device, q.dtype)
+                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         pattern = self.pattern
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -287,8 +318,40 @@ class MultiheadAttention(nn.Module):
                     f"{tuple(head_mask.shape)}"
                 )
             out = out * head_mask.to(out.dtype).view(1, h, 1, 1)
-        out = self.out_proj(out.transpose(1, 2).reshape(b, length, h * hd))
-        return (out, weights) if need_weights else out
+        return out.transpose(1, 2).reshape(b, length, h * hd), weights
+
+    def _decode_step(self, x: Tensor, norm: nn.LayerNorm, cache) -> Tensor:
+        """``x + self(norm(x), cache=cache)`` with the LayerNorm, the three projections and the
+        rotary embedding in one native GEMV call, the output projection and the residual in
+        another: a pre-LN block's attention half during decoding. The caller checks that the
+        native path applies (fp32 CPU, few rows, no autograd, plain layers without hooks)."""
+        offset = 0 if cache is None else cache.seq_length(self.layer_idx)
+        qkv = self._qkv_native(x, offset, (norm.weight, norm.bias, norm.eps))
+        heads, _ = self._attend(x, qkv, offset, cache, False, None)
+        out = self.out_proj
+        return native.gemv_multi(heads, (out.weight,), (out.bias,), residual=x, check=False)
+
+    def _qkv_native(self, x: Tensor, offset: int, layer_norm=None) -> Tensor:
+        """``cat(q, k, v)`` projections of ``x (B, L, dim)`` (of ``layer_norm(x)`` if given)
+        from one native GEMV call, queries and keys rotated for positions ``offset..``."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        rope = None
+        if self.rotary is not None:
+            length = x.shape[1]
+            cos, sin = self.rotary._cos_sin(offset, offset + length, x.device, x.dtype)
+            rope = (cos, sin, (self.num_heads + self.num_kv_heads) * self.head_dim)
+        return native.gemv_multi(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs),
+                                 layer_norm=layer_norm, rope=rope, check=False)
+
+    def _fused_qkv(self, x: Tensor, offset: int) -> Tensor | None:
+        """:meth:`_qkv_native` when it applies (a decoding step without autograd, plain
+        projection layers without hooks), else None."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) in (SplitLinear, nn.Linear) for p in projs) or _has_hooks(*projs):
+            return None
+        if not all(_native_ok(x, p.weight, p.bias) for p in projs):
+            return None
+        return self._qkv_native(x, offset)
 
     def _fold_parts(self, pattern: Pattern | None, length: int, need_weights: bool,
                     dropout_p: float) -> int:
