@@ -50,6 +50,8 @@ def _qkv(b, hq, hkv, lq, lk, d, dv, seed=0, scale=1.0):
     (2, 8, 2, 1, 700, 32, 16),     # grouped-query, batch 2, keys not a multiple of the chunk
     (1, 6, 6, 1, 513, 16, 16),     # multi-head: one row per head
     (1, 4, 1, 3, 600, 8, 8),       # three new positions, all keys visible (no pattern)
+    (1, 3, 1, 1, 1027, 64, 32),    # register-blocked path: odd rows, keys not a multiple of 4
+    (2, 10, 2, 1, 515, 24, 96),    # register-blocked path, batch 2, a chunk of 257 keys
 ])
 def test_decoding_kernel_matches_dense_reference(monkeypatch, b, hq, hkv, lq, lk, d, dv):
     seen = _spy(monkeypatch, "decode_forward")
@@ -71,10 +73,11 @@ def test_single_causal_query_sees_every_key(monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_views_and_extreme_logits(monkeypatch):
+@pytest.mark.parametrize("d,dv", [(16, 8), (64, 32)])  # sgemm and register-blocked products
+def test_cache_views_and_extreme_logits(monkeypatch, d, dv):
     """Keys/values as views into a longer preallocated buffer (a static cache), logits ~1e4."""
     seen = _spy(monkeypatch, "decode_forward")
-    q, kb, vb = _qkv(2, 6, 3, 1, 1100, 16, 8, seed=2, scale=25.0)
+    q, kb, vb = _qkv(2, 6, 3, 1, 1100, d, dv, seed=2, scale=25.0 * (16 / d) ** 0.5)
     k, v = kb[:, :, :900], vb[:, :, :900]
     with torch.no_grad():
         out = attention(q, k, v, scale=1.0)

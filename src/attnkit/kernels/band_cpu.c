@@ -197,6 +197,108 @@ int band_forward(const float *q, const float *k, const float *v, float *out, flo
 // q (BH, M, d) contiguous, scores scaled by `scale` (the first sgemm's alpha); k, v rows contiguous (row stride d / dv) with stride
 // ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
 
+#ifdef __AVX2__
+// Register-blocked products for the few rows of a decoding step (an sgemm pays its packing and
+// blocking for shapes this skinny). Both need d % 8 == 0 and dv % 32 == 0.
+
+// S (M x W, row stride W) = scale * q (M x d) @ kc (W x d)^T; two rows and four keys at a time:
+// six loads feed eight FMAs, so the FMA units, not the loads, set the pace.
+static void decode_scores(const float *q, const float *kc, float *S, int64_t M, int64_t W,
+                          int64_t d, float scale) {
+  for (int64_t j0 = 0; j0 < W; j0 += 64) {  // 64 keys (16 KB at d = 64) stay in L1 for all rows
+    int64_t j1 = j0 + 64 < W ? j0 + 64 : W;
+    for (int64_t r = 0; r < M; r += 2) {
+      const int two = r + 1 < M;
+      const float *qa = q + r * d, *qb = two ? qa + d : qa;
+      int64_t j = j0;
+      for (; j + 4 <= j1; j += 4) {
+        const float *k0 = kc + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t c = 0; c < d; c += 8) {
+          __m256 x = _mm256_loadu_ps(qa + c), y = _mm256_loadu_ps(qb + c);
+          __m256 u = _mm256_loadu_ps(k0 + c);
+          a0 = _mm256_fmadd_ps(x, u, a0); b0 = _mm256_fmadd_ps(y, u, b0);
+          u = _mm256_loadu_ps(k1 + c);
+          a1 = _mm256_fmadd_ps(x, u, a1); b1 = _mm256_fmadd_ps(y, u, b1);
+          u = _mm256_loadu_ps(k2 + c);
+          a2 = _mm256_fmadd_ps(x, u, a2); b2 = _mm256_fmadd_ps(y, u, b2);
+          u = _mm256_loadu_ps(k3 + c);
+          a3 = _mm256_fmadd_ps(x, u, a3); b3 = _mm256_fmadd_ps(y, u, b3);
+        }
+        // four horizontal sums at once: lanes of (a0 a1 a2 a3) -> one 4-float vector
+        __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
+        __m256 h = _mm256_hadd_ps(h01, h23);
+        __m128 sa = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(S + r * W + j, _mm_mul_ps(sa, _mm_set1_ps(scale)));
+        if (two) {
+          h01 = _mm256_hadd_ps(b0, b1); h23 = _mm256_hadd_ps(b2, b3);
+          h = _mm256_hadd_ps(h01, h23);
+          __m128 sb = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+          _mm_storeu_ps(S + (r + 1) * W + j, _mm_mul_ps(sb, _mm_set1_ps(scale)));
+        }
+      }
+      for (; j < j1; j++) {  // the last few keys
+        const float *kj = kc + j * d;
+        __m256 a = _mm256_setzero_ps(), b = a;
+        for (int64_t c = 0; c < d; c += 8) {
+          __m256 u = _mm256_loadu_ps(kj + c);
+          a = _mm256_fmadd_ps(_mm256_loadu_ps(qa + c), u, a);
+          b = _mm256_fmadd_ps(_mm256_loadu_ps(qb + c), u, b);
+        }
+        S[r * W + j] = scale * hsum(a);
+        if (two) S[(r + 1) * W + j] = scale * hsum(b);
+      }
+    }
+  }
+}
+
+// O (M x dv) = P (M x W, row stride W) @ vc (W x dv); two rows and 32 output channels at a
+// time: per key, two broadcasts and four loads feed eight FMAs. Keys in blocks of 64 (16 KB of
+// V at dv = 64) so each block is read from memory once for all rows.
+static void decode_values(const float *P, const float *vc, float *O, int64_t M, int64_t W,
+                          int64_t dv) {
+  for (int64_t j0 = 0; j0 < W; j0 += 64) {
+    int64_t j1 = j0 + 64 < W ? j0 + 64 : W;
+    for (int64_t r = 0; r < M; r += 2) {
+      const int two = r + 1 < M;
+      const float *pa = P + r * W, *pb = two ? pa + W : pa;
+      for (int64_t c = 0; c < dv; c += 32) {
+        float *oa = O + r * dv + c, *ob = two ? oa + dv : oa;
+        __m256 a0, a1, a2, a3, b0, b1, b2, b3;
+        if (j0 == 0) {
+          a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = _mm256_setzero_ps();
+        } else {
+          a0 = _mm256_loadu_ps(oa); a1 = _mm256_loadu_ps(oa + 8);
+          a2 = _mm256_loadu_ps(oa + 16); a3 = _mm256_loadu_ps(oa + 24);
+          b0 = _mm256_loadu_ps(ob); b1 = _mm256_loadu_ps(ob + 8);
+          b2 = _mm256_loadu_ps(ob + 16); b3 = _mm256_loadu_ps(ob + 24);
+        }
+        for (int64_t j = j0; j < j1; j++) {
+          const float *vj = vc + j * dv + c;
+          __m256 x = _mm256_broadcast_ss(pa + j), y = _mm256_broadcast_ss(pb + j);
+          __m256 u = _mm256_loadu_ps(vj);
+          a0 = _mm256_fmadd_ps(x, u, a0); b0 = _mm256_fmadd_ps(y, u, b0);
+          u = _mm256_loadu_ps(vj + 8);
+          a1 = _mm256_fmadd_ps(x, u, a1); b1 = _mm256_fmadd_ps(y, u, b1);
+          u = _mm256_loadu_ps(vj + 16);
+          a2 = _mm256_fmadd_ps(x, u, a2); b2 = _mm256_fmadd_ps(y, u, b2);
+          u = _mm256_loadu_ps(vj + 24);
+          a3 = _mm256_fmadd_ps(x, u, a3); b3 = _mm256_fmadd_ps(y, u, b3);
+        }
+        // a single last row computes b = a: store it first so a's store wins
+        if (two) {
+          _mm256_storeu_ps(ob, b0); _mm256_storeu_ps(ob + 8, b1);
+          _mm256_storeu_ps(ob + 16, b2); _mm256_storeu_ps(ob + 24, b3);
+        }
+        _mm256_storeu_ps(oa, a0); _mm256_storeu_ps(oa + 8, a1);
+        _mm256_storeu_ps(oa + 16, a2); _mm256_storeu_ps(oa + 24, a3);
+      }
+    }
+  }
+}
+#endif
+
 typedef struct {
   const float *q, *k, *v; float *opart, *mpart, *lpart;
   int64_t M, Lk, d, dv, ks, vs, nsplit, chunk;
@@ -225,6 +327,12 @@ static void *decode_worker(void *arg) {
     int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
     const float *qp = J->q + bh * J->M * J->d;
     const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
+#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
+    const int own = J->d % 8 == 0 && J->dv % 32 == 0;
+    if (own)
+      decode_scores(qp, kp, S, J->M, W, J->d, J->scale);
+    else
+#endif
     J->gemm(&T, &N, &W, &Mi, &D, &J->scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
     for (int64_t r = 0; r < J->M; r++) {
       float *x = S + r * W, m = -INFINITY, sum = 0.f;
@@ -247,6 +355,11 @@ static void *decode_worker(void *arg) {
       for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
       mp[r] = m; lp[r] = sum;
     }
+#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
+    if (own)
+      decode_values(S, vp, op, J->M, W, J->dv);
+    else
+#endif
     J->gemm(&N, &N, &DV, &Mi, &W, &one, vp, &DV, S, &W, &zero, op, &DV);  // O (M x dv)
   }
   free(S);
