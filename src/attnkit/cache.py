@@ -140,11 +140,12 @@ class _BufferCache(KVCache):
                 new_v[:, :, :held] = buf_v[:, :, :held]
             buf_k, buf_v = new_k, new_v
             self._keys[layer_idx], self._values[layer_idx] = buf_k, buf_v
-        buf_k[:, :, held:held + n] = k
-        buf_v[:, :, held:held + n] = v
+        # narrow + copy_: two ops where indexing takes several (this runs every step)
+        buf_k.narrow(2, held, n).copy_(k)
+        buf_v.narrow(2, held, n).copy_(v)
         self._held[layer_idx] = held + n
         self._seen[layer_idx] += n
-        return buf_k[:, :, :held + n], buf_v[:, :, :held + n]
+        return buf_k.narrow(2, 0, held + n), buf_v.narrow(2, 0, held + n)
 
 
 class DynamicCache(_BufferCache):

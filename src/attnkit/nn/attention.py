@@ -282,9 +282,8 @@ class MultiheadAttention(nn.Module):
         b, length, _ = x.shape
         h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if qkv is not None:
-            qk = qkv[..., :(h + hkv) * hd].view(b, length, h + hkv, hd)
-            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
-            v = qkv[..., (h + hkv) * hd:].view(b, length, hkv, hd).transpose(1, 2)
+            q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split(
+                (h, hkv, hkv), dim=1)
         else:
             q = self.q_proj(x).view(b, length, h, hd).transpose(1, 2)
             k = self.k_proj(x).view(b, length, hkv, hd).transpose(1, 2)
