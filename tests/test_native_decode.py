@@ -250,3 +250,24 @@ def test_decoder_block_native_step_equals_module_path():
         block.eval()
         block.mlp[1] = torch.nn.ReLU()
         assert not block._decode_ready(x)
+
+
+@pytest.mark.parametrize("batch,new", [(1, 3), (2, 2), (4, 1)])
+def test_fused_multi_row_steps_equal_module_path(batch, new):
+    """Steps of several rows (batch x new positions <= 4) through the fused block path give the
+    logits of the module path (taken here by enabling autograd), with rotary positions per
+    row and a causal mask among the new positions."""
+    torch.manual_seed(1)
+    model = DecoderLM(50, 64, 2, 4, 2, max_seq_len=64).eval()
+    ids = torch.randint(0, 50, (batch, 20 + new))
+    results = []
+    for fused in (True, False):
+        cache = StaticCache(64)
+        with torch.set_grad_enabled(not fused):
+            model(ids[:, :20], cache=cache)
+            assert model.blocks[0]._decode_ready(torch.zeros(batch, new, 64)) is fused
+            results.append(model(ids[:, 20:], cache=cache).detach())
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        full = model(ids)[:, 20:]
+    torch.testing.assert_close(results[0], full, atol=1e-4, rtol=1e-4)
