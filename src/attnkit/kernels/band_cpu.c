@@ -5,7 +5,8 @@
 // passed in as a pointer), a softmax over each row's contiguous key range in place (AVX2 exp,
 // the polynomial of PyTorch's exp_u20; other entries of the row are zeroed), and one GEMM for
 // the output; the log-sum-exp of each row is written for merging and backward. Inputs are
-// contiguous fp32: q (B, Hq, L, d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv), head h
+// fp32 with contiguous rows and the given batch / head strides (slices of longer tensors are
+// read in place): q (B, Hq, L, d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv), head h
 // reads kv head h / (Hq / Hkv). Rows [q0, q1) are computed into out (B, Hq, q1 - q0, dv) and
 // lse (B, Hq, q1 - q0); a row with no key gives zeros and -inf. Work items are split over
 // nthreads threads (torch's OpenMP team when given, else POSIX threads), each with one-thread
@@ -29,6 +30,7 @@ typedef int (*thread_num_t)(void);
 typedef struct {
   const float *q, *k, *v; float *out, *lse;
   int64_t B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks;
+  int64_t qsb, qsh, ksb, ksh, vsb, vsh;  // batch / head strides (rows are contiguous)
   sgemm_t gemm; setthreads_t setthreads;
   int64_t start, stop;  // work items [start, stop)
   int err;
@@ -116,7 +118,7 @@ static void *worker(void *arg) {
     int64_t j0 = i0 + delta + J->lo, j1 = i1 - 1 + delta + J->hi + 1;
     if (j0 < 0) j0 = 0;
     if (j1 > J->Lk) j1 = J->Lk;
-    const float *qp = J->q + ((b * J->Hq + h) * J->L + i0) * J->d;
+    const float *qp = J->q + b * J->qsb + h * J->qsh + i0 * J->d;
     int64_t nrows = J->q1 - J->q0;  // out (B, Hq, q1 - q0, dv), lse (B, Hq, q1 - q0)
     float *op = J->out + ((b * J->Hq + h) * nrows + (i0 - J->q0)) * J->dv;
     float *lp = J->lse + (b * J->Hq + h) * nrows + (i0 - J->q0);
@@ -126,8 +128,8 @@ static void *worker(void *arg) {
       continue;
     }
     int W = (int)(j1 - j0), M = (int)nq, D = (int)J->d, DV = (int)J->dv;
-    const float *kp = J->k + ((b * J->Hkv + hk) * J->Lk + j0) * J->d;
-    const float *vp = J->v + ((b * J->Hkv + hk) * J->Lk + j0) * J->dv;
+    const float *kp = J->k + b * J->ksb + hk * J->ksh + j0 * J->d;
+    const float *vp = J->v + b * J->vsb + hk * J->vsh + j0 * J->dv;
     // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
     J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
     for (int64_t r = 0; r < nq; r++) {
@@ -157,6 +159,7 @@ static void team_worker(void *arg) {
 int band_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                  int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t Lk, int64_t d,
                  int64_t dv, int64_t lo, int64_t hi, int64_t q0, int64_t q1, int64_t bq,
+                 int64_t qsb, int64_t qsh, int64_t ksb, int64_t ksh, int64_t vsb, int64_t vsh,
                  int nthreads, void *gemm, void *setthreads, void *omp_parallel,
                  void *omp_thread_num) {
   int64_t nblocks = (q1 - q0 + bq - 1) / bq, total = B * Hq * nblocks;
@@ -166,7 +169,7 @@ int band_forward(const float *q, const float *k, const float *v, float *out, flo
   if (nthreads > 64) nthreads = 64;
   for (int t = 0; t < nthreads; t++) {
     job_t j = {q, k, v, out, lse, B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks,
-               (sgemm_t)gemm, (setthreads_t)setthreads,
+               qsb, qsh, ksb, ksh, vsb, vsh, (sgemm_t)gemm, (setthreads_t)setthreads,
                total * t / nthreads, total * (t + 1) / nthreads, 0};
     jobs[t] = j;
   }

@@ -109,7 +109,7 @@ def _load():
     lib = ctypes.CDLL(str(_build()))
     fn = lib.band_forward
     i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p] * 5 + [i64] * 12 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+    fn.argtypes = [ctypes.c_void_p] * 5 + [i64] * 18 + [ctypes.c_int] + [ctypes.c_void_p] * 4
     fn.restype = ctypes.c_int
     gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
     if gemm is None:
@@ -204,7 +204,8 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
     out = q.new_empty(B, hq, q1 - q0, dv)
     lse = q.new_empty(B, hq, q1 - q0)
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, torch.get_num_threads(),
+            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), torch.get_num_threads(),
             gemm, one_thread, omp_parallel, omp_thread_num)
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
@@ -226,9 +227,20 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     if not band_available():
         raise RuntimeError("the fused band kernel is not available here (see band_available)")
     B, hkv, g, lq, d = qs.shape
-    q = qs.detach().reshape(B, hkv * g, lq, d).contiguous()
-    out, lse = _call(q, k.detach().contiguous(), v.detach().contiguous(), lo, hi, q0, q1)
+    # rows must be contiguous; batch and head strides are passed, so a chunk's slices of
+    # longer tensors are read in place instead of copied
+    q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
+    out, lse = _call(q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), lo, hi, q0,
+                     q1)
     return (out.view(B, hkv, g, q1 - q0, v.shape[3]), lse.view(B, hkv, g, q1 - q0))
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """``t (B, H, L, D)`` itself if each row of ``D`` is contiguous and rows follow each other
+    within a head, else a contiguous copy."""
+    if t.stride(-1) == 1 and (t.stride(-2) == t.shape[-1] or t.shape[-2] <= 1):
+        return t
+    return t.contiguous()
 
 
 #: Keys per chunk below which :func:`decode_forward` stops splitting a head's keys further.

@@ -545,6 +545,20 @@ def structured_attention(
     # Recompute chunks in backward (FlashAttention-style) once keeping every chunk's
     # intermediates would cost more memory than a couple of chunks.
     use_ckpt = grad and n_chunks > 2
+    if not grad and n_chunks > 1:
+        # no autograd: each chunk's result goes straight into its rows of the output, so
+        # the chunks' results and their concatenation never coexist
+        out = lse = None
+        for q0 in range(0, lq, rows):
+            q1 = min(lq, q0 + rows)
+            o, l = _chunk(qs, k, v, comps, ctx, q0, q1, training)
+            if out is None:
+                out = o.new_empty(*o.shape[:3], lq, o.shape[4])
+                lse = None if l is None else l.new_empty(*l.shape[:3], lq)
+            out[:, :, :, q0:q1] = o
+            if lse is not None:
+                lse[:, :, :, q0:q1] = l
+        return out, lse
     outs, lses = [], []
     for q0 in range(0, lq, rows):
         q1 = min(lq, q0 + rows)
