@@ -69,7 +69,6 @@ class DecoderBlock(nn.Module):
         x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
         return x + drop(self.mlp(self.norm2(x)))
 
-
     def _decode_ready(self, x: Tensor) -> bool:
         """Whether this call can take the native decoding path: inference without autograd,
         fp32 on CPU, at most ``GEMV_MAX_ROWS`` rows, the block's own layer types (nothing

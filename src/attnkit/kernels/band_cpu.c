@@ -197,8 +197,8 @@ int band_forward(const float *q, const float *k, const float *v, float *out, flo
 // is one sgemm for the scores, an exp pass, one sgemm for the partial output; the chunks' partial
 // results merge through their row maxima and sums. Each thread reads its chunk of K and V
 // sequentially once, for all rows.
-// q (BH, M, d) contiguous, scores scaled by `scale` (the first sgemm's alpha); k, v rows contiguous (row stride d / dv) with stride
-// ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
+// q (BH, M, d) contiguous, scores scaled by `scale`; k, v rows contiguous (row stride d / dv)
+// with stride ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
 
 #ifdef __AVX2__
 // Register-blocked products for the few rows of a decoding step (an sgemm pays its packing and

@@ -163,7 +163,7 @@ def _self_check() -> None:
     # the decoding kernel: 3 rows per head, 2 key/value heads, keys split in 3 chunks
     q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 41, 8, generator=g)
     v = torch.randn(2, 41, 5, generator=g)
-    out, lse = _decode_call(q, k, v, nsplit=3, scale=0.5)
+    out, lse = _decode_call(q, k, v, nsplit=3, scale=0.5, ks=k.stride(0), vs=v.stride(0))
     s = 0.5 * (q @ k.transpose(-1, -2))
     if not (torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-5) and
             torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
@@ -247,18 +247,17 @@ def _rows_contiguous(t: Tensor) -> Tensor:
 DECODE_MIN_CHUNK = 256
 
 
-def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float = 1.0,
-                 bh: int | None = None, ks: int | None = None,
-                 vs: int | None = None) -> tuple[Tensor, Tensor]:
+def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float, ks: int,
+                 vs: int) -> tuple[Tensor, Tensor]:
+    """q ``(BH, M, d)`` contiguous; head ``i``'s keys/values start ``i * ks`` / ``i * vs``
+    elements into ``k`` / ``v``, rows contiguous."""
     _, gemm, one_thread, omp_parallel, omp_thread_num, fn = _state["fn"]
-    m, d = q.shape[-2:]
-    bh = q.shape[0] if bh is None else bh
+    bh, m, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
     out = q.new_empty(bh, m, dv)
     lse = q.new_empty(bh, m)
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            bh, m, lk, d, dv, k.stride(0) if ks is None else ks,
-            v.stride(0) if vs is None else vs, nsplit, scale, torch.get_num_threads(),
+            bh, m, lk, d, dv, ks, vs, nsplit, scale, torch.get_num_threads(),
             gemm, one_thread, omp_parallel, omp_thread_num)
     if rc != 0:
         raise MemoryError("attnkit decoding kernel: out of memory for its buffers")
@@ -285,19 +284,18 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor,
     if not q.is_contiguous():
         q = q.contiguous()
 
-    def rows_ok(t: Tensor) -> Tensor:
-        # each head's rows contiguous, the heads evenly spaced (a view into a cache is fine)
-        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (
-                B > 1 and t.stride(0) != hkv * t.stride(1)):
-            t = t.contiguous()
-        return t
+    def heads_ok(t: Tensor) -> Tensor:
+        # each head's rows contiguous and the B * Hkv heads evenly spaced (the kernel takes one
+        # stride between heads); a view into a longer cache is fine
+        t = _rows_contiguous(t)
+        return t.contiguous() if B > 1 and t.stride(0) != hkv * t.stride(1) else t
 
-    k, v = rows_ok(k), rows_ok(v)
+    k, v = heads_ok(k), heads_ok(v)
     # enough chunks for every thread, none shorter than DECODE_MIN_CHUNK keys
     lk = k.shape[2]
     threads = torch.get_num_threads()
     nsplit = max(1, min(-(-threads // (B * hkv)), lk // DECODE_MIN_CHUNK))
-    out, lse = _decode_call(q, k, v, nsplit, float(scale), B * hkv, k.stride(1), v.stride(1))
+    out, lse = _decode_call(q, k, v, nsplit, float(scale), k.stride(1), v.stride(1))
     return out.view(B, hkv, rows, v.shape[-1]), lse.view(B, hkv, rows)
 
 
