@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .kernels import native
 from .kernels.components import AllKeys, MaskTerm
+from .kernels.short import short_attention, short_ok
 from .kernels.structured import (
     NEG_INF,
     Ctx,
@@ -46,7 +47,8 @@ class SparseWeights:
 
     Attributes:
         indptr: ``(Lq + 1,)`` row pointers; ``indices``: ``(nnz,)`` key index of each entry.
-        values: ``(B, Hq, nnz)`` weights, rows summing to 1 (0 for rows with no key).
+        values: ``(B, Hq, nnz)`` weights (``(*batch, Hq, nnz)`` for several batch dims), rows
+            summing to 1 (0 for rows with no key).
         shape: ``(Lq, Lk)``.
     """
 
@@ -65,11 +67,11 @@ class SparseWeights:
 
     def to_dense(self) -> Tensor:
         """``(B, Hq, Lq, Lk)`` dense weights (zeros off the pattern). For small sizes."""
-        b, h, _ = self.values.shape
+        lead = self.values.shape[:-1]
         lq, lk = self.shape
-        out = self.values.new_zeros(b, h, lq * lk)
+        out = self.values.new_zeros(*lead, lq * lk)
         flat = self.rows * lk + self.indices
-        return out.index_copy(2, flat, self.values).view(b, h, lq, lk)
+        return out.index_copy(-1, flat, self.values).view(*lead, lq, lk)
 
     def __repr__(self) -> str:
         vals = tuple(self.values.shape)
@@ -83,28 +85,33 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
+        if t.dim() < 4:
             exp = {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"}[name]
-            raise ValueError(f"{name} must have shape {exp}, got {t.dim()} dims {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {exp} (or more leading batch dims), got "
+                             f"{t.dim()} dims {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, hq, lq, d = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same heads Hkv, got {k.shape[1]} and {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same length Lk, got {k.shape[2]} and {v.shape[2]}")
-    if k.shape[3] != d:
-        raise ValueError(f"k must have head dim D={d} like q, got {k.shape[3]}")
-    hkv = k.shape[1]
+    batch = tuple(q.shape[:-3])
+    if tuple(k.shape[:-3]) != batch or tuple(v.shape[:-3]) != batch:
+        raise ValueError(f"batch sizes differ: q {batch}, k {tuple(k.shape[:-3])}, "
+                         f"v {tuple(v.shape[:-3])}")
+    hq, lq, d = q.shape[-3:]
+    if k.shape[-3] != v.shape[-3]:
+        raise ValueError(f"k and v must have the same heads Hkv, got {k.shape[-3]} and "
+                         f"{v.shape[-3]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v must have the same length Lk, got {k.shape[-2]} and "
+                         f"{v.shape[-2]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"k must have head dim D={d} like q, got {k.shape[-1]}")
+    hkv = k.shape[-3]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q heads Hq={hq} must be a multiple of k/v heads Hkv={hkv}")
-    lk = k.shape[2]
+    lk = k.shape[-2]
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(
             f"pattern must be None or an attnkit.patterns pattern, got {type(pattern).__name__}"
@@ -135,14 +142,14 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a tensor, got {type(bias).__name__}")
         # Plain int arithmetic: torch.broadcast_shapes imports sympy on first use (~seconds).
-        bshape = tuple(bias.shape)
-        ok = len(bshape) <= 4 and all(
-            s in (1, t) for s, t in zip(reversed(bshape), (lk, lq, hq, B))
+        bshape, full = tuple(bias.shape), (*batch, hq, lq, lk)
+        ok = len(bshape) <= len(full) and all(
+            s in (1, t) for s, t in zip(reversed(bshape), reversed(full))
         )
         if not ok:
             raise ValueError(
                 f"bias of shape {tuple(bias.shape)} does not broadcast to (B, Hq, Lq, Lk) = "
-                f"{(B, hq, lq, lk)}"
+                f"{full}"
             )
     if check_finite:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -189,7 +196,11 @@ def attention(
     Args:
         q: ``(B, Hq, Lq, D)``; k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, with
             ``Hq % Hkv == 0`` (grouped-/multi-query attention shares each K/V head among
-            ``Hq // Hkv`` query heads without copying).
+            ``Hq // Hkv`` query heads without copying). Several leading batch dims
+            ``(*batch, H, L, D)`` are fine (equal for q, k, v): many short sequences, such as
+            the lines of a volume along one axis, are read in place whatever their strides
+            (:mod:`attnkit.kernels.short`); other calls flatten them (``b`` in ``score_mod``
+            is then the flattened batch index).
         pattern: ``None`` (every key) or a pattern from :mod:`attnkit.patterns`.
         bias: additive logits broadcastable to ``(B, Hq, Lq, Lk)`` (a bool tensor is a
             keep-mask). Fine for dense patterns; with sparse ones only the allowed entries are
@@ -207,6 +218,16 @@ def attention(
         ``out (B, Hq, Lq, Dv)``, or ``(out, weights)``. Rows with no allowed key give zeros.
     """
     _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)
+    if (pattern is None and score_mod is None and not return_weights and bias is None
+            and not dropout_p and not isinstance(temperature, Tensor) and short_ok(q, k, v)):
+        # many short sequences (axial lines, patches): the compiled short-sequence kernels,
+        # reading q/k/v in place whatever their strides and leading dims
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return short_attention(q, k, v, scale / float(temperature))
+    if q.dim() > 4:
+        return _attention_flat_batch(q, k, v, pattern=pattern, bias=bias, score_mod=score_mod,
+                                     scale=scale, temperature=temperature, dropout_p=dropout_p,
+                                     return_weights=return_weights)
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -253,6 +274,31 @@ def attention(
     if not return_weights:
         return out
     return out, _sparse_weights(qg, k, pattern, ctx, lse)
+
+
+def _attention_flat_batch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None,
+                          return_weights: bool, **kw):
+    """:func:`attention` on ``(*batch, H, L, D)`` inputs with several batch dims: flattened to
+    one (a copy where the strides do not allow a view), results shaped back."""
+    batch = q.shape[:-3]
+    flat = [t.reshape(-1, *t.shape[-3:]) for t in (q, k, v)]
+    if bias is not None and bias.dim() > 3:
+        if all(s == 1 for s in bias.shape[:-3]):
+            bias = bias.reshape(bias.shape[-3:])
+        else:
+            bias = bias.expand(*batch, *bias.shape[-3:]).reshape(-1, *bias.shape[-3:])
+    res = attention(*flat, bias=bias, return_weights=return_weights, **kw)
+    out, weights = res if return_weights else (res, None)
+    out = out.reshape(*batch, *out.shape[1:])
+    if not return_weights:
+        return out
+    if isinstance(weights, SparseWeights):
+        weights = SparseWeights(weights.indptr, weights.indices,
+                                weights.values.reshape(*batch, *weights.values.shape[1:]),
+                                weights.shape)
+    else:
+        weights = weights.reshape(*batch, *weights.shape[1:])
+    return out, weights
 
 
 def _decode_ok(qs, k, v, pattern, dropout_p, lq, lk, g) -> bool:

@@ -1,5 +1,6 @@
-"""Optional compiled CPU kernels: the fused band (sliding-window) attention forward, and the
-matrix-vector products of a decoding step.
+"""Optional compiled CPU kernels: the fused band (sliding-window) attention forward, dense
+attention over many short sequences (forward and backward), and the matrix-vector products of a
+decoding step.
 
 The engine's band kernel in plain PyTorch makes separate passes over each block's score matrix
 (the score GEMM with a mask added, the softmax, the output GEMM). ``band_cpu.c`` fuses them per
@@ -13,6 +14,11 @@ Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-
 its PyTorch kernels (the same results). Only contiguous fp32 CPU tensors take this path; backward
 recomputes through the PyTorch kernel (see ``structured._NativeBand``).
 
+``short_cpu.c`` (:func:`short_forward` / :func:`short_backward`) is dense attention over many
+short sequences (axial lines, patches), forward and backward, in fp32 and fp64, reading q/k/v
+through arbitrary strides and batch offsets (see :mod:`.short`). Same fallbacks
+(:func:`short_available`).
+
 ``gemv_cpu.c`` (:func:`gemv_rows`) multiplies a few rows by a weight matrix with every thread
 streaming its own block of the weight's rows (a BLAS gemv reads it on one thread): decoding one
 token is bound by reading the weights, so this is what sets its speed. Same fallbacks
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -34,8 +41,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_forward", "gemv_available",
-           "gemv_multi", "gemv_rows"]
+__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_forward",
+           "empty_grads_like", "empty_in_layout", "gemv_available", "gemv_multi", "gemv_rows",
+           "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
@@ -475,3 +483,181 @@ def _check_gemv(x: Tensor, weights, biases, residual, layer_norm, rope) -> None:
                 or cols % d:
             raise ValueError(f"rope cols must be a multiple of D = {d} in [0, {total}], "
                              f"got {cols!r}")
+
+
+# ------------------------------------------------------------- many short sequences
+
+_short_state: dict = {}
+_SHORT_SOURCE = Path(__file__).with_name("short_cpu.c")
+_SHORT_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _load_short():
+    lib = ctypes.CDLL(str(_build(_SHORT_SOURCE)))
+    fns = {}
+    for suffix in _SHORT_DTYPES.values():
+        for kind in ("forward", "backward"):
+            fn = getattr(lib, f"short_{kind}_{suffix}")
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int] + \
+                [ctypes.c_void_p] * 2
+            fn.restype = ctypes.c_int
+            fns[kind, suffix] = fn
+    return fns, *_openmp()
+
+
+def _short_self_check() -> None:
+    """Forward and gradients of odd sizes (GQA 2:1, padded rows, columns and channels) against
+    autograd through a plain softmax, in both precisions."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        q = torch.randn(3, 4, 7, 5, generator=gen, dtype=dtype)
+        k = torch.randn(3, 2, 9, 5, generator=gen, dtype=dtype)
+        v = torch.randn(3, 2, 9, 11, generator=gen, dtype=dtype)
+        dout = torch.randn(3, 4, 7, 11, generator=gen, dtype=dtype)
+        out, lse = _short_forward_call(q, k, v, 0.7)
+        dq, dk, dv = _short_backward_call(q, k, v, dout, lse, 0.7)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():  # the first call may come from inside an autograd Function
+            s, ref = _softmax_reference(*leaves)
+            grads = torch.autograd.grad(ref, leaves, dout)
+        pairs = [(out, ref), (lse, torch.logsumexp(s, -1)), *zip((dq, dk, dv), grads)]
+        if not all(torch.allclose(a, b.detach(), atol=tol, rtol=tol) for a, b in pairs):
+            raise RuntimeError(f"self-check against autograd failed ({dtype})")
+
+
+def _softmax_reference(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    s = 0.7 * q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    return s, torch.softmax(s, -1) @ v.repeat_interleave(2, 1)
+
+
+def short_available() -> bool:
+    """Whether the short-sequence kernels are built, loaded and checked (built on first call)."""
+    return _available(_short_state, _load_short, _short_self_check,
+                      "native short-sequence attention kernel")
+
+
+def _batch_offsets(t: Tensor, nbatch: int) -> Tensor:
+    """Element offset of each batch index of ``t``'s first ``nbatch`` dims, row-major."""
+    off = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape[:nbatch], t.stride()[:nbatch]):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return off.reshape(-1)
+
+
+def empty_in_layout(t: Tensor, last: int) -> Tensor:
+    """An uninitialized tensor of shape ``(*t.shape[:-1], last)`` whose memory orders the
+    leading dims as ``t``'s strides do (e.g. a ``(n, H, L, d)`` view of a packed ``(n, L, 3, H,
+    d)`` projection gives an ``(n, L, H, last)`` buffer seen as ``(n, H, L, last)``)."""
+    lead = range(t.dim() - 1)
+    order = sorted(lead, key=lambda i: (-t.stride(i) if t.shape[i] > 1 else 0, i))
+    buf = t.new_empty([t.shape[i] for i in order] + [last])
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return buf.permute(*inverse, len(order))
+
+
+def _stacked_view(tensors: tuple[Tensor, ...]) -> tuple[int, int] | None:
+    """``(offset, span)`` when ``tensors`` are equal-shaped, equally strided views of one
+    storage, evenly spaced, whose stack along a new dim (the spacing as its stride) does not
+    overlap itself (e.g. q, k, v unbound from a packed ``(..., 3, H, d)`` projection); else None.
+    """
+    first = tensors[0]
+    offsets = [t.storage_offset() for t in tensors]
+    if len(tensors) < 2 or any(
+            t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype
+            or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            for t in tensors):
+        return None
+    step = offsets[1] - offsets[0]
+    if step <= 0 or any(b - a != step for a, b in zip(offsets, offsets[1:])):
+        return None
+    dims = sorted([(st, n) for st, n in zip(first.stride(), first.shape) if n > 1]
+                  + [(step, len(tensors))])
+    extent = 1  # elements spanned by the dims of smaller stride; each stride must clear it
+    for st, n in dims:
+        if st < extent:
+            return None
+        extent += (n - 1) * st
+    return offsets[0], extent
+
+
+def empty_grads_like(*tensors: Tensor) -> list[Tensor]:
+    """Uninitialized tensors shaped like ``tensors``, each laid out like its input; when the
+    inputs are evenly spaced views of one buffer (a packed q/k/v projection), the results are
+    views of one new buffer at the same relative offsets, so the packed gradient needs no
+    stacking copy (see :func:`attnkit.nn.axial.unbind_packed`)."""
+    stacked = _stacked_view(tensors)
+    if stacked is None:
+        return [empty_in_layout(t, t.shape[-1]) for t in tensors]
+    start, span = stacked
+    buf = tensors[0].new_empty(span)
+    return [buf.as_strided(t.shape, t.stride(), t.storage_offset() - start) for t in tensors]
+
+
+def _channels_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _short_call(kind: str, strided: list[Tensor], lse: Tensor, nbatch: int, geo: list[int],
+                scale: float) -> None:
+    """Run a kernel on ``strided`` tensors ``(*batch, H, L, C)`` (channels contiguous) and the
+    contiguous ``lse (*batch, Hq, Lq)``, in the order the C function takes them."""
+    fns, omp_parallel, omp_thread_num = _short_state["fn"]
+    fn = fns[kind, _SHORT_DTYPES[lse.dtype]]
+    strides = [s for t in strided for s in (t.stride(-3), t.stride(-2))]
+    geometry = torch.tensor(geo + strides, dtype=torch.int64)
+    offsets = torch.cat([_batch_offsets(t, nbatch) for t in strided])
+    ptrs = torch.tensor([t.data_ptr() for t in (*strided, lse)], dtype=torch.int64)
+    rc = fn(ptrs.data_ptr(), geometry.data_ptr(), offsets.data_ptr(), float(scale),
+            torch.get_num_threads(), omp_parallel, omp_thread_num)
+    if rc != 0:
+        raise MemoryError(f"attnkit short-sequence kernel ({kind}): out of memory")
+
+
+def _geometry(q: Tensor, k: Tensor, v: Tensor) -> list[int]:
+    *batch, hq, lq, d = q.shape
+    return [math.prod(batch), hq, k.shape[-3], lq, k.shape[-2], d, v.shape[-1]]
+
+
+def _short_forward_call(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = (_channels_contiguous(t) for t in (q, k, v))
+    out = empty_in_layout(q, v.shape[-1])
+    lse = q.new_empty(q.shape[:-1])
+    _short_call("forward", [q, k, v, out], lse, q.dim() - 3, _geometry(q, k, v), scale)
+    return out, lse
+
+
+def _short_backward_call(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, dout = (_channels_contiguous(t) for t in (q, k, v, dout))
+    dq, dk, dv = empty_grads_like(q, k, v)
+    _short_call("backward", [q, k, v, dout, dq, dk, dv], lse.contiguous(), q.dim() - 3,
+                _geometry(q, k, v), scale)
+    return dq, dk, dv
+
+
+def short_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Dense attention of every query to every key of its sequence, for many short sequences.
+
+    Args:
+        q: ``(*batch, Hq, Lq, D)``; k: ``(*batch, Hkv, Lk, D)``; v: ``(*batch, Hkv, Lk, Dv)``;
+            fp32 or fp64 CPU, any strides (channels contiguous, else copied): views of a packed
+            projection are read in place. ``Hq % Hkv == 0``. Scores are ``scale * q.k``.
+    Returns:
+        ``out (*batch, Hq, Lq, Dv)`` in ``q``'s memory order and ``lse (*batch, Hq, Lq)``.
+        Not differentiable by itself (see :func:`attnkit.kernels.short.short_attention`).
+    """
+    if not short_available():
+        raise RuntimeError("the short-sequence kernel is not available here (see "
+                           "short_available)")
+    return _short_forward_call(q, k, v, scale)
+
+
+def short_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`short_forward`'s ``out`` for ``dout`` (same shape): ``(dq, dk, dv)``,
+    each in its input's memory order. ``lse`` is the forward's; the probabilities are
+    recomputed from it (nothing ``L x L`` is kept between the passes)."""
+    if not short_available():
+        raise RuntimeError("the short-sequence kernel is not available here (see "
+                           "short_available)")
+    return _short_backward_call(q, k, v, dout, lse, scale)

@@ -18,12 +18,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import attention
+from ..kernels.short import short_shape_ok
 
 __all__ = ["AxialAttention", "AxialMaps", "axial_mask"]
 
 # Score-matrix elements (lines * heads * L * L) one engine call may touch; bounds the per-chunk
 # temporaries (weights, combined bias) to ~32 MB in fp32 while keeping calls few.
 _CHUNK_ELEMENTS = 1 << 23
+
+
+class _UnbindPacked(torch.autograd.Function):
+    """``x.unbind(dim)`` whose backward hands back the gradients' own buffer when they already
+    form the packed layout (see :func:`unbind_packed`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int):
+        ctx.dim, ctx.shape, ctx.stride = dim, x.shape, x.stride()
+        return x.unbind(dim)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dim, shape, stride = ctx.dim, ctx.shape, ctx.stride
+        first = grads[0]
+        packed = all(g is not None for g in grads) and all(
+            g.stride() == first.stride() and g.dtype == first.dtype
+            and g.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and g.storage_offset() == first.storage_offset() + i * stride[dim]
+            for i, g in enumerate(grads)
+        ) and first.stride() == stride[:dim] + stride[dim + 1:]
+        if packed:  # the gradients are the slices of one buffer laid out like x: no copy
+            return first.as_strided(shape, stride, first.storage_offset()), None
+        grads = [torch.zeros(shape[:dim] + shape[dim + 1:], dtype=first.dtype, device=first.device)
+                 if g is None else g for g in grads]
+        return torch.stack(grads, dim), None
+
+
+def unbind_packed(x: Tensor, dim: int) -> tuple[Tensor, ...]:
+    """``x.unbind(dim)`` (e.g. q, k, v of a packed ``(..., 3, H, d)`` projection) whose backward
+    skips the stacking copy when the slices' gradients already sit in one buffer laid out like
+    ``x`` (the engine's short-sequence kernel writes them so)."""
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return x.unbind(dim)
+    return _UnbindPacked.apply(x, dim)
 
 
 @dataclass
@@ -209,6 +245,19 @@ class AxialAttention(nn.Module):
         """
         spatial, C_in, C = tuple(h.shape[1:-1]), h.shape[-1], self.dim
         H, d, L = self.num_heads, self.head_dim, spatial[axis]
+        rel = self.relative_bias(axis, L)
+        dropout_p = self.dropout if self.training else 0.0
+        if (valid is None and rel is None and not need_weights and not dropout_p
+                and h.device.type == "cpu"
+                and short_shape_ok(h.numel() // (C_in * L), L, L, d, d, h.dtype)):
+            # Plain lines: one projection of every voxel, and q, k, v as strided views
+            # (B, *other axes, H, L, d) of it, which the engine's short-sequence kernel reads in
+            # place; its output comes back in voxel order, and backward hands the packed
+            # q/k/v gradient to the projection without stacking (unbind_packed).
+            qkv = F.linear(h, weight, proj_bias).view(*h.shape[:-1], 3, H, d)
+            q, k, v = (t.movedim(axis + 1, -2) for t in unbind_packed(qkv, -3))
+            o = attention(q, k, v, scale=1.0)
+            return o.movedim(-2, axis + 1).reshape(*h.shape[:-1], C), None
         # Put the axis just before the channels: rows of `lines` are the axis' lines. (One copy
         # of the C_in-channel input; projecting first and handing SDPA strided q/k/v with the
         # line axis outermost is about 2x slower in SDPA's CPU kernel.)
@@ -221,11 +270,9 @@ class AxialAttention(nn.Module):
             # A line with no valid voxel only holds padded queries (zeroed by the caller);
             # letting it see all keys keeps every softmax row non-empty -> fused SDPA path.
             keep = keep | ~keep.any(-1, keepdim=True)
-        rel = self.relative_bias(axis, L)
         if rel is not None:
             rel = rel.to(h.dtype)
         step = self.lines_per_chunk(L)
-        dropout_p = self.dropout if self.training else 0.0
         outs, maps = [], []
         for s in range(0, lines.shape[0], step):
             chunk = lines if step >= lines.shape[0] else lines[s:s + step]
@@ -235,7 +282,7 @@ class AxialAttention(nn.Module):
             # transpose from SDPA's (n, H, L, d) gradients is needed anyway) and runs a single
             # (N x 3C) @ (3C x C_in) product for the input gradient.
             q, k, v = (t.transpose(1, 2) for t in
-                       F.linear(chunk, weight, proj_bias).view(n, L, 3, H, d).unbind(2))
+                       unbind_packed(F.linear(chunk, weight, proj_bias).view(n, L, 3, H, d), 2))
             bias = None if rel is None else rel.unsqueeze(0)  # (1, H, L, L)
             if keep is not None:
                 kk = keep[s:s + step].view(n, 1, 1, L)
