@@ -176,15 +176,18 @@ def test_other_calls_keep_the_pytorch_kernels(calls):
 
 
 def test_disabled_by_environment_variable():
+    """ATTNKIT_NATIVE=0 turns off every compiled kernel (band, short sequences, GEMV); the
+    calls that would use them still work."""
     code = ("import attnkit.kernels.native as n; import torch, attnkit; "
-            "from attnkit import patterns as P; q = torch.randn(1, 1, 8, 4); "
+            "from attnkit import patterns as P; q = torch.randn(4, 1, 8, 4); "
             "attnkit.attention(q, q, q, pattern=P.sliding_window(1)); "
-            "print(n.band_available())")
+            "attnkit.attention(q, q, q); "
+            "print(n.band_available(), n.short_available(), n.gemv_available())")
     env = {**os.environ, "ATTNKIT_NATIVE": "0"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
+    assert res.stdout.strip() == "False False False"
 
 
 def test_failed_self_check_falls_back_with_a_warning(monkeypatch):

@@ -3,15 +3,14 @@
 They serve dense calls on CPU with short sequences (<= SHORT_MAX_LEN), fp32 or fp64, no bias,
 mask or dropout, read q/k/v through their strides with any number of batch dims, and write
 gradients laid out like their inputs (one packed buffer for a packed projection). Each test
-checks the path was really taken.
+checks the path was really taken. (ATTNKIT_NATIVE=0 is tested for every kernel in
+test_native_band.py.)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -197,17 +196,6 @@ def test_bad_batch_dims_are_named():
         attention(q, torch.randn(2, 4, 2, 5, 4), torch.randn(2, 4, 2, 5, 4))
     with pytest.raises(ValueError, match="batch sizes differ"):
         attention(q, torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4))
-
-
-def test_disabled_by_environment_variable():
-    code = ("import torch, attnkit; from attnkit.kernels import native as n; "
-            "q = torch.randn(4, 2, 8, 4); attnkit.attention(q, q, q); "
-            "print(n.short_available())")
-    env = {**os.environ, "ATTNKIT_NATIVE": "0"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False"
 
 
 def test_failed_self_check_falls_back_with_a_warning(monkeypatch):

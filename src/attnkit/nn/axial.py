@@ -4,8 +4,11 @@ Full self-attention over the ``N`` voxels of a volume costs ``O(N^2)`` memory. A
 attends along the first axis, then the second, then the third: every voxel only sees the
 ``L_a`` voxels on its line along axis ``a``, so one layer costs ``O(N * sum_a L_a)`` work and,
 chunked over lines, ``O(N)`` memory; after all axes every voxel has (indirectly) seen the whole
-volume. Each line batch goes through :func:`attnkit.attention` (dense calls reach torch's fused
-SDPA kernel, which never stores an ``L x L`` score matrix per line).
+volume. Each axis is one :func:`attnkit.attention` call on strided views of the voxels'
+projection, shaped ``(B, *other axes, H, L, d)``: the engine's short-sequence kernel reads them in
+place and never keeps an ``L x L`` score matrix per line beyond a thread's own buffer. Masks,
+relative-position biases, dropout and requested maps take a chunked path (lines copied into
+batches, one engine call per chunk) whose temporaries are bounded by ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -95,8 +98,10 @@ class AxialAttention(nn.Module):
         dim: channels ``C`` (last dimension of the input); divisible by ``num_heads``.
         num_heads: attention heads ``H``.
         num_axes: spatial axes (2 for images, 3 for volumes, any ``>= 1``).
-        chunk_size: lines per engine call (``None``: chosen so one call touches at most
-            ``2**23`` score elements). Bounds peak memory independently of the volume size.
+        chunk_size: lines per engine call on the chunked path (masks, relative bias, dropout,
+            maps; ``None``: chosen so one call touches at most ``2**23`` score elements).
+            Bounds its temporaries independently of the volume size. (Plain lines need no
+            chunks: the short-sequence kernel keeps only per-thread buffers.)
         rel_pos_max_distance: if set, each axis gets a learned relative-position bias table
             ``(H, 2 * max_distance + 1)`` indexed by the clipped offset ``key - query`` along
             that axis; separate tables per axis let the layer learn anisotropic voxel spacing.
