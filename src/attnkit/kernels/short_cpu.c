@@ -31,26 +31,51 @@ typedef int32_t vi32 __attribute__((vector_size(32)));
 typedef double vf64 __attribute__((vector_size(32)));
 typedef int64_t vi64 __attribute__((vector_size(32)));
 
-// exp of 8 floats: PyTorch's exp_u20 polynomial (as band_cpu.c), in portable vector code.
+// exp of 8 floats x <= 0 (every softmax argument here is a logit minus its row's maximum or
+// log-sum-exp): PyTorch's exp_u20 polynomial (as band_cpu.c) on r = x - n ln 2 with n = round(x
+// log2 e) found by the 1.5 * 2^23 rounding trick; below -87.3 (2^n would leave the normal range)
+// the result is 0. Relative error ~1e-7.
 static inline vf32 expv_f32(vf32 x) {
-  const vf32 lo = (vf32){0} - 87.3365447f, hi = (vf32){0} + 88.7228394f;
+  const vf32 lo = (vf32){0} - 87.3365447f, magic = (vf32){0} + 12582912.f;
   vi32 small = x < lo;
-  vi32 big = x > hi;
-  x = (vf32)(((vi32)x & ~big) | ((vi32)hi & big));
   x = (vf32)(((vi32)x & ~small) | ((vi32)lo & small));
-  vf32 fx = x * 1.44269504f + 0.5f;
-  vf32 tf = __builtin_convertvector(__builtin_convertvector(fx, vi32), vf32);  // trunc
-  tf += __builtin_convertvector(tf > fx, vf32);  // -> floor (a true lane is -1)
-  vf32 r = x - tf * 0.693147181f;
+  vf32 fx = x * 1.44269504f + magic;  // round(x log2 e) in the low mantissa bits
+  vi32 n = (vi32)fx - (vi32)magic;
+  fx -= magic;
+  vf32 r = x - fx * 0.693359375f;  // ln 2 in two parts (Cody-Waite) keeps r exact
+  r = r + fx * 2.12194440e-4f;
   vf32 p = r * 0.00828929059f + 0.0418978221f;
   p = p * r + 0.166676521f;
   p = p * r + 0.499991506f;
   p = p * r + 0.999999701f;
   p = p * r + 1.f;
-  vi32 n = __builtin_convertvector(tf, vi32) - 1;  // 2^(n+1) = 2^n * 2: n = 128 stays finite
-  vf32 pow2 = (vf32)((n + 127) << 23);
-  pow2 = (vf32)((vi32)pow2 & ~small);
-  return p * pow2 * 2.f;
+  vf32 pow2 = (vf32)(((n + 127) << 23) & ~small);
+  return p * pow2;
+}
+
+// dst rows 0..7 (stride ld) = the columns of the 8 x 8 block at src (row stride ss): unpack
+// pairs of rows, then pairs of pairs, then swap 128-bit halves (as _mm256 unpack/shuffle/permute).
+static inline void transpose8(float *dst, int64_t ld, const float *src, int64_t ss) {
+  vf32 r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) memcpy(&r[i], src + i * ss, sizeof r[i]);
+  const vi32 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const vi32 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vi32 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+  }
+  for (int i = 0; i < 4; i++) {
+    vf32 a = __builtin_shuffle(u[i], u[i + 4], lo4), b = __builtin_shuffle(u[i], u[i + 4], hi4);
+    memcpy(dst + i * ld, &a, sizeof a);
+    memcpy(dst + (i + 4) * ld, &b, sizeof b);
+  }
 }
 
 // exp of 4 doubles through libm: the double kernels serve exactness checks, not speed.
@@ -126,7 +151,9 @@ static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 #define EXPV expv_f32
 #define LOG logf
 #define FN(name) name##_f32
+#define TRANSPOSE8
 #include "short_cpu.c"
+#undef TRANSPOSE8
 #undef R
 #undef V
 #undef VI
@@ -308,14 +335,21 @@ static void FN(gather_rows)(R *dst, int64_t ld, const R *src, int64_t ss, int64_
   }
 }
 
-// the transpose of rows [0, rows) of src (`cols` wide) into dst (cols x ld), columns >= rows 0
+// the transpose of rows [0, rows) of src (`cols` wide) into dst (cols x ld), columns >= rows 0;
+// full 8 x 8 float blocks go through registers (three rounds of shuffles), the rest one by one
 static void FN(gather_t)(R *dst, int64_t ld, const R *src, int64_t ss, int64_t rows,
                          int64_t cols) {
   for (int64_t c = 0; c < cols; c++)
     for (int64_t i = rows; i < ld; i++) dst[c * ld + i] = 0;
+  int64_t rows8 = 0, cols8 = 0;
+#ifdef TRANSPOSE8
+  rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  for (int64_t i = 0; i < rows8; i += 8)
+    for (int64_t c = 0; c < cols8; c += 8) transpose8(dst + c * ld + i, ld, src + i * ss + c, ss);
+#endif
   for (int64_t i = 0; i < rows; i++) {
     const R *s = src + i * ss;
-    for (int64_t c = 0; c < cols; c++) dst[c * ld + i] = s[c];
+    for (int64_t c = i < rows8 ? cols8 : 0; c < cols; c++) dst[c * ld + i] = s[c];
   }
 }
 
