@@ -26,12 +26,19 @@
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 typedef int (*thread_num_t)(void);
 
-typedef float vf32 __attribute__((vector_size(32)));
-typedef int32_t vi32 __attribute__((vector_size(32)));
-typedef double vf64 __attribute__((vector_size(32)));
-typedef int64_t vi64 __attribute__((vector_size(32)));
+// Vectors as wide as the target's registers: 32 bytes with AVX, else 16 (SSE, NEON); wider
+// generic vectors than the hardware has are split badly by the compiler.
+#if defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+typedef float vf32 __attribute__((vector_size(VBYTES)));
+typedef int32_t vi32 __attribute__((vector_size(VBYTES)));
+typedef double vf64 __attribute__((vector_size(VBYTES)));
+typedef int64_t vi64 __attribute__((vector_size(VBYTES)));
 
-// exp of 8 floats x <= 0 (every softmax argument here is a logit minus its row's maximum or
+// exp of VL floats x <= 0 (every softmax argument here is a logit minus its row's maximum or
 // log-sum-exp): PyTorch's exp_u20 polynomial (as band_cpu.c) on r = x - n ln 2 with n = round(x
 // log2 e) found by the 1.5 * 2^23 rounding trick; below -87.3 (2^n would leave the normal range)
 // the result is 0. Relative error ~1e-7.
@@ -53,34 +60,40 @@ static inline vf32 expv_f32(vf32 x) {
   return p * pow2;
 }
 
+#if VBYTES == 32
 // dst rows 0..7 (stride ld) = the columns of the 8 x 8 block at src (row stride ss): unpack
 // pairs of rows, then pairs of pairs, then swap 128-bit halves (as _mm256 unpack/shuffle/permute).
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUF8(a, b, ...) __builtin_shuffle(a, b, (vi32){__VA_ARGS__})
+#endif
 static inline void transpose8(float *dst, int64_t ld, const float *src, int64_t ss) {
   vf32 r[8], t[8], u[8];
   for (int i = 0; i < 8; i++) memcpy(&r[i], src + i * ss, sizeof r[i]);
-  const vi32 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const vi32 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
-  const vi32 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
   for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shuffle(r[i], r[i + 1], lo);
-    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
+    t[i] = SHUF8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = SHUF8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
   }
   for (int i = 0; i < 8; i += 4) {
-    u[i] = __builtin_shuffle(t[i], t[i + 2], lo2);
-    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], hi2);
-    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], lo2);
-    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], hi2);
+    u[i] = SHUF8(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = SHUF8(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = SHUF8(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = SHUF8(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
   }
   for (int i = 0; i < 4; i++) {
-    vf32 a = __builtin_shuffle(u[i], u[i + 4], lo4), b = __builtin_shuffle(u[i], u[i + 4], hi4);
+    vf32 a = SHUF8(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    vf32 b = SHUF8(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     memcpy(dst + i * ld, &a, sizeof a);
     memcpy(dst + (i + 4) * ld, &b, sizeof b);
   }
 }
+#define TRANSPOSE8_F32
+#endif
 
-// exp of 4 doubles through libm: the double kernels serve exactness checks, not speed.
+// exp of doubles through libm: the double kernels serve exactness checks, not speed.
 static inline vf64 expv_f64(vf64 x) {
-  for (int i = 0; i < 4; i++) x[i] = exp(x[i]);
+  for (int i = 0; i < VBYTES / 8; i++) x[i] = exp(x[i]);
   return x;
 }
 
@@ -147,11 +160,13 @@ static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 #define R float
 #define V vf32
 #define VI vi32
-#define VL 8
+#define VL (VBYTES / 4)
 #define EXPV expv_f32
 #define LOG logf
 #define FN(name) name##_f32
+#ifdef TRANSPOSE8_F32
 #define TRANSPOSE8
+#endif
 #include "short_cpu.c"
 #undef TRANSPOSE8
 #undef R
@@ -164,7 +179,7 @@ static int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 #define R double
 #define V vf64
 #define VI vi64
-#define VL 4
+#define VL (VBYTES / 8)
 #define EXPV expv_f64
 #define LOG log
 #define FN(name) name##_f64
