@@ -1,6 +1,6 @@
 """The short-sequence kernels (attnkit.kernels.short / short_cpu.c) against dense fp64 references.
 
-They serve dense calls on CPU with short sequences (<= SHORT_MAX_LEN), fp32 or fp64, no bias,
+They serve dense calls on CPU with short sequences (see SHORT_MAX_LEN), fp32 or fp64, no bias,
 mask or dropout, read q/k/v through their strides with any number of batch dims, and write
 gradients laid out like their inputs (one packed buffer for a packed projection). Each test
 checks the path was really taken. (ATTNKIT_NATIVE=0 is tested for every kernel in
@@ -105,7 +105,12 @@ def test_engine_takes_it_for_short_dense_calls_only(calls):
     attention(q, q, q, bias=torch.zeros(16, 16))  # a bias: SDPA
     attention(q, q, q, return_weights=True)  # weights: the dense path
     attention(torch.randn(4, 2, 200, 8), torch.randn(4, 2, 200, 8), torch.randn(4, 2, 200, 8))
+    wide = torch.randn(4, 2, 100, 32)  # 100 long with 32 channels: SDPA is faster there
+    attention(wide, wide, wide)
     assert len(calls) == 1
+    narrow = torch.randn(4, 2, 100, 16)  # 100 long with 16 channels: the kernel
+    attention(narrow, narrow, narrow)
+    assert len(calls) == 2
 
 
 def test_extreme_logits_are_stable(calls):
