@@ -200,8 +200,6 @@ static void FN(mm)(const R *A, int64_t sam, int64_t sak, const R *B, int64_t ldb
   for (; m + 4 <= M; m += 4) {
     const R *a0 = A + m * sam, *a1 = a0 + sam, *a2 = a1 + sam, *a3 = a2 + sam;
     R *c0 = C + m * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
-    R r0 = alpha, r1 = alpha, r2 = alpha, r3 = alpha;
-    if (rs) { r0 *= rs[m]; r1 *= rs[m + 1]; r2 *= rs[m + 2]; r3 *= rs[m + 3]; }
     int64_t n = 0;
     for (; n + 2 * VL <= N; n += 2 * VL) {
       V s00 = {0}, s01 = {0}, s10 = {0}, s11 = {0}, s20 = {0}, s21 = {0}, s30 = {0}, s31 = {0};
@@ -214,6 +212,10 @@ static void FN(mm)(const R *A, int64_t sam, int64_t sak, const R *B, int64_t ldb
         s20 += x2 * b0; s21 += x2 * b1;
         s30 += x3 * b0; s31 += x3 * b1;
       }
+      // the row scales are read only here: kept live through the loop, they would push the
+      // accumulators out of AVX2's 16 registers
+      R r0 = rs ? alpha * rs[m] : alpha, r1 = rs ? alpha * rs[m + 1] : alpha;
+      R r2 = rs ? alpha * rs[m + 2] : alpha, r3 = rs ? alpha * rs[m + 3] : alpha;
       s00 *= r0; s01 *= r0; s10 *= r1; s11 *= r1;
       s20 *= r2; s21 *= r2; s30 *= r3; s31 *= r3;
       if (acc) {
@@ -234,6 +236,8 @@ static void FN(mm)(const R *A, int64_t sam, int64_t sak, const R *B, int64_t ldb
         s0 += a0[k * sak] * b0; s1 += a1[k * sak] * b0;
         s2 += a2[k * sak] * b0; s3 += a3[k * sak] * b0;
       }
+      R r0 = rs ? alpha * rs[m] : alpha, r1 = rs ? alpha * rs[m + 1] : alpha;
+      R r2 = rs ? alpha * rs[m + 2] : alpha, r3 = rs ? alpha * rs[m + 3] : alpha;
       s0 *= r0; s1 *= r1; s2 *= r2; s3 *= r3;
       if (acc) {
         s0 += FN(ld)(c0 + n); s1 += FN(ld)(c1 + n);
