@@ -214,3 +214,20 @@ def test_failed_self_check_falls_back_with_a_warning(monkeypatch):
         assert native.short_available() is False
     q = torch.randn(4, 2, 8, 4, dtype=F64)
     assert (attention(q, q, q) - _reference(q, q, q, 0.5)).abs().max() < 1e-12
+
+
+def test_broadcast_keys_and_values_get_summed_gradients(calls):
+    """k/v expanded over the batch (stride 0) are read in place; their gradients are summed by
+    the expand's backward."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(4, 2, 6, 5, generator=g, dtype=F64, requires_grad=True)
+    k0 = torch.randn(1, 2, 7, 5, generator=g, dtype=F64, requires_grad=True)
+    v0 = torch.randn(1, 2, 7, 3, generator=g, dtype=F64, requires_grad=True)
+    out = attention(q, k0.expand(4, -1, -1, -1), v0.expand(4, -1, -1, -1))
+    out.square().sum().backward()
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k0, v0)]
+    _reference(leaves[0], leaves[1].expand(4, -1, -1, -1), leaves[2].expand(4, -1, -1, -1),
+               5 ** -0.5).square().sum().backward()
+    assert calls
+    for a, b in zip((q, k0, v0), leaves):
+        assert (a.grad - b.grad).abs().max() < 1e-12
