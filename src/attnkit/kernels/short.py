@@ -4,7 +4,7 @@
 Axial attention runs a 32-long attention per line and head, thousands of times per axis; a
 ViT's patch sequences are similar. Torch's fused SDPA serves each such sequence with machinery
 sized for long ones (and zero-fills its gradient buffers, and wants q/k/v in its own layout);
-here every (sequence, key/value head) is one work item of small register-blocked products,
+here every sequence (all its heads) is one work item of small register-blocked products,
 q/k/v are read in place through their strides, and backward recomputes the probabilities from
 the saved log-sum-exp.
 """

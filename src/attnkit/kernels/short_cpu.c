@@ -3,19 +3,22 @@
 //
 // Torch's CPU SDPA runs each (sequence, head) of a 32-long line through BLAS calls sized for long
 // sequences, zero-fills its gradient buffers and wants q/k/v in its own layout. Here one work
-// item is one (sequence, key/value head): its keys and values are gathered (transposed where a
-// product needs it) into small padded buffers, and every product is a register-blocked
-// 4-row micro-kernel on GCC vector types (AVX2/AVX-512/NEON as the compiler targets). Inputs
-// and outputs are read and written in place through strides: the sequence index of each tensor
-// is an arbitrary offset (one int64 per sequence), heads and rows have their own strides, and
-// only channels must be contiguous. So a projection's packed (..., 3, H, d) output is read as
-// q, k and v along any axis of a volume without copies.
+// item is one sequence, all its heads (their rows share cache lines): the operand a product
+// needs transposed is gathered into a small padded buffer, and every product is a
+// register-blocked 4-row micro-kernel on GCC vector types (AVX2/AVX-512VL/SSE/NEON as the
+// compiler targets). Scores are kept transposed (keys x queries) so the softmax reduces down
+// columns with vertical vector ops. Inputs and outputs are read and written in place through
+// strides: the sequence index of each tensor is an arbitrary offset (one int64 per sequence),
+// heads and rows have their own strides, and only channels must be contiguous. So a
+// projection's packed (..., 3, H, d) output is read as q, k and v along any axis of a volume
+// without copies.
 //
 // Forward writes out and the per-row log-sum-exp; backward recomputes the probabilities from
 // q, k and the log-sum-exp (nothing of size L x L is stored between the passes) and uses
 // D_i = sum_j P_ij dP_ij, so the forward output is not needed. Query head h reads key/value head
-// h / (Hq / Hkv); one work item handles a key/value head's whole group, so its dk/dv are summed
-// without atomics. The file is compiled twice over (float, double) by including itself.
+// h / (Hq / Hkv); a key/value head's whole group is handled within one work item, so its dk/dv
+// are summed without atomics. The file is compiled twice over (float, double) by including
+// itself.
 #ifndef SHORT_BODY
 #include <math.h>
 #include <stdint.h>
@@ -258,12 +261,6 @@ static void FN(mm)(const R *A, int64_t sam, int64_t sak, const R *B, int64_t ldb
       FN(st)(c0 + n, s0);
     }
   }
-}
-
-static inline R FN(hsum)(V v) {
-  R t = 0;
-  for (int i = 0; i < VL; i++) t += v[i];
-  return t;
 }
 
 static inline V FN(sel)(VI m, V a, V b) { return (V)(((VI)a & m) | ((VI)b & ~m)); }

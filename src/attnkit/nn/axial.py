@@ -287,7 +287,7 @@ class AxialAttention(nn.Module):
             # transpose from SDPA's (n, H, L, d) gradients is needed anyway) and runs a single
             # (N x 3C) @ (3C x C_in) product for the input gradient.
             q, k, v = (t.transpose(1, 2) for t in
-                       unbind_packed(F.linear(chunk, weight, proj_bias).view(n, L, 3, H, d), 2))
+                       F.linear(chunk, weight, proj_bias).view(n, L, 3, H, d).unbind(2))
             bias = None if rel is None else rel.unsqueeze(0)  # (1, H, L, L)
             if keep is not None:
                 kk = keep[s:s + step].view(n, 1, 1, L)
