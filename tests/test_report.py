@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from attnkit import cli, experiments
-from attnkit.report import collect_experiments, render_html, run_report, to_jsonable
-from attnkit.results import Experiment, Option, Result
+from attnkit import cli
+from attnkit.experiment import Experiment, Option, Result
+from attnkit.experiment import registry as experiments
+from attnkit.experiment.report import collect_experiments, render_html, run_report, to_jsonable
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16  # bytes only; the report never decodes figures
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .report import (
+from .experiment.report import (
     HELD,
     NOT_RUN,
     collect_experiments,
@@ -45,7 +45,7 @@ from .report import (
     run_experiment,
     run_report,
 )
-from .results import Experiment, Option
+from .experiment.types import Experiment, Option
 
 __all__ = ["main", "build_parser"]
 
