@@ -306,10 +306,11 @@ def _decode_ok(qs, k, v, pattern, dropout_p, lq, lk, g) -> bool:
     sees every key, a few rows per key/value head, a long cache, fp32 on CPU, no autograd."""
     return (g * lq <= DECODE_MAX_ROWS and lk >= DECODE_MIN_KEYS and not dropout_p
             and (pattern is None or lq == 1)  # a single causal query sees every key
+            and qs.shape[-1] > 0 and v.shape[-1] > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qs, k, v))
             and not (torch.is_grad_enabled() and (qs.requires_grad or k.requires_grad
                                                   or v.requires_grad))
-            and native.band_available())
+            and native.decode_available())
 
 
 def _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g) -> Tensor | None:

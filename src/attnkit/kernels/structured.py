@@ -201,6 +201,7 @@ class _NativeBand(torch.autograd.Function):
 def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
     return (not comp.masks and not (ctx.dropout_p > 0 and training)
             and comp.band[1] - comp.band[0] + 1 <= native.BAND_MAX_WIDTH
+            and qs.shape[-1] > 0 and v.shape[-1] > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qs, k, v))
             and native.band_available())
 
