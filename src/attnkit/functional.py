@@ -216,6 +216,13 @@ def attention(
 
     Returns:
         ``out (B, Hq, Lq, Dv)``, or ``(out, weights)``. Rows with no allowed key give zeros.
+
+    NaN and inf follow :func:`dense_reference` whichever kernel runs (compiled or PyTorch): a
+    non-finite query or key makes NaN exactly the rows whose allowed keys give a NaN or
+    infinite score; rows that do not see it are unaffected. A non-finite value row is only
+    guaranteed to reach the rows that attend to it (inside one block of rows it may also reach
+    rows that give it weight zero, as ``0 * inf`` is NaN; the dense reference spreads it to
+    every row).
     """
     _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)
     if (pattern is None and score_mod is None and not return_weights and bias is None
