@@ -46,7 +46,10 @@ child_only = pytest.mark.skipif(not CHILD, reason="run in a child process by "
                                 "test_fuzz_in_a_subprocess")
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 
 NAN = float("nan")
 

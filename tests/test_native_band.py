@@ -22,7 +22,10 @@ from attnkit import patterns as P
 from attnkit.kernels import native
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the fused kernel is optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 
 
 @pytest.fixture()

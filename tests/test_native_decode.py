@@ -22,7 +22,10 @@ from attnkit.models import DecoderLM, GeluMLP
 from attnkit.nn.attention import split_linear
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 
 
 def _spy(monkeypatch, name):

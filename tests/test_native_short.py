@@ -23,7 +23,10 @@ from attnkit.kernels import native
 from attnkit.nn.axial import unbind_packed
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the kernels are optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 F64 = torch.float64
 
 
