@@ -178,6 +178,9 @@ def _torch_symbol(name: str) -> int | None:
     return None
 
 
+_band_lib_cache: dict = {}
+
+
 def _band_lib():
     """The band/decoding library, its BLAS ``sgemm`` and MKL's thread setter, loaded once."""
     if "lib" not in _band_lib_cache:
@@ -195,9 +198,6 @@ def _band_lib():
         _register(lib)
         _band_lib_cache["lib"] = (lib, gemm, one_thread, _openmp())
     return _band_lib_cache["lib"]
-
-
-_band_lib_cache: dict = {}
 
 
 def _load():
