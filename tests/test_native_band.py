@@ -22,7 +22,10 @@ from attnkit import patterns as P
 from attnkit.kernels import native
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the fused kernel is optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 
 
 @pytest.fixture()
@@ -182,12 +185,17 @@ def test_disabled_by_environment_variable():
             "from attnkit import patterns as P; q = torch.randn(4, 1, 8, 4); "
             "attnkit.attention(q, q, q, pattern=P.sliding_window(1)); "
             "attnkit.attention(q, q, q); "
-            "print(n.band_available(), n.short_available(), n.gemv_available())")
+            "print(n.band_available(), n.short_available(), n.gemv_available()); "
+            "print(sorted({(k, s['available'], s['reason']) for k, s in "
+            "n.kernel_status().items()}))")
     env = {**os.environ, "ATTNKIT_NATIVE": "0"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False False False"
+    first, status = res.stdout.strip().splitlines()
+    assert first == "False False False"
+    off = "disabled by ATTNKIT_NATIVE"
+    assert status == str([(k, False, off) for k in ("band", "decode", "gemv", "short")])
 
 
 def test_failed_self_check_falls_back_with_a_warning(monkeypatch):
@@ -202,3 +210,94 @@ def test_failed_self_check_falls_back_with_a_warning(monkeypatch):
     q, k, v = _qkv(1, 2, 2, 20, 20, 8, 8)
     out = attention(q, k, v, pattern=P.sliding_window(3))
     assert (out.double() - _ref(q, k, v, P.sliding_window(3))).abs().max() < 1e-5
+
+
+def test_a_nan_key_reaches_only_the_rows_that_see_it():
+    """The fused kernel and the PyTorch band kernel give NaN on exactly the rows whose window
+    holds the NaN key, as the dense reference does (the PyTorch kernel used to spread it over a
+    block of 32 rows)."""
+    assert native.band_available()
+    q, k, v = _qkv(1, 2, 2, 100, 100, 8, 8, seed=3)
+    k[0, 0, 40] = float("nan")
+    pattern = P.sliding_window(2)
+    ref = _ref(q, k, v, pattern)
+    assert torch.isnan(ref[0, :2, :, 0]).nonzero()[:, 1].unique().tolist() == [38, 39, 40, 41,
+                                                                              42]
+    for fused in (True, False):
+        saved = native._state["ok"]
+        native._state["ok"] = fused
+        try:
+            out = attention(q, k, v, pattern=pattern)
+        finally:
+            native._state["ok"] = saved
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), fused
+        finite = ~torch.isnan(ref)
+        assert (out.double()[finite] - ref[finite]).abs().max() < 1e-5
+
+
+def test_band_forward_validates_its_inputs():
+    assert native.band_available()
+    q, k, v = _qkv(1, 2, 2, 20, 20, 8, 8)
+    qs = q.view(1, 2, 1, 20, 8)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        native.band_forward(qs, k, v, 3, -3, 0, 20)
+    with pytest.raises(ValueError, match="q0 <= q1"):
+        native.band_forward(qs, k, v, -3, 3, 5, 30)
+    with pytest.raises(ValueError, match="k must be"):
+        native.band_forward(qs, k[:, :1], v, -3, 3, 0, 20)
+    with pytest.raises(TypeError, match="qs must be torch.float32"):
+        native.band_forward(qs.double(), k, v, -3, 3, 0, 20)
+    with pytest.raises(TypeError, match="lo must be an int"):
+        native.band_forward(qs, k, v, -3.0, 3, 0, 20)
+    out, lse = native.band_forward(qs, k[:, :, :0], v[:, :, :0], -3, 3, 0, 20)  # no keys
+    assert out.abs().max() == 0 and torch.isneginf(lse).all()
+
+
+def test_self_check_is_retried_once_and_reported(monkeypatch):
+    """A self-check that fails once is retried (the kernel stays on, no warning); one that
+    fails twice disables the kernel with a warning naming it and the mismatch, and
+    kernel_status reports why."""
+    import warnings
+
+    real = native._self_check
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise native._Mismatch("band output: max error 1 exceeds the tolerance 1e-4")
+        real()
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_self_check", flaky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.band_available() is True
+    assert len(calls) == 2
+
+    def broken():
+        raise native._Mismatch("band output: max error 0.5 exceeds the tolerance 1e-4")
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_self_check", broken)
+    with pytest.warns(RuntimeWarning, match="fused CPU band kernel unavailable.*max error 0.5"):
+        assert native.band_available() is False
+    status = native.kernel_status()["band"]
+    assert status["available"] is False and "max error 0.5" in status["reason"]
+
+
+def test_self_check_tolerance_follows_the_problem():
+    """The self-checks' tolerance grows with the head size and the magnitude of the scores and
+    values; the kernel's own result is well inside it, a result from the wrong batch is not."""
+    assert native.band_available()
+    small = native._tolerance(native._EPS32, 8, 3.0, 40, 1.0)
+    assert native._tolerance(native._EPS32, 128, 3.0, 40, 1.0) > small
+    assert native._tolerance(native._EPS32, 8, 30.0, 40, 1.0) > small
+    assert native._tolerance(native._EPS32, 8, 3.0, 40, 10.0) == pytest.approx(10 * small)
+    q, k, v = _qkv(2, 2, 2, 30, 30, 8, 8, seed=4)
+    out, lse = native._call(q, k, v, -3, 3, 0, 30)
+    i, j = torch.arange(30).view(-1, 1), torch.arange(30).view(1, -1)
+    mask = (j - i >= -3) & (j - i <= 3)
+    native._check_attention("band", out, lse, q, k, v, 1.0, mask)
+    with pytest.raises(native._Mismatch, match="band output: max error"):
+        native._check_attention("band", out.flip(0), lse, q, k, v, 1.0, mask)

@@ -22,7 +22,10 @@ from attnkit.models import DecoderLM, GeluMLP
 from attnkit.nn.attention import split_linear
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 
 
 def _spy(monkeypatch, name):
@@ -271,3 +274,85 @@ def test_fused_multi_row_steps_equal_module_path(batch, new):
     with torch.no_grad():
         full = model(ids)[:, 20:]
     torch.testing.assert_close(results[0], full, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------- regressions from issue 17
+
+ISSUE_CASES = """
+import json, torch, attnkit
+from attnkit import dense_reference
+from attnkit.nn.attention import split_linear
+torch.manual_seed(0)
+B, L, D = 2, 1024, 64
+q = torch.randn(B, 4, 1, D)
+res = {}
+def err(out, ref):
+    return (out.double() - ref).abs().amax((1, 2, 3)).tolist()
+with torch.no_grad():
+    k = torch.randn(1, B, L, D).transpose(0, 1); v = torch.randn(1, B, L, D).transpose(0, 1)
+    ref = dense_reference(q.double(), k.double(), v.double())[0]
+    res["mqa transposed"] = err(attnkit.attention(q, k, v), ref)
+    x = torch.randn(B, L, D); k = v = x.view(B, L, 1, D).transpose(1, 2)
+    ref = dense_reference(q.double(), k.double(), v.double())[0]
+    res["size-1 head view"] = err(attnkit.attention(q, k, v), ref)
+    x, w = torch.randn(1, 256), torch.randn(256, 256)
+    for name, b in (("strided bias", torch.randn(512)[::2]),
+                    ("expanded bias", torch.randn(1).expand(256))):
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        res[name] = [(split_linear(x, w, b).double() - ref).abs().max().item()]
+print(json.dumps(res))
+"""
+
+
+def test_issue_layouts_in_a_subprocess():
+    """The issue's cases: multi-query k/v as ``randn(1, B, L, D).transpose(0, 1)`` through the
+    split-K kernel (was SIGSEGV), ``x.view(B, L, 1, D).transpose(1, 2)`` (batch 1 was off by
+    0.22), and split_linear with a strided or stride-0 bias (off by 3.6 / read past storage)."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", ISSUE_CASES], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, f"exit {res.returncode} (-11: SIGSEGV)\n{res.stderr[-3000:]}"
+    errors = json.loads(res.stdout)
+    assert set(errors) == {"mqa transposed", "size-1 head view", "strided bias", "expanded bias"}
+    for name, errs in errors.items():
+        assert max(errs) < 1e-4, (name, errs)
+
+
+def test_decode_forward_validates_its_inputs():
+    assert native.decode_available()
+    q, k, v = _qkv(2, 2, 2, 1, 600, 8, 8)
+    with pytest.raises(ValueError, match="k must be"):
+        native.decode_forward(q, k[:1], v)
+    with pytest.raises(ValueError, match="k must be"):
+        native.decode_forward(q, k, v[:, :, :5])
+    with pytest.raises(TypeError, match="q must be torch.float32"):
+        native.decode_forward(q.double(), k, v)
+    with pytest.raises(ValueError, match="q must have 4 dims"):
+        native.decode_forward(q[0], k, v)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        native.decode_forward(q, k, v, float("inf"))
+    out, lse = native.decode_forward(q[:0], k[:0], v[:0])  # no batch: the empty result
+    assert out.shape == (0, 2, 1, 8) and lse.shape == (0, 2, 1)
+
+
+def test_gemv_reads_strided_vectors_and_tables():
+    """Every vector gemv_multi takes (biases, LayerNorm weight/bias, residual, rotary tables)
+    as a strided or expanded view gives what its contiguous copy gives."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 64, generator=g), torch.randn(96, 64, generator=g)
+    b = torch.randn(192, generator=g)[::2]
+    ln = (torch.randn(1, generator=g).expand(64), torch.randn(128, generator=g)[1::2], 1e-5)
+    res = torch.randn(96, 2, generator=g).T
+    cos, sin = torch.randn(2, 8, 2, generator=g).transpose(1, 2)
+    kw = {"residual": res, "layer_norm": ln, "rope": (cos, sin, 64)}
+    got = native.gemv_multi(x, (w,), (b,), **kw)
+    contiguous = {"residual": res.contiguous(),
+                  "layer_norm": (ln[0].contiguous(), ln[1].contiguous(), 1e-5),
+                  "rope": (cos.contiguous(), sin.contiguous(), 64)}
+    torch.testing.assert_close(got, native.gemv_multi(x, (w,), (b.contiguous(),), **contiguous),
+                               rtol=0, atol=0)
+    ref = native.gemv_reference(x, (w,), (b,), **kw)
+    assert (got.double() - ref).abs().max() < 1e-4

@@ -23,7 +23,10 @@ from attnkit.kernels import native
 from attnkit.nn.axial import unbind_packed
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the kernels are optional")
+pytestmark = [
+    pytest.mark.skipif(not HAS_CC, reason="no C compiler: the native kernels are optional"),
+    pytest.mark.skipif(native._native_disabled(), reason="ATTNKIT_NATIVE=0: kernels turned off"),
+]
 F64 = torch.float64
 
 
@@ -231,3 +234,31 @@ def test_broadcast_keys_and_values_get_summed_gradients(calls):
     assert calls
     for a, b in zip((q, k0, v0), leaves):
         assert (a.grad - b.grad).abs().max() < 1e-12
+
+
+def test_raw_kernels_validate_what_they_read():
+    """short_forward / short_backward check shapes, dtypes and devices before any pointer is
+    handed to C (unequal batch dims used to make the kernel read offsets past their array)."""
+    assert native.short_available()
+    q = torch.randn(4, 2, 6, 5, dtype=F64)
+    k, v = torch.randn(4, 1, 7, 5, dtype=F64), torch.randn(4, 1, 7, 3, dtype=F64)
+    with pytest.raises(ValueError, match="equal batch dims"):
+        native.short_forward(q, k[:2], v[:2], 0.5)
+    with pytest.raises(ValueError, match="equal batch dims"):
+        native.short_forward(q, k, v[:, :, :6], 0.5)
+    with pytest.raises(ValueError, match="Hq % Hkv"):
+        native.short_forward(q, torch.randn(4, 3, 7, 5, dtype=F64),
+                             torch.randn(4, 3, 7, 3, dtype=F64), 0.5)
+    with pytest.raises(TypeError, match="k must be torch.float64"):
+        native.short_forward(q, k.float(), v, 0.5)
+    with pytest.raises(TypeError, match="q must be torch.float32 or torch.float64"):
+        native.short_forward(q.half(), k.half(), v.half(), 0.5)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        native.short_forward(q, k, v, float("nan"))
+    out, lse = native.short_forward(q, k, v, 0.5)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        native.short_backward(q, k, v, out[:, :, :5], lse, 0.5)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        native.short_backward(q, k, v, out, lse[:2], 0.5)
+    empty = native.short_forward(q[:0], k[:0], v[:0], 0.5)  # no sequence: the empty result
+    assert empty[0].shape == (0, 2, 6, 3) and empty[1].shape == (0, 2, 6)

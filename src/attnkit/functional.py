@@ -216,6 +216,13 @@ def attention(
 
     Returns:
         ``out (B, Hq, Lq, Dv)``, or ``(out, weights)``. Rows with no allowed key give zeros.
+
+    NaN and inf follow :func:`dense_reference` whichever kernel runs (compiled or PyTorch): a
+    non-finite query or key makes NaN exactly the rows whose allowed keys give a NaN or
+    infinite score; rows that do not see it are unaffected. A non-finite value row is only
+    guaranteed to reach the rows that attend to it (inside one block of rows it may also reach
+    rows that give it weight zero, as ``0 * inf`` is NaN; the dense reference spreads it to
+    every row).
     """
     _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)
     if (pattern is None and score_mod is None and not return_weights and bias is None
@@ -306,10 +313,11 @@ def _decode_ok(qs, k, v, pattern, dropout_p, lq, lk, g) -> bool:
     sees every key, a few rows per key/value head, a long cache, fp32 on CPU, no autograd."""
     return (g * lq <= DECODE_MAX_ROWS and lk >= DECODE_MIN_KEYS and not dropout_p
             and (pattern is None or lq == 1)  # a single causal query sees every key
+            and qs.shape[-1] > 0 and v.shape[-1] > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qs, k, v))
             and not (torch.is_grad_enabled() and (qs.requires_grad or k.requires_grad
                                                   or v.requires_grad))
-            and native.band_available())
+            and native.decode_available())
 
 
 def _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g) -> Tensor | None:

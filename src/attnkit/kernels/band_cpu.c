@@ -8,9 +8,9 @@
 // fp32 with contiguous rows and the given batch / head strides (slices of longer tensors are
 // read in place): q (B, Hq, L, d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv), head h
 // reads kv head h / (Hq / Hkv). Rows [q0, q1) are computed into out (B, Hq, q1 - q0, dv) and
-// lse (B, Hq, q1 - q0); a row with no key gives zeros and -inf. Work items are split over
-// nthreads threads (torch's OpenMP team when given, else POSIX threads), each with one-thread
-// MKL.
+// lse (B, Hq, q1 - q0); a row with no key gives zeros and -inf. Work items (a block of rows of
+// one head) are shared by the team threads actually obtained (team.h: torch's OpenMP team when
+// given, else POSIX threads), each with one-thread MKL.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -19,21 +19,18 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#include "team.h"
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*,
                         const float*, const float*, const int*, const float*, const int*,
                         const float*, float*, const int*);
 typedef int (*setthreads_t)(int);
-typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*thread_num_t)(void);
 
 typedef struct {
   const float *q, *k, *v; float *out, *lse;
   int64_t B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks;
   int64_t qsb, qsh, ksb, ksh, vsb, vsh;  // batch / head strides (rows are contiguous)
   sgemm_t gemm; setthreads_t setthreads;
-  int64_t start, stop;  // work items [start, stop)
-  int err;
 } job_t;
 
 #ifdef __AVX2__
@@ -103,91 +100,64 @@ static float row_softmax(float *s, int64_t W, int64_t a, int64_t b) {
   return m + logf(sum);
 }
 
-static void *worker(void *arg) {
-  job_t *J = (job_t *)arg;
-  if (J->setthreads) J->setthreads(1);
+static void worker(team_t *TM) {
+  const job_t *J = (const job_t *)TM->arg;
   int64_t g = J->Hq / J->Hkv, wmax = J->bq + J->hi - J->lo;
   float *S = (float *)malloc(sizeof(float) * J->bq * (wmax > 0 ? wmax : 1));
-  if (!S) { J->err = 1; return NULL; }
+  if (!S) return;  // items left to the other threads (team_run reports any not done)
+  if (J->setthreads) J->setthreads(1);
   const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
-  for (int64_t it = J->start; it < J->stop; it++) {
-    int64_t blk = it % J->nblocks, bh = it / J->nblocks;
-    int64_t b = bh / J->Hq, h = bh % J->Hq, hk = h / g;
-    int64_t i0 = J->q0 + blk * J->bq, i1 = i0 + J->bq < J->q1 ? i0 + J->bq : J->q1;
-    int64_t nq = i1 - i0, delta = J->Lk - J->L;  // key j allowed iff lo <= j - i - delta <= hi
-    int64_t j0 = i0 + delta + J->lo, j1 = i1 - 1 + delta + J->hi + 1;
-    if (j0 < 0) j0 = 0;
-    if (j1 > J->Lk) j1 = J->Lk;
-    const float *qp = J->q + b * J->qsb + h * J->qsh + i0 * J->d;
-    int64_t nrows = J->q1 - J->q0;  // out (B, Hq, q1 - q0, dv), lse (B, Hq, q1 - q0)
-    float *op = J->out + ((b * J->Hq + h) * nrows + (i0 - J->q0)) * J->dv;
-    float *lp = J->lse + (b * J->Hq + h) * nrows + (i0 - J->q0);
-    if (j1 <= j0) {
-      memset(op, 0, sizeof(float) * nq * J->dv);
-      for (int64_t r = 0; r < nq; r++) lp[r] = -INFINITY;
-      continue;
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t it = start; it < stop; it++) {
+      int64_t blk = it % J->nblocks, bh = it / J->nblocks;
+      int64_t b = bh / J->Hq, h = bh % J->Hq, hk = h / g;
+      int64_t i0 = J->q0 + blk * J->bq, i1 = i0 + J->bq < J->q1 ? i0 + J->bq : J->q1;
+      int64_t nq = i1 - i0, delta = J->Lk - J->L;  // key j allowed iff lo <= j - i - delta <= hi
+      int64_t j0 = i0 + delta + J->lo, j1 = i1 - 1 + delta + J->hi + 1;
+      if (j0 < 0) j0 = 0;
+      if (j1 > J->Lk) j1 = J->Lk;
+      const float *qp = J->q + b * J->qsb + h * J->qsh + i0 * J->d;
+      int64_t nrows = J->q1 - J->q0;  // out (B, Hq, q1 - q0, dv), lse (B, Hq, q1 - q0)
+      float *op = J->out + ((b * J->Hq + h) * nrows + (i0 - J->q0)) * J->dv;
+      float *lp = J->lse + (b * J->Hq + h) * nrows + (i0 - J->q0);
+      if (j1 <= j0) {
+        memset(op, 0, sizeof(float) * nq * J->dv);
+        for (int64_t r = 0; r < nq; r++) lp[r] = -INFINITY;
+        continue;
+      }
+      int W = (int)(j1 - j0), M = (int)nq, D = (int)J->d, DV = (int)J->dv;
+      const float *kp = J->k + b * J->ksb + hk * J->ksh + j0 * J->d;
+      const float *vp = J->v + b * J->vsb + hk * J->vsh + j0 * J->dv;
+      // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
+      J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+      for (int64_t r = 0; r < nq; r++) {
+        int64_t i = i0 + r, a = i + delta + J->lo - j0, e = i + delta + J->hi + 1 - j0;
+        if (a < 0) a = 0;
+        if (e > W) e = W;
+        lp[r] = row_softmax(S + r * W, W, a, e);
+      }
+      // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
+      J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
     }
-    int W = (int)(j1 - j0), M = (int)nq, D = (int)J->d, DV = (int)J->dv;
-    const float *kp = J->k + b * J->ksb + hk * J->ksh + j0 * J->d;
-    const float *vp = J->v + b * J->vsb + hk * J->vsh + j0 * J->dv;
-    // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
-    J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
-    for (int64_t r = 0; r < nq; r++) {
-      int64_t i = i0 + r, a = i + delta + J->lo - j0, e = i + delta + J->hi + 1 - j0;
-      if (a < 0) a = 0;
-      if (e > W) e = W;
-      lp[r] = row_softmax(S + r * W, W, a, e);
-    }
-    // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
-    J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
+  team_done(TM, stop - start);
   }
   free(S);
   if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
-  return NULL;
 }
 
-typedef struct { job_t *jobs; thread_num_t thread_num; } team_t;
-
-static void team_worker(void *arg) {
-  team_t *T = (team_t *)arg;
-  worker(&T->jobs[T->thread_num()]);
-}
-
-// omp_parallel / omp_thread_num: GOMP_parallel and omp_get_thread_num of the OpenMP runtime
-// torch itself uses (so the work runs on torch's own thread team, not on new threads that
-// would compete with torch's spinning idle workers); NULL: POSIX threads.
+// omp_parallel: GOMP_parallel of the OpenMP runtime torch itself uses (so the work runs on
+// torch's own thread team, not on new threads that would compete with torch's spinning idle
+// workers); NULL: POSIX threads. Returns -1 when a buffer could not be allocated.
 int band_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                  int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t Lk, int64_t d,
                  int64_t dv, int64_t lo, int64_t hi, int64_t q0, int64_t q1, int64_t bq,
                  int64_t qsb, int64_t qsh, int64_t ksb, int64_t ksh, int64_t vsb, int64_t vsh,
-                 int nthreads, void *gemm, void *setthreads, void *omp_parallel,
-                 void *omp_thread_num) {
+                 int nthreads, void *gemm, void *setthreads, void *omp_parallel) {
   int64_t nblocks = (q1 - q0 + bq - 1) / bq, total = B * Hq * nblocks;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > total) nthreads = (int)(total > 0 ? total : 1);
-  job_t jobs[64]; pthread_t tid[64];
-  if (nthreads > 64) nthreads = 64;
-  for (int t = 0; t < nthreads; t++) {
-    job_t j = {q, k, v, out, lse, B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks,
-               qsb, qsh, ksb, ksh, vsb, vsh, (sgemm_t)gemm, (setthreads_t)setthreads,
-               total * t / nthreads, total * (t + 1) / nthreads, 0};
-    jobs[t] = j;
-  }
-  int err = 0;
-  if (omp_parallel && omp_thread_num && nthreads > 1) {
-    team_t team = {jobs, (thread_num_t)omp_thread_num};
-    ((gomp_parallel_t)omp_parallel)(team_worker, &team, (unsigned)nthreads, 0);
-  } else {
-    int started = 1;
-    for (; started < nthreads; started++)
-      if (pthread_create(&tid[started], NULL, worker, &jobs[started])) break;
-    // threads that could not start: run their share here
-    for (int t = started; t < nthreads; t++) worker(&jobs[t]);
-    worker(&jobs[0]);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
-  }
-  for (int t = 0; t < nthreads; t++) err |= jobs[t].err;
-  return err ? -1 : 0;
+  job_t J = {q, k, v, out, lse, B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks,
+             qsb, qsh, ksb, ksh, vsb, vsh, (sgemm_t)gemm, (setthreads_t)setthreads};
+  return team_run(worker, &J, total, nthreads, omp_parallel);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,80 +277,75 @@ typedef struct {
   int64_t M, Lk, d, dv, ks, vs, nsplit, chunk;
   float scale;
   sgemm_t gemm; setthreads_t setthreads;
-  int64_t start, stop;
-  int err;
 } djob_t;
 
-static void *decode_worker(void *arg) {
-  djob_t *J = (djob_t *)arg;
-  if (J->setthreads) J->setthreads(1);
+static void decode_worker(team_t *TM) {
+  const djob_t *J = (const djob_t *)TM->arg;
   float *S = (float *)malloc(sizeof(float) * J->M * J->chunk);
-  if (!S) { J->err = 1; return NULL; }
+  if (!S) return;  // items left to the other threads (team_run reports any not done)
+  if (J->setthreads) J->setthreads(1);
   const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
-  for (int64_t it = J->start; it < J->stop; it++) {
-    int64_t bh = it / J->nsplit, sp = it % J->nsplit;
-    int64_t j0 = sp * J->chunk, j1 = j0 + J->chunk < J->Lk ? j0 + J->chunk : J->Lk;
-    float *op = J->opart + it * J->M * J->dv, *mp = J->mpart + it * J->M,
-          *lp = J->lpart + it * J->M;
-    if (j1 <= j0) {
-      memset(op, 0, sizeof(float) * J->M * J->dv);
-      for (int64_t r = 0; r < J->M; r++) { mp[r] = -INFINITY; lp[r] = 0.f; }
-      continue;
-    }
-    int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
-    const float *qp = J->q + bh * J->M * J->d;
-    const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
-#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
-    const int own = J->d % 8 == 0 && J->dv % 32 == 0;
-    if (own)
-      decode_scores(qp, kp, S, J->M, W, J->d, J->scale);
-    else
-#endif
-    J->gemm(&T, &N, &W, &Mi, &D, &J->scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
-    for (int64_t r = 0; r < J->M; r++) {
-      float *x = S + r * W, m = -INFINITY, sum = 0.f;
-      int64_t i = 0;
-#ifdef __AVX2__
-      __m256 vm = _mm256_set1_ps(-INFINITY);
-      for (; i + 8 <= W; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-      m = hmax(vm);
-#endif
-      for (; i < W; i++) m = x[i] > m ? x[i] : m;
-      i = 0;
-#ifdef __AVX2__
-      __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
-      for (; i + 8 <= W; i += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
-        _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
+  float scale = J->scale;
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t it = start; it < stop; it++) {
+      int64_t bh = it / J->nsplit, sp = it % J->nsplit;
+      int64_t j0 = sp * J->chunk, j1 = j0 + J->chunk < J->Lk ? j0 + J->chunk : J->Lk;
+      float *op = J->opart + it * J->M * J->dv, *mp = J->mpart + it * J->M,
+            *lp = J->lpart + it * J->M;
+      if (j1 <= j0) {
+        memset(op, 0, sizeof(float) * J->M * J->dv);
+        for (int64_t r = 0; r < J->M; r++) { mp[r] = -INFINITY; lp[r] = 0.f; }
+        continue;
       }
-      sum = hsum(vs);
-#endif
-      for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
-      mp[r] = m; lp[r] = sum;
-    }
+      int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
+      const float *qp = J->q + bh * J->M * J->d;
+      const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
 #if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
-    if (own)
-      decode_values(S, vp, op, J->M, W, J->dv);
-    else
+      const int own = J->d % 8 == 0 && J->dv % 32 == 0;
+      if (own)
+        decode_scores(qp, kp, S, J->M, W, J->d, J->scale);
+      else
 #endif
-    J->gemm(&N, &N, &DV, &Mi, &W, &one, vp, &DV, S, &W, &zero, op, &DV);  // O (M x dv)
+      J->gemm(&T, &N, &W, &Mi, &D, &scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
+      for (int64_t r = 0; r < J->M; r++) {
+        float *x = S + r * W, m = -INFINITY, sum = 0.f;
+        int64_t i = 0;
+#ifdef __AVX2__
+        __m256 vm = _mm256_set1_ps(-INFINITY);
+        for (; i + 8 <= W; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+        m = hmax(vm);
+#endif
+        for (; i < W; i++) m = x[i] > m ? x[i] : m;
+        i = 0;
+#ifdef __AVX2__
+        __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
+        for (; i + 8 <= W; i += 8) {
+          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
+          _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
+        }
+        sum = hsum(vs);
+#endif
+        for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
+        mp[r] = m; lp[r] = sum;
+      }
+#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
+      if (own)
+        decode_values(S, vp, op, J->M, W, J->dv);
+      else
+#endif
+      J->gemm(&N, &N, &DV, &Mi, &W, &one, vp, &DV, S, &W, &zero, op, &DV);  // O (M x dv)
+    }
+  team_done(TM, stop - start);
   }
   free(S);
   if (J->setthreads) J->setthreads(0);
-  return NULL;
-}
-
-typedef struct { djob_t *jobs; thread_num_t thread_num; } dteam_t;
-
-static void decode_team_worker(void *arg) {
-  dteam_t *T = (dteam_t *)arg;
-  decode_worker(&T->jobs[T->thread_num()]);
 }
 
 int decode_forward(const float *q, const float *k, const float *v, float *out, float *lse,
                    int64_t BH, int64_t M, int64_t Lk, int64_t d, int64_t dv, int64_t ks,
                    int64_t vs, int64_t nsplit, float scale, int nthreads, void *gemm,
-                   void *setthreads, void *omp_parallel, void *omp_thread_num) {
+                   void *setthreads, void *omp_parallel) {
   if (nsplit < 1) nsplit = 1;
   int64_t chunk = (Lk + nsplit - 1) / nsplit, total = BH * nsplit;
   if (chunk < 1) chunk = 1;
@@ -388,36 +353,18 @@ int decode_forward(const float *q, const float *k, const float *v, float *out, f
   float *mpart = (float *)malloc(sizeof(float) * total * M);
   float *lpart = (float *)malloc(sizeof(float) * total * M);
   if (!opart || !mpart || !lpart) { free(opart); free(mpart); free(lpart); return -1; }
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > total) nthreads = (int)(total > 0 ? total : 1);
-  if (nthreads > 64) nthreads = 64;
-  djob_t jobs[64]; pthread_t tid[64];
-  for (int t = 0; t < nthreads; t++) {
-    djob_t j = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk, scale,
-                (sgemm_t)gemm, (setthreads_t)setthreads,
-                total * t / nthreads, total * (t + 1) / nthreads, 0};
-    jobs[t] = j;
-  }
-  if (omp_parallel && omp_thread_num && nthreads > 1) {
-    dteam_t team = {jobs, (thread_num_t)omp_thread_num};
-    ((gomp_parallel_t)omp_parallel)(decode_team_worker, &team, (unsigned)nthreads, 0);
-  } else {
-    int started = 1;
-    for (; started < nthreads; started++)
-      if (pthread_create(&tid[started], NULL, decode_worker, &jobs[started])) break;
-    for (int t = started; t < nthreads; t++) decode_worker(&jobs[t]);
-    decode_worker(&jobs[0]);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
-  }
-  int err = 0;
-  for (int t = 0; t < nthreads; t++) err |= jobs[t].err;
+  djob_t J = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk, scale,
+              (sgemm_t)gemm, (setthreads_t)setthreads};
+  int err = team_run(decode_worker, &J, total, nthreads, omp_parallel);
   if (!err) {
     // merge the chunks of each (head, row): out = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s
     for (int64_t bh = 0; bh < BH; bh++)
       for (int64_t r = 0; r < M; r++) {
         float m = -INFINITY;
+        int nan = 0;  // a NaN score in any chunk makes the row NaN, as dense softmax does
         for (int64_t s = 0; s < nsplit; s++) {
           float ms = mpart[(bh * nsplit + s) * M + r];
+          nan |= ms != ms;
           m = ms > m ? ms : m;
         }
         float *o = out + (bh * M + r) * dv;
@@ -431,7 +378,10 @@ int decode_forward(const float *q, const float *k, const float *v, float *out, f
             const float *os = opart + (it * M + r) * dv;
             for (int64_t c = 0; c < dv; c++) o[c] += w * os[c];
           }
-        if (l > 0.f) {
+        if (nan || l != l) {
+          for (int64_t c = 0; c < dv; c++) o[c] = NAN;
+          lse[bh * M + r] = NAN;
+        } else if (l > 0.f) {
           float inv = 1.f / l;
           for (int64_t c = 0; c < dv; c++) o[c] *= inv;
           lse[bh * M + r] = m + logf(l);

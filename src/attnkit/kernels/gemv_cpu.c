@@ -13,9 +13,7 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
-
-typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*thread_num_t)(void);
+#include "team.h"
 
 // Up to MAX_SEG weights share one x and one output row: segment s writes columns
 // [off[s], off[s] + O[s]) of y (row stride ldy). One call, one wake-up of the thread team, for
@@ -26,10 +24,9 @@ typedef int (*thread_num_t)(void);
 typedef struct {
   const float *x, *res; float *y;
   int64_t R, I, ldy;
-  int nseg, nthreads, gelu;
+  int nseg, gelu;
   const float *W[MAX_SEG], *bias[MAX_SEG];
   int64_t O[MAX_SEG], off[MAX_SEG], quad0[MAX_SEG + 1];  // quad0: first 4-row group of s
-  thread_num_t thread_num;
 } gemv_t;
 
 #ifdef __AVX2__
@@ -96,11 +93,9 @@ static void gemv_block(const gemv_t *G, int s, int64_t o0, int64_t o1) {
   }
 }
 
-static void gemv_thread(gemv_t *G, int t) {
-  // contiguous blocks of 4-row groups over all segments in turn (so each thread keeps the
-  // 4-row inner loop and streams its own part of the weights)
-  int64_t quads = G->quad0[G->nseg];
-  int64_t q0 = quads * t / G->nthreads, q1 = quads * (t + 1) / G->nthreads;
+// 4-row groups [q0, q1), over all segments in turn (a chunk of the team's work: each thread
+// keeps the 4-row inner loop and streams its own contiguous part of the weights)
+static void gemv_quads(const gemv_t *G, int64_t q0, int64_t q1) {
   for (int s = 0; s < G->nseg; s++) {
     int64_t a = q0 > G->quad0[s] ? q0 : G->quad0[s];
     int64_t b = q1 < G->quad0[s + 1] ? q1 : G->quad0[s + 1];
@@ -111,17 +106,12 @@ static void gemv_thread(gemv_t *G, int t) {
   }
 }
 
-static void team_worker(void *arg) {
-  gemv_t *G = (gemv_t *)arg;
-  gemv_thread(G, G->thread_num());
-}
-
-typedef struct { gemv_t *G; int t; } pth_arg_t;
-
-static void *pthread_worker(void *arg) {
-  pth_arg_t *a = (pth_arg_t *)arg;
-  gemv_thread(a->G, a->t);
-  return NULL;
+static void gemv_worker(team_t *TM) {
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    gemv_quads((const gemv_t *)TM->arg, start, stop);
+    team_done(TM, stop - start);
+  }
 }
 
 // Each row of x replaced by LayerNorm(x) (as torch.nn.functional.layer_norm: biased variance,
@@ -169,18 +159,17 @@ static void rope_rows(float *y, int64_t R, int64_t ldy, const float *cos_t, cons
 // segments' (bs may be NULL; segments past nseg are ignored); then GELU with gelu set; then
 // + res (R, sum O) when res is not NULL (a residual connection); then the rotary embedding of
 // the first rope_cols columns when rope_cols > 0.
-// With ln set, x is first replaced by LayerNorm(x) (ln_w, ln_b, ln_eps). Returns -1 for a bad
-// segment count or a failed allocation, else 0.
+// With ln set, x is first replaced by LayerNorm(x) (ln_w, ln_b, ln_eps). Every pointer is to
+// contiguous data of the sizes given (the caller checks). Returns -1 for a bad segment count
+// or a failed allocation, else 0.
 int gemv_rows(const float *x, float *y, int64_t R, int64_t I, int nseg,
               const float *W0, const float *W1, const float *W2, const float *b0,
               const float *b1, const float *b2, int64_t O0, int64_t O1, int64_t O2,
               int gelu, const float *res, int ln, const float *ln_w,
               const float *ln_b, double ln_eps, const float *rope_cos, const float *rope_sin,
               int64_t rope_cols, int64_t rope_dim, int64_t rope_len, int nthreads,
-              void *omp_parallel, void *omp_thread_num) {
+              void *omp_parallel) {
   if (nseg < 1 || nseg > MAX_SEG) return -1;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > 64) nthreads = 64;
   float *xn = NULL;
   if (ln) {
     xn = (float *)malloc(sizeof(float) * R * I);
@@ -191,8 +180,7 @@ int gemv_rows(const float *x, float *y, int64_t R, int64_t I, int nseg,
   gemv_t G;
   const float *W[MAX_SEG] = {W0, W1, W2}, *bias[MAX_SEG] = {b0, b1, b2};
   int64_t O[MAX_SEG] = {O0, O1, O2};
-  G.x = x; G.res = res; G.y = y; G.R = R; G.I = I; G.nseg = nseg;
-  G.nthreads = nthreads; G.gelu = gelu; G.thread_num = (thread_num_t)omp_thread_num;
+  G.x = x; G.res = res; G.y = y; G.R = R; G.I = I; G.nseg = nseg; G.gelu = gelu;
   G.quad0[0] = 0;
   int64_t ldy = 0;
   for (int s = 0; s < nseg; s++) {
@@ -201,23 +189,9 @@ int gemv_rows(const float *x, float *y, int64_t R, int64_t I, int nseg,
     G.quad0[s + 1] = G.quad0[s] + (O[s] + 3) / 4;
   }
   G.ldy = ldy;
-  if (nthreads == 1) {
-    gemv_thread(&G, 0);
-  } else if (omp_parallel && omp_thread_num) {
-    ((gomp_parallel_t)omp_parallel)(team_worker, &G, (unsigned)nthreads, 0);
-  } else {
-    pthread_t tid[64]; pth_arg_t args[64];
-    int started = 1;
-    for (; started < nthreads; started++) {
-      args[started].G = &G; args[started].t = started;
-      if (pthread_create(&tid[started], NULL, pthread_worker, &args[started])) break;
-    }
-    for (int t = started; t < nthreads; t++) gemv_thread(&G, t);
-    gemv_thread(&G, 0);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
-  }
+  int err = team_run(gemv_worker, &G, G.quad0[nseg], nthreads, omp_parallel);
   free(xn);
   if (rope_cols > 0 && rope_dim >= 2 && rope_len >= 1)
     rope_rows(y, R, ldy, rope_cos, rope_sin, rope_cols, rope_dim, rope_len);
-  return 0;
+  return err ? -1 : 0;
 }

@@ -6,12 +6,13 @@ The engine's band kernel in plain PyTorch makes separate passes over each block'
 (the score GEMM with a mask added, the softmax, the output GEMM). ``band_cpu.c`` fuses them per
 block of query rows: one GEMM (the ``sgemm`` of torch's own BLAS), a softmax over each row's
 contiguous key range in place, one GEMM. It is compiled with the system C compiler the first time
-it is needed (about a second), into a cache directory keyed by the source, the flags and the CPU,
-and loaded with :mod:`ctypes` (which releases the GIL during the call).
+it is needed (about a second), into a cache directory keyed by the source, the headers it
+includes (``team.h``), the flags and the CPU, and loaded with :mod:`ctypes` (which releases the
+GIL during the call).
 
 Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-check, or with
 ``ATTNKIT_NATIVE=0`` in the environment, :func:`band_available` is ``False`` and the engine uses
-its PyTorch kernels (the same results). Only contiguous fp32 CPU tensors take this path; backward
+its PyTorch kernels (the same results). Only fp32 CPU tensors take this path; backward
 recomputes through the PyTorch kernel (see ``structured._NativeBand``).
 
 ``short_cpu.c`` (:func:`short_forward` / :func:`short_backward`) is dense attention over many
@@ -23,6 +24,23 @@ through arbitrary strides and batch offsets (see :mod:`.short`). Same fallbacks
 streaming its own block of the weight's rows (a BLAS gemv reads it on one thread): decoding one
 token is bound by reading the weights, so this is what sets its speed. Same fallbacks
 (:func:`gemv_available`); no autograd (inference only).
+
+Safety rules every entry point here keeps:
+
+* **Layouts.** Each public function checks dtype, device and every size, and derives each
+  stride it hands to C from the tensor itself (size-1 dims contribute nothing, stride-0
+  expanded dims are read in place when the kernel takes a stride for them, else copied), so a
+  kernel only ever reads elements of its inputs. Outputs are always fresh buffers.
+* **Thread teams** (``team.h``): work items are handed out through an atomic counter, so the
+  result does not depend on the team size OpenMP actually gives (``omp_set_dynamic(1)``,
+  nested regions, ``OMP_NUM_THREADS=1``, ``torch.set_num_threads`` between calls); a kernel
+  reports an error unless every item was done. :func:`set_team_limit` (or
+  ``ATTNKIT_TEST_SHRINK_TEAM=N``) makes every parallel region start at most ``N`` threads while
+  the work is still cut for the requested team: the test suite's shrunken team.
+* **Self-checks**: each kernel is compared once per process with an fp64 reference on small odd
+  problems, with a tolerance derived from the problem (see :func:`_tolerance`); a mismatch is
+  retried once before the kernel is disabled, with a ``RuntimeWarning`` naming it and the
+  mismatch. :func:`kernel_status` reports each kernel's state (for a report's provenance).
 """
 
 from __future__ import annotations
@@ -41,12 +59,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_forward",
-           "empty_grads_like", "empty_in_layout", "gemv_available", "gemv_multi", "gemv_rows",
-           "short_available", "short_backward", "short_forward"]
+__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_available",
+           "decode_forward", "empty_grads_like", "empty_in_layout", "gemv_available",
+           "gemv_multi", "gemv_rows", "kernel_status", "set_team_limit", "short_available",
+           "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
+#: Headers the kernels include; their content is part of the build cache key.
+_HEADERS = (Path(__file__).with_name("team.h"),)
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
 _LIBS = ["-lm", "-lpthread"]
 #: Widest band (``hi - lo + 1`` keys) the fused kernel takes; its per-thread score buffer is
@@ -54,8 +75,12 @@ _LIBS = ["-lm", "-lpthread"]
 BAND_MAX_WIDTH = 8192
 #: Query rows per block of the fused kernel (one GEMM pair per block and head).
 BLOCK = 64
+#: Sizes the kernels pass to BLAS as 32-bit ints stay below this.
+_INT32 = 2**31 - 1
+_EPS32 = torch.finfo(torch.float32).eps
 
-_state: dict = {}
+_state: dict = {}         # the band kernel
+_decode_state: dict = {}  # the split-K decoding kernel (same library as the band kernel)
 
 
 def _cache_dir() -> Path:
@@ -81,7 +106,7 @@ def _build(source: Path = _SOURCE) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS)
     key = hashlib.sha256(src + repr((_FLAGS, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
@@ -103,6 +128,46 @@ def _build(source: Path = _SOURCE) -> Path:
     return out
 
 
+# ------------------------------------------------------------------------ thread teams
+
+_libs: list = []  # every kernel library loaded, for set_team_limit
+_team_limit = [0]
+
+
+def _register(lib) -> None:
+    """Remember a loaded kernel library and give it the current team limit."""
+    setter = lib.attnkit_set_team_limit
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    setter(_team_limit[0])
+    _libs.append(lib)
+
+
+def set_team_limit(n: int) -> int:
+    """Test hook: make every parallel region of the compiled kernels start at most ``n``
+    threads while the work is still cut for the team size requested (as a team that shrank
+    under ``omp_set_dynamic(1)``); ``0`` lifts the limit. Applies to libraries loaded later too.
+    The initial value comes from ``ATTNKIT_TEST_SHRINK_TEAM``. Returns the previous limit."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    old, _team_limit[0] = _team_limit[0], n
+    for lib in _libs:
+        lib.attnkit_set_team_limit(n)
+    return old
+
+
+def _env_team_limit() -> int:
+    raw = os.environ.get("ATTNKIT_TEST_SHRINK_TEAM", "").strip()
+    try:
+        return max(0, int(raw)) if raw else 0
+    except ValueError:
+        warnings.warn(f"ATTNKIT_TEST_SHRINK_TEAM={raw!r} is not an integer; ignored",
+                      RuntimeWarning, stacklevel=2)
+        return 0
+
+
+_team_limit[0] = _env_team_limit()
+
+
 def _torch_symbol(name: str) -> int | None:
     lib_dir = Path(torch.__file__).with_name("lib")
     for cand in sorted(lib_dir.glob("libtorch_cpu*")):
@@ -113,69 +178,149 @@ def _torch_symbol(name: str) -> int | None:
     return None
 
 
+_band_lib_cache: dict = {}
+
+
+def _band_lib():
+    """The band/decoding library, its BLAS ``sgemm`` and MKL's thread setter, loaded once."""
+    if "lib" not in _band_lib_cache:
+        lib = ctypes.CDLL(str(_build()))
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.band_forward.argtypes = [vp] * 5 + [i64] * 18 + [ctypes.c_int] + [vp] * 3
+        lib.band_forward.restype = ctypes.c_int
+        lib.decode_forward.argtypes = [vp] * 5 + [i64] * 8 + [ctypes.c_float, ctypes.c_int] + \
+            [vp] * 3
+        lib.decode_forward.restype = ctypes.c_int
+        gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
+        if gemm is None:
+            raise RuntimeError("torch's library exports no sgemm_")
+        one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
+        _register(lib)
+        _band_lib_cache["lib"] = (lib, gemm, one_thread, _openmp())
+    return _band_lib_cache["lib"]
+
+
 def _load():
-    lib = ctypes.CDLL(str(_build()))
-    fn = lib.band_forward
-    i64 = ctypes.c_int64
-    fn.argtypes = [ctypes.c_void_p] * 5 + [i64] * 18 + [ctypes.c_int] + [ctypes.c_void_p] * 4
-    fn.restype = ctypes.c_int
-    gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
-    if gemm is None:
-        raise RuntimeError("torch's library exports no sgemm_")
-    one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
-    dec = lib.decode_forward
-    dec.argtypes = [ctypes.c_void_p] * 5 + [i64] * 8 + [ctypes.c_float, ctypes.c_int] + \
-        [ctypes.c_void_p] * 4
-    dec.restype = ctypes.c_int
-    return fn, gemm, one_thread, *_openmp(), dec
+    lib, gemm, one_thread, omp_parallel = _band_lib()
+    return lib.band_forward, gemm, one_thread, omp_parallel
 
 
-def _openmp() -> tuple[int | None, int | None]:
-    """``GOMP_parallel`` and ``omp_get_thread_num`` of the OpenMP runtime torch loaded (found
-    in this process's memory map), so the kernel runs on torch's own thread team: separate
-    threads would compete for the cores with torch's idle workers, which spin for a while after
-    each parallel op. ``(None, None)``: the kernel starts POSIX threads instead."""
+def _load_decode():
+    lib, gemm, one_thread, omp_parallel = _band_lib()
+    return lib.decode_forward, gemm, one_thread, omp_parallel
+
+
+def _openmp_library() -> str | None:
+    """Path of the OpenMP runtime (with ``GOMP_parallel``) torch loaded, found in this process's
+    memory map; torch's own bundled runtime first, should another be loaded too."""
     torch.ones(64, 64).sum()  # make sure torch's OpenMP runtime is loaded and initialized
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return None, None
+        return None
     paths = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]
              and line.split()[-1].startswith("/")}
-    # torch's own bundled runtime first, should another OpenMP runtime be loaded too
     torch_dir = str(Path(torch.__file__).parent)
     for path in sorted(paths, key=lambda p: (not p.startswith(torch_dir), p)):
         try:
-            lib = ctypes.CDLL(path)
-            par, num = lib.GOMP_parallel, lib.omp_get_thread_num
+            ctypes.CDLL(path).GOMP_parallel  # noqa: B018 - does it have the symbol?
         except (OSError, AttributeError):
             continue
-        return (ctypes.cast(par, ctypes.c_void_p).value, ctypes.cast(num, ctypes.c_void_p).value)
-    return None, None
+        return path
+    return None
+
+
+def _openmp() -> int | None:
+    """``GOMP_parallel`` of the OpenMP runtime torch loaded, so the kernels run on torch's own
+    thread team: separate threads would compete for the cores with torch's idle workers, which
+    spin for a while after each parallel op. ``None``: the kernels start POSIX threads."""
+    path = _openmp_library()
+    if path is None:
+        return None
+    return ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+
+
+# ------------------------------------------------------------------------ self-checks
+
+
+class _Mismatch(RuntimeError):
+    """A self-check found a kernel's result outside the tolerance of its fp64 reference."""
+
+
+def _tolerance(eps: float, d: int, score_max: float, keys: int, magnitude: float) -> float:
+    """Error allowed for an attention result of magnitude ``magnitude`` computed in a precision
+    with unit roundoff ``eps``: each score carries about ``sqrt(d) * eps * score_max`` of
+    rounding (a ``d``-term dot product), which moves the softmax weights by that much relative
+    (twice: numerator and normalizer); the weighted sum over ``keys`` keys adds about
+    ``sqrt(keys) * eps``; the exponential's polynomial a few eps. A factor of 16 over these
+    estimates keeps a correct kernel far inside it, while a wrong layout, a missing row or a
+    wrong scale is off by O(1) of the magnitude, far outside."""
+    return 16 * eps * (2 * math.sqrt(max(d, 1)) * (1 + score_max) + math.sqrt(max(keys, 1))
+                       + 4) * max(magnitude, 1e-30)
+
+
+def _compare(what: str, got: Tensor, ref: Tensor, tol: float) -> None:
+    """Raise :class:`_Mismatch` unless ``got`` is within ``tol`` of the fp64 ``ref`` everywhere
+    (equal infinities count as equal, a NaN never does)."""
+    got, ref = got.double(), ref.double()
+    same_inf = torch.isinf(ref) & (got == ref)
+    diff = torch.where(same_inf, torch.zeros_like(ref), (got - ref).abs())
+    err = float(diff.max()) if diff.numel() else 0.0
+    if torch.isnan(diff).any():
+        err = math.nan
+    if not err <= tol:
+        raise _Mismatch(f"{what}: max error {err:.3g} against the fp64 reference exceeds the "
+                        f"tolerance {tol:.3g}")
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, scale: float,
+               mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """fp64 masked softmax attention of ``q (B, Hq, Lq, d)`` over ``k (B, Hkv, Lk, d)``, ``v``:
+    ``(out, lse, scores)`` (rows without keys: zeros and ``-inf``)."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = scale * (q @ k.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    w = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return w @ v, lse, s
+
+
+def _check_attention(what: str, out: Tensor, lse: Tensor, q, k, v, scale, mask=None) -> None:
+    ref, ref_lse, s = _reference(q, k, v, scale, mask)
+    finite = s[torch.isfinite(s)]
+    smax = float(finite.abs().max()) if finite.numel() else 0.0
+    tol = _tolerance(_EPS32, q.shape[-1], smax, k.shape[-2], 1.0)
+    _compare(f"{what} output", out, ref, tol * float(v.abs().max()))
+    _compare(f"{what} log-sum-exp", lse, ref_lse, tol * (1 + smax))
 
 
 def _self_check() -> None:
-    """A small band against a dense masked reference, so a BLAS with other integer widths or a
-    miscompiled kernel disables the path instead of giving wrong answers."""
+    """Small odd bands (batch 2, GQA 2:1, a partial row range, strided slices) against a dense
+    fp64 reference, so a BLAS with other integer widths or a miscompiled kernel disables the
+    path instead of giving wrong answers."""
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 2, 37, 8, generator=g), torch.randn(1, 1, 37, 8, generator=g)
-    v = torch.randn(1, 1, 37, 5, generator=g)
-    out, lse = _call(q, k, v, -4, 2, 0, 37, block=16)
-    i = torch.arange(37)
-    rel = i.view(1, -1) - i.view(-1, 1)
-    s = (q @ k.transpose(-1, -2)).masked_fill(~((rel >= -4) & (rel <= 2)), float("-inf"))
-    ref = torch.softmax(s, -1) @ v
-    if not (torch.allclose(out, ref, atol=1e-5) and
-            torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
-        raise RuntimeError("self-check against a dense reference failed")
-    # the decoding kernel: 3 rows per head, 2 key/value heads, keys split in 3 chunks
-    q, k = torch.randn(2, 3, 8, generator=g), torch.randn(2, 41, 8, generator=g)
-    v = torch.randn(2, 41, 5, generator=g)
-    out, lse = _decode_call(q, k, v, nsplit=3, scale=0.5, ks=k.stride(0), vs=v.stride(0))
-    s = 0.5 * (q @ k.transpose(-1, -2))
-    if not (torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-5) and
-            torch.allclose(lse, torch.logsumexp(s, -1), atol=1e-5)):
-        raise RuntimeError("decoding self-check against a dense reference failed")
+    q = torch.randn(2, 4, 37, 8, generator=g)
+    k, v = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 5, generator=g)
+    i, j = torch.arange(37).view(-1, 1), torch.arange(37).view(1, -1)
+    mask = (j - i >= -4) & (j - i <= 2)
+    for q0, q1 in ((0, 37), (5, 30)):
+        out, lse = _call(q, k[:, :, 3:], v[:, :, 3:], -4, 2, q0, q1, block=16)
+        _check_attention(f"band rows [{q0}, {q1})", out, lse, q[:, :, q0:q1], k[:, :, 3:],
+                         v[:, :, 3:], 1.0, mask[q0:q1])
+
+
+def _decode_self_check() -> None:
+    """The decoding kernel: 3 rows per head, 2 key/value heads, keys split in 3 chunks, through
+    BLAS (odd sizes) and through its register-blocked products (d % 8 == 0, dv % 32 == 0)."""
+    g = torch.Generator().manual_seed(1)
+    for d, dv in ((8, 5), (16, 32)):
+        q, k = torch.randn(2, 3, d, generator=g), torch.randn(2, 41, d, generator=g)
+        v = torch.randn(2, 41, dv, generator=g)
+        out, lse = _decode_call(q, k, v, nsplit=3, scale=0.5, ks=k.stride(0), vs=v.stride(0))
+        _check_attention(f"decoding d={d} dv={dv}", out, lse, q[None], k[None], v[None], 0.5)
 
 
 def _native_disabled() -> bool:
@@ -183,17 +328,29 @@ def _native_disabled() -> bool:
 
 
 def _available(state: dict, load, self_check, what: str) -> bool:
-    """Build, load and check a kernel once; any failure means: use the PyTorch path."""
+    """Build, load and check a kernel once; any failure means: use the PyTorch path. A failed
+    self-check is retried once (a transient failure must not change results and speed for the
+    whole process); the reason for disabling is kept for :func:`kernel_status`."""
     if "ok" not in state:
         state["ok"] = False
+        state["reason"] = None
         if _native_disabled():
+            state["reason"] = "disabled by ATTNKIT_NATIVE"
             return False
         try:
             state["fn"] = load()
-            self_check()
+            try:
+                self_check()
+            except Exception as first:  # noqa: BLE001 - retried once, then reported
+                try:
+                    self_check()
+                except Exception as second:  # noqa: BLE001
+                    raise RuntimeError(f"self-check failed twice: {first}; then: {second}") \
+                        from second
             state["ok"] = True
         except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch kernels
             state.pop("fn", None)
+            state["reason"] = f"{type(e).__name__}: {e}"
             warnings.warn(f"attnkit: {what} unavailable ({e}); using PyTorch instead",
                           RuntimeWarning, stacklevel=3)
     return state["ok"]
@@ -204,17 +361,116 @@ def band_available() -> bool:
     return _available(_state, _load, _self_check, "fused CPU band kernel")
 
 
+def decode_available() -> bool:
+    """Whether the split-K decoding kernel is built, loaded and checked."""
+    return _available(_decode_state, _load_decode, _decode_self_check,
+                      "native decoding attention kernel")
+
+
+def kernel_status() -> dict[str, dict]:
+    """Each compiled kernel's state, for a report's provenance: ``{"band" | "decode" | "short"
+    | "gemv": {"available": bool, "reason": str | None}}``, ``reason`` saying why an unavailable
+    kernel is off (no compiler, ``ATTNKIT_NATIVE=0``, a failed self-check with its mismatch).
+    Builds and checks the kernels not tried yet (so it reports what a call would get)."""
+    checks = {"band": (band_available, _state), "decode": (decode_available, _decode_state),
+              "short": (short_available, _short_state), "gemv": (gemv_available, _gemv_state)}
+    status = {}
+    for name, (available, state) in checks.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reason is reported here instead
+            ok = bool(available())
+        status[name] = {"available": ok, "reason": None if ok else state.get("reason")}
+    return status
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _need(t, name: str, dims: int, dtypes=(torch.float32,)) -> None:
+    """``t`` is a CPU tensor of ``dims`` dims and one of ``dtypes``, else TypeError/ValueError."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {t.device}")
+    if t.is_sparse or t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor")
+
+
+def _int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return x
+
+
+def _stride(t: Tensor, dim: int) -> int:
+    """``t``'s stride along ``dim`` for a kernel that multiplies it by indices in
+    ``range(t.shape[dim])``: 0 for a size-1 dim (its stride is meaningless and may be anything),
+    so the kernel never steps by it."""
+    return 0 if t.shape[dim] <= 1 else t.stride(dim)
+
+
+def _rows_ok(t: Tensor) -> bool:
+    """Whether ``t (..., L, D)`` has contiguous channels and rows that follow each other: the
+    kernel addresses row ``i``, channel ``c`` as ``i * D + c``."""
+    return ((t.shape[-1] <= 1 or t.stride(-1) == 1)
+            and (t.shape[-2] <= 1 or t.stride(-2) == t.shape[-1]))
+
+
+def _rows_contiguous(t: Tensor) -> Tensor:
+    """``t (B, H, L, D)`` itself if each row of ``D`` is contiguous and rows follow each other
+    within a head (batch and head strides are free), else a contiguous copy."""
+    if _rows_ok(t):
+        return t
+    t = t.contiguous()
+    if not _rows_ok(t):  # contiguous() keeps odd strides only on size-1 dims
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _merged_stride(t: Tensor) -> int | None:
+    """A stride ``s`` with ``offset(b, h) = (b * H + h) * s`` for every index of ``t``'s first
+    two dims ``(B, H)`` (the decoding kernel takes one stride between its ``B * H`` heads), or
+    None. Size-1 dims impose nothing (their strides may be anything); a stride-0 dim is fine
+    when it is the only one (all heads read the same keys in place)."""
+    b, h = t.shape[0], t.shape[1]
+    if b * h <= 1:
+        return 0
+    if b == 1:
+        return t.stride(1)
+    if h == 1:
+        return t.stride(0)
+    return t.stride(1) if t.stride(0) == h * t.stride(1) else None
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, n in sizes.items():
+        if not 0 < n <= _INT32:
+            raise ValueError(f"{name} must be in [1, {_INT32}] for the compiled kernel, got {n}")
+
+
+# ------------------------------------------------------------------------ band
+
+
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
           block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    fn, gemm, one_thread, omp_parallel, omp_thread_num, _ = _state["fn"]
+    """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
+    (see :func:`_rows_ok`; batch and head strides are free), already checked."""
+    fn, gemm, one_thread, omp_parallel = _state["fn"]
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    assert all(_rows_ok(t) for t in (q, k, v))
     out = q.new_empty(B, hq, q1 - q0, dv)
     lse = q.new_empty(B, hq, q1 - q0)
+    if out.numel() == 0:
+        return out, lse
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), torch.get_num_threads(),
-            gemm, one_thread, omp_parallel, omp_thread_num)
+            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
+            _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), torch.get_num_threads(),
+            gemm, one_thread, omp_parallel)
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
@@ -227,29 +483,43 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
 
     Args:
         qs: pre-scaled queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), fp32, CPU.
-        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``.
+        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
+            contiguous are copied; batch and head strides, including 0, are read in place).
+        lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
     Returns:
         ``out (B, Hkv, G, q1 - q0, Dv)`` and ``lse (B, Hkv, G, q1 - q0)`` (``-inf`` and zeros
         for rows without keys). Not differentiable by itself.
     """
     if not band_available():
         raise RuntimeError("the fused band kernel is not available here (see band_available)")
+    _need(qs, "qs", 5)
+    _need(k, "k", 4)
+    _need(v, "v", 4)
     B, hkv, g, lq, d = qs.shape
+    lk, dv = k.shape[2], v.shape[3]
+    if k.shape[:2] != (B, hkv) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(f"k must be (B, Hkv, Lk, D) = ({B}, {hkv}, Lk, {d}) and v (B, Hkv, Lk, "
+                         f"Dv) with the same Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    lo, hi, q0, q1 = (_int(x, n) for x, n in ((lo, "lo"), (hi, "hi"), (q0, "q0"), (q1, "q1")))
+    if not (lo <= hi and hi - lo + 1 <= BAND_MAX_WIDTH):
+        raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
+                         f"hi={hi}")
+    if not 0 <= q0 <= q1 <= lq:
+        raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
+    if B * hkv * g * (q1 - q0) * dv == 0:
+        return qs.new_zeros(B, hkv, g, q1 - q0, dv), qs.new_full((B, hkv, g, q1 - q0), -math.inf)
+    _check_sizes(D=d, Dv=dv, Lk=max(lk, 1), Lq=lq)
+    if lk == 0:
+        return qs.new_zeros(B, hkv, g, q1 - q0, dv), qs.new_full((B, hkv, g, q1 - q0), -math.inf)
     # rows must be contiguous; batch and head strides are passed, so a chunk's slices of
     # longer tensors are read in place instead of copied
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     out, lse = _call(q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), lo, hi, q0,
                      q1)
-    return (out.view(B, hkv, g, q1 - q0, v.shape[3]), lse.view(B, hkv, g, q1 - q0))
+    return (out.view(B, hkv, g, q1 - q0, dv), lse.view(B, hkv, g, q1 - q0))
 
 
-def _rows_contiguous(t: Tensor) -> Tensor:
-    """``t (B, H, L, D)`` itself if each row of ``D`` is contiguous and rows follow each other
-    within a head, else a contiguous copy."""
-    if t.stride(-1) == 1 and (t.stride(-2) == t.shape[-1] or t.shape[-2] <= 1):
-        return t
-    return t.contiguous()
-
+# ------------------------------------------------------------------------ decoding attention
 
 #: Keys per chunk below which :func:`decode_forward` stops splitting a head's keys further.
 DECODE_MIN_CHUNK = 256
@@ -258,15 +528,16 @@ DECODE_MIN_CHUNK = 256
 def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float, ks: int,
                  vs: int) -> tuple[Tensor, Tensor]:
     """q ``(BH, M, d)`` contiguous; head ``i``'s keys/values start ``i * ks`` / ``i * vs``
-    elements into ``k`` / ``v``, rows contiguous."""
-    _, gemm, one_thread, omp_parallel, omp_thread_num, fn = _state["fn"]
+    elements into ``k`` / ``v``, rows contiguous (already checked)."""
+    fn, gemm, one_thread, omp_parallel = _decode_state["fn"]
     bh, m, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
+    assert q.is_contiguous() and _rows_ok(k) and _rows_ok(v)
     out = q.new_empty(bh, m, dv)
     lse = q.new_empty(bh, m)
     rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
             bh, m, lk, d, dv, ks, vs, nsplit, scale, torch.get_num_threads(),
-            gemm, one_thread, omp_parallel, omp_thread_num)
+            gemm, one_thread, omp_parallel)
     if rc != 0:
         raise MemoryError("attnkit decoding kernel: out of memory for its buffers")
     return out, lse
@@ -280,31 +551,47 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor,
     Args:
         q: queries ``(B, Hkv, R, D)``: the ``R`` rows sharing each key/value head (a group's
             query heads times the new positions), fp32 CPU; scores are ``scale * q.k``.
-        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, each key/value row contiguous (a view
-            into a longer preallocated cache is fine).
+        k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``, any strides: views into a longer
+            preallocated cache, heads expanded over the batch (stride 0) and odd strides on
+            size-1 dims are read in place; layouts the kernel cannot address (rows not
+            contiguous, batch and head strides that do not merge) are copied.
     Returns:
         ``out (B, Hkv, R, Dv)`` and ``lse (B, Hkv, R)``. Not differentiable.
     """
-    if not band_available():
-        raise RuntimeError("the native kernels are not available here (see band_available)")
+    if not decode_available():
+        raise RuntimeError("the native decoding kernel is not available here (see "
+                           "decode_available)")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _need(t, name, 4)
     B, hkv, rows, d = q.shape
-    q = q.reshape(B * hkv, rows, d)
-    if not q.is_contiguous():
-        q = q.contiguous()
+    lk, dv = k.shape[2], v.shape[3]
+    if k.shape[:2] != (B, hkv) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(f"k must be (B, Hkv, Lk, D) = ({B}, {hkv}, Lk, {d}) and v (B, Hkv, Lk, "
+                         f"Dv) with the same Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if B * hkv * rows * dv == 0 or lk == 0:
+        return q.new_zeros(B, hkv, rows, dv), q.new_full((B, hkv, rows), -math.inf)
+    _check_sizes(D=d, Dv=dv, Lk=lk, rows=rows)
+    q = q.detach().reshape(B * hkv, rows, d).contiguous()
 
-    def heads_ok(t: Tensor) -> Tensor:
+    def heads_ok(t: Tensor) -> tuple[Tensor, int]:
         # each head's rows contiguous and the B * Hkv heads evenly spaced (the kernel takes one
         # stride between heads); a view into a longer cache is fine
-        t = _rows_contiguous(t)
-        return t.contiguous() if B > 1 and t.stride(0) != hkv * t.stride(1) else t
+        t = _rows_contiguous(t.detach())
+        s = _merged_stride(t)
+        if s is None:
+            t = t.contiguous()
+            s = _merged_stride(t)
+        return t, s
 
-    k, v = heads_ok(k), heads_ok(v)
+    (k, ks), (v, vs) = heads_ok(k), heads_ok(v)
     # enough chunks for every thread, none shorter than DECODE_MIN_CHUNK keys
-    lk = k.shape[2]
     threads = torch.get_num_threads()
     nsplit = max(1, min(-(-threads // (B * hkv)), lk // DECODE_MIN_CHUNK))
-    out, lse = _decode_call(q, k, v, nsplit, float(scale), k.stride(1), v.stride(1))
-    return out.view(B, hkv, rows, v.shape[-1]), lse.view(B, hkv, rows)
+    out, lse = _decode_call(q, k, v, nsplit, scale, ks, vs)
+    return out.view(B, hkv, rows, dv), lse.view(B, hkv, rows)
 
 
 # ------------------------------------------------------------------------ decoding GEMV
@@ -319,9 +606,50 @@ def _load_gemv():
     fn = lib.gemv_rows
     vp, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [vp, vp, i64, i64, cint, vp, vp, vp, vp, vp, vp, i64, i64, i64, cint, vp,
-                   cint, vp, vp, ctypes.c_double, vp, vp, i64, i64, i64, cint, vp, vp]
+                   cint, vp, vp, ctypes.c_double, vp, vp, i64, i64, i64, cint, vp]
     fn.restype = ctypes.c_int
-    return fn, *_openmp()
+    _register(lib)
+    return fn, _openmp()
+
+
+def gemv_reference(x: Tensor, weights, biases=None, *, gelu: bool = False,
+                   residual: Tensor | None = None, layer_norm=None, rope=None) -> Tensor:
+    """What :func:`gemv_multi` computes, in fp64 with plain torch ops (for self-checks and
+    tests): ``(rows, sum(out_i))`` for the ``rows`` rows of ``x (..., in)``."""
+    import torch.nn.functional as F
+
+    biases = (None,) * len(weights) if biases is None else biases
+    xd = x.double().reshape(-1, x.shape[-1])
+    if layer_norm is not None:
+        w_ln, b_ln, eps = layer_norm
+        xd = F.layer_norm(xd, (xd.shape[-1],), None if w_ln is None else w_ln.double(),
+                          None if b_ln is None else b_ln.double(), float(eps))
+    y = torch.cat([F.linear(xd, w.double(), None if b is None else b.double())
+                   for w, b in zip(weights, biases)], -1)
+    if gelu:
+        y = F.gelu(y)
+    if residual is not None:
+        y = y + residual.double().reshape(y.shape)
+    if rope is not None:
+        cos, sin, cols = rope
+        length, d = cos.shape
+        pos = torch.arange(y.shape[0]) % length  # row r holds position r % L
+        yc = y[:, :cols].reshape(y.shape[0], cols // d, d)
+        swapped = torch.cat([yc[..., d // 2:], yc[..., :d // 2]], -1)
+        rot = yc * cos.double()[pos, None] + swapped * sin.double()[pos, None]
+        y = torch.cat([rot.reshape(y.shape[0], cols), y[:, cols:]], -1)
+    return y
+
+
+def _gemv_tolerance(x: Tensor, weights, biases, residual, layer_norm) -> float:
+    """Error allowed for fp32 :func:`gemv_multi`: a dot product of ``in`` terms carries about
+    ``sqrt(in) * eps`` times the sum of its terms' magnitudes (times 16 for margin, +4 eps for
+    the bias, GELU, LayerNorm and rotation steps); LayerNorm's inputs are its fp64 outputs."""
+    xd = gemv_reference(x, [torch.eye(x.shape[-1])], layer_norm=layer_norm)  # normalized rows
+    mag = max(float((xd.abs() @ w.double().abs().T).max()) for w in weights)
+    extra = [b for b in biases if b is not None] + ([residual] if residual is not None else [])
+    mag += sum(float(t.abs().max()) for t in extra)
+    return 16 * _EPS32 * (math.sqrt(x.shape[-1]) + 4) * max(mag, 1e-30)
 
 
 def _gemv_self_check() -> None:
@@ -330,17 +658,22 @@ def _gemv_self_check() -> None:
         x, w = torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g)
         b = torch.randn(out_f, generator=g)
         for bias in (None, b):
-            ref = torch.nn.functional.linear(x, w, bias)
-            if not (torch.allclose(_gemv_call(x, (w,), (bias,), False), ref, atol=1e-4) and
-                    torch.allclose(_gemv_call(x, (w,), (bias,), True),
-                                   torch.nn.functional.gelu(ref), atol=1e-4)):
-                raise RuntimeError("self-check against torch.nn.functional.linear failed")
-        # three segments of one output row (odd sizes: a segment boundary inside a 4-row group)
-        w2, w3 = torch.randn(5, in_f, generator=g), torch.randn(10, in_f, generator=g)
-        ref = torch.cat([torch.nn.functional.linear(x, w, b), x @ w2.T, x @ w3.T], -1)
-        if not torch.allclose(_gemv_call(x, (w, w2, w3), (b, None, None), False), ref,
-                              atol=1e-4):
-            raise RuntimeError("multi-segment self-check against torch.cat of linears failed")
+            tol = _gemv_tolerance(x, (w,), (bias,), None, None)
+            for gelu in (False, True):
+                _compare(f"GEMV {rows}x{in_f} -> {out_f} bias={bias is not None} gelu={gelu}",
+                         _gemv_call(x, (w,), (bias,), gelu),
+                         gemv_reference(x, (w,), (bias,), gelu=gelu), tol)
+        # three segments of one output row (odd sizes: a segment boundary inside a 4-row group),
+        # LayerNorm, residual and rotary steps
+        w2, w3 = torch.randn(5, in_f, generator=g), torch.randn(12, in_f, generator=g)
+        ln = (torch.randn(in_f, generator=g), torch.randn(in_f, generator=g), 1e-5)
+        res = torch.randn(rows, out_f + 17, generator=g)
+        cos, sin = torch.randn(2, rows, 4, generator=g)
+        args = ((w, w2, w3), (b, None, None))
+        kw = {"residual": res, "layer_norm": ln, "rope": (cos, sin, 36)}
+        _compare(f"GEMV {rows} rows, three weights, LayerNorm, residual, rotary",
+                 _gemv_call(x, *args, False, **kw), gemv_reference(x, *args, **kw),
+                 3 * _gemv_tolerance(x, args[0], args[1], res, ln))
 
 
 def gemv_available() -> bool:
@@ -350,7 +683,8 @@ def gemv_available() -> bool:
 
 def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None = None,
                layer_norm=None, rope=None) -> Tensor:
-    fn, omp_parallel, omp_thread_num = _gemv_state["fn"]
+    """Every tensor contiguous fp32 CPU of the sizes :func:`_check_gemv` checks."""
+    fn, omp_parallel = _gemv_state["fn"]
     n = len(weights)
     in_f = weights[0].shape[1]
     rows = x.numel() // in_f
@@ -362,8 +696,7 @@ def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None =
     rc = fn(x.data_ptr(), y.data_ptr(), rows, in_f, n, *w, *b, *o, int(gelu),
             0 if residual is None else residual.data_ptr(), int(layer_norm is not None),
             0 if ln_w is None else ln_w.data_ptr(), 0 if ln_b is None else ln_b.data_ptr(),
-            float(eps), *_rope_args(rope), torch.get_num_threads(), omp_parallel,
-            omp_thread_num)
+            float(eps), *_rope_args(rope), torch.get_num_threads(), omp_parallel)
     if rc != 0:
         raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
     return y
@@ -410,8 +743,10 @@ def gemv_multi(x: Tensor, weights, biases=None, *, gelu: bool = False,
             tables for the ``L`` positions of ``x (..., L, in)`` (``signed_sin`` = ``sin`` with
             rotate-half's sign folded in, as :class:`attnkit.nn.RotaryEmbedding` keeps it).
             Applied last.
-        check: validate the arguments (``False``: the caller already has; a decoding step
-            saves the microseconds).
+        check: validate shapes, dtypes and devices (``False``: the caller already has; a
+            decoding step saves the microseconds). Strides are handled either way: every
+            vector, ``x``, ``residual`` and the rotary tables are read through a contiguous
+            copy when they are not contiguous (a strided or expanded bias is not misread).
     Returns:
         ``(..., sum(out_i))``. Not differentiable (the caller checks that no gradient is
         needed).
@@ -422,11 +757,16 @@ def gemv_multi(x: Tensor, weights, biases=None, *, gelu: bool = False,
     if check:
         weights, biases = tuple(weights), tuple(biases)
         _check_gemv(x, weights, biases, residual, layer_norm, rope)
-        biases = tuple(None if b is None else b.contiguous() for b in biases)
-        if residual is not None:
-            residual = residual.contiguous()
-        if rope is not None:
-            rope = (rope[0].contiguous(), rope[1].contiguous(), int(rope[2]))
+    # the kernel reads every operand as contiguous memory: contiguous() is free when it is
+    biases = tuple(None if b is None else b.contiguous() for b in biases)
+    if residual is not None:
+        residual = residual.contiguous()
+    if layer_norm is not None:
+        w_ln, b_ln, eps = layer_norm
+        layer_norm = (None if w_ln is None else w_ln.contiguous(),
+                      None if b_ln is None else b_ln.contiguous(), eps)
+    if rope is not None:
+        rope = (rope[0].contiguous(), rope[1].contiguous(), int(rope[2]))
     out = _gemv_call(x.contiguous(), weights, biases, gelu, residual, layer_norm, rope)
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -498,31 +838,36 @@ def _load_short():
     for suffix in _SHORT_DTYPES.values():
         for kind in ("forward", "backward"):
             fn = getattr(lib, f"short_{kind}_{suffix}")
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int] + \
-                [ctypes.c_void_p] * 2
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int, ctypes.c_void_p]
             fn.restype = ctypes.c_int
             fns[kind, suffix] = fn
-    return fns, *_openmp()
+    _register(lib)
+    return fns, _openmp()
 
 
 def _short_self_check() -> None:
     """Forward and gradients of odd sizes (GQA 2:1, padded rows, columns and channels) against
-    autograd through a plain softmax, in both precisions."""
+    fp64 autograd through a plain softmax, in both precisions, with tolerances derived from
+    each result's magnitude (:func:`_tolerance`)."""
     gen = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+    for dtype in (torch.float32, torch.float64):
         q = torch.randn(3, 4, 7, 5, generator=gen, dtype=dtype)
         k = torch.randn(3, 2, 9, 5, generator=gen, dtype=dtype)
         v = torch.randn(3, 2, 9, 11, generator=gen, dtype=dtype)
         dout = torch.randn(3, 4, 7, 11, generator=gen, dtype=dtype)
         out, lse = _short_forward_call(q, k, v, 0.7)
         dq, dk, dv = _short_backward_call(q, k, v, dout, lse, 0.7)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        leaves = [t.double().requires_grad_() for t in (q, k, v)]
         with torch.enable_grad():  # the first call may come from inside an autograd Function
             s, ref = _softmax_reference(*leaves)
-            grads = torch.autograd.grad(ref, leaves, dout)
-        pairs = [(out, ref), (lse, torch.logsumexp(s, -1)), *zip((dq, dk, dv), grads)]
-        if not all(torch.allclose(a, b.detach(), atol=tol, rtol=tol) for a, b in pairs):
-            raise RuntimeError(f"self-check against autograd failed ({dtype})")
+            grads = torch.autograd.grad(ref, leaves, dout.double())
+        smax = float(s.detach().abs().max())
+        tol = _tolerance(torch.finfo(dtype).eps, q.shape[-1], smax, k.shape[-2], 1.0)
+        for name, got, want in (("output", out, ref), ("log-sum-exp", lse, torch.logsumexp(s, -1)),
+                                ("dq", dq, grads[0]), ("dk", dk, grads[1]), ("dv", dv, grads[2])):
+            want = want.detach()
+            _compare(f"short-sequence {name} ({dtype})", got, want,
+                     4 * tol * float(want.abs().max()))
 
 
 def _softmax_reference(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -601,14 +946,15 @@ def _short_call(kind: str, strided: list[Tensor], lse: Tensor, nbatch: int, geo:
                 scale: float) -> None:
     """Run a kernel on ``strided`` tensors ``(*batch, H, L, C)`` (channels contiguous) and the
     contiguous ``lse (*batch, Hq, Lq)``, in the order the C function takes them."""
-    fns, omp_parallel, omp_thread_num = _short_state["fn"]
+    fns, omp_parallel = _short_state["fn"]
     fn = fns[kind, _SHORT_DTYPES[lse.dtype]]
-    strides = [s for t in strided for s in (t.stride(-3), t.stride(-2))]
+    assert all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in strided) and lse.is_contiguous()
+    strides = [s for t in strided for s in (_stride(t, -3), _stride(t, -2))]
     geometry = torch.tensor(geo + strides, dtype=torch.int64)
     offsets = torch.cat([_batch_offsets(t, nbatch) for t in strided])
     ptrs = torch.tensor([t.data_ptr() for t in (*strided, lse)], dtype=torch.int64)
     rc = fn(ptrs.data_ptr(), geometry.data_ptr(), offsets.data_ptr(), float(scale),
-            torch.get_num_threads(), omp_parallel, omp_thread_num)
+            torch.get_num_threads(), omp_parallel)
     if rc != 0:
         raise MemoryError(f"attnkit short-sequence kernel ({kind}): out of memory")
 
@@ -649,6 +995,9 @@ def short_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     if not short_available():
         raise RuntimeError("the short-sequence kernel is not available here (see "
                            "short_available)")
+    scale = _check_short(q, k, v, scale)
+    if q.shape[:-3].numel() == 0:
+        return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1])
     return _short_forward_call(q, k, v, scale)
 
 
@@ -660,4 +1009,37 @@ def short_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
     if not short_available():
         raise RuntimeError("the short-sequence kernel is not available here (see "
                            "short_available)")
+    scale = _check_short(q, k, v, scale)
+    want = (*q.shape[:-1], v.shape[-1])
+    for t, name, shape in ((dout, "dout", want), (lse, "lse", q.shape[:-1])):
+        _need(t, name, len(shape), (q.dtype,))
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if q.shape[:-3].numel() == 0:
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     return _short_backward_call(q, k, v, dout, lse, scale)
+
+
+def _check_short(q: Tensor, k: Tensor, v: Tensor, scale: float) -> float:
+    """Shapes, dtypes and devices :func:`short_forward` / :func:`short_backward` can read:
+    ``q (*batch, Hq, Lq, D)``, ``k (*batch, Hkv, Lk, D)``, ``v (*batch, Hkv, Lk, Dv)`` with the
+    same batch dims, ``Hq % Hkv == 0`` and every other size >= 1. Returns ``float(scale)``."""
+    if not isinstance(q, Tensor) or q.dim() < 3:
+        raise ValueError("q must be a (*batch, Hq, Lq, D) tensor")
+    dtypes = tuple(_SHORT_DTYPES)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _need(t, name, q.dim(), (q.dtype,) if q.dtype in dtypes else dtypes)
+    *batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[-3], k.shape[-2]
+    if (k.shape[:-3] != q.shape[:-3] or v.shape[:-3] != q.shape[:-3] or k.shape[-1] != d
+            or v.shape[-3:-1] != k.shape[-3:-1]):
+        raise ValueError(f"need q (*batch, Hq, Lq, D), k (*batch, Hkv, Lk, D), v (*batch, Hkv, "
+                         f"Lk, Dv) with equal batch dims; got q {tuple(q.shape)}, k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    if min(hq, lq, d, hkv, lk, v.shape[-1]) < 1 or hq % hkv:
+        raise ValueError(f"need every head, length and channel size >= 1 and Hq % Hkv == 0; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale

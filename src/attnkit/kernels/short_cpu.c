@@ -25,9 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
-
-typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*thread_num_t)(void);
+#include "team.h"
 
 // Vectors as wide as the target's registers: 32 bytes with AVX, else 16 (SSE, NEON); wider
 // generic vectors than the hardware has are split badly by the compiler.
@@ -98,59 +96,6 @@ static inline void transpose8(float *dst, int64_t ld, const float *src, int64_t 
 static inline vf64 expv_f64(vf64 x) {
   for (int i = 0; i < VBYTES / 8; i++) x[i] = exp(x[i]);
   return x;
-}
-
-typedef struct {
-  void (*fn)(void *, int64_t, int64_t, int *);
-  void *arg;
-  int64_t total;
-  int nthreads;
-  thread_num_t thread_num;
-  int err[64];
-} team_t;
-
-static void team_run(team_t *T, int t) {
-  T->fn(T->arg, T->total * t / T->nthreads, T->total * (t + 1) / T->nthreads, &T->err[t]);
-}
-static void team_omp(void *arg) {
-  team_t *T = (team_t *)arg;
-  team_run(T, T->thread_num());
-}
-typedef struct { team_t *T; int t; } pthread_arg_t;
-static void *team_pthread(void *arg) {
-  pthread_arg_t *a = (pthread_arg_t *)arg;
-  team_run(a->T, a->t);
-  return NULL;
-}
-
-// Split work items [0, total) over nthreads: torch's OpenMP team when given (its idle workers
-// spin after each op, so new threads would compete with them), else POSIX threads.
-static int run_team(void (*fn)(void *, int64_t, int64_t, int *), void *arg, int64_t total,
-                    int nthreads, void *omp_parallel, void *omp_thread_num) {
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > 64) nthreads = 64;
-  if (nthreads > total) nthreads = (int)(total > 0 ? total : 1);
-  team_t T;
-  T.fn = fn; T.arg = arg; T.total = total; T.nthreads = nthreads;
-  T.thread_num = (thread_num_t)omp_thread_num;
-  memset(T.err, 0, sizeof T.err);
-  if (omp_parallel && omp_thread_num && nthreads > 1) {
-    ((gomp_parallel_t)omp_parallel)(team_omp, &T, (unsigned)nthreads, 0);
-  } else {
-    pthread_t tid[64];
-    pthread_arg_t args[64];
-    int started = 1;
-    for (; started < nthreads; started++) {
-      args[started].T = &T; args[started].t = started;
-      if (pthread_create(&tid[started], NULL, team_pthread, &args[started])) break;
-    }
-    for (int t = started; t < nthreads; t++) team_run(&T, t);  // threads that did not start
-    team_run(&T, 0);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
-  }
-  int err = 0;
-  for (int t = 0; t < nthreads; t++) err |= T.err[t];
-  return err;
 }
 
 // geometry slots (see short_forward / short_backward)
@@ -405,94 +350,102 @@ static void FN(prefetch_item)(const FN(args_t) *A, int64_t b, int with_dout) {
 
 // Scores are kept transposed, ST (Lk x LqV): column i is query i, so the softmax reductions run
 // down the columns with vertical vector ops on VL queries at once (no horizontal sums per row).
-static void FN(forward_items)(void *arg, int64_t start, int64_t stop, int *err) {
-  FN(args_t) *A = (FN(args_t) *)arg;
+static void FN(forward_items)(team_t *TM) {
+  const FN(args_t) *A = (const FN(args_t) *)TM->arg;
   const int64_t *g = A->g;
   int64_t nb = g[G_NB], Hq = g[G_HQ], Hkv = g[G_HKV], Lq = g[G_LQ], Lk = g[G_LK], d = g[G_D],
           dv = g[G_DV], grp = Hq / Hkv;
   int64_t LqV = round_up(Lq, VL), dvV = round_up(dv, VL);
   R *buf = (R *)malloc(sizeof(R) * (d * LqV + Lk * dvV + Lk * LqV + Lq * dvV + LqV));
-  if (!buf) { *err = 1; return; }
+  if (!buf) return;  // items left to the other threads (team_run reports any not done)
   R *QT = buf, *Vbuf = QT + d * LqV, *ST = Vbuf + Lk * dvV, *O = ST + Lk * LqV,
     *inv = O + Lq * dvV;
   const int64_t *qo = A->off, *ko = qo + nb, *vo = ko + nb, *oo = vo + nb;
   int out_direct = dv % VL == 0;
-  for (int64_t b = start; b < stop; b++) {
-    FN(prefetch_item)(A, b + 1, 0);
-    for (int64_t hk = 0; hk < Hkv; hk++) {
-      int64_t ldv;
-      const R *kp = A->k + ko[b] + hk * g[G_KSH];
-      const R *Vp = FN(rows_operand)(A->v + vo[b] + hk * g[G_VSH], g[G_VSL], Lk, dv, Vbuf, &ldv);
-      for (int64_t h = hk * grp; h < (hk + 1) * grp; h++) {
-        FN(gather_t)(QT, LqV, A->q + qo[b] + h * g[G_QSH], g[G_QSL], Lq, d);
-        FN(mm)(kp, g[G_KSL], 1, QT, LqV, ST, LqV, Lk, LqV, d, A->scale, NULL, 0);
-        FN(softmax_cols)(ST, Lk, LqV, inv, A->lse_out + (b * Hq + h) * Lq, Lq);
-        R *op = A->out + oo[b] + h * g[G_OSH];
-        if (out_direct) {
-          FN(mm)(ST, 1, LqV, Vp, ldv, op, g[G_OSL], Lq, dv, Lk, 1, inv, 0);
-        } else {
-          FN(mm)(ST, 1, LqV, Vp, ldv, O, dvV, Lq, dvV, Lk, 1, inv, 0);
-          FN(scatter_rows)(op, g[G_OSL], O, dvV, Lq, dv);
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t b = start; b < stop; b++) {
+      FN(prefetch_item)(A, b + 1, 0);
+      for (int64_t hk = 0; hk < Hkv; hk++) {
+        int64_t ldv;
+        const R *kp = A->k + ko[b] + hk * g[G_KSH];
+        const R *Vp = FN(rows_operand)(A->v + vo[b] + hk * g[G_VSH], g[G_VSL], Lk, dv, Vbuf, &ldv);
+        for (int64_t h = hk * grp; h < (hk + 1) * grp; h++) {
+          FN(gather_t)(QT, LqV, A->q + qo[b] + h * g[G_QSH], g[G_QSL], Lq, d);
+          FN(mm)(kp, g[G_KSL], 1, QT, LqV, ST, LqV, Lk, LqV, d, A->scale, NULL, 0);
+          FN(softmax_cols)(ST, Lk, LqV, inv, A->lse_out + (b * Hq + h) * Lq, Lq);
+          R *op = A->out + oo[b] + h * g[G_OSH];
+          if (out_direct) {
+            FN(mm)(ST, 1, LqV, Vp, ldv, op, g[G_OSL], Lq, dv, Lk, 1, inv, 0);
+          } else {
+            FN(mm)(ST, 1, LqV, Vp, ldv, O, dvV, Lq, dvV, Lk, 1, inv, 0);
+            FN(scatter_rows)(op, g[G_OSL], O, dvV, Lq, dv);
+          }
         }
       }
     }
+  team_done(TM, stop - start);
   }
   free(buf);
 }
 
-static void FN(backward_items)(void *arg, int64_t start, int64_t stop, int *err) {
-  FN(args_t) *A = (FN(args_t) *)arg;
+static void FN(backward_items)(team_t *TM) {
+  const FN(args_t) *A = (const FN(args_t) *)TM->arg;
   const int64_t *g = A->g;
   int64_t nb = g[G_NB], Hq = g[G_HQ], Hkv = g[G_HKV], Lq = g[G_LQ], Lk = g[G_LK], d = g[G_D],
           dv = g[G_DV], grp = Hq / Hkv;
   int64_t LqV = round_up(Lq, VL), dV = round_up(d, VL), dvV = round_up(dv, VL);
   R *buf = (R *)malloc(sizeof(R) * (d * LqV + dv * LqV + Lk * dV + Lq * dV + Lq * dvV +
                                     2 * Lk * LqV + Lk * dV + Lk * dvV + Lq * dV));
-  if (!buf) { *err = 1; return; }
+  if (!buf) return;  // items left to the other threads (team_run reports any not done)
   R *QT = buf, *dOT = QT + d * LqV, *Kbuf = dOT + dv * LqV, *Qbuf = Kbuf + Lk * dV,
     *dObuf = Qbuf + Lq * dV, *PT = dObuf + Lq * dvV, *dST = PT + Lk * LqV,
     *dKbuf = dST + Lk * LqV, *dVbuf = dKbuf + Lk * dV, *dQbuf = dVbuf + Lk * dvV;
   const int64_t *qo = A->off, *ko = qo + nb, *vo = ko + nb, *doo = vo + nb, *dqo = doo + nb,
                 *dko = dqo + nb, *dvo = dko + nb;
   int d_direct = d % VL == 0, dv_direct = dv % VL == 0;
-  for (int64_t b = start; b < stop; b++) {
-    FN(prefetch_item)(A, b + 1, 1);
-    for (int64_t hk = 0; hk < Hkv; hk++) {
-      const R *kp = A->k + ko[b] + hk * g[G_KSH], *vp = A->v + vo[b] + hk * g[G_VSH];
-      int64_t ldk, ldq, lddo;
-      const R *Kp = FN(rows_operand)(kp, g[G_KSL], Lk, d, Kbuf, &ldk);
-      // dK, dV: written in place when the channels allow, summed over the group's heads
-      R *dkp = A->dk + dko[b] + hk * g[G_DKSH], *dvp = A->dv + dvo[b] + hk * g[G_DVSH];
-      R *dKt = d_direct ? dkp : dKbuf, *dVt = dv_direct ? dvp : dVbuf;
-      int64_t lddk = d_direct ? g[G_DKSL] : dV, lddv = dv_direct ? g[G_DVSL] : dvV;
-      for (int64_t h = hk * grp; h < (hk + 1) * grp; h++) {
-        const R *qp = A->q + qo[b] + h * g[G_QSH], *dop = A->dout + doo[b] + h * g[G_OSH];
-        const R *Qp = FN(rows_operand)(qp, g[G_QSL], Lq, d, Qbuf, &ldq);
-        const R *dOp = FN(rows_operand)(dop, g[G_OSL], Lq, dv, dObuf, &lddo);
-        FN(gather_t)(QT, LqV, qp, g[G_QSL], Lq, d);
-        FN(gather_t)(dOT, LqV, dop, g[G_OSL], Lq, dv);
-        FN(mm)(kp, g[G_KSL], 1, QT, LqV, PT, LqV, Lk, LqV, d, A->scale, NULL, 0);  // scores^T
-        FN(probs_cols)(PT, Lk, LqV, A->lse + (b * Hq + h) * Lq, Lq);
-        FN(mm)(vp, g[G_VSL], 1, dOT, LqV, dST, LqV, Lk, LqV, dv, 1, NULL, 0);  // dP^T = V dO^T
-        for (int64_t i = 0; i < LqV; i += VL) {  // dS = P * (dP - rowsum(P * dP)), per column
-          V D = FN(col_dot)(PT + i, dST + i, Lk, LqV);
-          for (int64_t j = 0; j < Lk; j++)
-            FN(st)(dST + j * LqV + i, FN(ld)(PT + j * LqV + i) * (FN(ld)(dST + j * LqV + i) - D));
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t b = start; b < stop; b++) {
+      FN(prefetch_item)(A, b + 1, 1);
+      for (int64_t hk = 0; hk < Hkv; hk++) {
+        const R *kp = A->k + ko[b] + hk * g[G_KSH], *vp = A->v + vo[b] + hk * g[G_VSH];
+        int64_t ldk, ldq, lddo;
+        const R *Kp = FN(rows_operand)(kp, g[G_KSL], Lk, d, Kbuf, &ldk);
+        // dK, dV: written in place when the channels allow, summed over the group's heads
+        R *dkp = A->dk + dko[b] + hk * g[G_DKSH], *dvp = A->dv + dvo[b] + hk * g[G_DVSH];
+        R *dKt = d_direct ? dkp : dKbuf, *dVt = dv_direct ? dvp : dVbuf;
+        int64_t lddk = d_direct ? g[G_DKSL] : dV, lddv = dv_direct ? g[G_DVSL] : dvV;
+        for (int64_t h = hk * grp; h < (hk + 1) * grp; h++) {
+          const R *qp = A->q + qo[b] + h * g[G_QSH], *dop = A->dout + doo[b] + h * g[G_OSH];
+          const R *Qp = FN(rows_operand)(qp, g[G_QSL], Lq, d, Qbuf, &ldq);
+          const R *dOp = FN(rows_operand)(dop, g[G_OSL], Lq, dv, dObuf, &lddo);
+          FN(gather_t)(QT, LqV, qp, g[G_QSL], Lq, d);
+          FN(gather_t)(dOT, LqV, dop, g[G_OSL], Lq, dv);
+          FN(mm)(kp, g[G_KSL], 1, QT, LqV, PT, LqV, Lk, LqV, d, A->scale, NULL, 0);  // scores^T
+          FN(probs_cols)(PT, Lk, LqV, A->lse + (b * Hq + h) * Lq, Lq);
+          FN(mm)(vp, g[G_VSL], 1, dOT, LqV, dST, LqV, Lk, LqV, dv, 1, NULL, 0);  // dP^T = V dO^T
+          for (int64_t i = 0; i < LqV; i += VL) {  // dS = P * (dP - rowsum(P * dP)), per column
+            V D = FN(col_dot)(PT + i, dST + i, Lk, LqV);
+            for (int64_t j = 0; j < Lk; j++)
+              FN(st)(dST + j * LqV + i, FN(ld)(PT + j * LqV + i) * (FN(ld)(dST + j * LqV + i) - D));
+          }
+          int acc = h > hk * grp;
+          FN(mm)(PT, LqV, 1, dOp, lddo, dVt, lddv, Lk, dv_direct ? dv : dvV, Lq, 1, NULL, acc);
+          FN(mm)(dST, LqV, 1, Qp, ldq, dKt, lddk, Lk, d_direct ? d : dV, Lq, A->scale, NULL, acc);
+          R *dqp = A->dq + dqo[b] + h * g[G_DQSH];
+          if (d_direct) {
+            FN(mm)(dST, 1, LqV, Kp, ldk, dqp, g[G_DQSL], Lq, d, Lk, A->scale, NULL, 0);
+          } else {
+            FN(mm)(dST, 1, LqV, Kp, ldk, dQbuf, dV, Lq, dV, Lk, A->scale, NULL, 0);
+            FN(scatter_rows)(dqp, g[G_DQSL], dQbuf, dV, Lq, d);
+          }
         }
-        int acc = h > hk * grp;
-        FN(mm)(PT, LqV, 1, dOp, lddo, dVt, lddv, Lk, dv_direct ? dv : dvV, Lq, 1, NULL, acc);
-        FN(mm)(dST, LqV, 1, Qp, ldq, dKt, lddk, Lk, d_direct ? d : dV, Lq, A->scale, NULL, acc);
-        R *dqp = A->dq + dqo[b] + h * g[G_DQSH];
-        if (d_direct) {
-          FN(mm)(dST, 1, LqV, Kp, ldk, dqp, g[G_DQSL], Lq, d, Lk, A->scale, NULL, 0);
-        } else {
-          FN(mm)(dST, 1, LqV, Kp, ldk, dQbuf, dV, Lq, dV, Lk, A->scale, NULL, 0);
-          FN(scatter_rows)(dqp, g[G_DQSL], dQbuf, dV, Lq, d);
-        }
+        if (!d_direct) FN(scatter_rows)(dkp, g[G_DKSL], dKbuf, dV, Lk, d);
+        if (!dv_direct) FN(scatter_rows)(dvp, g[G_DVSL], dVbuf, dvV, Lk, dv);
       }
-      if (!d_direct) FN(scatter_rows)(dkp, g[G_DKSL], dKbuf, dV, Lk, d);
-      if (!dv_direct) FN(scatter_rows)(dvp, g[G_DVSL], dVbuf, dvV, Lk, dv);
     }
+  team_done(TM, stop - start);
   }
   free(buf);
 }
@@ -502,28 +455,26 @@ static void FN(backward_items)(void *arg, int64_t start, int64_t stop, int *err)
 // out. Scores are scale * q.k. One work item per sequence. Returns 0, or -1 when a buffer
 // could not be allocated.
 int FN(short_forward)(const int64_t *ptr, const int64_t *geo, const int64_t *off, double scale,
-                      int nthreads, void *omp_parallel, void *omp_thread_num) {
+                      int nthreads, void *omp_parallel) {
   FN(args_t) A;
   memset(&A, 0, sizeof A);
   A.q = (const R *)ptr[0]; A.k = (const R *)ptr[1]; A.v = (const R *)ptr[2];
   A.out = (R *)ptr[3]; A.lse_out = (R *)ptr[4];
   A.g = geo; A.off = off; A.scale = (R)scale;
-  return run_team(FN(forward_items), &A, geo[G_NB], nthreads, omp_parallel,
-                  omp_thread_num) ? -1 : 0;
+  return team_run(FN(forward_items), &A, geo[G_NB], nthreads, omp_parallel);
 }
 
 // ptr: q, k, v, dout, dq, dk, dv, lse. geo: nb, Hq, Hkv, Lq, Lk, d, dv, then the (head, row)
 // strides of q, k, v, dout, dq, dk, dv. off: nb offsets of each sequence in q, k, v, dout, dq,
 // dk, dv. Every element of dq, dk, dv is written.
 int FN(short_backward)(const int64_t *ptr, const int64_t *geo, const int64_t *off, double scale,
-                       int nthreads, void *omp_parallel, void *omp_thread_num) {
+                       int nthreads, void *omp_parallel) {
   FN(args_t) A;
   memset(&A, 0, sizeof A);
   A.q = (const R *)ptr[0]; A.k = (const R *)ptr[1]; A.v = (const R *)ptr[2];
   A.dout = (const R *)ptr[3]; A.dq = (R *)ptr[4]; A.dk = (R *)ptr[5]; A.dv = (R *)ptr[6];
   A.lse = (const R *)ptr[7];
   A.g = geo; A.off = off; A.scale = (R)scale;
-  return run_team(FN(backward_items), &A, geo[G_NB], nthreads, omp_parallel,
-                  omp_thread_num) ? -1 : 0;
+  return team_run(FN(backward_items), &A, geo[G_NB], nthreads, omp_parallel);
 }
 #endif

@@ -201,6 +201,7 @@ class _NativeBand(torch.autograd.Function):
 def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
     return (not comp.masks and not (ctx.dropout_p > 0 and training)
             and comp.band[1] - comp.band[0] + 1 <= native.BAND_MAX_WIDTH
+            and qs.shape[-1] > 0 and v.shape[-1] > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qs, k, v))
             and native.band_available())
 
@@ -255,10 +256,12 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
                            ctx.lq, ctx.lk)
     empty = ~ok.any(-1)  # (nb, bq)
     dtype = _compute_dtype(qs)
-    maskadd = torch.zeros(nb, bq, width, dtype=qs.dtype, device=qs.device)
-    maskadd.masked_fill_(~(ok | empty.unsqueeze(-1)), NEG_INF)  # empty rows: finite, zeroed later
+    # filled with -inf after the score GEMM, not added to it: a NaN score of a key outside a
+    # row's band (a NaN key) must not reach that row (NaN + -inf is NaN), as in the dense
+    # reference. Empty rows stay finite here and are zeroed later.
+    drop = ~(ok | empty.unsqueeze(-1))
     if g > 1:
-        maskadd = maskadd.repeat(1, g, 1)
+        drop = drop.repeat(1, g, 1)
         empty_g = empty.repeat(1, g)
     else:
         empty_g = empty
@@ -272,9 +275,10 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
         for h in range(hkv):
             kw_t = kp[b, h].unfold(0, width, bq)  # (nb, d, C): windows, transposed, a view
             vw = vp[b, h].unfold(0, width, bq).transpose(1, 2)  # (nb, C, dv)
-            sc = torch.baddbmm(maskadd, qc[b, h], kw_t)
+            sc = torch.bmm(qc[b, h], kw_t)
             if sc.dtype != dtype:
                 sc = sc.to(dtype)
+            sc = sc.masked_fill_(drop, NEG_INF)
             p = torch.softmax(sc, -1)
             if ctx.need_lse:
                 # lse = max - log(p[argmax]); p[argmax] >= 1/C, so this never underflows.
