@@ -85,7 +85,12 @@ class LazyMask:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
+        """``(B, 1, Lq, Lk)``, the shape the mask stands for (as transformers' 4D masks)."""
         return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    @property
+    def ndim(self) -> int:
+        return 4
 
     def mask_mod(self, batch: int) -> Callable:
         """Batch row ``batch``'s mask as a FlexAttention-style ``mask_mod`` over the local
@@ -172,6 +177,15 @@ def _make_mask(pattern: P.Pattern | None, sdpa_mask: Callable) -> Callable:
         """transformers' mask-interface signature (see ``masking_utils.sdpa_mask``)."""
         if mask_function is None:
             from transformers.masking_utils import causal_mask_function as mask_function
+        if isinstance(attention_mask, LazyMask):
+            # generate() builds the mask of a static (compileable) cache up front and hands it
+            # to the model, which asks for it again: it is this very mask
+            same = (attention_mask.q_length, attention_mask.kv_length, attention_mask.kv_offset,
+                    attention_mask.q_offset) == (q_length, kv_length, int(kv_offset),
+                                                 int(q_offset))
+            if not same:
+                raise ValueError("attnkit: a mask built for other sizes was passed back")
+            return attention_mask
         window_cuts = local_size is not None and kv_length > local_size
         if pattern is None and not window_cuts:
             # dense: exactly sdpa's boolean mask (or None where is_causal describes it)
@@ -224,6 +238,15 @@ def _absolute(pattern: P.Pattern, m: LazyMask) -> P.Pattern:
         return pattern.allowed(q_idx + m.q_offset, kv_idx + m.kv_offset, n, n)
 
     return P.from_mask_mod(mask_mod)
+
+
+def _key_mask(keys: Tensor) -> Callable:
+    """``mask_mod`` of a ``(Lk,)`` bool key mask (True = real token)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return keys[kv_idx].expand(torch.broadcast_shapes(q_idx.shape, kv_idx.shape))
+
+    return mask_mod
 
 
 def _make_attention(pattern: P.Pattern | None) -> Callable:
@@ -288,9 +311,20 @@ def _lazy(module, query, key, value, m: LazyMask, pattern, scale, dropout, windo
         enum = P.sliding_window(max(window - 1, 0)) & P.causal()
     else:
         enum = None
+    from transformers.masking_utils import causal_mask_function
+
+    # transformers' plain causal mask (its own function, nothing added) is exactly causal():
+    # then only padding needs the lazy predicate, and bands keep their fast kernels
+    plain = m.mask_function is causal_mask_function and aligned and m.kv_offset == 0
     outs = []
     for b in range(B):
-        keep = P.from_mask_mod(m.mask_mod(b if m.batch_size > 1 else 0))
+        row = b if m.batch_size > 1 else 0
+        if plain:
+            keep = P.causal()
+            if m.padding_mask is not None and not bool(m.padding_mask[row, :lk].all()):
+                keep = keep & P.from_mask_mod(_key_mask(m.padding_mask[row, :lk]))
+        else:
+            keep = P.from_mask_mod(m.mask_mod(row))
         p = keep if enum is None else enum & keep
         outs.append(attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], pattern=p,
                               scale=scale, dropout_p=dropout))
