@@ -197,6 +197,39 @@ def test_sparse_pattern_long_input_never_builds_a_dense_mask():
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("hint", [7, 2, 30, None])
+def test_window_hint_never_changes_the_result(hint):
+    """The layer's sliding_window only picks the candidates; a hint that disagrees with the
+    model's mask (too narrow: 2) falls back to every key, so the result is the mask's."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import (
+        AttentionMaskInterface,
+        sdpa_mask,
+        sliding_window_causal_mask_function,
+    )
+
+    attn = AttentionInterface._global_mapping["attnkit"]
+    make_mask = AttentionMaskInterface._global_mapping["attnkit"]
+    mod = torch.nn.Module()
+    mod.is_causal, mod.num_key_value_groups = True, 2
+    g = torch.Generator().manual_seed(0)
+    q = 3 * torch.randn(2, 4, 30, 16, generator=g)
+    k = 3 * torch.randn(2, 2, 30, 16, generator=g)
+    v = torch.randn(2, 2, 30, 16, generator=g)
+    pad = torch.ones(2, 30, dtype=torch.bool)
+    pad[1, :6] = False
+    kw = dict(batch_size=2, q_length=30, kv_length=30, attention_mask=pad, local_size=7,
+              mask_function=sliding_window_causal_mask_function(7))
+    lazy = make_mask(**kw)
+    assert isinstance(lazy, LazyMask)
+    got, weights = attn(mod, q, k, v, lazy, scaling=0.3, sliding_window=hint)
+    want, _ = sdpa_attention_forward(mod, q, k, v, sdpa_mask(**kw), scaling=0.3)
+    assert weights is None and got.shape == (2, 30, 4, 16)
+    torch.testing.assert_close(got[1, 6:], want[1, 6:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+
+
 def test_unsupported_features_raise():
     from transformers import AttentionInterface
 

@@ -19,16 +19,18 @@
   ``Lq x Lk`` mask is built. The model's own mask function (causal, sliding window, padding,
   packed sequences, ...) is read lazily, per block of candidate pairs, as a
   :func:`attnkit.patterns.from_mask_mod` predicate, intersected with the pattern (or, without
-  a pattern, with the layer's window ``sliding_window(W - 1) & causal()``), which enumerates
-  the candidates. A query sees a key iff the pattern allows it **and** the model's mask
-  does: ``global_tokens`` in a causal model sees only earlier tokens. Batch rows run one at a
-  time (padding and packing differ per row).
+  a pattern, with the layer's window ``sliding_window(W - 1) & causal()``, checked against the
+  mask on a few rows), which enumerates the candidates; transformers' plain causal mask is
+  ``causal()`` itself, so only padding stays a predicate there. A query sees a key iff the
+  pattern allows it **and** the model's mask does: ``global_tokens`` in a causal model sees
+  only earlier tokens. Batch rows run one at a time (padding and packing differ per row).
 
-Pattern positions are absolute token positions: with a cache, the queries are the last ``Lq``
-positions. Grouped-query heads (fewer key/value heads) go to :func:`attnkit.attention`
-as they are; ``scaling`` and ``dropout`` are passed on. Features attnkit cannot reproduce
-exactly (attention sinks ``s_aux``, logit soft-capping, ALiBi / position biases, head masks)
-raise ``NotImplementedError`` instead of giving a different result. Attention weights are not
+Pattern positions are absolute token positions (padding included): with a cache, including
+sliding-window and static caches, query ``i`` is at the cache's offset plus ``i``.
+Grouped-query heads (fewer key/value heads) go to :func:`attnkit.attention` as they are;
+``scaling`` and ``dropout`` are passed on. Features attnkit cannot reproduce exactly
+(attention sinks ``s_aux``, logit soft-capping, ALiBi / position biases, head masks) raise
+``NotImplementedError`` instead of giving a different result. Attention weights are not
 returned (``None``, as with ``"sdpa"``).
 """
 
@@ -70,7 +72,8 @@ class LazyMask:
         padding_mask: ``(B, >= kv_offset + kv_length)`` bool, True = real token, or None.
         batch_size, q_length, kv_length, q_offset, kv_offset: the sizes transformers computed.
         use_vmap: the mask function needs scalar indices (evaluated through ``torch.vmap``).
-        standard: causal (or sliding-window causal) and padding only, no extra mask functions.
+        standard: transformers' causal / sliding-window / bidirectional mask with padding
+            only (no extra mask functions, packed sequences or blocks).
     """
 
     mask_function: Callable
@@ -204,7 +207,7 @@ def _make_mask(pattern: P.Pattern | None, sdpa_mask: Callable) -> Callable:
         return LazyMask(mask_function=mask_function, padding_mask=pad, batch_size=batch_size,
                         q_length=q_length, kv_length=kv_length, q_offset=int(q_offset),
                         kv_offset=int(kv_offset), use_vmap=bool(use_vmap),
-                        standard=bool(allow_is_causal_skip))
+                        standard=bool(allow_is_causal_skip) and not use_vmap)
 
     return attnkit_mask
 
@@ -223,9 +226,9 @@ def _check_supported(kwargs: dict) -> None:
 
 def _window(module, sliding_window) -> int | None:
     w = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
-    if w is None or isinstance(w, bool):
-        return None
-    return int(w)
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        return None  # none, or a form not known here: the mask function alone decides
+    return w
 
 
 def _absolute(pattern: P.Pattern, m: LazyMask) -> P.Pattern:
@@ -238,6 +241,18 @@ def _absolute(pattern: P.Pattern, m: LazyMask) -> P.Pattern:
         return pattern.allowed(q_idx + m.q_offset, kv_idx + m.kv_offset, n, n)
 
     return P.from_mask_mod(mask_mod)
+
+
+def _covers(enum: P.Pattern, m: LazyMask, lq: int, lk: int, device) -> bool:
+    """Whether the band ``enum`` holds every pair the model's mask allows on a few probe rows
+    (first, middle, last query, all keys): a check that the window was read as meant."""
+    i = torch.tensor(sorted({0, lq // 2, lq - 1}), device=device).unsqueeze(1)
+    j = torch.arange(lk, device=device).unsqueeze(0)
+    for row in range(m.batch_size):
+        keep = P.from_mask_mod(m.mask_mod(row)).allowed(i, j, lq, lk)
+        if bool((keep & ~enum.allowed(i, j, lq, lk)).any()):
+            return False
+    return True
 
 
 def _key_mask(keys: Tensor) -> Callable:
@@ -306,9 +321,13 @@ def _lazy(module, query, key, value, m: LazyMask, pattern, scale, dropout, windo
     if pattern is not None:
         enum = pattern if aligned and m.kv_offset == 0 else _absolute(pattern, m)
     elif window is not None and m.standard and aligned:
-        # transformers' sliding window: kv > q - W, i.e. offsets -(W-1)..0; its mask function
-        # (a subset of this band) stays the exact predicate
-        enum = P.sliding_window(max(window - 1, 0)) & P.causal()
+        # transformers' sliding windows: kv > q - W (causal, offsets -(W-1)..0) or
+        # |q - kv| <= W (bidirectional); the band only enumerates candidates, the model's
+        # mask function (a subset of it) stays the exact predicate
+        causal = getattr(module, "is_causal", True)
+        enum = P.sliding_window(window - 1) & P.causal() if causal else P.sliding_window(window)
+        if not _covers(enum, m, lq, lk, query.device):
+            enum = None  # the layer's window means something else here: every key is a candidate
     else:
         enum = None
     from transformers.masking_utils import causal_mask_function
