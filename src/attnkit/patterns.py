@@ -44,6 +44,7 @@ __all__ = [
     "random_keys",
     "graph",
     "block_diagonal",
+    "from_mask_mod",
 ]
 
 # Above this many offsets a dilated pattern is cheaper as a masked band than as a gather.
@@ -133,6 +134,13 @@ class Pattern:
         i = torch.arange(lq, device=device).unsqueeze(1)
         j = torch.arange(lk, device=device).unsqueeze(0)
         return torch.broadcast_to(self.allowed(i, j, lq, lk), (lq, lk)).clone()
+
+    # --- FlexAttention interop ----------------------------------------------------------
+    def to_block_mask(self, lq: int, lk: int, *, device=None, block_size: int = 128):
+        """This pattern as a FlexAttention ``BlockMask`` for ``(Lq, Lk)`` (batch and heads
+        broadcast), built by ``create_block_mask`` with a ``mask_mod`` that reads the pattern.
+        Needs torch with ``torch.nn.attention.flex_attention`` (2.5 or newer)."""
+        return _to_block_mask(self, lq, lk, device, block_size)
 
 
 # ------------------------------------------------------------------------------- positional
@@ -559,3 +567,93 @@ def graph(edge_index: Tensor, num_nodes: int | tuple[int, int]) -> Pattern:
 def block_diagonal(lengths: Sequence[int] | Tensor) -> Pattern:
     """Packed variable-length sequences: each position sees its own segment."""
     return BlockDiagonal(lengths)
+
+
+# ------------------------------------------------------------------------- FlexAttention
+
+
+class MaskMod(Pattern):
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as a pattern.
+
+    The predicate is evaluated lazily, one block of candidate pairs at a time (the engine's
+    dense plan cut by the predicate), so no ``Lq x Lk`` mask is built; it is exact but scores
+    every pair, so compose it with a sparse pattern (``sliding_window(w) & from_mask_mod(f)``)
+    to score only that pattern's candidates. Indices are raw (``0..Lq-1``, ``0..Lk-1``, as in
+    FlexAttention, not shifted like the positional patterns). Patterns are batch- and
+    head-independent: ``b`` and ``h`` are fixed to ``batch`` and ``head`` (0-d long tensors).
+    """
+
+    def __init__(self, mask_mod, batch: int = 0, head: int = 0):
+        if not callable(mask_mod):
+            raise TypeError(
+                "mask_mod must be callable (b, h, q_idx, kv_idx) -> bool tensor, "
+                f"got {type(mask_mod).__name__}"
+            )
+        self.mask_mod = mask_mod
+        self.batch = _check_int("from_mask_mod batch", batch, 0)
+        self.head = _check_int("from_mask_mod head", head, 0)
+
+    def allowed(self, i, j, lq, lk):
+        b = torch.tensor(self.batch, device=i.device)
+        h = torch.tensor(self.head, device=i.device)
+        out = self.mask_mod(b, h, i, j)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"mask_mod must return a bool tensor, got {got}")
+        return out
+
+    def _plan(self, lq, lk):
+        return [AllKeys(masks=(MaskTerm(self),))]
+
+    def __repr__(self) -> str:
+        name = getattr(self.mask_mod, "__name__", type(self.mask_mod).__name__)
+        return f"from_mask_mod({name}, batch={self.batch}, head={self.head})"
+
+
+def from_mask_mod(mask_mod, *, batch: int = 0, head: int = 0) -> Pattern:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` as a pattern, read
+    lazily per block of candidates (exact; see :class:`MaskMod`). A ``mask_mod`` that depends
+    on the batch or head index gives one pattern per ``(batch, head)``."""
+    return MaskMod(mask_mod, batch, head)
+
+
+# Patterns whose predicate is plain index arithmetic: their ``allowed`` works under vmap and
+# traces into FlexAttention kernels as is. Others (isin, searchsorted, seeded draws) are read
+# through a sorted list of their allowed pairs.
+_ARITHMETIC = (Causal, SlidingWindow, Dilated, MaskMod)
+
+
+def _is_arithmetic(p: Pattern) -> bool:
+    if isinstance(p, (Union, Intersection)):
+        return _is_arithmetic(p.a) and _is_arithmetic(p.b)
+    return isinstance(p, _ARITHMETIC)
+
+
+def _to_block_mask(p: Pattern, lq: int, lk: int, device, block_size: int):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError as e:  # torch < 2.5
+        raise RuntimeError(
+            f"to_block_mask needs torch.nn.attention.flex_attention (torch >= 2.5), "
+            f"this is torch {torch.__version__}"
+        ) from e
+    _check_sizes(lq, lk)
+    p.validate(lq, lk)
+    _check_int("block_size", block_size, 1)
+    if _is_arithmetic(p):
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return p.allowed(q_idx, kv_idx, lq, lk)
+
+    else:
+        rows, cols = p.pairs(lq, lk, device)
+        keys = rows * max(lk, 1) + cols  # sorted: pairs come sorted by row, then key
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            if keys.numel() == 0:
+                return torch.zeros_like(q_idx, dtype=torch.bool)
+            flat = q_idx.long() * max(lk, 1) + kv_idx.long()
+            pos = torch.searchsorted(keys, flat).clamp(max=keys.numel() - 1)
+            return keys[pos] == flat
+
+    return create_block_mask(mask_mod, None, None, lq, lk, device=device, BLOCK_SIZE=block_size)
