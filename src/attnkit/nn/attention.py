@@ -17,7 +17,7 @@ from ..functional import SparseWeights, attention
 from ..kernels import native
 from ..patterns import Pattern
 
-__all__ = ["RotaryEmbedding", "MultiheadAttention", "SplitLinear", "split_linear"]
+__all__ = ["RotaryEmbedding", "SelfAttention", "SplitLinear", "split_linear"]
 
 # A decoding step multiplies one token by every weight matrix: matrix-vector products limited by
 # memory bandwidth. F.linear hands them to a BLAS GEMV that reads the weight on one thread
@@ -181,7 +181,7 @@ def _has_hooks(*modules: nn.Module) -> bool:
     return False
 
 
-class MultiheadAttention(nn.Module):
+class SelfAttention(nn.Module):
     """Self-attention with ``num_heads`` query heads sharing ``num_kv_heads`` key/value heads.
 
     Args:
