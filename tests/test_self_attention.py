@@ -155,3 +155,33 @@ def test_bad_forward_inputs():
         RotaryEmbedding(7)
     with pytest.raises(ValueError, match="offset"):
         RotaryEmbedding(8)(torch.randn(1, 1, 2, 8), -1)
+
+
+def test_partial_rotary_rotates_only_the_first_channels():
+    rope = RotaryEmbedding(10, rotary_dims=4)
+    x = torch.randn(2, 3, 7, 10, dtype=torch.float64)
+    pos = torch.arange(100, 107)
+    out = rope(x, 100)
+    torch.testing.assert_close(out[..., :4], _reference_rope(x[..., :4], pos), atol=1e-9, rtol=0)
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    cos, sin = rope.tables(100, 107, x.device, x.dtype)  # fresh tables equal the cached ones
+    torch.testing.assert_close((cos, sin), rope._cos_sin(100, 107, x.device, x.dtype))
+    with pytest.raises(ValueError, match="rotary_dims"):
+        RotaryEmbedding(8, rotary_dims=3)
+    with pytest.raises(ValueError, match="rotary_dims"):
+        RotaryEmbedding(8, rotary_dims=10)
+
+
+def test_self_attention_qkv_and_merge_compose_forward():
+    """qkv() + the engine + merge() is forward() (what models calling the engine use)."""
+    torch.manual_seed(5)
+    m = SelfAttention(24, 3, 1, pattern=P.causal(), qkv_bias=True, rotary_dims=4).double()
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    from attnkit import attention
+
+    q, k, v = m.qkv(x)
+    assert q.shape == (2, 3, 9, 8) and k.shape == (2, 1, 9, 8)
+    torch.testing.assert_close(m.merge(attention(q, k, v, pattern=P.causal())), m(x),
+                               atol=1e-12, rtol=0)
+    rope = m.rotary.tables(0, 9, x.device, x.dtype)
+    torch.testing.assert_close(m.qkv(x, rope_tables=rope)[0], q, atol=1e-12, rtol=0)

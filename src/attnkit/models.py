@@ -85,7 +85,8 @@ class DecoderBlock(nn.Module):
                 or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm):
             return False
         am, mm = attn._modules, mlp._modules
-        if len(mm) != 3:
+        rot = am.get("rotary")
+        if len(mm) != 3 or (rot is not None and rot.rotary_dims != rot.head_dim):
             return False
         fc1, act, fc2 = mm.values()
         if type(act) is not nn.GELU or act.approximate != "none":
