@@ -143,3 +143,120 @@ def test_non_numeric_metric_is_rejected(monkeypatch, capsys, tmp_path):
     _use(monkeypatch, _fake(lambda ctx: Result(metrics={"bad": "text"}, held=True)))
     assert cli.main(["run", "fake", "--json", "--out", str(tmp_path)]) == 1
     assert "metric 'bad' must be a number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ conventions (subprocess)
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _attnkit(*args: str, stdout=subprocess.PIPE, timeout: float = 300):
+    """``python -m attnkit ARGS`` in a fresh process, with this checkout's sources."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "attnkit", *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnkit: error: "), proc.stderr
+    return lines[0]
+
+
+def test_version():
+    import attnkit
+
+    proc = _attnkit("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"attnkit {attnkit.__version__}"
+
+
+def test_list_json():
+    proc = _attnkit("list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    items = json.loads(proc.stdout)
+    by_name = {e["name"]: e for e in items}
+    assert "engine" in by_name and "planetoid" in by_name
+    assert all(set(e) == {"name", "claim", "description", "options"} for e in items)
+    data_dir = next(o for o in by_name["planetoid"]["options"] if o["flag"] == "--data-dir")
+    assert data_dir["required"] and data_dir["type"] == "DIR"
+
+
+def test_closed_stdout_pipe_exits_quietly():
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # nobody reads: the first write fails with EPIPE
+    try:
+        proc = _attnkit("list", stdout=write)
+    finally:
+        os.close(write)
+    assert proc.stderr == "", proc.stderr
+    assert proc.returncode == 141
+
+
+def test_missing_data_dir_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "nonexistent"
+    line = _one_error_line(_attnkit("run", "planetoid", "--data-dir", str(missing),
+                                    "--out", str(tmp_path / "o")))
+    assert str(missing) in line
+    debug = _attnkit("--debug", "run", "planetoid", "--data-dir", str(missing),
+                     "--out", str(tmp_path / "o"))
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("attnkit: error: ")
+
+
+def test_bad_option_values_are_one_line():
+    assert "--instances" in _one_error_line(_attnkit("run", "knapsack", "--instances", "x"))
+    assert "--nope" in _one_error_line(_attnkit("run", "engine", "--nope"))
+    assert "unknown experiment" in _one_error_line(_attnkit("run", "no-such"))
+    _one_error_line(_attnkit("frobnicate"))
+
+
+def test_option_validator_errors_keep_their_message(monkeypatch, capsys, tmp_path):
+    """ValueError / TypeError / OSError from an Option's type: one line with the message."""
+    def must_exist(text):
+        return Path(text).open().close() or Path(text)
+
+    def positive(text):
+        if int(text) <= 0:
+            raise ValueError(f"must be a positive int, got {text}")
+        return int(text)
+
+    opts = (Option("--data", type=must_exist, help="input file"),
+            Option("--n", type=positive, help="count"))
+    _use(monkeypatch, _fake(lambda ctx: Result(metrics={}, held=True), opts))
+    for argv, needle in ((["--data", str(tmp_path / "missing.txt")], "missing.txt"),
+                         (["--n", "-3"], "must be a positive int, got -3")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["run", "fake", *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("attnkit: error: ") and needle in err[0]
+
+
+def test_experiment_raising_oserror_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    def run(ctx):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.paj"))
+
+    _use(monkeypatch, _fake(run))
+    assert cli.main(["run", "fake", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"attnkit: error: fake: [Errno 2] No such file or directory: "
+                   f"'{tmp_path / 'x.paj'}'"]
+
+
+def test_help_metavars_and_no_internal_references(capsys):
+    experiments = cli._load()
+    texts = [cli.build_parser().format_help()]
+    texts += [cli.experiment_parser(exp).format_help() for exp in experiments.values()]
+    for text in texts:
+        assert "issue" not in text.lower(), text
+        assert " STR" not in text, text
+    planetoid = cli.experiment_parser(experiments["planetoid"]).format_help()
+    assert "--data-dir DIR" in planetoid and "--out DIR" in planetoid
+    assert "--fasta PATH" in cli.experiment_parser(experiments["genome"]).format_help()
+    assert "--foodweb PATH" in cli.experiment_parser(experiments["foodweb"]).format_help()

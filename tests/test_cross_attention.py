@@ -44,13 +44,14 @@ def test_matches_dense_reference_with_padding(B, lq, lk, heads, seed):
     x = torch.randn(B, lq, 8, dtype=torch.float64, generator=gen)
     ctx = torch.randn(B, lk, 5, dtype=torch.float64, generator=gen)
     mask = _random_mask(B, lk, gen)
-    out, w = layer(x, ctx, mask, return_weights=True)
+    out, w = layer(x, ctx, key_padding_mask=~mask, return_weights=True)
     ref_out, ref_w = _reference(layer, x, ctx, mask)
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
     assert bool((w.masked_select(~mask.view(B, 1, 1, lk).expand_as(w)) == 0).all())
     # the fast path (no weights requested) gives the same output
-    torch.testing.assert_close(layer(x, ctx, mask), ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer(x, ctx, key_padding_mask=~mask), ref_out, rtol=1e-10,
+                               atol=1e-10)
 
 
 def test_padding_does_not_change_output():
@@ -61,7 +62,8 @@ def test_padding_does_not_change_output():
     padded = torch.cat([ctx, torch.randn(2, 7, 4, dtype=torch.float64) * 100], 1)
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[:, :5] = True
-    torch.testing.assert_close(layer(x, padded, mask), layer(x, ctx), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x, padded, key_padding_mask=~mask), layer(x, ctx),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck():
@@ -72,7 +74,7 @@ def test_gradcheck():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
 
     def f(x, ctx):
-        out, w = layer(x, ctx, mask, return_weights=True)
+        out, w = layer(x, ctx, key_padding_mask=~mask, return_weights=True)
         return out, w
 
     assert torch.autograd.gradcheck(f, (x, ctx), eps=1e-6, atol=1e-6)
@@ -89,10 +91,10 @@ def test_bad_input():
         layer(torch.randn(3, 8), ctx)
     with pytest.raises(ValueError, match="max_context_len"):
         layer(x, torch.randn(2, 11, 4))
-    with pytest.raises(ValueError, match="context_mask"):
-        layer(x, ctx, torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="context_mask"):
-        layer(x, ctx, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        layer(x, ctx, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        layer(x, ctx, key_padding_mask=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="num_heads"):
         CrossAttention(8, 4, 0)
     with pytest.raises(ValueError, match="divisible"):
@@ -107,7 +109,8 @@ def test_low_rank_bias_matches_explicit_bias():
     qe = torch.randn(2, 2, 3, 2, dtype=torch.float64)
     ke = torch.randn(2, 2, 6, 2, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    out, w = layer(x, ctx, mask, low_rank_bias=(qe, ke), return_weights=True)
+    out, w = layer(x, ctx, key_padding_mask=~mask, low_rank_bias=(qe, ke),
+                   return_weights=True)
     B, h, d = 2, 2, layer.head_dim
     q = layer.to_q(x).view(B, 3, h, d).transpose(1, 2)
     kv = layer.to_kv(ctx).view(B, 6, 2, h, d)
@@ -117,6 +120,27 @@ def test_low_rank_bias_matches_explicit_bias():
     ref = layer.to_out((ref_w @ v).transpose(1, 2).reshape(B, 3, h * d))
     torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer(x, ctx, mask, low_rank_bias=(qe, ke)), ref)
+    torch.testing.assert_close(layer(x, ctx, key_padding_mask=~mask, low_rank_bias=(qe, ke)), ref)
     with pytest.raises(ValueError, match="low_rank_bias"):
-        layer(x, ctx, mask, low_rank_bias=(qe, ke[:, :, :5]))
+        layer(x, ctx, key_padding_mask=~mask, low_rank_bias=(qe, ke[:, :, :5]))
+
+
+def test_context_mask_is_deprecated_and_equals_inverted_key_padding_mask():
+    torch.manual_seed(3)
+    layer = CrossAttention(8, 4, 2).double()
+    x, ctx = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    real = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with pytest.warns(DeprecationWarning, match="key_padding_mask"):
+        old = layer(x, ctx, real)
+    with pytest.warns(DeprecationWarning):
+        old_kw = layer(x, ctx, context_mask=real)
+    new = layer(x, ctx, key_padding_mask=~real)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+    torch.testing.assert_close(old_kw, new, rtol=0, atol=0)
+    # padded keys (True) get no weight
+    _, w = layer(x, ctx, key_padding_mask=~real, return_weights=True)
+    assert bool((w[0, :, :, 3:] == 0).all()) and bool((w[0, :, :, :3] > 0).all())
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
+        layer(x, ctx, real, key_padding_mask=~real)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="context_mask"):
+        layer(x, ctx, torch.ones(2, 5))

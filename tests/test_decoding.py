@@ -306,11 +306,11 @@ def test_split_linear_gradients_and_module(threads):
 def test_folded_decoding_step_equals_per_head_attention(threads, monkeypatch, n_threads, kv):
     from attnkit import patterns as P
     from attnkit.cache import DynamicCache
-    from attnkit.nn.attention import MultiheadAttention
+    from attnkit.nn.attention import SelfAttention
 
     threads(n_threads)
     torch.manual_seed(0)
-    m = MultiheadAttention(48, 6, kv, pattern=P.causal()).double().eval()
+    m = SelfAttention(48, 6, kv, pattern=P.causal()).double().eval()
     x = torch.randn(2, 10, 48, dtype=torch.float64)
     gate = torch.rand(6, dtype=torch.float64)
     assert (m._fold_parts(None, 1, False, 0.0) > 0) == (kv < 6)
@@ -321,7 +321,7 @@ def test_folded_decoding_step_equals_per_head_attention(threads, monkeypatch, n_
         return torch.cat([m(x[:, i:i + 1], cache=cache, head_mask=gate) for i in range(7, 10)], 1)
 
     folded = run()
-    monkeypatch.setattr(MultiheadAttention, "_fold_parts", lambda self, *a: 0)
+    monkeypatch.setattr(SelfAttention, "_fold_parts", lambda self, *a: 0)
     per_head = run()
     torch.testing.assert_close(folded, per_head, atol=1e-12, rtol=0)
     full = m(x, head_mask=gate)[:, 7:]

@@ -11,7 +11,7 @@ from attnkit import patterns as P
 from attnkit.cache import DynamicCache, SlidingWindowCache
 from attnkit.flops import attention_core_flops, count
 from attnkit.models import DecoderLM
-from attnkit.nn import MultiheadAttention
+from attnkit.nn import SelfAttention
 
 B, L, DIM = 2, 16, 32
 
@@ -36,7 +36,7 @@ def _projection_flops(b, length, dim, heads, kv_heads, head_dim):
 )
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 def test_attention_module_matches_hand_formula(pattern, allowed_pairs, heads, kv_heads):
-    m = MultiheadAttention(DIM, heads, kv_heads, pattern=pattern)
+    m = SelfAttention(DIM, heads, kv_heads, pattern=pattern)
     hd = DIM // heads
     r = count(m, torch.randn(B, L, DIM))
     core = 2 * B * heads * allowed_pairs * (hd + hd)  # q.k and weights @ v per allowed pair
@@ -50,8 +50,8 @@ def test_attention_module_matches_hand_formula(pattern, allowed_pairs, heads, kv
 
 
 def test_causal_is_about_half_of_dense():
-    dense = count(MultiheadAttention(DIM, 4, pattern=None), torch.randn(1, 256, DIM))
-    causal = count(MultiheadAttention(DIM, 4, pattern=P.causal()), torch.randn(1, 256, DIM))
+    dense = count(SelfAttention(DIM, 4, pattern=None), torch.randn(1, 256, DIM))
+    causal = count(SelfAttention(DIM, 4, pattern=P.causal()), torch.randn(1, 256, DIM))
     assert causal.attention / dense.attention == pytest.approx(257 / 512)
 
 
@@ -77,7 +77,7 @@ def test_decoder_lm_totals_and_rollup():
 
 
 def test_cached_decoding_step_counts_the_cached_keys():
-    m = MultiheadAttention(DIM, 4, 2, pattern=P.causal())
+    m = SelfAttention(DIM, 4, 2, pattern=P.causal())
     cache = DynamicCache()
     count(m, torch.randn(1, 10, DIM), cache=cache)
     step = count(m, torch.randn(1, 1, DIM), cache=cache)
@@ -87,7 +87,7 @@ def test_cached_decoding_step_counts_the_cached_keys():
 
 def test_sliding_window_cache_step_counts_only_the_window():
     window = 4
-    m = MultiheadAttention(DIM, 4, pattern=P.causal() & P.sliding_window(window))
+    m = SelfAttention(DIM, 4, pattern=P.causal() & P.sliding_window(window))
     cache = SlidingWindowCache(window)
     prefill = count(m, torch.randn(1, 10, DIM), cache=cache)
     assert prefill.attention == attention_core_flops(
@@ -121,7 +121,7 @@ def test_torch_flop_counter_gets_causal_attention_wrong():
     """torch either misses the attention core (the SDPA call on CPU) or charges it for every
     Lq x Lk pair; either way it differs from the causal count, which is about half of dense."""
     torch.manual_seed(0)
-    m = MultiheadAttention(DIM, 4, pattern=P.causal())
+    m = SelfAttention(DIM, 4, pattern=P.causal())
     x = torch.randn(B, 64, DIM)
     r = count(m, x)
     torch_total, torch_linear = _torch_linear_flops(m, x)
@@ -143,7 +143,7 @@ def test_torch_flop_counter_gets_sliding_window_wrong(fused, monkeypatch):
         pytest.skip("no fused band kernel here (no C compiler)")
     if not fused:
         monkeypatch.setitem(native._state, "ok", False)
-    m = MultiheadAttention(DIM, 4, pattern=P.causal() & P.sliding_window(4))
+    m = SelfAttention(DIM, 4, pattern=P.causal() & P.sliding_window(4))
     x = torch.randn(B, 64, DIM)
     r = count(m, x)
     torch_total, torch_linear = _torch_linear_flops(m, x)

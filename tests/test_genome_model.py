@@ -48,7 +48,7 @@ def test_sparse_equals_dense_masked_forward_and_grad(pattern):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
-    assert grads[0].keys() == grads[1].keys() and "blocks.0.attn.qkv.weight" in grads[0]
+    assert grads[0].keys() == grads[1].keys() and "blocks.0.attn.q_proj.weight" in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-10,
                                    msg=name)

@@ -3,6 +3,8 @@ position prior, bad input) and the cost measurement."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,28 @@ def test_task_bad_arguments(recordings):
         SpokenDigitTask(recordings, audio_len=5, n_digits=3)
     with pytest.raises(ValueError, match="test_speakers"):
         split_speakers(recordings, test_speakers=(99,))
+
+
+def test_kmeans_uses_scikit_learn_and_falls_back_to_numpy(monkeypatch):
+    from attnkit.multimodal import data as D
+
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = rng.integers(0, 3, 90)
+    x = centers[truth] + rng.normal(size=(90, 2))
+    expected = D._first_member_order(truth)  # blobs this far apart: k-means finds them
+    np.testing.assert_array_equal(D._kmeans_numpy(x, 3, seed=0), expected)
+    sklearn = pytest.importorskip("sklearn.cluster")
+    np.testing.assert_array_equal(D._kmeans(x, 3, seed=0), expected)
+    calls = []
+
+    class Spy(sklearn.KMeans):
+        def fit(self, *a, **kw):
+            calls.append(self.n_clusters)
+            return super().fit(*a, **kw)
+
+    monkeypatch.setattr(sklearn, "KMeans", Spy)
+    D._kmeans(x, 3, seed=0)
+    assert calls == [3]
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # not installed
+    np.testing.assert_array_equal(D._kmeans(x, 3, seed=0), expected)

@@ -14,7 +14,7 @@ from torch import nn
 from attnkit.decoding import generate
 from attnkit.flops import count
 from attnkit.models import DecoderLM
-from attnkit.nn import MultiheadAttention
+from attnkit.nn import SelfAttention
 from attnkit.pruning import (
     attention_layers,
     head_gates,
@@ -194,9 +194,9 @@ def test_partial_group_is_refused_with_the_group_named():
 
 
 def test_model_without_attention_is_refused():
-    with pytest.raises(ValueError, match="no attnkit.nn.MultiheadAttention"):
+    with pytest.raises(ValueError, match="no attnkit.nn.SelfAttention"):
         prune_heads(nn.Sequential(nn.Linear(4, 4)), {0: [0]})
-    with pytest.raises(ValueError, match="no attnkit.nn.MultiheadAttention"):
+    with pytest.raises(ValueError, match="no attnkit.nn.SelfAttention"):
         head_importance(nn.Linear(4, 4), [torch.zeros(1, 4)], lambda m, b: m(b).sum())
 
 
@@ -256,9 +256,9 @@ def test_iterative_prune_bad_arguments():
 
 
 def test_gating_a_whole_mha_module_directly():
-    """head_gates also works on a bare MultiheadAttention (layer 0 is the module itself)."""
+    """head_gates also works on a bare SelfAttention (layer 0 is the module itself)."""
     torch.manual_seed(1)
-    m = MultiheadAttention(DIM, 4).double()
+    m = SelfAttention(DIM, 4).double()
     x = torch.randn(1, 6, DIM, dtype=torch.float64)
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     with head_gates(m, [mask]):

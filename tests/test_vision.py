@@ -31,7 +31,9 @@ def test_vit_attention_matches_dense_reference():
     _, maps = model(x, need_weights=True)
     block = model.blocks[0]
     h = model.patch_embed(model.patchify(x)) + model.pos_embed
-    q, k, _ = block.attn.qkv(block.norm1(h)).view(3, 16, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    hn = block.norm1(h)
+    q = block.attn.q_proj(hn).view(3, 16, 2, 4).transpose(1, 2)
+    k = block.attn.k_proj(hn).view(3, 16, 2, 4).transpose(1, 2)
     _, ref = dense_reference(q, k, k)
     torch.testing.assert_close(maps[0], ref)
 
@@ -68,12 +70,18 @@ def test_js_divergence_bounds():
     assert float(js_divergence(r, s)) == pytest.approx(float(js_divergence(s, r)))
 
 
+def _qkv(model):
+    attn = model.blocks[0].attn
+    return attn.q_proj, attn.k_proj, attn.v_proj
+
+
 def _bare(seed, zero_sum=False):
     torch.manual_seed(seed)
     model = ViT(8, 2, 1, 10, 16, 1, 2, "pre", patch_bias=False, pos_embedding=False).eval()
     model.blocks[0].norm1.eps = 1e-12  # exact up to rounding, not up to LayerNorm's eps
     with torch.no_grad():
-        model.blocks[0].attn.qkv.weight *= 4  # sharper attention: changes are visible
+        for proj in _qkv(model):  # sharper attention: changes are visible
+            proj.weight *= 4
         if zero_sum:
             model.patch_embed.weight -= model.patch_embed.weight.mean(1, keepdim=True)
     return model
@@ -101,7 +109,8 @@ def test_probe_exact_invariance_hand_made_case():
     biased = ViT(8, 2, 1, 10, 16, 1, 2, "pre", pos_embedding=False).eval()
     with torch.no_grad():
         biased.patch_embed.bias.normal_()
-        biased.blocks[0].attn.qkv.weight *= 4
+        for proj in _qkv(biased):
+            proj.weight *= 4
     assert brightness_probe(biased, images, (0.3,), ()).rows[0]["js_mean"] > 1e-3
 
 

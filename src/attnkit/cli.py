@@ -1,9 +1,15 @@
 """The ``attnkit`` command (also ``python -m attnkit``).
 
-    attnkit list                                   every experiment and its claim
+    attnkit list [--json]                          every experiment and its claim
     attnkit run NAME [--quick] [--json] [--out DIR] [the experiment's own options]
     attnkit run NAME --help                        the experiment's own options
     attnkit report [--quick] [--out DIR] [--only NAME ...] [--strict]
+    attnkit --version
+
+Errors of usage (a bad option value, a missing or unreadable file or directory, missing data)
+print one line ``attnkit: error: ...`` on stderr and exit 2; ``--debug`` (anywhere on the
+command line) shows the traceback too. A closed stdout (``attnkit list | head -1``) ends the
+command quietly.
 
 ``run --json`` prints the result as one JSON object, the last line on stdout; progress bars and
 logs go to stderr. Exit codes: 0 on success (whatever the verdict: "not held" is a result, not
@@ -24,6 +30,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -49,18 +56,44 @@ from .experiment.types import Experiment, Option
 
 __all__ = ["main", "build_parser"]
 
+#: The exit status of a usage error (as argparse's).
+USAGE = 2
+#: Errors that, raised while reading the command line or the files it names, are the user's
+#: input rather than a failure of attnkit: one line ``attnkit: error: ...``, exit 2.
+_INPUT_ERRORS = (OSError, ValueError, TypeError)
+
 
 def _err(*msg: Any) -> None:
     print(*msg, file=sys.stderr, flush=True)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line (``FileNotFoundError`` keeps its path)."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``attnkit: error: PROG: MESSAGE (see PROG --help)``."""
+
+    def error(self, message: str):
+        _err(f"attnkit: error: {self.prog}: {' '.join(message.split())} "
+             f"(see {self.prog} --help)")
+        raise SystemExit(USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = _Parser(
         prog="attnkit",
         description="attnkit: exact structure-aware attention and the experiments built on it.",
+        epilog="--debug (anywhere on the command line) shows the traceback of an error.",
     )
+    parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("list", help="list every experiment and its claim")
+    lst = sub.add_parser("list", help="list every experiment and its claim")
+    lst.add_argument("--json", action="store_true",
+                     help="print a JSON array of the experiments (name, claim, options)")
     sub.add_parser(
         "run",
         help="run one experiment: attnkit run NAME [--quick] [--json] [--out DIR] "
@@ -71,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "results.json")
     rep.add_argument("--quick", action="store_true",
                      help="quick mode: about a minute per experiment")
-    rep.add_argument("--out", type=Path, default=Path("report"),
+    rep.add_argument("--out", type=Path, default=Path("report"), metavar="DIR",
                      help="output directory (default: report/)")
     rep.add_argument("--only", nargs="+", metavar="NAME", help="run only these experiments")
-    rep.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    rep.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     rep.add_argument("--strict", action="store_true",
                      help="exit 1 when any experiment raised (default: exit 0 once written)")
     return parser
@@ -82,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def experiment_parser(exp: Experiment) -> argparse.ArgumentParser:
     """The parser of ``attnkit run NAME``: the common flags plus the experiment's options."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=f"attnkit run {exp.name}",
         description=exp.claim,
         epilog=textwrap.dedent(exp.description).strip() or None,
@@ -93,9 +126,10 @@ def experiment_parser(exp: Experiment) -> argparse.ArgumentParser:
                         help="quick mode: about a minute on a laptop CPU")
     common.add_argument("--json", action="store_true",
                         help="print the result as one JSON object (last line on stdout)")
-    common.add_argument("--out", type=Path, default=None,
+    common.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help=f"directory for figures (default: report/{exp.name})")
-    common.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    common.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed (default 0)")
     if exp.options:
         own = parser.add_argument_group(f"options of {exp.name}")
         for opt in exp.options:
@@ -113,9 +147,41 @@ def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
         group.add_argument(opt.flag, dest=opt.dest, action=argparse.BooleanOptionalAction,
                            default=opt.default, help=help_text.strip())
         return
-    metavar = getattr(opt.type, "__name__", "VALUE").upper()
-    group.add_argument(opt.flag, dest=opt.dest, type=opt.type, default=opt.default,
-                       required=opt.required, help=help_text.strip(), metavar=metavar)
+    group.add_argument(opt.flag, dest=opt.dest, type=_checked(opt.type), default=opt.default,
+                       required=opt.required, help=help_text.strip(), metavar=_metavar(opt))
+
+
+def _metavar(opt: Option) -> str:
+    """The name of an option's value in ``--help`` (see :attr:`Option.metavar`)."""
+    given = opt.metavar or getattr(opt.type, "metavar", None)
+    if given:
+        return str(given)
+    words = f"{getattr(opt.type, '__name__', '')} {opt.help}".lower()
+    if opt.dest.endswith("dir") or "directory" in getattr(opt.type, "__name__", "").lower():
+        return "DIR"
+    if opt.type is Path or "file" in words or "path" in words:
+        return "PATH"
+    return {int: "N", float: "X"}.get(opt.type, "VALUE")
+
+
+def _checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``convert`` whose ValueError / TypeError / OSError keep their message in argparse's
+    one-line error (argparse itself reports only "invalid VALUE" for them, and lets an
+    OSError escape as a traceback)."""
+
+    if convert in (int, float, str, Path):  # argparse's own message is the clearer one
+        return convert
+
+    def check(text: str) -> Any:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except _INPUT_ERRORS as e:
+            raise argparse.ArgumentTypeError(_one_line(e)) from e
+
+    check.__name__ = getattr(convert, "__name__", "value")
+    return check
 
 
 # -------------------------------------------------------------------------------- commands
@@ -129,7 +195,10 @@ def _load() -> dict[str, Experiment]:
     return experiments
 
 
-def cmd_list(experiments: Mapping[str, Experiment]) -> int:
+def cmd_list(experiments: Mapping[str, Experiment], as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps([_experiment_dict(exp) for exp in experiments.values()], indent=1))
+        return 0
     width = max((len(n) for n in experiments), default=4)
     cols = shutil.get_terminal_size((100, 20)).columns
     for name, exp in experiments.items():
@@ -142,8 +211,20 @@ def cmd_list(experiments: Mapping[str, Experiment]) -> int:
     return 0
 
 
+def _experiment_dict(exp: Experiment) -> dict[str, Any]:
+    """An experiment as JSON: name, claim, description and its options."""
+    def plain(v: Any) -> Any:
+        return v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
+
+    return {"name": exp.name, "claim": exp.claim,
+            "description": " ".join(exp.description.split()),
+            "options": [{"flag": o.flag, "type": "bool" if o.type is bool else _metavar(o),
+                         "default": plain(o.default), "required": o.required, "help": o.help}
+                        for o in exp.options]}
+
+
 def _unknown(name: str, experiments: Mapping[str, Experiment]) -> int:
-    _err(f"attnkit: unknown experiment {name!r}. Known experiments: "
+    _err(f"attnkit: error: unknown experiment {name!r}. Known experiments: "
          f"{', '.join(experiments) or '(none)'}")
     return 2
 
@@ -174,6 +255,15 @@ def cmd_run(argv: Sequence[str], experiments: Mapping[str, Experiment],
         result, seconds = run_experiment(exp, quick=args.quick, out_dir=out_dir,
                                          options=options, seed=args.seed)
         obj = result_dict(exp, result, seconds)
+    except OSError as e:
+        # missing or unreadable data named on the command line: the user's input, not a crash
+        if _DEBUG:
+            _err(traceback.format_exc())
+        _err(f"attnkit: error: {name}: {_one_line(e)}")
+        if args.json:
+            print(json.dumps(error_dict(exp, traceback.format_exc(), time.perf_counter() - t0),
+                             allow_nan=False), flush=True)
+        return USAGE
     except Exception:
         tb = traceback.format_exc()
         _err(tb)
@@ -287,14 +377,39 @@ def _on_every_rank(command: Callable[[Path | None], int]) -> int:
         shutdown()
 
 
+_DEBUG = False  # --debug: tracebacks with the one-line errors
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``attnkit`` command; returns the exit status."""
+    global _DEBUG
     argv = list(sys.argv[1:] if argv is None else argv)
+    _DEBUG = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # the reader went away (``attnkit list | head -1``): stop quietly; stdout goes to
+        # devnull so the interpreter's own flush at exit raises nothing either
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a process killed by SIGPIPE
+    except _INPUT_ERRORS as e:
+        if _DEBUG:
+            _err(traceback.format_exc())
+        _err(f"attnkit: error: {_one_line(e)}")
+        return USAGE
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "run":  # options depend on the experiment: parsed in cmd_run
         return _on_every_rank(lambda root: cmd_run(argv[1:], _load(), out_root=root))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "list":
-        return cmd_list(_load())
+        return cmd_list(_load(), as_json=args.json)
     if args.command == "report":
         def report(root: Path | None) -> int:
             return cmd_report(args if root is None else

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .cache import DynamicCache, KVCache, SlidingWindowCache, StaticCache
 from .distributed.data_parallel import all_reduce_mean, rescale_mean, shard, wrap_ddp
-from .nn.attention import MultiheadAttention
+from .nn.attention import SelfAttention
 
 __all__ = [
     "generate",
@@ -30,10 +30,10 @@ __all__ = [
 ]
 
 
-def _attn_layers(model: nn.Module) -> list[MultiheadAttention]:
-    layers = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+def _attn_layers(model: nn.Module) -> list[SelfAttention]:
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
     if not layers:
-        raise ValueError("model has no attnkit.nn.MultiheadAttention layers")
+        raise ValueError("model has no attnkit.nn.SelfAttention layers")
     return layers
 
 

@@ -4,7 +4,7 @@
 
 * every ``nn.Linear``: ``2 * in_features * out_features`` per token (multiply + add; the bias
   add is not counted, as in ``torch.utils.flop_counter.FlopCounterMode``);
-* every :class:`attnkit.nn.MultiheadAttention` core: ``2 * D`` for ``q.k`` and ``2 * Dv`` for
+* every :class:`attnkit.nn.SelfAttention` core: ``2 * D`` for ``q.k`` and ``2 * Dv`` for
   ``weights @ v`` per *allowed* (query, key) pair and query head, i.e.
   ``2 * B * Hq * nnz * (D + Dv)`` with ``nnz = pattern.nnz(Lq, Lk)`` (``Lq * Lk`` without a
   pattern): a causal pattern costs about half of a dense one, a sliding window ``O(L * w)``.
@@ -13,7 +13,7 @@
 
 Softmax, normalisation, activations, rotary embeddings and embedding lookups are not counted
 (they are ``O(elements)``, not matrix products). Attention cores of modules other than
-:class:`~attnkit.nn.MultiheadAttention` are not seen (their ``nn.Linear`` layers are).
+:class:`~attnkit.nn.SelfAttention` are not seen (their ``nn.Linear`` layers are).
 torch's ``FlopCounterMode`` counts the same Linear FLOPs but charges scaled-dot-product
 attention for every ``Lq x Lk`` pair whatever the mask, so it over-counts causal attention
 about 2x and does not see the structure of sparse patterns (see ``tests/test_flops.py``).
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .nn.attention import MultiheadAttention
+from .nn.attention import SelfAttention
 
 __all__ = ["FlopReport", "ModuleCount", "count", "attention_core_flops"]
 
@@ -90,7 +90,7 @@ def count(model: nn.Module, *inputs, **kwargs) -> FlopReport:
 
     Args:
         model: any ``nn.Module``; its ``nn.Linear`` layers and
-            :class:`attnkit.nn.MultiheadAttention` cores are counted (see the module docstring).
+            :class:`attnkit.nn.SelfAttention` cores are counted (see the module docstring).
         inputs, kwargs: passed to ``model``, e.g. ``count(lm, ids)`` with ``ids (B, L)``, or
             ``count(lm, new_ids, cache=kv)`` for a cached decoding step (the cache is updated).
 
@@ -113,7 +113,7 @@ def count(model: nn.Module, *inputs, **kwargs) -> FlopReport:
         tokens = x.numel() // module.in_features
         add(module, 2 * module.in_features * module.out_features * tokens, 0)
 
-    def attention_pre_hook(module: MultiheadAttention, args, kwargs):
+    def attention_pre_hook(module: SelfAttention, args, kwargs):
         x = args[0] if args else kwargs["x"]
         b, lq = x.shape[0], x.shape[1]
         cache = kwargs.get("cache")
@@ -130,7 +130,7 @@ def count(model: nn.Module, *inputs, **kwargs) -> FlopReport:
     for m in model.modules():
         if isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, MultiheadAttention):
+        elif isinstance(m, SelfAttention):
             handles.append(m.register_forward_pre_hook(attention_pre_hook, with_kwargs=True))
     try:
         model(*inputs, **kwargs)

@@ -1,5 +1,5 @@
 """A small pre-LN decoder-only transformer language model on
-:class:`attnkit.nn.MultiheadAttention`."""
+:class:`attnkit.nn.SelfAttention`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .cache import KVCache
 from .kernels import native
-from .nn.attention import MultiheadAttention, SplitLinear, _has_hooks, split_linear
+from .nn.attention import SelfAttention, SplitLinear, _has_hooks, split_linear
 from .patterns import causal, sliding_window
 
 __all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
@@ -51,7 +51,7 @@ class DecoderBlock(nn.Module):
                  mlp_ratio: float, dropout: float, layer_idx: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = MultiheadAttention(dim, num_heads, num_kv_heads, pattern=pattern,
+        self.attn = SelfAttention(dim, num_heads, num_kv_heads, pattern=pattern,
                                        dropout=dropout, layer_idx=layer_idx)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(mlp_ratio * dim)
@@ -81,11 +81,12 @@ class DecoderBlock(nn.Module):
             return False
         mods = self._modules
         attn, mlp, norm1, norm2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
-        if (type(attn) is not MultiheadAttention or type(mlp) is not GeluMLP
+        if (type(attn) is not SelfAttention or type(mlp) is not GeluMLP
                 or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm):
             return False
         am, mm = attn._modules, mlp._modules
-        if len(mm) != 3:
+        rot = am.get("rotary")
+        if len(mm) != 3 or (rot is not None and rot.rotary_dims != rot.head_dim):
             return False
         fc1, act, fc2 = mm.values()
         if type(act) is not nn.GELU or act.approximate != "none":
@@ -198,7 +199,7 @@ class DecoderLM(nn.Module):
         Args:
             ids: ``(B, L)`` token ids; with a cache, the positions after the cached ones.
             cache: a :class:`attnkit.cache.KVCache`, updated in place.
-            head_mask: per-head output gates (see :class:`MultiheadAttention`): a
+            head_mask: per-head output gates (see :class:`SelfAttention`): a
                 ``(depth, num_heads)`` tensor, or one ``(num_heads_i,)`` tensor per block (for
                 blocks with different head counts, e.g. after pruning).
             last_only: return logits for the last position only (decoding).

@@ -1,7 +1,7 @@
 """Pruning attention heads: importance scores, physical removal, iterative pruning, save/load.
 
 Layers are numbered in module order: layer ``i`` is the ``i``-th
-:class:`attnkit.nn.MultiheadAttention` in ``model.modules()`` (block ``i`` of a
+:class:`attnkit.nn.SelfAttention` in ``model.modules()`` (block ``i`` of a
 :class:`attnkit.models.DecoderLM`). Heads are numbered ``0 .. num_heads - 1`` within the layer's
 *current* heads (after a prune they are renumbered densely).
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flops import count
-from .nn.attention import MultiheadAttention
+from .nn.attention import SelfAttention
 
 __all__ = [
     "attention_layers",
@@ -48,14 +48,14 @@ __all__ = [
 FORMAT = "attnkit.pruned/1"
 
 
-def attention_layers(model: nn.Module) -> list[MultiheadAttention]:
-    """The model's :class:`MultiheadAttention` modules in module order (the layer numbering)."""
+def attention_layers(model: nn.Module) -> list[SelfAttention]:
+    """The model's :class:`SelfAttention` modules in module order (the layer numbering)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
     if not layers:
         raise ValueError(
-            f"model {type(model).__name__} has no attnkit.nn.MultiheadAttention modules: "
+            f"model {type(model).__name__} has no attnkit.nn.SelfAttention modules: "
             "nothing to prune"
         )
     return layers
@@ -118,7 +118,7 @@ def head_importance(
     divided by their L2 norm, as in the paper, so layers compare on one scale.
 
     Args:
-        model: any model holding :class:`attnkit.nn.MultiheadAttention` layers.
+        model: any model holding :class:`attnkit.nn.SelfAttention` layers.
         batches: an iterable of batches (at least one).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; default :func:`lm_loss`.
 
@@ -153,13 +153,13 @@ def head_importance(
     return [s.float() for s in scores]
 
 
-def group_importance(layer: MultiheadAttention, scores: Tensor) -> Tensor:
+def group_importance(layer: SelfAttention, scores: Tensor) -> Tensor:
     """Importance of each key/value group of ``layer``: the sum of its query heads' scores,
     ``(num_kv_heads,)``."""
     return scores.view(layer.num_kv_heads, layer.num_heads // layer.num_kv_heads).sum(1)
 
 
-def _check_request(layers: list[MultiheadAttention],
+def _check_request(layers: list[SelfAttention],
                    heads_to_prune: dict[int, Sequence[int]]) -> dict[int, list[int]]:
     if not isinstance(heads_to_prune, dict):
         raise TypeError(
@@ -230,7 +230,7 @@ def _rows(heads: Sequence[int], head_dim: int, device) -> Tensor:
                         dtype=torch.long, device=device)
 
 
-def _prune_layer(m: MultiheadAttention, heads: list[int]) -> None:
+def _prune_layer(m: SelfAttention, heads: list[int]) -> None:
     group = m.num_heads // m.num_kv_heads
     removed = set(heads)
     keep_q = [h for h in range(m.num_heads) if h not in removed]
@@ -409,7 +409,7 @@ def save_pruned(model: nn.Module, path: str | Path) -> None:
     torch.save({"config": pruned_config(model), "state_dict": model.state_dict()}, Path(path))
 
 
-def _resize(m: MultiheadAttention, num_heads: int, num_kv_heads: int) -> None:
+def _resize(m: SelfAttention, num_heads: int, num_kv_heads: int) -> None:
     """Give ``m`` projections for the given head counts (weights to be loaded afterwards)."""
     if not (isinstance(num_heads, int) and isinstance(num_kv_heads, int)
             and 1 <= num_kv_heads <= num_heads and num_heads % num_kv_heads == 0):

@@ -1,5 +1,5 @@
 """Food webs: trophic-flow networks, trophic levels, the niche model and attention with a
-trophic-level bias for predator-prey link prediction (issue 6)."""
+trophic-level bias for predator-prey link prediction."""
 
 from __future__ import annotations
 

@@ -206,5 +206,5 @@ EXPERIMENT = Experiment(
                help="training diets and trophic levels: 'links' (prey-averaged, default) or "
                     "'flow' (flow-weighted, when the web has flows)"),
     ),
-    description="Food-web link prediction with attention and a trophic-level bias (issue 6).",
+    description="Food-web link prediction with attention and a trophic-level bias.",
 )

@@ -140,6 +140,10 @@ class Option:
     #: A required option has no embedded default; ``attnkit report`` lists the experiment as
     #: not run when it is missing, and ``attnkit run`` asks for it.
     required: bool = False
+    #: The value's name in ``--help`` (e.g. ``PATH``, ``DIR``, ``N``). Default: the ``type``'s
+    #: own ``metavar`` attribute if it has one, else derived (``DIR`` for a ``--...-dir`` flag,
+    #: ``PATH`` for a ``Path`` type or a help text naming a file or path, ``N`` for ``int``).
+    metavar: str | None = None
 
     @property
     def dest(self) -> str:

@@ -305,5 +305,5 @@ EXPERIMENT = Experiment(
     ),
     run=_run,
     options=(Option("--fasta", help="FASTA file (plain or gzip) of a genome to model"),),
-    description="Whole genomes with sparse attention (issue 4).",
+    description="Whole genomes with sparse attention.",
 )

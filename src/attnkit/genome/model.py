@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import attnkit
 from attnkit import patterns as P
+from attnkit.nn.attention import SelfAttention
 from attnkit.patterns import Pattern
 
 from .fasta import BASES, VOCAB_SIZE
@@ -82,73 +83,47 @@ def _resolve(spec: PatternSpec, length: int) -> Pattern | None:
     return spec(length)
 
 
-class _Rotary:
-    """Rotary position embedding on the first ``rot_dims`` dims of each head (the rest is left
-    unrotated so content can match across thousands of bases without phase drift)."""
-
-    def __init__(self, rot_dims: int, base: float = 10_000.0):
-        self.rot_dims = rot_dims
-        self.inv_freq = base ** (-torch.arange(0, rot_dims, 2, dtype=torch.float64) / rot_dims)
-
-    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # fp64 angles: positions reach millions, fp32 would lose the phase.
-        ang = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq  # (L, rot/2)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
-
-    def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """``x (..., L, Dh)`` -> rotated copy."""
-        if self.rot_dims == 0:
-            return x
-        half = self.rot_dims // 2
-        x1, x2, rest = x[..., :half], x[..., half : self.rot_dims], x[..., self.rot_dims :]
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+def _rope_tables(attn: SelfAttention, start: int, end: int, device, dtype
+                 ) -> tuple[Tensor, Tensor] | None:
+    """Rotary tables for positions ``start..end-1``, computed once per call and shared by
+    every block (the layers' rotary embeddings are identical), or None without rotation."""
+    if attn.rotary is None:
+        return None
+    return attn.rotary.tables(start, end, device, dtype)
 
 
-class GenomeAttention(nn.Module):
-    """Multi-head self-attention over bases, a thin layer over :func:`attnkit.attention`."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-        self.rotary = _Rotary(2 * (self.head_dim // 4))
-
-    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """``x (B, L, dim)`` -> ``(3, B, H, L, Dh)`` with rotary applied to q and k."""
-        b, n, _ = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = self.rotary.apply(qkv[0], cos, sin)
-        k = self.rotary.apply(qkv[1], cos, sin)
-        return torch.stack([q, k, qkv[2]])
+def _rows(tables: tuple[Tensor, Tensor] | None, s: int, e: int) -> tuple[Tensor, Tensor] | None:
+    return None if tables is None else (tables[0][s:e], tables[1][s:e])
 
 
 class GenomeBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, ff_mult: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = GenomeAttention(dim, num_heads)
+        # rotary on the first half of each head's channels: the unrotated rest lets content
+        # match across thousands of bases without phase drift
+        head_dim = dim // num_heads
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=True, rope=True,
+                                  rotary_dims=2 * (head_dim // 4))
         self.norm2 = nn.LayerNorm(dim)
         hidden = ff_mult * dim
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, pattern: Pattern | None, cos: Tensor, sin: Tensor,
-                attn_mask: Tensor | None,
+    def forward(self, x: Tensor, pattern: Pattern | None,
+                rope: tuple[Tensor, Tensor] | None, bias: Tensor | None,
                 attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        """``attend(q, k, v)`` replaces the engine call (the sequence-parallel mode)."""
-        b, n, dim = x.shape
-        q, k, v = self.attn.qkv_heads(self.norm1(x), cos, sin)
+        """``bias``: the engine's bias (additive, or a bool keep-mask); ``attend(q, k, v)``
+        replaces the engine call (the sequence-parallel mode)."""
+        q, k, v = self.attn.qkv(self.norm1(x), rope_tables=rope)
         if attend is None:
-            a = attnkit.attention(q, k, v, pattern=pattern, bias=attn_mask)  # (B, H, L, Dh)
+            a = attnkit.attention(q, k, v, pattern=pattern, bias=bias)  # (B, H, L, Dh)
         else:
             a = attend(q, k, v)
-        x = x + self.attn.out(a.transpose(1, 2).reshape(b, n, dim))
+        x = x + self.attn.merge(a)
         return x + self.mlp(self.norm2(x))
 
     @torch.no_grad()
-    def stream_(self, x: Tensor, pattern: Pattern | None, cos: Tensor, sin: Tensor,
+    def stream_(self, x: Tensor, pattern: Pattern | None, rope: tuple[Tensor, Tensor] | None,
                 chunk: int) -> Tensor:
         """In-place inference update of ``x (B, L, dim)``, position-wise work in chunks."""
         b, n, dim = x.shape
@@ -156,12 +131,14 @@ class GenomeBlock(nn.Module):
         qkv = x.new_empty(3, b, h, n, dh)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            qkv[:, :, :, s:e] = self.attn.qkv_heads(self.norm1(x[:, s:e]), cos[s:e], sin[s:e])
+            for i, t in enumerate(self.attn.qkv(self.norm1(x[:, s:e]),
+                                                rope_tables=_rows(rope, s, e))):
+                qkv[i, :, :, s:e] = t
         a = attnkit.attention(qkv[0], qkv[1], qkv[2], pattern=pattern)
         del qkv
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            x[:, s:e] += self.attn.out(a[:, :, s:e].transpose(1, 2).reshape(b, e - s, dim))
+            x[:, s:e] += self.attn.merge(a[:, :, s:e])
         del a
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -237,8 +214,9 @@ class GenomeEncoder(nn.Module):
                 group=None) -> Tensor:
         """``tokens (B, L)`` -> hidden ``(B, L, dim)``.
 
-        ``attn_mask``: optional ``(L, L)`` bool keep-mask (or additive bias) applied on top of
-        the pattern. ``dense_reference=True`` computes the same function densely: attention
+        ``attn_mask``: optional ``(L, L)`` mask applied on top of the pattern, as in
+        :class:`torch.nn.MultiheadAttention`: bool True = not allowed, or a float additive
+        bias. ``dense_reference=True`` computes the same function densely: attention
         over all keys with the pattern's ``(L, L)`` mask as a bias (O(L^2); for tests).
 
         ``sequence_parallel=True`` (inside a ``torch.distributed`` process group ``group``,
@@ -255,22 +233,26 @@ class GenomeEncoder(nn.Module):
         self._check_tokens(tokens, 2)
         n = tokens.shape[1]
         pattern = _resolve(self.pattern, n)
+        # the engine's boolean bias is a keep-mask (as SDPA's attn_mask)
+        bias = attn_mask
+        if isinstance(attn_mask, Tensor) and attn_mask.dtype == torch.bool:
+            bias = ~attn_mask
         if dense_reference and pattern is not None:
             keep = pattern.to_dense(n, n, device=tokens.device)
-            if attn_mask is None:
-                attn_mask = keep
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & keep
+            if bias is None:
+                bias = keep
+            elif bias.dtype == torch.bool:
+                bias = bias & keep
             else:
-                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+                bias = bias.masked_fill(~keep, float("-inf"))
             pattern = None
         x = self._stem(tokens)
         hubs = self.hub_positions(n).to(x.device)
         if hubs.numel():
             x = x.index_add(1, hubs, self.hub_embed.expand(x.shape[0], hubs.numel(), -1))
-        cos, sin = self.blocks[0].attn.rotary.tables(torch.arange(n, device=x.device), x.dtype)
+        rope = _rope_tables(self.blocks[0].attn, 0, n, x.device, x.dtype)
         for block in self.blocks:
-            x = block(x, pattern, cos, sin, attn_mask)
+            x = block(x, pattern, rope, bias)
         return self.norm(x)
 
     def _forward_sharded(self, tokens: Tensor, group) -> Tensor:
@@ -298,14 +280,13 @@ class GenomeEncoder(nn.Module):
         hubs = hubs[(hubs >= start) & (hubs < stop)] - start
         if hubs.numel():
             x = x.index_add(1, hubs, self.hub_embed.expand(x.shape[0], hubs.numel(), -1))
-        cos, sin = self.blocks[0].attn.rotary.tables(
-            torch.arange(start, stop, device=x.device), x.dtype)
+        rope = _rope_tables(self.blocks[0].attn, start, stop, x.device, x.dtype)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return sequence_parallel_attention(q, k, v, pattern, group)
 
         for block in self.blocks:
-            x = block(x, None, cos, sin, None, attend=attend)
+            x = block(x, None, rope, None, attend=attend)
         return self.norm(x)
 
     @torch.no_grad()
@@ -327,9 +308,9 @@ class GenomeEncoder(nn.Module):
         hubs = self.hub_positions(n).to(x.device)
         if hubs.numel():
             x[:, hubs] += self.hub_embed
-        cos, sin = self.blocks[0].attn.rotary.tables(torch.arange(n, device=x.device), x.dtype)
+        rope = _rope_tables(self.blocks[0].attn, 0, n, x.device, x.dtype)
         for block in self.blocks:
-            block.stream_(x, pattern, cos, sin, chunk_size)
+            block.stream_(x, pattern, rope, chunk_size)
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
             x[:, s:e] = self.norm(x[:, s:e])

@@ -1,4 +1,4 @@
-"""Graph attention on protein interaction networks (issue 10): models, loaders, a synthetic
+"""Graph attention on protein interaction networks: models, loaders, a synthetic
 PPI-like generator and the ``ppi`` / ``hubs`` / ``planetoid`` experiments."""
 
 from __future__ import annotations

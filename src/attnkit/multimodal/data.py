@@ -59,7 +59,28 @@ def fsdd_path() -> Path | None:
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 5, iters: int = 100) -> np.ndarray:
-    """Plain k-means (k-means++ seeding, best of ``restarts``); returns labels ``(N,)``."""
+    """k-means labels ``(N,)`` of the rows of ``x``: scikit-learn's ``KMeans`` (k-means++
+    seeding, best of ``restarts``) when installed (the ``data`` extra), else
+    :func:`_kmeans_numpy`. Clusters are numbered by their smallest member index, so the
+    labelling does not depend on the solver's cluster order."""
+    try:
+        from sklearn.cluster import KMeans
+    except ImportError:
+        return _kmeans_numpy(x, k, seed, restarts, iters)
+    km = KMeans(n_clusters=k, n_init=restarts, max_iter=max(iters, 300), random_state=seed)
+    return _first_member_order(km.fit(x).labels_)
+
+
+def _first_member_order(labels: np.ndarray) -> np.ndarray:
+    """Relabel clusters 0, 1, ... in the order of their smallest member index."""
+    first = {lab: i for i, lab in reversed(list(enumerate(labels.tolist())))}
+    rename = {lab: r for r, lab in enumerate(sorted(first, key=first.get))}
+    return np.array([rename[lab] for lab in labels.tolist()], dtype=np.int64)
+
+
+def _kmeans_numpy(x: np.ndarray, k: int, seed: int, restarts: int = 5,
+                  iters: int = 100) -> np.ndarray:
+    """Plain k-means without scikit-learn (k-means++ seeding, best of ``restarts``)."""
     rng = np.random.default_rng(seed)
     best_labels, best_inertia = None, np.inf
     for _ in range(restarts):
@@ -78,10 +99,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 5, iters: int = 10
         inertia = ((x - c[labels]) ** 2).sum()
         if inertia < best_inertia:
             best_labels, best_inertia = labels, inertia
-    # name clusters by their smallest member index, so the labelling is deterministic
-    first = {lab: i for i, lab in reversed(list(enumerate(best_labels)))}
-    rename = {lab: r for r, lab in enumerate(sorted(first, key=first.get))}
-    return np.array([rename[lab] for lab in best_labels])
+    return _first_member_order(best_labels)
 
 
 def load_fsdd(path: Path | None = None, num_speakers: int = 6) -> Recordings:

@@ -174,14 +174,16 @@ class CrossModalFusion(FusionModel):
         self.head = _TokenHead(dim, hidden)
 
     def fuse(self, mask, a, t, apos, tpos) -> Tensor:
-        return self.head(t, self.cross(t, a, mask, low_rank_bias=self.prior.factors(tpos, apos)))
+        return self.head(t, self.cross(t, a, key_padding_mask=~mask,
+                                          low_rank_bias=self.prior.factors(tpos, apos)))
 
     def attention_weights(self, audio: Tensor, text: Tensor, audio_mask: Tensor | None = None):
         """``(B, H, Lt, La)`` cross-attention weights (which frames each text token reads)."""
         mask = self.check_inputs(audio, audio_mask, text)
         a, t, apos, tpos = self.encode(audio, mask, text)
         prior = self.prior.factors(tpos, apos)
-        return self.cross(t, a, mask, low_rank_bias=prior, return_weights=True)[1]
+        return self.cross(t, a, key_padding_mask=~mask, low_rank_bias=prior,
+                          return_weights=True)[1]
 
 
 class EarlyFusion(FusionModel):
@@ -199,7 +201,8 @@ class EarlyFusion(FusionModel):
         seq = torch.cat([t + self.modality[0], a + self.modality[1]], 1)
         keep = torch.cat([mask.new_ones(mask.shape[0], lt), mask], 1)
         pos = torch.cat([tpos, apos], 1)
-        out = self.attn(seq, seq, keep, low_rank_bias=self.prior.factors(pos, pos))
+        out = self.attn(seq, seq, key_padding_mask=~keep,
+                        low_rank_bias=self.prior.factors(pos, pos))
         return self.head(t, out[:, :lt])
 
 

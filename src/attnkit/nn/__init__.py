@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 
 _LAYERS = {
-    "MultiheadAttention": "attnkit.nn.attention",
+    "MultiheadAttention": "attnkit.nn.mha",
+    "SelfAttention": "attnkit.nn.attention",
     "RotaryEmbedding": "attnkit.nn.attention",
     "AxialAttention": "attnkit.nn.axial",
     "CrossAttention": "attnkit.nn.cross",

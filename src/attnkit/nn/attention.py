@@ -17,7 +17,7 @@ from ..functional import SparseWeights, attention
 from ..kernels import native
 from ..patterns import Pattern
 
-__all__ = ["RotaryEmbedding", "MultiheadAttention", "SplitLinear", "split_linear"]
+__all__ = ["RotaryEmbedding", "SelfAttention", "SplitLinear", "split_linear"]
 
 # A decoding step multiplies one token by every weight matrix: matrix-vector products limited by
 # memory bandwidth. F.linear hands them to a BLAS GEMV that reads the weight on one thread
@@ -114,10 +114,13 @@ class SplitLinear(nn.Linear):
 
 
 def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` for ``x (..., L, D)`` and tables ``(L, D)``:
+    """``x * cos + rotate_half(x) * sin`` for ``x (..., L, D)`` and tables ``(L, R)``:
     rotate_half(x) = cat(-x2, x1); swapping the halves gives cat(x2, x1) (one flip of a
-    ``(..., 2, D/2)`` view, fewer kernels than ``torch.roll``), its sign is in ``signed_sin``."""
-    d = x.shape[-1]
+    ``(..., 2, R/2)`` view, fewer kernels than ``torch.roll``), its sign is in ``signed_sin``.
+    With ``R < D`` only the first ``R`` channels rotate; the rest pass through."""
+    d, r = x.shape[-1], cos.shape[-1]
+    if r < d:
+        return torch.cat([_rotate(x[..., :r], cos, signed_sin), x[..., r:]], dim=-1)
     swapped = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
     return torch.addcmul(x * cos, swapped, signed_sin)
 
@@ -125,37 +128,51 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotary position embeddings (RoFormer), "rotate-half" layout as in Llama.
 
-    Channel pairs ``(i, i + D/2)`` of a head are rotated by ``position * base**(-2i/D)``. The
-    rotation depends on the absolute position only, so a token rotated alone at position ``p``
-    (a cached decoding step with ``offset=p``) equals the same token inside a full sequence.
+    Channel pairs ``(i, i + R/2)`` of a head are rotated by ``position * base**(-2i/R)``, for
+    the first ``R = rotary_dims`` channels (default all ``head_dim``; fewer leaves the rest
+    unrotated, so content can match across long distances without phase drift). The rotation
+    depends on the absolute position only, so a token rotated alone at position ``p`` (a cached
+    decoding step with ``offset=p``) equals the same token inside a full sequence.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0):
+    def __init__(self, head_dim: int, base: float = 10000.0, *, rotary_dims: int | None = None):
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        r = head_dim if rotary_dims is None else rotary_dims
+        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r > head_dim:
+            raise ValueError(f"rotary_dims must be an even int in [2, head_dim={head_dim}] "
+                             f"(head_dim itself even when rotary_dims is not given), got {r!r}")
         if not base > 1.0:
             raise ValueError(f"base must be > 1, got {base}")
-        self.head_dim, self.base = head_dim, float(base)
+        self.head_dim, self.rotary_dims, self.base = head_dim, r, float(base)
         # Frequencies stay float64 (not a buffer) so module dtype casts cannot round them.
-        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.inv_freq = base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
         # cos and signed sin (see _rotate) for positions [0, n); named apart from the earlier
         # unsigned `_table` so a module pickled by an older version rebuilds it.
         self._signed_table: tuple[Tensor, Tensor] | None = None
 
+    def tables(self, start: int, end: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """``(cos, signed_sin)``, each ``(end - start, rotary_dims)``, for positions
+        ``start..end-1``, computed afresh (not kept): for callers that share one table between
+        layers (see :meth:`SelfAttention.qkv`). Angles in float64, so positions in the
+        millions keep their phase."""
+        pos = torch.arange(start, end, dtype=torch.float64, device=device)
+        angles = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
+        return (torch.cat([angles, angles], dim=-1).cos().to(dtype),
+                torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype))
+
     def _cos_sin(self, start: int, end: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`tables`, sliced from a table kept on the module (grown geometrically)."""
         table = getattr(self, "_signed_table", None)
         if (table is None or table[0].shape[0] < end or table[0].device != torch.device(device)
                 or table[0].dtype != dtype):
             # Angles in float64, stored in the working dtype; grown geometrically so step-by-step
             # decoding does not rebuild the table each time.
             n = max(end, 2 * (0 if table is None else table[0].shape[0]), 64)
-            pos = torch.arange(n, dtype=torch.float64, device=device)
-            angles = torch.outer(pos, self.inv_freq.to(device=device, dtype=torch.float64))
             # sin with the sign of rotate-half folded in: rotate_half(x) * sin equals
             # roll(x, D/2) * cat(-sin, sin), one kernel fewer per call.
-            table = (torch.cat([angles, angles], dim=-1).cos().to(dtype),
-                     torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype))
+            table = self.tables(0, n, device, dtype)
             self._signed_table = table
         return table[0][start:end], table[1][start:end]
 
@@ -181,7 +198,7 @@ def _has_hooks(*modules: nn.Module) -> bool:
     return False
 
 
-class MultiheadAttention(nn.Module):
+class SelfAttention(nn.Module):
     """Self-attention with ``num_heads`` query heads sharing ``num_kv_heads`` key/value heads.
 
     Args:
@@ -193,6 +210,8 @@ class MultiheadAttention(nn.Module):
         qkv_bias: biases on the q/k/v projections.
         dropout: dropout on the attention weights (training only).
         rope: apply rotary position embeddings to queries and keys.
+        rotary_dims: rotate only the first ``rotary_dims`` channels of each head (even; default
+            all of them; 0 = no rotation), see :class:`RotaryEmbedding`.
         layer_idx: which layer's slot this module uses in a multi-layer KV cache.
 
     Layers: ``q_proj (dim -> num_heads*head_dim)``, ``k_proj`` and ``v_proj``
@@ -211,6 +230,7 @@ class MultiheadAttention(nn.Module):
         dropout: float = 0.0,
         rope: bool = True,
         *,
+        rotary_dims: int | None = None,
         layer_idx: int = 0,
     ):
         super().__init__()
@@ -238,7 +258,31 @@ class MultiheadAttention(nn.Module):
         self.k_proj = SplitLinear(dim, num_kv_heads * hd, bias=qkv_bias)
         self.v_proj = SplitLinear(dim, num_kv_heads * hd, bias=qkv_bias)
         self.out_proj = SplitLinear(num_heads * hd, dim)
-        self.rotary = RotaryEmbedding(hd) if rope else None
+        self.rotary = (RotaryEmbedding(hd, rotary_dims=rotary_dims)
+                       if rope and rotary_dims != 0 else None)
+
+    def qkv(self, x: Tensor, offset: int = 0, *,
+            rope_tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The heads of ``x (B, L, dim)``: ``q (B, num_heads, L, head_dim)``, ``k`` and ``v``
+        ``(B, num_kv_heads, L, head_dim)``, queries and keys rotated for positions
+        ``offset..offset+L-1``, or by ``rope_tables`` (``(cos, signed_sin)`` rows for these
+        positions from :meth:`RotaryEmbedding.tables`) when given. For models that call the
+        engine themselves (custom biases, sequence parallelism, streaming)."""
+        b, length, _ = x.shape
+        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, length, h, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, hkv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, hkv, hd).transpose(1, 2)
+        if self.rotary is not None:  # one table lookup for q and k
+            if rope_tables is None:
+                rope_tables = self.rotary._cos_sin(offset, offset + length, q.device, q.dtype)
+            q, k = _rotate(q, *rope_tables), _rotate(k, *rope_tables)
+        return q, k, v
+
+    def merge(self, heads: Tensor) -> Tensor:
+        """``out_proj`` of the heads' outputs ``(B, num_heads, L, head_dim)`` -> ``(B, L, dim)``."""
+        b, h, length, hd = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(b, length, h * hd))
 
     def forward(
         self,
@@ -285,12 +329,7 @@ class MultiheadAttention(nn.Module):
             q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split(
                 (h, hkv, hkv), dim=1)
         else:
-            q = self.q_proj(x).view(b, length, h, hd).transpose(1, 2)
-            k = self.k_proj(x).view(b, length, hkv, hd).transpose(1, 2)
-            v = self.v_proj(x).view(b, length, hkv, hd).transpose(1, 2)
-            if self.rotary is not None:  # one table lookup for q and k
-                cos, sin = self.rotary._cos_sin(offset, offset + length, q.device, q.dtype)
-                q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k, v = self.qkv(x, offset)
         pattern = self.pattern
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -348,9 +387,16 @@ class MultiheadAttention(nn.Module):
         projs = (self.q_proj, self.k_proj, self.v_proj)
         if not all(type(p) in (SplitLinear, nn.Linear) for p in projs) or _has_hooks(*projs):
             return None
+        if not self._native_rope_ok():
+            return None
         if not all(_native_ok(x, p.weight, p.bias) for p in projs):
             return None
         return self._qkv_native(x, offset)
+
+    def _native_rope_ok(self) -> bool:
+        """Whether the native GEMV's rotary (every channel of a head) matches this layer's."""
+        rot = self.rotary  # modules pickled before rotary_dims existed rotate every channel
+        return rot is None or getattr(rot, "rotary_dims", rot.head_dim) == self.head_dim
 
     def _fold_parts(self, pattern: Pattern | None, length: int, need_weights: bool,
                     dropout_p: float) -> int:
@@ -364,5 +410,7 @@ class MultiheadAttention(nn.Module):
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, pattern={self.pattern!r}, "
-            f"rope={self.rotary is not None}, layer_idx={self.layer_idx}"
+            f"rope={self.rotary is not None}"
+            + ("" if self._native_rope_ok() else f", rotary_dims={self.rotary.rotary_dims}")
+            + f", layer_idx={self.layer_idx}"
         )

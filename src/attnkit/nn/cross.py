@@ -4,6 +4,7 @@ over audio frames. A thin layer over :func:`attnkit.attention`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,10 @@ __all__ = ["CrossAttention"]
 
 class CrossAttention(nn.Module):
     """Multi-head cross-attention with a padding mask for the context.
+
+    The padding mask follows torch's convention (as :class:`attnkit.nn.MultiheadAttention`):
+    ``key_padding_mask`` is True at padded context positions. The older ``context_mask`` (True
+    at *real* positions) still works for one release, with a ``DeprecationWarning``.
 
     Args:
         query_dim: feature size of the queries ``x (B, Lq, query_dim)``.
@@ -68,7 +73,7 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, self.out_dim)
 
-    def _check(self, x: Tensor, context: Tensor, context_mask: Tensor | None) -> None:
+    def _check(self, x: Tensor, context: Tensor, key_padding_mask: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.query_dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, Lq, {self.query_dim}), got {shape}")
@@ -86,13 +91,13 @@ class CrossAttention(nn.Module):
         if self.max_context_len is not None and context.shape[1] > self.max_context_len:
             raise ValueError(f"context length {context.shape[1]} exceeds max_context_len="
                              f"{self.max_context_len}")
-        if context_mask is not None:
-            if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
-                raise TypeError("context_mask must be a bool tensor (True = real frame)")
-            if tuple(context_mask.shape) != tuple(context.shape[:2]):
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+            if tuple(key_padding_mask.shape) != tuple(context.shape[:2]):
                 raise ValueError(
-                    f"context_mask must have shape (B, Lk) = {tuple(context.shape[:2])}, "
-                    f"got {tuple(context_mask.shape)}"
+                    f"key_padding_mask must have shape (B, Lk) = {tuple(context.shape[:2])}, "
+                    f"got {tuple(key_padding_mask.shape)}"
                 )
 
     def forward(
@@ -101,6 +106,7 @@ class CrossAttention(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         *,
+        key_padding_mask: Tensor | None = None,
         score_mod: Callable[..., Tensor] | None = None,
         low_rank_bias: tuple[Tensor, Tensor] | None = None,
         return_weights: bool = False,
@@ -108,9 +114,11 @@ class CrossAttention(nn.Module):
         """Attend from ``x (B, Lq, query_dim)`` over ``context (B, Lk, context_dim)``.
 
         Args:
-            context_mask: optional ``(B, Lk)`` bool, True for real context positions; padded
-                positions get no weight (a query whose context is all padding outputs the
-                output projection's bias).
+            key_padding_mask: optional ``(B, Lk)`` bool, True at padded context positions
+                (torch's convention); they get no weight (a query whose context is all padding
+                outputs the output projection's bias).
+            context_mask: deprecated (removed in the next release): the inverse of
+                ``key_padding_mask``, True for real context positions.
             score_mod: passed to :func:`attnkit.attention`: ``score_mod(score, b, h, q_idx,
                 k_idx) -> score`` (e.g. a learned position prior); differentiable.
             low_rank_bias: optional ``(qe (B, H, Lq, E), ke (B, H, Lk, E))``: adds
@@ -122,13 +130,23 @@ class CrossAttention(nn.Module):
         Returns:
             ``(B, Lq, out_dim)``, or ``(out, weights)``.
         """
-        self._check(x, context, context_mask)
+        if context_mask is not None:
+            warnings.warn("CrossAttention(context_mask=...) (True = real position) is "
+                          "deprecated; pass key_padding_mask=~context_mask (True = padding, "
+                          "torch's convention)", DeprecationWarning, stacklevel=2)
+            if key_padding_mask is not None:
+                raise ValueError("pass key_padding_mask or context_mask, not both")
+            if not isinstance(context_mask, Tensor) or context_mask.dtype != torch.bool:
+                raise TypeError("context_mask must be a bool tensor (True = real frame)")
+            key_padding_mask = ~context_mask
+        self._check(x, context, key_padding_mask)
         B, lq, _ = x.shape
         lk = context.shape[1]
         h, d = self.num_heads, self.head_dim
         q = self.to_q(x).view(B, lq, h, d).transpose(1, 2)
         k, v = self.to_kv(context).view(B, lk, 2, h, d).permute(2, 0, 3, 1, 4)
-        keep = None if context_mask is None else context_mask.view(B, 1, 1, lk)
+        # the engine's boolean bias is a keep-mask (as SDPA's attn_mask)
+        keep = None if key_padding_mask is None else ~key_padding_mask.view(B, 1, 1, lk)
         scale = None
         if low_rank_bias is not None:
             qe, ke = low_rank_bias

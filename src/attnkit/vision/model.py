@@ -12,31 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..functional import attention
+from ..nn.attention import SelfAttention
 
-__all__ = ["ViT", "SelfAttention", "Block"]
+__all__ = ["ViT", "Block"]
 
 NORMS = ("pre", "post", "none")
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens ``(B, L, C)`` through :func:`attnkit.attention`."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``x (B, L, C)`` -> ``(out (B, L, C), weights (B, H, L, L) or None)``."""
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        res = attention(q, k, v, return_weights=need_weights)
-        out, weights = res if need_weights else (res, None)
-        return self.out(out.transpose(1, 2).reshape(B, L, C)), weights
 
 
 class Block(nn.Module):
@@ -45,19 +25,25 @@ class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, norm: str, mlp_ratio: int = 2) -> None:
         super().__init__()
         self.norm = norm
-        self.attn = SelfAttention(dim, num_heads)
+        # full attention over the patches, no rotary positions (the ViT adds learned ones)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias=True, rope=False)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim)
         )
         make = nn.LayerNorm if norm != "none" else (lambda _: nn.Identity())
         self.norm1, self.norm2 = make(dim), make(dim)
 
+    def _attend(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``x (B, L, C)`` -> ``(out (B, L, C), weights (B, H, L, L) or None)``."""
+        res = self.attn(x, need_weights=need_weights)
+        return res if need_weights else (res, None)
+
     def forward(self, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         if self.norm == "post":
-            a, w = self.attn(x, need_weights)
+            a, w = self._attend(x, need_weights)
             x = self.norm1(x + a)
             return self.norm2(x + self.mlp(x)), w
-        a, w = self.attn(self.norm1(x), need_weights)  # "pre" (norm1 = LN) or "none" (identity)
+        a, w = self._attend(self.norm1(x), need_weights)  # "pre" (LN) or "none" (identity)
         x = x + a
         return x + self.mlp(self.norm2(x)), w
 
