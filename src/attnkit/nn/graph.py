@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns
-from ..functional import attention
+from ..functional import attention, check_temperature
 
 __all__ = ["GraphAttention", "GraphIndex", "build_graph_index"]
 
@@ -262,24 +262,14 @@ class GraphAttention(nn.Module):
         self.reset_parameters()
 
     def _set_temperature(self, temperature: float | Tensor) -> None:
+        check_temperature(temperature, self.heads)
         if isinstance(temperature, Tensor):
-            if temperature.dim() > 1 or temperature.numel() not in (1, self.heads):
-                raise ValueError(
-                    f"temperature tensor must have shape ({self.heads},) or (), "
-                    f"got {tuple(temperature.shape)}"
-                )
-            if not bool((temperature.detach() > 0).all()):
-                raise ValueError("temperature must be > 0")
             if isinstance(temperature, nn.Parameter):
                 self.temperature = temperature
             else:
                 self.register_buffer("temperature", temperature.detach().clone().float())
-        elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-            if not (temperature > 0 and math.isfinite(temperature)):
-                raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-            self.temperature = float(temperature)
         else:
-            raise TypeError(f"temperature must be a float or tensor, got {type(temperature)}")
+            self.temperature = float(temperature)
 
     def reset_parameters(self) -> None:
         for name in ("att_src", "att_dst", "att", "att_edge"):
