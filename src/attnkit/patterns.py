@@ -231,15 +231,22 @@ class Exponential(Pattern):
         return f"exponential(base={self.base})"
 
 
+def _require_integer(name: str, t: Tensor) -> None:
+    """``TypeError`` naming ``name`` unless ``t`` holds integers (not float, complex or bool)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
 def _index_tensor(name: str, values, *, allow_empty: bool = True) -> Tensor:
     if not isinstance(values, Tensor):
         values = list(values)
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
             raise TypeError(f"{name} must be integers")
+        if any(not -(2**63) <= x < 2**63 for x in values):
+            raise ValueError(f"{name} must fit in int64")
         values = torch.tensor(values, dtype=torch.long)
     t = values
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must be integers, got dtype {t.dtype}")
+    _require_integer(name, t)
     t = t.long().reshape(-1) if t.dim() <= 1 else None
     if t is None:
         raise ValueError(f"{name} must be a 1-D sequence of ints")
@@ -326,8 +333,7 @@ class Graph(_CSRPattern):
     def __init__(self, edge_index: Tensor, num_nodes: int | tuple[int, int]):
         if not isinstance(edge_index, Tensor):
             edge_index = torch.as_tensor(edge_index)
-        if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool:
-            raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+        _require_integer("edge_index", edge_index)
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
         if isinstance(num_nodes, int) and not isinstance(num_nodes, bool):
@@ -338,6 +344,9 @@ class Graph(_CSRPattern):
             raise TypeError("num_nodes must be an int or a (num_src, num_dst) tuple")
         _check_int("num_nodes", n_src, 0)
         _check_int("num_nodes", n_dst, 0)
+        if n_src * n_dst >= 2**63:  # pair keys dst * n_src + src must fit in int64
+            raise ValueError(f"num_nodes ({n_src}, {n_dst}) is too large: n_src * n_dst must be "
+                             "< 2**63")
         ei = edge_index.long().cpu()
         if ei.numel():
             if int(ei.min()) < 0:
@@ -453,7 +462,8 @@ class BlockDiagonal(Pattern):
 
     def __init__(self, lengths: Sequence[int] | Tensor):
         lens = torch.as_tensor(lengths)
-        if lens.dtype.is_floating_point or lens.dim() != 1:
+        _require_integer("block_diagonal lengths", lens)
+        if lens.dim() != 1:
             raise ValueError("block_diagonal lengths must be a 1-D sequence of ints")
         if lens.numel() == 0 or int(lens.min()) < 1:
             raise ValueError("block_diagonal lengths must be positive ints")

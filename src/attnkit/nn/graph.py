@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns
+from ..patterns import _require_integer
 from ..functional import attention, check_temperature
 
 __all__ = ["GraphAttention", "GraphIndex", "build_graph_index"]
@@ -78,8 +79,7 @@ def check_edge_index(edge_index: Tensor, num_nodes: int) -> Tensor:
     """Validate a PyG ``edge_index`` ``(2, E)`` against ``num_nodes``; return it as ``long``."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
-    if edge_index.dtype.is_floating_point or edge_index.dtype in (torch.bool, torch.complex64):
-        raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+    _require_integer("edge_index", edge_index)
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
     ei = edge_index.long()
