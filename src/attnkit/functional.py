@@ -234,8 +234,9 @@ def attention(
 
     Raises:
         ValueError: a head dim ``D = 0`` or ``Dv = 0`` (there is nothing to score or return),
-            no head (``Hq = 0`` or ``Hkv = 0``), shapes that do not match, a non-finite or non-positive
-            ``temperature``/``scale``... The message names the argument.
+            no head (``Hq = 0`` or ``Hkv = 0``), shapes that do not match, a non-finite or
+            non-positive ``temperature``, a non-finite ``scale``. The message names the
+            argument.
         TypeError: inputs that are not floating-point tensors.
     """
     _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)

@@ -8,6 +8,8 @@ copying them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,8 +136,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be an even int >= 2, got {head_dim!r}")
-        if not base > 1.0:
-            raise ValueError(f"base must be > 1, got {base}")
+        if (isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1.0
+                or not math.isfinite(base)):
+            raise ValueError(f"base must be a finite float > 1, got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
         # Frequencies stay float64 (not a buffer) so module dtype casts cannot round them.
         self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -228,8 +231,11 @@ class MultiheadAttention(nn.Module):
             )
         if pattern is not None and not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be None or a Pattern, got {type(pattern).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.pattern, self.dropout, self.layer_idx = pattern, float(dropout), layer_idx

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns
-from ..patterns import _require_integer
 from ..functional import attention, check_temperature
+from ..patterns import _require_integer
 
 __all__ = ["GraphAttention", "GraphIndex", "build_graph_index"]
 
