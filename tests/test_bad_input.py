@@ -30,6 +30,7 @@ from attnkit.functional import dense_reference
 from attnkit.knapsack import AttentionKnapsack
 from attnkit.models import DecoderLM
 from attnkit.nn.attention import MultiheadAttention, RotaryEmbedding
+from attnkit.nn.axial import AxialAttention
 from attnkit.nn.cross import CrossAttention
 from attnkit.nn.graph import GraphAttention, check_edge_index
 
@@ -271,6 +272,12 @@ def test_module_constructor_checks():
         CrossAttention(8, 8, True)
     with pytest.raises(ValueError, match="max_context_len"):
         CrossAttention(8, 8, 2, max_context_len=0)
+    with pytest.raises(ValueError, match="negative_slope"):
+        GraphAttention(4, 4, score="additive", negative_slope=float("nan"))
+    with pytest.raises(ValueError, match="chunk_size"):
+        AxialAttention(8, 2, chunk_size=True)
+    with pytest.raises(ValueError, match="dropout"):
+        AxialAttention(8, 2, dropout="0.1")
 
 
 # ------------------------------------------------------------------------------ cache reuse

@@ -234,6 +234,9 @@ class GraphAttention(nn.Module):
         if edge_dim is not None and (isinstance(edge_dim, bool) or not isinstance(edge_dim, int)
                                      or edge_dim < 1):
             raise ValueError(f"edge_dim must be None or an int >= 1, got {edge_dim!r}")
+        if (isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float))
+                or not math.isfinite(negative_slope)):
+            raise ValueError(f"negative_slope must be a finite float, got {negative_slope!r}")
         self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
         self.score, self.concat, self.dropout = score, concat, float(dropout)
         self.add_self_loops, self.edge_dim = add_self_loops, edge_dim
