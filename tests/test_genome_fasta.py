@@ -261,3 +261,19 @@ def test_multi_member_gzip_and_line_ends(tmp_path):
     path.write_bytes(gzip.compress(b">a\r\nAC\r\n") + gzip.compress(b"GT\n>b\rTT\r"))
     a, b = read_fasta(path)
     assert (a.name, a.sequence, b.name, b.sequence) == ("a", "ACGT", "b", "TT")
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="AC>x \r\n;", max_size=60), chunk=st.integers(1, 7),
+       gz=st.booleans())
+def test_streamed_lines_match_splitlines_across_chunks(tmp_path, monkeypatch, text, chunk, gz):
+    """Lines (and their numbers) do not depend on where the read chunks end."""
+    from attnkit.genome import fasta
+
+    monkeypatch.setattr(fasta, "_READ_CHUNK", chunk)
+    path = tmp_path / "lines.txt"
+    raw = text.encode("ascii")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    got = list(fasta._text_lines(path, 1000, 2))
+    assert got == [(i + 1, line.encode("ascii")) for i, line in enumerate(text.splitlines())]

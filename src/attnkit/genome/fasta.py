@@ -128,17 +128,21 @@ def _text_lines(path: Path, max_bases: int, text_factor: int):
             total += len(chunk)
             if total > limit:
                 raise ValueError(too_big)
-            parts = chunk.split(b"\n") if chunk else [b"", b""]
-            if len(parts) == 1:  # no line end in this chunk: the line goes on
-                pending.append(chunk)
-                pending_len += len(chunk)
-                if pending_len > max_bases + _TEXT_SLACK:  # more bases than allowed, or no FASTA
-                    raise ValueError(f"{path}:{lineno + 1}: a line longer than max_bases="
-                                     f"{max_bases} (+1 MiB) characters")
-                continue
-            parts[0] = b"".join(pending) + parts[0]
-            pending = [parts.pop()]
-            pending_len = len(pending[0])
+            if not chunk:  # end of file: the last line, unless the file ended with one
+                tail = b"".join(pending)
+                parts = [tail] if tail else []
+            else:
+                parts = chunk.split(b"\n")
+                if len(parts) == 1:  # no line end in this chunk: the line goes on
+                    pending.append(chunk)
+                    pending_len += len(chunk)
+                    if pending_len > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
+                        raise ValueError(f"{path}:{lineno + 1}: a line longer than max_bases="
+                                         f"{max_bases} (+1 MiB) characters")
+                    continue
+                parts[0] = b"".join(pending) + parts[0]
+                pending = [parts.pop()]
+                pending_len = len(pending[0])
             for line in parts:
                 if line.endswith(b"\r"):
                     line = line[:-1]
