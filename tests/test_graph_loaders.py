@@ -293,3 +293,17 @@ def test_planetoid_file_size_and_paths(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         load_planetoid(tmp_path / "ind.cora.x", "cora")
     assert load_planetoid(tmp_path, "cora").num_nodes == 15  # the default limit is ample
+
+
+def test_ppi_npy_header_claiming_more_than_the_file(tmp_path):
+    save_ppi(_small(), tmp_path, "toy")
+    from numpy.lib import format as npy_format
+
+    path = tmp_path / "toy-feats.npy"
+    with open(path, "wb") as f:  # 7 TiB declared, 64 bytes present: was a MemoryError
+        npy_format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False,
+                                              "shape": (10**6, 10**6)})
+        f.write(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"toy-feats\.npy: header declares shape "
+                                         r"\(1000000, 1000000\)"):
+        load_ppi(tmp_path, "toy")

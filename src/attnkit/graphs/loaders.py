@@ -99,8 +99,32 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
 
 
+def _check_npy_size(path: Path) -> None:
+    """``ValueError`` when the ``.npy`` header declares more data than the file holds (numpy
+    would allocate the declared array before reading); a missing file stays an OSError."""
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            header = (npy_format.read_array_header_1_0 if version == (1, 0)
+                      else npy_format.read_array_header_2_0)
+            shape, _, dtype = header(f) if version in ((1, 0), (2, 0)) else (None, None, None)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a valid .npy array file ({e})") from e
+        if shape is None:  # a newer format version: np.load decides
+            return
+        declared = math.prod(shape) * dtype.itemsize
+        available = path.stat().st_size - f.tell()
+    if declared > available:
+        raise ValueError(f"{path}: header declares shape {shape} ({declared} bytes) but the "
+                         f"file holds {available} bytes of data")
+
+
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        if path.is_file():
+            _check_npy_size(path)
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
