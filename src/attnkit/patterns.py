@@ -397,11 +397,12 @@ def _floyd(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor:
 
     Floyd's algorithm: step ``j`` (``n - m <= j < n``) draws ``t`` in ``[0, j]`` and keeps
     ``t``, or ``j`` when ``t`` is already kept: exactly ``m`` draws, no rejection. Membership is
-    a comparison with the kept picks for small ``m`` and a per-row table otherwise."""
+    a comparison with the kept picks (``m**2 / 2`` per row) or, when cheaper, a per-row table
+    of ``n`` flags."""
     picks = torch.empty(rows, m, dtype=torch.long)
     if m == 0:
         return picks
-    dense = m > 32
+    dense = m > 32 and n <= 4 * m * m
     step = max(1, _TAKEN_CELLS // n) if dense else max(1, _TAKEN_CELLS // m)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
