@@ -307,3 +307,13 @@ def test_ppi_npy_header_claiming_more_than_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"toy-feats\.npy: header declares shape "
                                          r"\(1000000, 1000000\)"):
         load_ppi(tmp_path, "toy")
+
+
+def test_test_index_not_integers(tmp_path):
+    _write_planetoid(tmp_path, "cora")
+    (tmp_path / "ind.cora.test.index").write_bytes(b"12\nx\n")
+    with pytest.raises(ValueError, match="one integer per line"):
+        load_planetoid(tmp_path, "cora")
+    (tmp_path / "ind.cora.test.index").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_planetoid(tmp_path, "cora")

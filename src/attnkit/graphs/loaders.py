@@ -431,9 +431,9 @@ def load_planetoid(directory: str | Path, name: str, *,
             objs[part] = restricted_unpickle(raw, max_bytes=max_bytes)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+    raw = _read_limited(d / f"ind.{name}.test.index", max_bytes)
     try:
-        text = _read_limited(d / f"ind.{name}.test.index", max_bytes).decode("ascii")
-        test_index = [int(line) for line in text.split()]
+        test_index = [int(line) for line in raw.decode("ascii").split()]
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"ind.{name}.test.index must hold one integer per line ({e})") from e
     if not test_index:
