@@ -257,3 +257,46 @@ def test_fuzz_pajek_mutated_lines(seed: int) -> None:
     except ValueError:
         return
     assert (web.flows >= 0).all() and np.isfinite(web.flows).all()
+
+
+# ------------------------------------------------------- issue 17: counts that disagree
+
+
+@pytest.mark.parametrize("declared", [5, 6, 8])
+def test_scor_count_larger_than_names(declared: int) -> None:
+    """A count above the names made a data line a name and lost a biomass; now an error."""
+    text = SMALL_SCOR.replace("\n4 3\n", f"\n{declared} 3\n")
+    with pytest.raises(ValueError, match=rf"line 7: compartment name '1 10\.0' looks like a "
+                                         rf"data line; line 2 declares {declared} compartments "
+                                         r"but only 4 names"):
+        parse_scor(text)
+
+
+@pytest.mark.parametrize("declared", [2, 3])
+def test_scor_count_smaller_than_names(declared: int) -> None:
+    text = SMALL_SCOR.replace("\n4 3\n", f"\n{declared} 2\n")
+    with pytest.raises(ValueError, match=rf"a name\? line 2 declares {declared} compartments"):
+        parse_scor(text)
+
+
+def test_scor_count_mismatch_names_the_file(tmp_path) -> None:
+    path = tmp_path / "web.scor"
+    path.write_text(SMALL_SCOR.replace("\n4 3\n", "\n5 3\n"))
+    with pytest.raises(ValueError, match=r"web\.scor: line 7: compartment name"):
+        read_scor(path)
+
+
+def test_pajek_vertex_counts_that_disagree() -> None:
+    fewer = SMALL_PAJEK.replace("*network tiny\n*vertices 6", "*network tiny\n*vertices 5")
+    with pytest.raises(ValueError, match=r"more vertex lines than the 5 that '\*vertices 5' on "
+                                         r"line 12 declares"):
+        parse_pajek(fewer)
+    more = SMALL_PAJEK.replace("*network tiny\n*vertices 6", "*network tiny\n*vertices 7")
+    with pytest.raises(ValueError, match="expected 7 lines after \\*vertices, found 6"):
+        parse_pajek(more)
+    partition = SMALL_PAJEK.replace("*vertices 6\n1\n", "*vertices 5\n1\n", 1)
+    with pytest.raises(ValueError, match=r"more vertex lines than the 5"):
+        parse_pajek(partition)
+    arc = SMALL_PAJEK.replace("   1   6   50.0", "   1   9   50.0")
+    with pytest.raises(ValueError, match=r"arc to unknown vertex 9 \(vertices are 1\.\.6\)"):
+        parse_pajek(arc)

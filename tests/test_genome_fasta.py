@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import random
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +173,107 @@ def test_join_records_separates_with_n():
     assert join_records(recs, 2).tolist() == [0, 1, 2, 4, 4, 3, 3]
     with pytest.raises(ValueError):
         join_records([], 2)
+
+
+# ------------------------------------------------------------- issue 17: bounded reading
+
+
+def test_directory_is_immediate_value_error(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        read_fasta(tmp_path)
+    with pytest.raises(ValueError, match="is a directory"):
+        read_genbank(tmp_path)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_max_bases_must_be_positive_int(tmp_path, bad):
+    path = tmp_path / "x.fa"
+    path.write_text(">x\nACGT\n")
+    with pytest.raises(ValueError, match="max_bases"):
+        read_fasta(path, max_bases=bad)
+
+
+def test_max_bases_counts_all_records(tmp_path):
+    path = tmp_path / "x.fa"
+    path.write_text(">a\nACGT\nAC\n>b\nACGTA\n")
+    assert sum(len(r) for r in read_fasta(path, max_bases=11)) == 11
+    with pytest.raises(ValueError, match=r"x\.fa:5: more than max_bases=10"):
+        read_fasta(path, max_bases=10)
+
+
+def test_plain_file_too_large_refused_before_reading(tmp_path):
+    path = tmp_path / "big.fa"
+    path.write_bytes(b">x\n" + b"A" * (3 << 20) + b"\n")  # 3 MiB of text
+    with pytest.raises(ValueError, match="max_bases=1000"):
+        read_fasta(path, max_bases=1000)  # 2 * 1000 + 1 MiB allowed
+
+
+def _gzip_of_repeats(head: bytes, unit: bytes, total: int) -> bytes:
+    """gzip of ``head + unit * (total // len(unit))`` without holding the expansion."""
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [comp.compress(head)]
+    block = unit * ((1 << 20) // len(unit))
+    for _ in range(total // len(block)):
+        parts.append(comp.compress(block))
+    parts.append(comp.flush())
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("unit", [b"A", b"ACGT" * 15 + b"\n"])
+def test_gzip_bomb_refused_with_bounded_memory(tmp_path, unit):
+    """~256 KB of gzip expanding to 256 MB (one line, or 60-base lines): refused by the
+    default max_bases, naming it, without holding the expansion (was 1.2 GB peak RSS)."""
+    path = tmp_path / "bomb.fa.gz"
+    path.write_bytes(_gzip_of_repeats(b">x\n", unit, 256 << 20))
+    assert path.stat().st_size < (1 << 20)
+    code = (
+        "import resource, sys\n"
+        "from attnkit.genome import read_fasta\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        f"    read_fasta({str(path)!r})\n"
+        "    print('ACCEPTED')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+        "print('delta_mb', (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "ValueError" in res.stdout and "max_bases=" in res.stdout, res.stdout
+    delta = float(res.stdout.split("delta_mb")[1])
+    assert delta < 600, res.stdout  # the default limit's worth of bases (128 MiB), not 1.2 GB
+
+
+def test_gzip_bomb_bounded_by_small_max_bases(tmp_path):
+    path = tmp_path / "bomb.fa.gz"
+    path.write_bytes(_gzip_of_repeats(b">x\n", b"ACGT" * 15 + b"\n", 16 << 20))
+    with pytest.raises(ValueError, match="max_bases=100000"):
+        read_fasta(path, max_bases=100_000)
+    with pytest.raises(ValueError, match="max_bases=100000"):  # one endless line
+        path.write_bytes(_gzip_of_repeats(b">x\n", b"A", 16 << 20))
+        read_fasta(path, max_bases=100_000)
+
+
+def test_multi_member_gzip_and_line_ends(tmp_path):
+    path = tmp_path / "two.fa.gz"
+    path.write_bytes(gzip.compress(b">a\r\nAC\r\n") + gzip.compress(b"GT\n>b\rTT\r"))
+    a, b = read_fasta(path)
+    assert (a.name, a.sequence, b.name, b.sequence) == ("a", "ACGT", "b", "TT")
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="AC>x \r\n;", max_size=60), chunk=st.integers(1, 7),
+       gz=st.booleans())
+def test_streamed_lines_match_splitlines_across_chunks(tmp_path, monkeypatch, text, chunk, gz):
+    """Lines (and their numbers) do not depend on where the read chunks end."""
+    from attnkit.genome import fasta
+
+    monkeypatch.setattr(fasta, "_READ_CHUNK", chunk)
+    path = tmp_path / "lines.txt"
+    raw = text.encode("ascii")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    got = list(fasta._text_lines(path, 1000, 2))
+    assert got == [(i + 1, line.encode("ascii")) for i, line in enumerate(text.splitlines())]

@@ -232,3 +232,88 @@ def test_to_pyg():
     pyg = data.to_pyg()
     assert torch.equal(pyg.x, data.x) and torch.equal(pyg.edge_index, data.edge_index)
     assert torch.equal(pyg.train_mask, data.train_mask) and pyg.num_nodes == 60
+
+
+# ------------------------------------------------------- issue 17: sizes checked first
+
+
+@pytest.mark.parametrize("arr", [np.zeros((0, 5), np.float32), np.zeros(0, np.int64),
+                                 np.zeros((0, 0)), np.arange(6.0).reshape(2, 3)])
+def test_protocol2_pickle_of_empty_array_loads(arr):
+    """The empty array's data is pickled as ``bytes()`` in protocol 2 (it was refused)."""
+    back = restricted_unpickle(pickle.dumps(arr, protocol=2))
+    assert isinstance(back, np.ndarray) and back.dtype == arr.dtype
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_pickle_claiming_huge_shape_refused_before_allocating():
+    # 72 bytes: _reconstruct(ndarray, (10**6, 10**6), 'f8') asked numpy for 7.3 TiB
+    claim = (b"\x80\x02cnumpy._core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+             b"J\x40\x42\x0f\x00J\x40\x42\x0f\x00\x86U\x02f8\x87R.")
+    with pytest.raises(ValueError, match=r"\(1000000, 1000000\).*larger than the pickle"):
+        restricted_unpickle(claim)
+    # calling ndarray itself, or bytes(n), would allocate too: refused
+    with pytest.raises(ValueError, match="ndarray may only be rebuilt"):
+        restricted_unpickle(b"\x80\x02cnumpy\nndarray\nJ\x40\x42\x0f\x00J\x40\x42\x0f\x00"
+                            b"\x86\x85R.")
+    with pytest.raises(ValueError, match="bytes"):
+        restricted_unpickle(b"\x80\x02c__builtin__\nbytes\nJ\x00\xca\x9a\x3b\x85R.")
+
+
+def test_csr_claiming_huge_shape_refused(tmp_path):
+    _write_planetoid(tmp_path, "cora")
+    sp = pytest.importorskip("scipy.sparse")
+    huge = sp.csr_matrix((10**6, 10**6), dtype=np.float32)  # a few hundred bytes, 4 TB dense
+    (tmp_path / "ind.cora.tx").write_bytes(pickle.dumps(huge, protocol=2))
+    with pytest.raises(ValueError, match=r"ind\.cora\.tx.*max_bytes=1073741824"):
+        load_planetoid(tmp_path, "cora")
+
+
+def test_test_index_far_away_refused(tmp_path):
+    _, _, _, _, test_index = _write_planetoid(tmp_path, "cora")
+    far = test_index[:-1] + [10**9]  # implied 10**9 nodes: was a 5 TiB allocation
+    (tmp_path / "ind.cora.test.index").write_text("\n".join(map(str, far)))
+    with pytest.raises(ValueError, match=r"test\.index reaches row 1000000000.*max_bytes="):
+        load_planetoid(tmp_path, "cora")
+    (tmp_path / "ind.cora.test.index").write_text("\n".join(map(str, test_index[:-1] + [10**30])))
+    with pytest.raises(ValueError, match="max_bytes="):
+        load_planetoid(tmp_path, "cora")
+    dup = test_index[:-1] + test_index[:1]
+    (tmp_path / "ind.cora.test.index").write_text("\n".join(map(str, dup)))
+    with pytest.raises(ValueError, match="twice"):
+        load_planetoid(tmp_path, "cora")
+
+
+def test_planetoid_file_size_and_paths(tmp_path):
+    _write_planetoid(tmp_path, "cora")
+    with pytest.raises(ValueError, match=r"ind\.cora\.\w+: \d+ bytes, over max_bytes=100"):
+        load_planetoid(tmp_path, "cora", max_bytes=100)
+    with pytest.raises(ValueError, match="max_bytes"):
+        load_planetoid(tmp_path, "cora", max_bytes=0)
+    with pytest.raises(ValueError, match="not a directory"):
+        load_planetoid(tmp_path / "ind.cora.x", "cora")
+    assert load_planetoid(tmp_path, "cora").num_nodes == 15  # the default limit is ample
+
+
+def test_ppi_npy_header_claiming_more_than_the_file(tmp_path):
+    save_ppi(_small(), tmp_path, "toy")
+    from numpy.lib import format as npy_format
+
+    path = tmp_path / "toy-feats.npy"
+    with open(path, "wb") as f:  # 7 TiB declared, 64 bytes present: was a MemoryError
+        npy_format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False,
+                                              "shape": (10**6, 10**6)})
+        f.write(b"\x00" * 64)
+    with pytest.raises(ValueError, match=r"toy-feats\.npy: header declares shape "
+                                         r"\(1000000, 1000000\)"):
+        load_ppi(tmp_path, "toy")
+
+
+def test_test_index_not_integers(tmp_path):
+    _write_planetoid(tmp_path, "cora")
+    (tmp_path / "ind.cora.test.index").write_bytes(b"12\nx\n")
+    with pytest.raises(ValueError, match="one integer per line"):
+        load_planetoid(tmp_path, "cora")
+    (tmp_path / "ind.cora.test.index").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_planetoid(tmp_path, "cora")

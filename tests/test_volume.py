@@ -118,3 +118,25 @@ def test_load_nifti_bad_files(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((3, 3, 3, 2), np.float32), np.eye(4)), four)
     with pytest.raises(ValueError, match="3D volume"):
         load_nifti(four)
+
+
+def test_load_nifti_errors_name_the_file(tmp_path):
+    """nibabel's own errors (truncated data, bad header codes) came without the path."""
+    nib = pytest.importorskip("nibabel")
+    good = tmp_path / "good.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), good)
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.nii"
+    truncated.write_bytes(raw[:400])
+    bad_code = tmp_path / "badcode.nii"
+    bad_code.write_bytes(raw[:70] + b"\x07\x00" + raw[72:])  # datatype 7: no such code
+    for path in (truncated, bad_code):
+        with pytest.raises(ValueError) as e:
+            load_nifti(path)
+        assert str(e.value).startswith(f"{path}: cannot read the NIfTI")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_nifti(tmp_path)
+    with pytest.raises(ValueError, match=r"good\.nii: the header declares shape \(4, 4, 4\).*"
+                                         r"max_bytes=100"):
+        load_nifti(good, max_bytes=100)
+    assert load_nifti(good)[0].shape == (4, 4, 4)

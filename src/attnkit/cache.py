@@ -12,6 +12,9 @@ model's bytes.
   attention pattern is ``causal() & sliding_window(window)`` can still see.
 
 ``.nbytes`` is the size of the tensors the cache actually holds (capacity included).
+
+A cache belongs to one sequence: :func:`attnkit.decoding.generate` refuses a cache that already
+holds positions (``ValueError``); call :meth:`KVCache.reset` to reuse it for a new prompt.
 """
 
 from __future__ import annotations

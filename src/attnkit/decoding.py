@@ -39,6 +39,14 @@ def _attn_layers(model: nn.Module) -> list[SelfAttention]:
 
 def _make_cache(cache: str | KVCache, model: nn.Module, total_len: int) -> KVCache:
     if isinstance(cache, KVCache):
+        held = max((cache.seq_length(i) for i in range(cache.num_layers)), default=0)
+        if held:
+            # generate() feeds the whole prompt: on top of an earlier call's positions it would
+            # be appended after them and attend to them
+            raise ValueError(
+                f"cache already holds {held} positions from an earlier call; generate() needs "
+                "an empty cache: pass a new one or call cache.reset() first"
+            )
         return cache
     if cache == "dynamic":
         return DynamicCache()
@@ -94,6 +102,9 @@ def generate(
             re-running the whole sequence every step.
         cache: ``"dynamic"``, ``"static"`` (preallocated for prompt + new tokens),
             ``"sliding"`` (the model's ``window``) or a :class:`attnkit.cache.KVCache` instance.
+            An instance must be empty (new, or emptied by its ``reset()``): the prompt is always
+            run in full, so positions left by an earlier call raise ``ValueError``. After the
+            call it holds the positions the model ran.
         on_token: called with each new token as soon as it exists (streaming): an ``int`` for a
             1-D prompt, a ``(B,)`` tensor for a batch.
         generator: random generator for sampling.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import patterns as P
+from .argtypes import positive_int
 from .functional import SparseWeights, attention, dense_reference
 from .profiling import measure, peak_rss_sweep
 from .results import Experiment, Option, Result, RunContext
@@ -332,7 +333,7 @@ EXPERIMENT = Experiment(
     ),
     run=run,
     options=(
-        Option("--max-len", type=int, default=None,
+        Option("--max-len", type=positive_int, default=None,
                help="largest sequence length of the scaling sweep (default: 32768 in quick "
                     "mode, 262144 otherwise)"),
         Option("--memory", type=bool, default=True,

@@ -81,6 +81,27 @@ class SparseWeights:
 # --------------------------------------------------------------------------------- checks
 
 
+def check_temperature(temperature: float | Tensor, num_heads: int) -> None:
+    """Raise unless ``temperature`` is a finite float > 0 or a real tensor of shape ``()``,
+    ``(1,)`` or ``(num_heads,)`` whose entries are all finite and > 0."""
+    if isinstance(temperature, Tensor):
+        if temperature.is_complex() or temperature.dtype == torch.bool:
+            raise TypeError(f"temperature must be a real tensor, got dtype {temperature.dtype}")
+        if temperature.numel() not in (1, num_heads) or temperature.dim() > 1:
+            raise ValueError(
+                f"temperature must be a float or a tensor of shape ({num_heads},), "
+                f"got shape {tuple(temperature.shape)}"
+            )
+        t = temperature.detach()
+        if not bool(((t > 0) & torch.isfinite(t)).all()):
+            raise ValueError(f"temperature must be finite and > 0, got {t.tolist()}")
+    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
+    else:
+        raise TypeError(f"temperature must be a float or tensor, got {type(temperature).__name__}")
+
+
 def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -108,8 +129,12 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
                          f"{v.shape[-2]}")
     if k.shape[-1] != d:
         raise ValueError(f"k must have head dim D={d} like q, got {k.shape[-1]}")
+    if d == 0 or v.shape[-1] == 0:  # no feature to score or to return: a mistake, not a case
+        raise ValueError(f"head dims must be >= 1, got D={d} (q, k) and Dv={v.shape[-1]} (v)")
     hkv = k.shape[-3]
-    if hkv == 0 or hq % hkv != 0:
+    if hq == 0 or hkv == 0:
+        raise ValueError(f"q and k/v need at least one head each, got Hq={hq} and Hkv={hkv}")
+    if hq % hkv != 0:
         raise ValueError(f"q heads Hq={hq} must be a multiple of k/v heads Hkv={hkv}")
     lk = k.shape[-2]
     if pattern is not None and not isinstance(pattern, Pattern):
@@ -123,19 +148,7 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
             raise TypeError(f"scale must be a float, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
-    if isinstance(temperature, Tensor):
-        if temperature.numel() not in (1, hq) or temperature.dim() > 1:
-            raise ValueError(
-                f"temperature must be a float or a tensor of shape ({hq},), "
-                f"got shape {tuple(temperature.shape)}"
-            )
-        if not bool((temperature > 0).all()):
-            raise ValueError("temperature must be > 0")
-    elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        if not temperature > 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-    else:
-        raise TypeError(f"temperature must be a float or tensor, got {type(temperature).__name__}")
+    check_temperature(temperature, hq)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if bias is not None:
@@ -208,7 +221,7 @@ def attention(
         score_mod: ``score_mod(score, b, h, q_idx, k_idx) -> score``, applied only on allowed
             pairs; the index arguments are integer tensors broadcastable to ``score``.
         scale: defaults to ``1 / sqrt(D)``.
-        temperature: a float or a ``(Hq,)`` tensor (per head); > 0.
+        temperature: a float or a ``(Hq,)`` tensor (per head); finite and > 0.
         dropout_p: dropout on the attention weights.
         return_weights: also return the weights: a dense ``(B, Hq, Lq, Lk)`` tensor for dense
             patterns (``None``, ``causal()``), a :class:`SparseWeights` (O(nnz)) otherwise.
@@ -216,6 +229,8 @@ def attention(
 
     Returns:
         ``out (B, Hq, Lq, Dv)``, or ``(out, weights)``. Rows with no allowed key give zeros.
+        Empty sizes give the empty result: a batch dim ``B = 0``, ``Lq = 0``, or ``Lk = 0``
+        (rows without keys: zeros).
 
     NaN and inf follow :func:`dense_reference` whichever kernel runs (compiled or PyTorch): a
     non-finite query or key makes NaN exactly the rows whose allowed keys give a NaN or
@@ -223,8 +238,17 @@ def attention(
     guaranteed to reach the rows that attend to it (inside one block of rows it may also reach
     rows that give it weight zero, as ``0 * inf`` is NaN; the dense reference spreads it to
     every row).
+
+    Raises:
+        ValueError: a head dim ``D = 0`` or ``Dv = 0`` (there is nothing to score or return),
+            no head (``Hq = 0`` or ``Hkv = 0``), shapes that do not match, a non-finite or
+            non-positive ``temperature``, a non-finite ``scale``. The message names the
+            argument.
+        TypeError: inputs that are not floating-point tensors.
     """
     _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite)
+    if 0 in q.shape[:-3]:  # a batch dim B = 0: nothing to compute, no kernel to start
+        return _empty_batch(q, k, v, pattern, return_weights)
     if (pattern is None and score_mod is None and not return_weights and bias is None
             and not dropout_p and not isinstance(temperature, Tensor) and short_ok(q, k, v)):
         # many short sequences (axial lines, patches): the compiled short-sequence kernels,
@@ -281,6 +305,22 @@ def attention(
     if not return_weights:
         return out
     return out, _sparse_weights(qg, k, pattern, ctx, lse)
+
+
+def _empty_batch(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None,
+                 return_weights: bool):
+    """The result of :func:`attention` for a batch dim of size 0: ``out (*batch, Hq, Lq, Dv)``
+    (and weights shaped as usual), empty, yet part of the autograd graph of q, k, v."""
+    link = q.sum() + k.sum() + v.sum()  # exactly 0: every input is empty
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1]) + link
+    if not return_weights:
+        return out
+    lead, lq, lk = q.shape[:-2], q.shape[-2], k.shape[-2]
+    if pattern is None or isinstance(pattern, Causal):
+        return out, q.new_zeros(*lead, lq, lk) + link
+    indptr, indices = pattern.csr(lq, lk, q.device)
+    return out, SparseWeights(indptr, indices, q.new_zeros(*lead, indices.numel()) + link,
+                              (lq, lk))
 
 
 def _attention_flat_batch(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None,

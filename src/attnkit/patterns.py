@@ -59,6 +59,16 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
+def _band_within(lo: int, hi: int, lq: int, lk: int) -> tuple[int, int] | None:
+    """The offsets ``[lo, hi]`` cut to those some (query, key) pair can have, or None.
+
+    Offsets ``j - i - (Lk - Lq)`` of real pairs lie in ``[1 - Lk, Lq - 1]``; clamping keeps the
+    cost of a window, dilation or offset list bounded by the sequence length whatever its size
+    (``sliding_window(10**9)`` on 8 tokens plans 15 offsets, not 2e9)."""
+    lo, hi = max(lo, 1 - lk), min(hi, lq - 1)
+    return (lo, hi) if lo <= hi else None
+
+
 def _check_sizes(lq: int, lk: int) -> None:
     for name, n in (("Lq", lq), ("Lk", lk)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -166,10 +176,12 @@ class SlidingWindow(Pattern):
         self.offset_range = (-self.w, self.w)
 
     def allowed(self, i, j, lq, lk):
-        return (j - i - (lk - lq)).abs() <= self.w
+        # |offset| < max(lq, lk): a larger w changes nothing, and may not fit int64
+        return (j - i - (lk - lq)).abs() <= min(self.w, max(lq, lk))
 
     def _plan(self, lq, lk):
-        return [Band(-self.w, self.w)]
+        band = _band_within(-self.w, self.w, lq, lk)
+        return [] if band is None else [Band(*band)]
 
     def __repr__(self) -> str:
         return f"sliding_window({self.w})"
@@ -182,16 +194,22 @@ class Dilated(Pattern):
 
     def allowed(self, i, j, lq, lk):
         o = j - i - (lk - lq)
-        return (o.abs() <= self.w * self.d) & (torch.remainder(o, self.d) == 0)
+        # |o| < max(lq, lk) = n: a reach beyond n, or a step beyond n (only offset 0 then
+        # divides), changes nothing; clamping keeps both inside int64
+        n = max(lq, lk)
+        return (o.abs() <= min(self.w * self.d, n)) & (torch.remainder(o, min(self.d, n + 1)) == 0)
 
     def _plan(self, lq, lk):
-        reach = min(self.w * self.d, max(lq, lk))
+        band = _band_within(-self.w * self.d, self.w * self.d, lq, lk)
+        if band is None:
+            return []
+        lo, hi = band
         if self.d == 1:
-            return [Band(-reach, reach)]
-        offs = tuple(range(-(reach // self.d) * self.d, reach + 1, self.d))
-        if len(offs) <= _MAX_GATHER_OFFSETS:
-            return [Offsets(offs)]
-        return [Band(-reach, reach, masks=(MaskTerm(self),))]
+            return [Band(lo, hi)]
+        first = -(-lo // self.d) * self.d  # the smallest multiple of d >= lo
+        if (hi - first) // self.d + 1 <= _MAX_GATHER_OFFSETS:
+            return [Offsets(tuple(range(first, hi + 1, self.d)))]
+        return [Band(lo, hi, masks=(MaskTerm(self),))]
 
     def __repr__(self) -> str:
         return f"dilated({self.w}, {self.d})"
@@ -221,15 +239,22 @@ class Exponential(Pattern):
         return f"exponential(base={self.base})"
 
 
+def _require_integer(name: str, t: Tensor) -> None:
+    """``TypeError`` naming ``name`` unless ``t`` holds integers (not float, complex or bool)."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+
+
 def _index_tensor(name: str, values, *, allow_empty: bool = True) -> Tensor:
     if not isinstance(values, Tensor):
         values = list(values)
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
             raise TypeError(f"{name} must be integers")
+        if any(not -(2**63) <= x < 2**63 for x in values):
+            raise ValueError(f"{name} must fit in int64")
         values = torch.tensor(values, dtype=torch.long)
     t = values
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{name} must be integers, got dtype {t.dtype}")
+    _require_integer(name, t)
     t = t.long().reshape(-1) if t.dim() <= 1 else None
     if t is None:
         raise ValueError(f"{name} must be a 1-D sequence of ints")
@@ -316,8 +341,7 @@ class Graph(_CSRPattern):
     def __init__(self, edge_index: Tensor, num_nodes: int | tuple[int, int]):
         if not isinstance(edge_index, Tensor):
             edge_index = torch.as_tensor(edge_index)
-        if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool:
-            raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+        _require_integer("edge_index", edge_index)
         if edge_index.dim() != 2 or edge_index.shape[0] != 2:
             raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
         if isinstance(num_nodes, int) and not isinstance(num_nodes, bool):
@@ -328,6 +352,9 @@ class Graph(_CSRPattern):
             raise TypeError("num_nodes must be an int or a (num_src, num_dst) tuple")
         _check_int("num_nodes", n_src, 0)
         _check_int("num_nodes", n_dst, 0)
+        if n_src * n_dst >= 2**63:  # pair keys dst * n_src + src must fit in int64
+            raise ValueError(f"num_nodes ({n_src}, {n_dst}) is too large: n_src * n_dst must be "
+                             "< 2**63")
         ei = edge_index.long().cpu()
         if ei.numel():
             if int(ei.min()) < 0:
@@ -369,6 +396,55 @@ class Graph(_CSRPattern):
         return f"graph(E={self._src.numel()}, num_nodes=({self.num_src}, {self.num_dst}))"
 
 
+# Rows of Floyd's sampler handled at once with a dense "taken" table: at most this many cells.
+_TAKEN_CELLS = 1 << 24
+
+
+def _floyd(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor:
+    """``(rows, m)`` picks, each row ``m`` distinct keys of ``range(n)`` drawn uniformly.
+
+    Floyd's algorithm: step ``j`` (``n - m <= j < n``) draws ``t`` in ``[0, j]`` and keeps
+    ``t``, or ``j`` when ``t`` is already kept: exactly ``m`` draws, no rejection. Membership is
+    a comparison with the kept picks (``m**2 / 2`` per row) or, when cheaper, a per-row table
+    of ``n`` flags."""
+    picks = torch.empty(rows, m, dtype=torch.long)
+    if m == 0:
+        return picks
+    dense = m > 32 and n <= 4 * m * m
+    step = max(1, _TAKEN_CELLS // n) if dense else max(1, _TAKEN_CELLS // m)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        base = torch.arange(r1 - r0) * n  # row starts in the flat table
+        taken = torch.zeros((r1 - r0) * n, dtype=torch.bool) if dense else None
+        out = picks[r0:r1]
+        for c, j in enumerate(range(n - m, n)):
+            t = torch.randint(0, j + 1, (r1 - r0,), generator=gen)
+            seen = taken[base + t] if dense else (out[:, :c] == t.unsqueeze(1)).any(1)
+            pick = torch.where(seen, j, t)
+            out[:, c] = pick
+            if dense:
+                taken[base + pick] = True
+    return picks
+
+
+def _distinct_per_row(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor:
+    """``(rows, m)`` sorted, each row ``m`` distinct keys of ``range(n)`` chosen uniformly.
+
+    When ``m > n / 2`` the ``n - m`` left-out keys are drawn instead, so the work is
+    ``O(rows * min(m, n - m))`` draws (plus the output)."""
+    if 2 * m <= n:
+        return _floyd(rows, n, m, gen).sort(1).values
+    out = torch.empty(rows, m, dtype=torch.long)
+    step = max(1, _TAKEN_CELLS // max(n, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        left_out = _floyd(r1 - r0, n, n - m, gen)
+        keep = torch.ones(r1 - r0, n, dtype=torch.bool)
+        keep.scatter_(1, left_out, False)
+        out[r0:r1] = keep.nonzero()[:, 1].view(r1 - r0, m)  # row-major: sorted per row
+    return out
+
+
 class RandomKeys(_CSRPattern):
     """``r`` distinct random keys per query (BigBird style), fixed by ``seed``."""
 
@@ -381,18 +457,7 @@ class RandomKeys(_CSRPattern):
         if (lq, lk) not in self._cache:
             gen = torch.Generator().manual_seed(self.seed)
             r = min(self.r, lk)
-            if r == lk:
-                cols = torch.arange(lk).repeat(lq, 1)
-            else:
-                cols = torch.randint(0, lk, (lq, r), generator=gen)
-                for _ in range(10_000):  # re-draw duplicates; r << lk makes this short
-                    srt, _ = cols.sort(1)
-                    dup = torch.zeros_like(cols, dtype=torch.bool)
-                    dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
-                    if not dup.any():
-                        break
-                    cols = torch.where(dup, torch.randint(0, lk, cols.shape, generator=gen), srt)
-                cols, _ = cols.sort(1)
+            cols = _distinct_per_row(lq, lk, r, gen)
             indptr = torch.arange(lq + 1) * r
             self._cache[(lq, lk)] = (indptr, cols.reshape(-1))
         return self._cache[(lq, lk)]
@@ -406,7 +471,8 @@ class BlockDiagonal(Pattern):
 
     def __init__(self, lengths: Sequence[int] | Tensor):
         lens = torch.as_tensor(lengths)
-        if lens.dtype.is_floating_point or lens.dim() != 1:
+        _require_integer("block_diagonal lengths", lens)
+        if lens.dim() != 1:
             raise ValueError("block_diagonal lengths must be a 1-D sequence of ints")
         if lens.numel() == 0 or int(lens.min()) < 1:
             raise ValueError("block_diagonal lengths must be positive ints")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..argtypes import existing_path, one_of
 from ..results import Experiment, Option, Result, RunContext
 from .io import FoodWeb, read_foodweb
 from .linkpred import (
@@ -199,10 +200,10 @@ EXPERIMENT = Experiment(
     ),
     run=run,
     options=(
-        Option("--foodweb", type=str, default=None,
+        Option("--foodweb", type=existing_path, default=None,
                help="a Pajek (.paj) or SCOR food web file, or a directory of them "
                     "(default: embedded niche-model webs)"),
-        Option("--diet", type=str, default="links",
+        Option("--diet", type=one_of("links", "flow"), default="links",
                help="training diets and trophic levels: 'links' (prey-averaged, default) or "
                     "'flow' (flow-weighted, when the web has flows)"),
     ),

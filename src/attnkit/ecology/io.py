@@ -122,6 +122,8 @@ class FoodWeb:
 # --------------------------------------------------------------------------------- Pajek
 
 _VERTEX_LINE = re.compile(r'^\s*(\S+)\s+(?:"([^"]*)"|(\S+))')
+# A SCOR data line: integers and numbers only (Fortran "D" exponents included).
+_DATA_LINE = re.compile(r"^[-+]?\d+(\s+[-+]?(\d+\.?\d*|\.\d+)([eEdD][-+]?\d+)?)*\s*$")
 
 
 def _number(token: str, lineno: int, what: str) -> float:
@@ -184,6 +186,7 @@ def parse_pajek(text: str, title: str = "") -> FoodWeb:
     biomass: list[float] | None = None
     arcs: list[tuple[int, int, float, int]] = []
     context = "network"  # which block a "*vertices N" line belongs to
+    vertices_line: tuple[int, int] | None = None  # (line, N) of the block just read
     pos = 0
 
     def data_lines(count: int, start: int) -> tuple[list[tuple[int, str]], int]:
@@ -219,8 +222,13 @@ def parse_pajek(text: str, title: str = "") -> FoodWeb:
                 flow = _number(tok[2], pos, "arc flow") if len(tok) == 3 else 1.0
                 arcs.append((src, dst, flow, pos))
                 continue
+            if vertices_line is not None:
+                ln0, declared = vertices_line
+                raise ValueError(f"line {pos}: more vertex lines than the {declared} that "
+                                 f"'*vertices {declared}' on line {ln0} declares ({s[:40]!r})")
             raise ValueError(f"line {pos}: unexpected data line {s[:40]!r} outside a section")
         keyword = s.split()[0].lower()
+        vertices_line = None
         if keyword == "*partition":
             context = "partition"
         elif keyword == "*network":
@@ -236,6 +244,7 @@ def parse_pajek(text: str, title: str = "") -> FoodWeb:
             count = _integer(tok[1], pos, "vertex count")
             if not 0 < count <= total:  # also guards memory against absurd counts
                 raise ValueError(f"line {pos}: vertex count must be in [1, {total}], got {count}")
+            vertices_line = (pos, count)
             block, pos = data_lines(count, pos)
             if context == "partition":
                 if partition is not None:
@@ -341,6 +350,7 @@ def parse_scor(text: str, title: str = "") -> FoodWeb:
         raise ValueError("a SCOR file needs a title line and a 'n n_living' line")
     header = rows[0][1]
     ln, counts = rows[1]
+    counts_ln = ln
     tok = counts.split()
     if len(tok) < 2:
         raise ValueError(f"line {ln}: expected 'n_compartments n_living', got {counts!r}")
@@ -354,6 +364,13 @@ def parse_scor(text: str, title: str = "") -> FoodWeb:
     if len(rows) < 2 + n:
         raise ValueError(f"expected {n} compartment names, found {len(rows) - 2}")
     names = [row for _, row in rows[2:2 + n]]
+    for name_ln, row in rows[2:2 + n]:
+        if _DATA_LINE.match(row) and (len(row.split()) > 1 or row == "-1"):  # count too large
+            raise ValueError(
+                f"line {name_ln}: compartment name {row!r} looks like a data line; line {ln} "
+                f"declares {n} compartments but only {name_ln - rows[2][0]} names precede it "
+                "(the count must equal the number of name lines)"
+            )
     pos = 2 + n
 
     def block(width: int, what: str) -> tuple[list[tuple[int, list[str]]], int]:
@@ -367,8 +384,14 @@ def parse_scor(text: str, title: str = "") -> FoodWeb:
             tok = row.split()
             if tok[0] == "-1":
                 return out, ln
-            if len(tok) != width:
-                raise ValueError(f"line {ln}: {what} lines have {width} fields, got {row!r}")
+            first = what == "biomass" and not out  # the line right after the names
+            if len(tok) != width or (first and not _DATA_LINE.match(row)):
+                hint = ""
+                if first:
+                    hint = (f" (a name? line {counts_ln} declares {n} compartments: the count "
+                            "must equal the number of name lines)")
+                raise ValueError(f"line {ln}: {what} lines have {width} fields (numbers), got "
+                                 f"{row!r}{hint}")
             out.append((ln, tok))
 
     def index(token: str, ln: int, what: str) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnkit.argtypes import existing_file
 from attnkit.distributed.data_parallel import world_size
 from attnkit.results import Experiment, Option, Result, RunContext
 
@@ -304,6 +305,7 @@ EXPERIMENT = Experiment(
         "microbial genome goes through in one pass on a 2-core CPU."
     ),
     run=_run,
-    options=(Option("--fasta", help="FASTA file (plain or gzip) of a genome to model"),),
+    options=(Option("--fasta", type=existing_file,
+                    help="FASTA file (plain or gzip) of a genome to model"),),
     description="Whole genomes with sparse attention.",
 )

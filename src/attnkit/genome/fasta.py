@@ -31,6 +31,7 @@ __all__ = [
     "N_TOKEN",
     "MASK_TOKEN",
     "VOCAB_SIZE",
+    "DEFAULT_MAX_BASES",
 ]
 
 BASES = "ACGT"
@@ -81,70 +82,138 @@ class FastaRecord:
         return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-def _open_text_lines(path: Path) -> list[str]:
-    """The file's lines as text; gzip detected by its magic bytes. Raises ValueError only."""
+#: Default limit of :func:`read_fasta` / :func:`read_genbank`: 2**27 (134 million) bases, about
+#: a fruit-fly genome, ~1.5 GB once encoded as int64 tokens. Pass ``max_bases`` for more.
+DEFAULT_MAX_BASES = 1 << 27
+_READ_CHUNK = 1 << 20
+# Headers, comments and line breaks on top of the bases (text allowed = factor * max_bases + slack).
+_TEXT_SLACK = 1 << 20
+_BINARY = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), *range(0x7F, 0x100)])
+_IUPAC_BYTES = (IUPAC + IUPAC.lower()).encode("ascii")
+
+
+def _check_max_bases(max_bases) -> int:
+    if isinstance(max_bases, bool) or not isinstance(max_bases, int) or max_bases < 1:
+        raise ValueError(f"max_bases must be a positive int, got {max_bases!r}")
+    return max_bases
+
+
+def _text_lines(path: Path, max_bases: int, text_factor: int):
+    """``(lineno, line)`` of the file as ASCII bytes, gzip detected by its magic bytes and
+    decompressed as it is read: memory stays one chunk plus one line. Raises ValueError only;
+    refuses, before reading on, a plain file larger than ``text_factor * max_bases`` (+1 MiB)
+    and decompressed text beyond that, so a small gzip bomb cannot exhaust memory."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a sequence file")
+    limit = text_factor * max_bases + _TEXT_SLACK
+    too_big = (f"{path}: more than {limit} bytes of text, beyond max_bases={max_bases} bases "
+               "(pass a larger max_bases to read a bigger genome)")
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the stream is done
     except OSError as e:
         raise ValueError(f"{path}: cannot read file ({e})") from e
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt gzip data ({e})") from e
-    if not raw.strip():
-        raise ValueError(f"{path}: empty file, expected FASTA ('>name' then sequence lines)")
-    try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"{path}:{line}: binary or non-ASCII data (byte 0x{raw[e.start]:02x}), not FASTA"
-        ) from e
-    return text.splitlines()
+    with f:
+        gz = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not gz and path.stat().st_size > limit:
+            raise ValueError(too_big)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        total, lineno, pending, pending_len = 0, 0, [], 0
+        while True:
+            try:
+                chunk = stream.read(_READ_CHUNK)
+            except (OSError, EOFError, zlib.error) as e:
+                raise ValueError(f"{path}: {'corrupt gzip data' if gz else 'cannot read file'} "
+                                 f"({e})") from e
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(too_big)
+            if not chunk:  # end of file: the last line, unless the file ended with one
+                tail = b"".join(pending)
+                parts = [tail] if tail else []
+            else:
+                parts = chunk.split(b"\n")
+                if len(parts) == 1:  # no line end in this chunk: the line goes on
+                    pending.append(chunk)
+                    pending_len += len(chunk)
+                    if pending_len > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
+                        raise ValueError(f"{path}:{lineno + 1}: a line longer than max_bases="
+                                         f"{max_bases} (+1 MiB) characters")
+                    continue
+                parts[0] = b"".join(pending) + parts[0]
+                pending = [parts.pop()]
+                pending_len = len(pending[0])
+            for line in parts:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                for piece in line.split(b"\r") if b"\r" in line else (line,):  # old Mac ends
+                    lineno += 1
+                    if len(piece.translate(None, _BINARY)) != len(piece):
+                        col = next(i for i, c in enumerate(piece) if c in _BINARY)
+                        raise ValueError(f"{path}:{lineno}: binary or non-ASCII data "
+                                         f"(byte 0x{piece[col]:02x}), not a text sequence file")
+                    yield lineno, piece
+            if not chunk:
+                return
 
 
-def _check_sequence_line(path: Path, lineno: int, line: str) -> None:
-    arr = np.frombuffer(line.encode("ascii"), dtype=np.uint8)
-    bad = np.flatnonzero(~_VALID[arr])
-    if bad.size:
-        col = int(bad[0])
+def _check_sequence_line(path: Path, lineno: int, line: bytes) -> None:
+    if line.translate(None, _IUPAC_BYTES):
+        col = next(i for i, c in enumerate(line) if c not in _IUPAC_BYTES)
         raise ValueError(
-            f"{path}:{lineno}:{col + 1}: character {line[col]!r} is not an IUPAC nucleotide "
+            f"{path}:{lineno}:{col + 1}: character {chr(line[col])!r} is not an IUPAC nucleotide "
             f"code (allowed: {IUPAC}, upper or lower case)"
         )
 
 
-def read_fasta(path: str | Path, *, min_length: int = 1) -> list[FastaRecord]:
+def _record(name: str, desc: str, seq: bytearray, soft_case: bool) -> FastaRecord:
+    """A record from its sequence bytes (upper-cased in place; the case kept as soft mask)."""
+    arr = np.frombuffer(seq, dtype=np.uint8)
+    soft = (arr >= ord("a")) & (arr <= ord("z"))
+    if soft.any():
+        arr[soft] -= 32  # writable view of the bytearray: upper case without a copy
+    if not soft_case:
+        soft = np.zeros(len(seq), dtype=bool)
+    return FastaRecord(name, desc, seq.decode("ascii"), soft)
+
+
+def read_fasta(path: str | Path, *, min_length: int = 1,
+               max_bases: int = DEFAULT_MAX_BASES) -> list[FastaRecord]:
     """Read every record of a FASTA file (plain or gzip).
 
     Args:
         path: the file.
         min_length: each record must have at least this many bases (e.g. the attention window),
             else ``ValueError`` naming the record's header line.
+        max_bases: the most bases (all records together) read; more raise ``ValueError``
+            naming ``max_bases``. Headers, comments and line breaks may add at most as much
+            text again (plus 1 MiB): a plain file beyond that is refused before reading, a
+            gzip file as soon as its decompressed text passes it. Default
+            :data:`DEFAULT_MAX_BASES`.
 
     Returns:
         The records in file order. Lines starting with ``;`` are comments; whitespace inside
         sequence lines is ignored.
 
     Raises:
-        ValueError: empty or binary file, sequence before the first header, an empty record,
-            a character outside IUPAC, a record shorter than ``min_length``. The message names
-            the file and line.
+        ValueError: a directory, missing, empty or binary file, sequence before the first
+            header, an empty record, a character outside IUPAC, a record shorter than
+            ``min_length``, more than ``max_bases`` bases. The message names the file and line.
     """
     path = Path(path)
     if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
         raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
-    lines = _open_text_lines(path)
+    _check_max_bases(max_bases)
     records: list[FastaRecord] = []
     header: tuple[int, str] | None = None
-    chunks: list[str] = []
+    seq = bytearray()
+    bases = 0
+    content = False  # any non-blank line at all
 
     def finish() -> None:
         if header is None:
             return
         lineno, text = header
-        seq = "".join(chunks)
         if not seq:
             raise ValueError(f"{path}:{lineno}: record {text!r} has no sequence")
         if len(seq) < min_length:
@@ -153,29 +222,36 @@ def read_fasta(path: str | Path, *, min_length: int = 1) -> list[FastaRecord]:
                 f"required {min_length} (e.g. the attention window)"
             )
         name, _, desc = text.partition(" ")
-        arr = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
-        soft = (arr >= ord("a")) & (arr <= ord("z"))
-        records.append(FastaRecord(name, desc.strip(), seq.upper(), soft))
+        records.append(_record(name, desc.strip(), seq, soft_case=True))
 
-    for lineno, line in enumerate(lines, 1):
-        if line.startswith(">"):
+    for lineno, line in _text_lines(path, max_bases, 2):
+        if line.startswith(b">"):
+            content = True
             finish()
-            text = line[1:].strip()
+            text = line[1:].decode("ascii").strip()
             if not text:
                 raise ValueError(f"{path}:{lineno}: header line has no name")
-            header, chunks = (lineno, text), []
+            header, seq = (lineno, text), bytearray()
             continue
-        if line.startswith(";"):
+        if line.startswith(b";"):
+            content = True
             continue
-        seq = "".join(line.split())
-        if not seq:
+        part = b"".join(line.split())
+        if not part:
             continue
+        content = True
         if header is None:
             raise ValueError(
                 f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)"
             )
-        _check_sequence_line(path, lineno, seq)
-        chunks.append(seq)
+        _check_sequence_line(path, lineno, part)
+        bases += len(part)
+        if bases > max_bases:
+            raise ValueError(f"{path}:{lineno}: more than max_bases={max_bases} bases (pass a "
+                             "larger max_bases to read a bigger genome)")
+        seq += part
+    if not content:
+        raise ValueError(f"{path}: empty file, expected FASTA ('>name' then sequence lines)")
     finish()
     if not records:
         raise ValueError(f"{path}: no FASTA records (expected a '>name' header line)")
@@ -201,21 +277,27 @@ def write_fasta(records: Iterable[FastaRecord], path: str | Path, *, width: int 
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
-def read_genbank(path: str | Path) -> list[FastaRecord]:
+def read_genbank(path: str | Path, *,
+                 max_bases: int = DEFAULT_MAX_BASES) -> list[FastaRecord]:
     """The sequences (``ORIGIN`` sections) of a GenBank flat file, plain or gzip.
 
     Only LOCUS names, DEFINITION lines and the sequence are read; features are ignored.
+    ``max_bases`` bounds the bases read (``ValueError`` beyond); the whole text may be at most
+    eight times that (features, positions), as in :func:`read_fasta`.
     """
     path = Path(path)
-    lines = _open_text_lines(path)
+    _check_max_bases(max_bases)
     records: list[FastaRecord] = []
-    name, desc, chunks, in_origin, start = None, "", [], False, 0
-    for lineno, line in enumerate(lines, 1):
+    name, desc, seq, in_origin, start = None, "", bytearray(), False, 0
+    bases, lineno, content = 0, 0, False
+    for lineno, raw in _text_lines(path, max_bases, 8):
+        line = raw.decode("ascii")
+        content = content or bool(line.strip())
         if line.startswith("LOCUS"):
             parts = line.split()
             if len(parts) < 2:
                 raise ValueError(f"{path}:{lineno}: LOCUS line has no name")
-            name, desc, chunks, in_origin, start = parts[1], "", [], False, lineno
+            name, desc, seq, in_origin, start = parts[1], "", bytearray(), False, lineno
         elif line.startswith("DEFINITION") and name is not None:
             desc = line[len("DEFINITION"):].strip()
         elif line.startswith("ORIGIN"):
@@ -225,23 +307,26 @@ def read_genbank(path: str | Path) -> list[FastaRecord]:
         elif line.startswith("//"):
             if name is None or not in_origin:
                 raise ValueError(f"{path}:{lineno}: record end '//' without LOCUS and ORIGIN")
-            seq = "".join(chunks)
             if not seq:
                 raise ValueError(f"{path}:{start}: GenBank record {name!r} has no sequence")
-            soft = np.zeros(len(seq), dtype=bool)
-            records.append(FastaRecord(name, desc, seq.upper(), soft))
+            records.append(_record(name, desc, seq, soft_case=False))
             name, in_origin = None, False
         elif in_origin:
-            parts = line.split()
+            parts = raw.split()
             if not parts:
                 continue
             if not parts[0].isdigit():
                 raise ValueError(f"{path}:{lineno}: expected 'position bases...' in ORIGIN")
-            seq = "".join(parts[1:])
-            _check_sequence_line(path, lineno, seq)
-            chunks.append(seq)
+            part = b"".join(parts[1:])
+            _check_sequence_line(path, lineno, part)
+            bases += len(part)
+            if bases > max_bases:
+                raise ValueError(f"{path}:{lineno}: more than max_bases={max_bases} bases")
+            seq += part
+    if not content:
+        raise ValueError(f"{path}: empty file, expected GenBank (LOCUS ... ORIGIN ... //)")
     if name is not None:
-        raise ValueError(f"{path}:{len(lines)}: GenBank record {name!r} not closed by '//'")
+        raise ValueError(f"{path}:{lineno}: GenBank record {name!r} not closed by '//'")
     if not records:
         raise ValueError(f"{path}: no GenBank records with a sequence (LOCUS ... ORIGIN ... //)")
     return records

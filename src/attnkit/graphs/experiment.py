@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import existing_dir, one_of
 from ..nn.graph import build_graph_index
 from ..results import Experiment, Option, Result, RunContext
-from .loaders import GraphData, load_planetoid
+from .loaders import PLANETOID_NAMES, GraphData, load_planetoid
 from .models import GAT, MeanAggregation, evaluate, fit
 from .synthetic import make_ppi_dataset
 
@@ -223,7 +224,9 @@ EXPERIMENTS = [
         name="planetoid",
         claim="The GAT paper's setup on the engine reaches >= 82% mean test accuracy on Cora.",
         run=run_planetoid,
-        options=(Option("--data-dir", required=True, help="folder with ind.NAME.* files"),
-                 Option("--dataset", default="cora", help="cora, citeseer or pubmed")),
+        options=(Option("--data-dir", type=existing_dir, required=True,
+                        help="folder with ind.NAME.* files"),
+                 Option("--dataset", type=one_of(*PLANETOID_NAMES, lower=True), default="cora",
+                        help="cora, citeseer or pubmed")),
     ),
 ]

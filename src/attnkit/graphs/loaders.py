@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,13 @@ __all__ = [
     "load_edge_list",
     "restricted_unpickle",
     "PLANETOID_NAMES",
+    "DEFAULT_MAX_BYTES",
 ]
 
 PLANETOID_NAMES = ("cora", "citeseer", "pubmed")
+#: Default limit of :func:`load_planetoid` / :func:`restricted_unpickle`: 1 GiB for any one file
+#: and for any array a file declares (PubMed's dense features take 39 MB).
+DEFAULT_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -94,8 +99,32 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
 
 
+def _check_npy_size(path: Path) -> None:
+    """``ValueError`` when the ``.npy`` header declares more data than the file holds (numpy
+    would allocate the declared array before reading); a missing file stays an OSError."""
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            header = (npy_format.read_array_header_1_0 if version == (1, 0)
+                      else npy_format.read_array_header_2_0)
+            shape, _, dtype = header(f) if version in ((1, 0), (2, 0)) else (None, None, None)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a valid .npy array file ({e})") from e
+        if shape is None:  # a newer format version: np.load decides
+            return
+        declared = math.prod(shape) * dtype.itemsize
+        available = path.stat().st_size - f.tell()
+    if declared > available:
+        raise ValueError(f"{path}: header declares shape {shape} ({declared} bytes) but the "
+                         f"file holds {available} bytes of data")
+
+
 def _read_npy(path: Path) -> np.ndarray:
     try:
+        if path.is_file():
+            _check_npy_size(path)
         arr = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
@@ -230,7 +259,9 @@ class _CSRStandIn:
             raise pickle.UnpicklingError("csr_matrix state must be a dict")
         self.state = state
 
-    def to_dense(self) -> np.ndarray:
+    def to_dense(self, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+        """The ``(rows, cols)`` float32 matrix; ``ValueError`` when it would take more than
+        ``max_bytes`` (checked before allocating: a few bytes may claim any shape)."""
         s = self.state
         try:
             data, indices, indptr = (np.asarray(s[k]) for k in ("data", "indices", "indptr"))
@@ -238,6 +269,11 @@ class _CSRStandIn:
             n_rows, n_cols = (int(v) for v in shape)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"pickled csr_matrix lacks data/indices/indptr/shape ({e})") from e
+        if n_rows < 0 or n_cols < 0:
+            raise ValueError(f"pickled csr_matrix has a negative shape {(n_rows, n_cols)}")
+        if n_rows * n_cols * 4 > max_bytes:
+            raise ValueError(f"pickled csr_matrix of shape {(n_rows, n_cols)} needs "
+                             f"{n_rows * n_cols * 4} bytes dense, over max_bytes={max_bytes}")
         if indptr.shape != (n_rows + 1,) or indices.shape != data.shape:
             raise ValueError("pickled csr_matrix has inconsistent indptr/indices/data sizes")
         if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
@@ -257,19 +293,59 @@ def _latin1_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocol-2 pickles write an empty ``bytes`` (e.g. the data of an empty
+    array); any argument (``bytes(10**12)`` would allocate) is refused."""
+    if args:
+        raise pickle.UnpicklingError("only bytes() without arguments may be called")
+    return b""
+
+
+class _NDArrayRef:
+    """Stands for ``numpy.ndarray`` in a pickle: accepted as the type argument of
+    ``_reconstruct`` (which then builds a real ndarray), refused as a callable, since
+    ``ndarray(shape)`` would allocate whatever shape a few bytes claim."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("numpy.ndarray may only be rebuilt through _reconstruct")
+
+
+def _allowed_globals(size: int, max_bytes: int) -> dict[tuple[str, str], Any]:
+    """The globals a Planetoid pickle of ``size`` bytes may name; an array it declares
+    (``_reconstruct``'s shape) may take at most ``min(size, max_bytes)`` bytes, checked before
+    numpy allocates it (the pickle must carry the array's data anyway)."""
+    budget = min(size, max_bytes)
     reconstruct = np.zeros(1).__reduce__()[0]  # numpy's _reconstruct, wherever it lives
     scalar = np.float64(0).__reduce__()[0]
+
+    def safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _NDArrayRef:
+            raise pickle.UnpicklingError("_reconstruct may only rebuild numpy.ndarray")
+        try:
+            dims = (int(shape),) if np.ndim(shape) == 0 else tuple(int(x) for x in shape)
+            itemsize = np.dtype(dtype).itemsize
+        except (TypeError, ValueError) as e:
+            raise pickle.UnpicklingError(f"bad array shape or dtype ({e})") from e
+        nbytes = math.prod(dims) * itemsize
+        if any(x < 0 for x in dims) or nbytes > budget:
+            raise pickle.UnpicklingError(
+                f"an array of shape {dims} ({nbytes} bytes) is declared larger than the pickle "
+                f"({size} bytes) or max_bytes={max_bytes}"
+            )
+        return reconstruct(np.ndarray, dims, dtype)
+
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _NDArrayRef,
         ("numpy", "dtype"): np.dtype,
         ("collections", "defaultdict"): __import__("collections").defaultdict,
         ("__builtin__", "list"): list,
         ("builtins", "list"): list,
+        ("__builtin__", "bytes"): _empty_bytes,  # empty bytes in a protocol-2 pickle
+        ("builtins", "bytes"): _empty_bytes,
         ("_codecs", "encode"): _latin1_encode,  # Python 3 protocol-2 pickles of bytes
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = reconstruct
+        allowed[(mod, "_reconstruct")] = safe_reconstruct
         allowed[(mod, "scalar")] = scalar
     for mod in ("scipy.sparse.csr", "scipy.sparse._csr"):
         allowed[(mod, "csr_matrix")] = _CSRStandIn
@@ -277,8 +353,12 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, max_bytes: int) -> None:
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self._allowed = _allowed_globals(len(data), max_bytes)
+
     def find_class(self, module: str, name: str) -> Any:
-        obj = _allowed_globals().get((module, name))
+        obj = self._allowed.get((module, name))
         if obj is None:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: only numpy arrays, dtypes, scipy CSR "
@@ -287,42 +367,78 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return obj
 
 
-def restricted_unpickle(data: bytes) -> Any:
+def restricted_unpickle(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
     """Unpickle Planetoid data admitting only numpy arrays/dtypes, CSR matrices (as a stand-in,
-    never scipy code) and ``defaultdict(list)``. Anything else raises ``ValueError``."""
+    never scipy code) and ``defaultdict(list)``. Anything else raises ``ValueError``, as does
+    an array declared larger than the pickle itself could fill (a pickle carries its arrays'
+    data) or than ``max_bytes``, before anything is allocated."""
+    if len(data) > max_bytes:
+        raise ValueError(f"pickle of {len(data)} bytes exceeds max_bytes={max_bytes}")
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError) as e:
+        return _RestrictedUnpickler(data, max_bytes).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError,
+            ValueError, MemoryError) as e:
         raise ValueError(f"not an allowed Planetoid pickle: {e}") from e
 
 
-def _as_dense(obj: Any, what: str) -> np.ndarray:
+def _as_dense(obj: Any, what: str, max_bytes: int) -> np.ndarray:
     if isinstance(obj, _CSRStandIn):
-        return obj.to_dense()
+        try:
+            return obj.to_dense(max_bytes)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
     if isinstance(obj, np.ndarray) and obj.ndim == 2 and np.issubdtype(obj.dtype, np.number):
         return obj.astype(np.float32)
     raise ValueError(f"{what}: expected a 2-D numeric array or CSR matrix, got {type(obj)}")
 
 
-def load_planetoid(directory: str | Path, name: str) -> GraphData:
+def _read_limited(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``; ``ValueError`` (before reading) for a directory or a file over
+    ``max_bytes``. A missing file stays ``FileNotFoundError``."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a Planetoid file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size} bytes, over max_bytes={max_bytes}")
+    return path.read_bytes()
+
+
+def load_planetoid(directory: str | Path, name: str, *,
+                   max_bytes: int = DEFAULT_MAX_BYTES) -> GraphData:
     """Load ``ind.{name}.{x,y,tx,ty,allx,ally,graph,test.index}`` with the standard split
     (Kipf & Welling / Yang et al.): the labelled ``x`` rows train, the next 500 validate, the
     ``test.index`` rows test. Citeseer's isolated test nodes get zero features and no label
     (label row all zero -> class 0 and excluded from every mask). Edges are made symmetric,
-    duplicates and self loops dropped."""
+    duplicates and self loops dropped.
+
+    ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES`) bounds each file and every array the files
+    declare (a CSR matrix's dense form, the node count ``test.index`` implies): sizes are
+    checked against it before anything is allocated, and ``ValueError`` names it.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     name = name.lower()
     if name not in PLANETOID_NAMES:
         raise ValueError(f"dataset must be one of {PLANETOID_NAMES}, got {name!r}")
     d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"{d}: not a directory (expected the folder with ind.{name}.* files)")
     objs = {}
     for part in ("x", "y", "tx", "ty", "allx", "ally", "graph"):
         path = d / f"ind.{name}.{part}"
-        objs[part] = restricted_unpickle(path.read_bytes())
+        raw = _read_limited(path, max_bytes)
+        try:
+            objs[part] = restricted_unpickle(raw, max_bytes=max_bytes)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    raw = _read_limited(d / f"ind.{name}.test.index", max_bytes)
     try:
-        test_index = [int(line) for line in (d / f"ind.{name}.test.index").read_text().split()]
-    except ValueError as e:
-        raise ValueError(f"ind.{name}.test.index must hold one integer per line") from e
-    x, tx, allx = (_as_dense(objs[k], f"ind.{name}.{k}") for k in ("x", "tx", "allx"))
+        test_index = [int(line) for line in raw.decode("ascii").split()]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"ind.{name}.test.index must hold one integer per line ({e})") from e
+    if not test_index:
+        raise ValueError(f"ind.{name}.test.index is empty")
+    x, tx, allx = (_as_dense(objs[k], f"ind.{name}.{k}", max_bytes) for k in ("x", "tx", "allx"))
     y, ty, ally = (np.asarray(objs[k]) for k in ("y", "ty", "ally"))
     for k, arr in (("y", y), ("ty", ty), ("ally", ally)):
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
@@ -331,10 +447,19 @@ def load_planetoid(directory: str | Path, name: str) -> GraphData:
         raise ValueError(f"ind.{name}: feature and label row counts differ")
     if len(test_index) != tx.shape[0]:
         raise ValueError(f"ind.{name}.test.index has {len(test_index)} rows, tx has {tx.shape[0]}")
-    test_sorted = np.sort(test_index)
+    test_sorted = np.sort(np.asarray(test_index, dtype=object))  # ints of any size
     lo, hi = int(test_sorted[0]), int(test_sorted[-1])
     if lo < allx.shape[0]:
         raise ValueError(f"ind.{name}.test.index refers to training rows ({lo})")
+    if len(set(test_index)) != len(test_index):
+        raise ValueError(f"ind.{name}.test.index lists a row twice")
+    # the nodes test.index implies: features, labels and masks are allocated for all of them
+    n_nodes = allx.shape[0] + hi - lo + 1
+    need = n_nodes * (4 * tx.shape[1] + ty.itemsize * ty.shape[1] + 16)
+    if need > max_bytes:
+        raise ValueError(f"ind.{name}.test.index reaches row {hi}: {n_nodes} nodes would need "
+                         f"{need} bytes, over max_bytes={max_bytes}")
+    test_sorted = test_sorted.astype(np.int64)
     if hi - lo + 1 != tx.shape[0]:  # citeseer: isolated test nodes missing from tx
         full_tx = np.zeros((hi - lo + 1, tx.shape[1]), dtype=np.float32)
         full_tx[test_sorted - lo] = tx

@@ -23,6 +23,7 @@ optimal set, with the per-instance multiplier from the same bisection).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -101,8 +102,13 @@ class AttentionKnapsack(torch.nn.Module):
 
     def __init__(self, num_candidates: int = 9, spread: float = 0.4, bisection_steps: int = 30):
         super().__init__()
-        if num_candidates < 1 or bisection_steps < 1 or spread < 0:
-            raise ValueError("num_candidates and bisection_steps must be >= 1, spread >= 0")
+        for name, val in (("num_candidates", num_candidates),
+                          ("bisection_steps", bisection_steps)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if (isinstance(spread, bool) or not isinstance(spread, (int, float))
+                or not math.isfinite(spread) or spread < 0):
+            raise ValueError(f"spread must be a finite float >= 0, got {spread!r}")
         self.num_candidates, self.spread = num_candidates, spread
         self.bisection_steps = bisection_steps
         designed = torch.tensor([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from ..argtypes import positive_int
 from ..results import Experiment, Option, Result, RunContext
 from .attention import AttentionKnapsack, KnapsackAttentionResult
 from .instances import CLASSES, KnapsackInstance, generate
@@ -157,7 +158,7 @@ EXPERIMENT = Experiment(
         "optimum on average in every Pisinger class, as close as the value/weight greedy rule."
     ),
     run=_run,
-    options=(Option("--instances", type=int, default=None,
+    options=(Option("--instances", type=positive_int, default=None,
                     help="instances per class at n=50 and n=200 (n=1000 gets a third)"),),
     description="0-1 knapsack by two attention heads vs exact DP and greedy rules",
 )

@@ -15,6 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..argtypes import existing_file
 from ..decoding import (
     convert_kv_heads,
     decode_roofline,
@@ -208,7 +209,7 @@ EXPERIMENT = Experiment(
            "multi-query attention (converted from multi-head and briefly uptrained) loses at "
            f"most {MAX_RELATIVE_BPC_LOSS:.0%} in validation bits per character."),
     run=run,
-    options=(Option("--text", default=None,
+    options=(Option("--text", type=existing_file, default=None,
                     help="UTF-8 text file to train on (default: Python's pydoc topics)"),),
     description="MHA/GQA/MQA with KV caches on a character-level language model.",
 )

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..argtypes import existing_file, nonnegative_int
 from ..decoding import train_lm
 from ..flops import count
 from ..models import DecoderLM
@@ -230,9 +231,9 @@ EXPERIMENT = Experiment(
            f"physically removed (by gradient importance) while validation bits per character "
            f"rise by at most {TOLERANCE_BPC}, with a matching drop in counted FLOPs."),
     run=run,
-    options=(Option("--text", default=None,
+    options=(Option("--text", type=existing_file, default=None,
                     help="UTF-8 text file to train on (default: Python's pydoc topics)"),
-             Option("--finetune-steps", type=int, default=0,
+             Option("--finetune-steps", type=nonnegative_int, default=0,
                     help="training steps after each pruning step (default 0)")),
     description="Head importance, physical head pruning and pattern-aware FLOPs on a char LM.",
 )

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import torch
 
+from ..argtypes import nonnegative_int, positive_int
 from ..results import Experiment, Option, Result, RunContext
 from .data import SpokenDigitTask, load_recordings, split_speakers
 from .models import count_parameters, matched_models
@@ -148,8 +149,8 @@ EXPERIMENT = Experiment(
     ),
     run=_run,
     options=(
-        Option("--steps", type=int, default=None, help="training steps per model"),
-        Option("--synthetic", type=int, default=0,
+        Option("--steps", type=positive_int, default=None, help="training steps per model"),
+        Option("--synthetic", type=nonnegative_int, default=0,
                help="1: use the synthetic stand-in instead of the FSDD MFCCs"),
     ),
     description="text-over-audio cross-attention vs early/late fusion on spoken digits (FSDD)",

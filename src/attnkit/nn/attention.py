@@ -8,6 +8,8 @@ copying them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -143,8 +145,9 @@ class RotaryEmbedding(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r > head_dim:
             raise ValueError(f"rotary_dims must be an even int in [2, head_dim={head_dim}] "
                              f"(head_dim itself even when rotary_dims is not given), got {r!r}")
-        if not base > 1.0:
-            raise ValueError(f"base must be > 1, got {base}")
+        if (isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1.0
+                or not math.isfinite(base)):
+            raise ValueError(f"base must be a finite float > 1, got {base!r}")
         self.head_dim, self.rotary_dims, self.base = head_dim, r, float(base)
         # Frequencies stay float64 (not a buffer) so module dtype casts cannot round them.
         self.inv_freq = base ** (-torch.arange(0, r, 2, dtype=torch.float64) / r)
@@ -248,8 +251,11 @@ class SelfAttention(nn.Module):
             )
         if pattern is not None and not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be None or a Pattern, got {type(pattern).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
         self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.pattern, self.dropout, self.layer_idx = pattern, float(dropout), layer_idx

@@ -126,7 +126,8 @@ class AxialAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool)
+                                       or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
         if rel_pos_max_distance is not None and (
             not isinstance(rel_pos_max_distance, int) or rel_pos_max_distance < 0
@@ -134,8 +135,9 @@ class AxialAttention(nn.Module):
             raise ValueError(
                 f"rel_pos_max_distance must be None or an int >= 0, got {rel_pos_max_distance!r}"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dim, self.num_heads, self.num_axes = dim, num_heads, num_axes
         self.head_dim = dim // num_heads
         self.chunk_size = chunk_size

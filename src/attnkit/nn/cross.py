@@ -50,7 +50,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         for name, val in (("query_dim", query_dim), ("context_dim", context_dim),
                           ("num_heads", num_heads)):
-            if not isinstance(val, int) or val <= 0:
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if head_dim is None:
             if query_dim % num_heads:
@@ -59,10 +59,13 @@ class CrossAttention(nn.Module):
                     "pass head_dim explicitly"
                 )
             head_dim = query_dim // num_heads
-        if head_dim <= 0:
-            raise ValueError(f"head_dim must be positive, got {head_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, val in (("head_dim", head_dim), ("out_dim", out_dim),
+                          ("max_query_len", max_query_len), ("max_context_len", max_context_len)):
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
+                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.query_dim, self.context_dim = query_dim, context_dim
         self.num_heads, self.head_dim = num_heads, head_dim
         self.out_dim = query_dim if out_dim is None else out_dim

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns
-from ..functional import attention
+from ..functional import attention, check_temperature
+from ..patterns import _require_integer
 
 __all__ = ["GraphAttention", "GraphIndex", "build_graph_index"]
 
@@ -78,8 +79,7 @@ def check_edge_index(edge_index: Tensor, num_nodes: int) -> Tensor:
     """Validate a PyG ``edge_index`` ``(2, E)`` against ``num_nodes``; return it as ``long``."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
-    if edge_index.dtype.is_floating_point or edge_index.dtype in (torch.bool, torch.complex64):
-        raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+    _require_integer("edge_index", edge_index)
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
     ei = edge_index.long()
@@ -234,6 +234,9 @@ class GraphAttention(nn.Module):
         if edge_dim is not None and (isinstance(edge_dim, bool) or not isinstance(edge_dim, int)
                                      or edge_dim < 1):
             raise ValueError(f"edge_dim must be None or an int >= 1, got {edge_dim!r}")
+        if (isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float))
+                or not math.isfinite(negative_slope)):
+            raise ValueError(f"negative_slope must be a finite float, got {negative_slope!r}")
         self.in_dim, self.out_dim, self.heads = in_dim, out_dim, heads
         self.score, self.concat, self.dropout = score, concat, float(dropout)
         self.add_self_loops, self.edge_dim = add_self_loops, edge_dim
@@ -262,24 +265,14 @@ class GraphAttention(nn.Module):
         self.reset_parameters()
 
     def _set_temperature(self, temperature: float | Tensor) -> None:
+        check_temperature(temperature, self.heads)
         if isinstance(temperature, Tensor):
-            if temperature.dim() > 1 or temperature.numel() not in (1, self.heads):
-                raise ValueError(
-                    f"temperature tensor must have shape ({self.heads},) or (), "
-                    f"got {tuple(temperature.shape)}"
-                )
-            if not bool((temperature.detach() > 0).all()):
-                raise ValueError("temperature must be > 0")
             if isinstance(temperature, nn.Parameter):
                 self.temperature = temperature
             else:
                 self.register_buffer("temperature", temperature.detach().clone().float())
-        elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-            if not (temperature > 0 and math.isfinite(temperature)):
-                raise ValueError(f"temperature must be a finite float > 0, got {temperature}")
-            self.temperature = float(temperature)
         else:
-            raise TypeError(f"temperature must be a float or tensor, got {type(temperature)}")
+            self.temperature = float(temperature)
 
     def reset_parameters(self) -> None:
         for name in ("att_src", "att_dst", "att", "att_edge"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +34,36 @@ def _looks_like_nifti(path: Path) -> bool:
     return False
 
 
-def load_nifti(path: str | Path, *, nan_policy: str = "raise") -> tuple[np.ndarray, tuple]:
+#: Default limit of :func:`load_nifti`: the float32 volume may take 2 GiB (512**3 voxels).
+DEFAULT_MAX_BYTES = 1 << 31
+
+
+def load_nifti(path: str | Path, *, nan_policy: str = "raise",
+               max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[np.ndarray, tuple]:
     """Read a 3D NIfTI volume.
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
         nan_policy: "raise" (ValueError on NaN/inf voxels) or "zero" (replace them by 0).
+        max_bytes: the volume the header declares may take at most this many bytes as
+            float32, checked before the voxels are read (:data:`DEFAULT_MAX_BYTES`).
 
     Returns:
         ``(volume (X, Y, Z) float32, spacing (sx, sy, sz) in mm)``. A 4D file with one volume
         (``(X, Y, Z, 1)``) is squeezed.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: anything wrong with the file (a directory,
+            not NIfTI, a damaged header or truncated data, not 3D, too large, NaN voxels); every
+            message starts with the file's path.
     """
     if nan_policy not in ("raise", "zero"):
         raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a .nii or .nii.gz file")
     if not path.is_file():
         raise FileNotFoundError(f"no such NIfTI file: {path}")
     if not path.name.endswith(_SUFFIXES):
@@ -56,8 +74,22 @@ def load_nifti(path: str | Path, *, nan_policy: str = "raise") -> tuple[np.ndarr
         import nibabel
     except ImportError as e:
         raise ImportError("reading NIfTI needs nibabel: pip install 'attnkit[data]'") from e
-    img = nibabel.load(str(path))
-    data = np.asarray(img.get_fdata(dtype=np.float32))
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    errors = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+    try:
+        img = nibabel.load(str(path))
+        shape = tuple(int(x) for x in img.header.get_data_shape())
+    except errors as e:  # nibabel's messages rarely name the file
+        raise ValueError(f"{path}: cannot read the NIfTI header ({type(e).__name__}: {e})") from e
+    if math.prod(shape) * 4 > max_bytes:
+        raise ValueError(f"{path}: the header declares shape {shape}, {math.prod(shape) * 4} "
+                         f"bytes as float32, over max_bytes={max_bytes}")
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except errors as e:
+        raise ValueError(f"{path}: cannot read the NIfTI voxels ({type(e).__name__}: {e})") from e
     if data.ndim == 4 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
