@@ -29,7 +29,7 @@ from attnkit.cache import DynamicCache, StaticCache
 from attnkit.functional import dense_reference
 from attnkit.knapsack import AttentionKnapsack
 from attnkit.models import DecoderLM
-from attnkit.nn.attention import MultiheadAttention, RotaryEmbedding
+from attnkit.nn.attention import RotaryEmbedding, SelfAttention
 from attnkit.nn.axial import AxialAttention
 from attnkit.nn.cross import CrossAttention
 from attnkit.nn.graph import GraphAttention, check_edge_index
@@ -261,9 +261,9 @@ def test_knapsack_constructor_checks(kw):
 
 def test_module_constructor_checks():
     with pytest.raises(ValueError, match="dropout"):
-        MultiheadAttention(8, 2, dropout=float("nan"))
+        SelfAttention(8, 2, dropout=float("nan"))
     with pytest.raises(ValueError, match="layer_idx"):
-        MultiheadAttention(8, 2, layer_idx=-1)
+        SelfAttention(8, 2, layer_idx=-1)
     with pytest.raises(ValueError, match="base"):
         RotaryEmbedding(8, base=float("inf"))
     with pytest.raises(ValueError, match="head_dim"):

@@ -203,7 +203,11 @@ def test_missing_data_dir_is_one_line_and_debug_shows_the_traceback(tmp_path):
     line = _one_error_line(_attnkit("run", "planetoid", "--data-dir", str(missing),
                                     "--out", str(tmp_path / "o")))
     assert str(missing) in line
-    debug = _attnkit("--debug", "run", "planetoid", "--data-dir", str(missing),
+    empty = tmp_path / "empty"  # exists, so the option passes; the files are missing at run time
+    empty.mkdir()
+    assert "ind.cora" in _one_error_line(_attnkit("run", "planetoid", "--data-dir", str(empty),
+                                                  "--out", str(tmp_path / "o")))
+    debug = _attnkit("--debug", "run", "planetoid", "--data-dir", str(empty),
                      "--out", str(tmp_path / "o"))
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith("attnkit: error: ")
