@@ -245,6 +245,8 @@ def test_other_index_tensors_must_be_integer():
         P.global_tokens([2**70])
     with pytest.raises(ValueError, match="num_nodes"):
         P.graph(torch.tensor([[0], [1]]), 2**40)
+    with pytest.raises(ValueError, match="seed"):
+        P.random_keys(2, seed=2**64)
     P.graph(torch.tensor([[0], [1]], dtype=torch.int32), 2)  # any integer dtype is fine
 
 
