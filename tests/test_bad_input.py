@@ -10,6 +10,7 @@ import argparse
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,8 +28,10 @@ from attnkit.argtypes import (
 )
 from attnkit.cache import DynamicCache, StaticCache
 from attnkit.functional import dense_reference
+from attnkit.genome.markov import MarkovModel
 from attnkit.knapsack import AttentionKnapsack
 from attnkit.models import DecoderLM
+from attnkit.multimodal.models import AlignmentPrior
 from attnkit.nn.attention import RotaryEmbedding, SelfAttention
 from attnkit.nn.axial import AxialAttention
 from attnkit.nn.cross import CrossAttention
@@ -242,6 +245,8 @@ def test_other_index_tensors_must_be_integer():
         P.global_tokens([2**70])
     with pytest.raises(ValueError, match="num_nodes"):
         P.graph(torch.tensor([[0], [1]]), 2**40)
+    with pytest.raises(ValueError, match="seed"):
+        P.random_keys(2, seed=2**64)
     P.graph(torch.tensor([[0], [1]], dtype=torch.int32), 2)  # any integer dtype is fine
 
 
@@ -257,6 +262,14 @@ def test_knapsack_constructor_checks(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=name):
         AttentionKnapsack(**kw)
+
+
+def test_knapsack_fit_arguments_checked_first():
+    inst = [(np.array([1.0, 2.0]), np.array([1.0, 3.0]), 2.0)]
+    with pytest.raises(ValueError, match="steps"):
+        AttentionKnapsack().fit(inst, steps=-1)
+    with pytest.raises(ValueError, match="lr"):
+        AttentionKnapsack().fit(inst, lr=float("nan"))
 
 
 def test_module_constructor_checks():
@@ -278,6 +291,10 @@ def test_module_constructor_checks():
         AxialAttention(8, 2, chunk_size=True)
     with pytest.raises(ValueError, match="dropout"):
         AxialAttention(8, 2, dropout="0.1")
+    with pytest.raises(ValueError, match="alpha"):
+        MarkovModel(2, alpha=float("inf"))
+    with pytest.raises(ValueError, match="init_sharpness"):
+        AlignmentPrior(2, init_sharpness=0.0)
 
 
 # ------------------------------------------------------------------------------ cache reuse

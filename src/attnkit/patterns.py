@@ -451,6 +451,8 @@ class RandomKeys(_CSRPattern):
     def __init__(self, r: int, seed: int = 0):
         self.r = _check_int("random_keys r", r, 1)
         self.seed = _check_int("random_keys seed", seed, 0)
+        if seed >= 2**64:  # torch generators take 64-bit seeds
+            raise ValueError(f"random_keys seed must be < 2**64, got {seed}")
         self._cache: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def _csr_for(self, lq, lk):

@@ -14,6 +14,7 @@ skipped, as are the first ``k`` (and last ``k``) positions of the scored sequenc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -51,8 +52,9 @@ class MarkovModel:
     def __init__(self, order: int, alpha: float = 0.5):
         if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
             raise ValueError(f"order must be an int in [0, {MAX_ORDER}], got {order!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0
+                or not math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
         self.order, self.alpha = order, float(alpha)
         self.counts = np.zeros((4**order, 4), dtype=np.float64)
         self._log2p: np.ndarray | None = None

@@ -222,6 +222,11 @@ class AttentionKnapsack(torch.nn.Module):
         """
         if not instances:
             raise ValueError("fit needs at least one training instance")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+                or not math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite float > 0, got {lr!r}")
         torch.manual_seed(seed)
         data = []
         for inst in instances:

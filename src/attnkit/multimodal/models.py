@@ -137,6 +137,11 @@ class AlignmentPrior(nn.Module):
 
     def __init__(self, heads: int, init_sharpness: float = 30.0):
         super().__init__()
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if (isinstance(init_sharpness, bool) or not isinstance(init_sharpness, (int, float))
+                or not init_sharpness > 0 or not math.isfinite(init_sharpness)):
+            raise ValueError(f"init_sharpness must be a finite float > 0, got {init_sharpness!r}")
         self.heads = heads
         self.log_sharpness = nn.Parameter(torch.full((heads,), math.log(init_sharpness)))
 
