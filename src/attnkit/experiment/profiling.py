@@ -32,7 +32,7 @@ _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _sync() -> None:
+def sync_device() -> None:
     """Wait for queued GPU work so wall time covers it (no-op on CPU)."""
     try:
         import torch
@@ -61,13 +61,13 @@ def measure(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     for _ in range(warmup):
         fn(*args, **kwargs)
-    _sync()
+    sync_device()
     times: list[float] = []
     total = 0.0
     while len(times) < repeat or total < min_seconds:
         t0 = time.perf_counter()
         fn(*args, **kwargs)
-        _sync()
+        sync_device()
         dt = time.perf_counter() - t0
         times.append(dt)
         total += dt

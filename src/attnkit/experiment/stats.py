@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .profiling import sync_device
 from .types import Decision
 
 __all__ = [
@@ -121,6 +122,11 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
     boots = np.array([statistic(a[i]) for i in idx], dtype=np.float64)
+    return _percentile_ci(est, boots, n, level)
+
+
+def _percentile_ci(est: float, boots: np.ndarray, n: int, level: float) -> CI:
+    """The percentile interval of the finite bootstrap replicates ``boots`` around ``est``."""
     boots = boots[np.isfinite(boots)]
     if boots.size == 0:
         return CI(est, math.nan, math.nan, n)
@@ -170,12 +176,7 @@ def ratio_ci(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *
     bx = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
     by = y[rng.integers(0, y.size, size=(n_boot, y.size))].mean(axis=1)
     boots = np.array([_safe_ratio(p, q) for p, q in zip(bx, by)])
-    boots = boots[np.isfinite(boots)]
-    if boots.size == 0:
-        return CI(est, math.nan, math.nan, n)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boots, [alpha, 1.0 - alpha])
-    return CI(est, float(low), float(high), n)
+    return _percentile_ci(est, boots, n, level)
 
 
 def _safe_ratio(p: float, q: float) -> float:
@@ -243,12 +244,9 @@ def slope_ci(
     for b in range(n_boot):
         meds = [float(np.median(r[rng.integers(0, r.size, r.size)])) for r in rows]
         boots[b] = loglog_slope(sizes, meds)
-    boots = boots[np.isfinite(boots)]
-    if boots.size == 0 or not math.isfinite(est):
+    if not math.isfinite(est):
         return CI(est, math.nan, math.nan, len(rows))
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boots, [alpha, 1.0 - alpha])
-    return CI(est, float(low), float(high), len(rows))
+    return _percentile_ci(est, boots, len(rows), level)
 
 
 def cost_per_unit_ci(units: Sequence[float], repeats: Sequence[Sequence[float]],
@@ -307,15 +305,6 @@ def stack_metrics(per_seed: Sequence[Mapping[str, float]]) -> dict[str, np.ndarr
 # ------------------------------------------------------------------------------- timing
 
 
-def _sync() -> None:
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def interleaved_times(
     cases: Mapping[str, Callable[[], Any]],
     *,
@@ -335,13 +324,13 @@ def interleaved_times(
     for _ in range(warmup):
         for fn in cases.values():
             fn()
-    _sync()
+    sync_device()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
         for name, fn in cases.items():
             t0 = time.perf_counter()
             fn()
-            _sync()
+            sync_device()
             times[name].append(time.perf_counter() - t0)
     return times
 
