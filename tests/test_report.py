@@ -49,7 +49,10 @@ FAKE = {
 def test_report_records_pass_fail_and_skip(tmp_path):
     entries = run_report(tmp_path, quick=True, experiments=FAKE)
     assert [e["name"] for e in entries] == ["pass", "fail", "needs"]
-    files = json.loads((tmp_path / "results.json").read_text())
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc) == {"env", "quick", "status", "experiments"}
+    assert doc["quick"] is True and doc["status"] == "complete"
+    files = doc["experiments"]
     assert files == entries
     ok, bad, skipped = files
     for e in files:
@@ -63,13 +66,14 @@ def test_report_records_pass_fail_and_skip(tmp_path):
     assert skipped["verdict"] == "not run" and skipped["skipped"] == "needs --fasta"
 
     page = (tmp_path / "index.html").read_text()
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "boom &lt;img src=x" in page
     assert "&lt;b&gt;markup&lt;/b&gt; &amp; ampersand" in page
     assert "&lt;a&amp;b&gt;" in page
     assert '<img src="pass/fig.png"' in page
     assert "not run (needs --fasta)" in page
     assert "1 of 3 claims held" in page
+    assert 'data-status="complete"' in page and "status-banner" not in page
 
 
 def test_figures_outside_the_report_are_copied_in(tmp_path):
