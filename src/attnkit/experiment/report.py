@@ -468,13 +468,14 @@ table { border-collapse: collapse; margin: 0.6em 0; font-size: 13px; max-width: 
 table.full { width: 100%; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: right; vertical-align: top;
          overflow-wrap: anywhere; }
-th { background: #f4f4f4; } td.text, th.text { text-align: left; }
+th { background: #f4f4f4; overflow-wrap: normal; } td.text, th.text { text-align: left; }
 td.num { white-space: nowrap; }
 .badge { display: inline-block; padding: 1px 9px; border-radius: 10px; color: #fff;
          font-size: 13px; font-weight: 600; white-space: nowrap; }
 .held { background: #2e7d32; } .inconclusive { background: #b26a00; }
 .not-held { background: #c62828; } .not-run { background: #777; }
-tr.inconclusive td { background: #fff4e0; } tr.not-held td { background: #fdecea; }
+tr.row-inconclusive td { background: #fff4e0; } tr.row-not-held td { background: #fdecea; }
+tr.row-inconclusive td.outcome { color: #b26a00; font-weight: 600; }
 .claim { font-style: italic; } .muted { color: #666; font-size: 13px; }
 .banner { border: 2px solid #b26a00; background: #fff4e0; padding: 0.6em 1em; font-weight: 600; }
 .banner.interrupted { border-color: #c62828; background: #fdecea; }
@@ -544,11 +545,11 @@ def _decision_table(decisions: Sequence[Mapping[str, Any]]) -> str:
     for d in decisions:
         outcome = str(d.get("outcome", ""))
         rows.append(
-            f'<tr class="{_verdict_class(outcome)}"><td class="text">{_e(d.get("name"))}</td>'
+            f'<tr class="row-{_verdict_class(outcome)}"><td class="text">{_e(d.get("name"))}</td>'
             f'{_cell(d.get("value"))}<td class="num">[{_e(fmt(d.get("ci_low")))}, '
             f'{_e(fmt(d.get("ci_high")))}]</td>'
             f'<td class="num">{_e(d.get("direction"))} {_e(fmt(d.get("threshold")))}</td>'
-            f'{_cell(d.get("margin"))}<td class="text">{_e(outcome)}</td>'
+            f'{_cell(d.get("margin"))}<td class="text outcome">{_e(outcome)}</td>'
             f'<td class="text">{_e(d.get("note", ""))}</td></tr>'
         )
     head = ("<tr><th class=text>deciding quantity</th><th>value</th><th>95% CI</th>"
@@ -597,7 +598,7 @@ def _summary_html(entries: Sequence[Mapping[str, Any]]) -> str:
             continue
         for i, d in enumerate(decisions):
             parts.append(
-                f'<tr class="{_verdict_class(d.get("outcome"))}">{lead if i == 0 else ""}'
+                f'<tr class="row-{_verdict_class(d.get("outcome"))}">{lead if i == 0 else ""}'
                 f'<td class="text">{_e(d.get("name"))}</td><td class="num">{_e(_ci_text(d))}</td>'
                 f'<td class="num">{_e(d.get("direction"))} {_e(fmt(d.get("threshold")))}</td>'
                 f'{_cell(d.get("margin"))}</tr>'
@@ -671,7 +672,7 @@ def render_html(entries: Sequence[Mapping[str, Any]], *, quick: bool = False,
         if rows:
             parts.append("<h3>Measurements</h3>")
             for cols, group in group_rows(rows):
-                parts.append(_table_html(cols, group, cls="full"))
+                parts.append(_table_html(cols, group))
         if e.get("params"):
             parts.append(f'<p class="muted">params: {_e(json.dumps(e["params"]))}</p>')
         parts.append("</section>")
