@@ -134,3 +134,39 @@ def test_to_jsonable_and_html_of_nan():
     page = render_html([{"name": "n", "claim": "c", "verdict": "held",
                          "metrics": {"m": None}, "seconds": 1.0}])
     assert "\u2014" in page  # null metrics shown as a dash, not "None"
+
+
+ENV_KEYS = {"attnkit", "git_commit", "git_dirty", "torch", "python", "platform", "cpu",
+            "cpu_count", "threads", "kernels", "started"}
+
+
+def test_results_json_carries_provenance(tmp_path):
+    import torch
+
+    import attnkit
+    from attnkit.experiment.report import load_results
+
+    run_report(tmp_path, experiments={"pass": FAKE["pass"]})
+    doc = load_results(tmp_path)
+    env = doc["env"]
+    assert ENV_KEYS <= set(env)
+    assert env["attnkit"] == attnkit.__version__ and env["torch"] == torch.__version__
+    assert env["threads"] == torch.get_num_threads() and env["cpu"]
+    assert set(env["kernels"]) == {"band", "decode", "short", "gemv"}
+    for state in env["kernels"].values():
+        assert isinstance(state["available"], bool)
+        assert state["reason"] is None if state["available"] else isinstance(state["reason"], str)
+    # this test runs from a git checkout: the commit is a 40-digit hash
+    commit = env["git_commit"]
+    assert commit is None or (len(commit) == 40 and isinstance(env["git_dirty"], bool))
+    page = (tmp_path / "index.html").read_text()
+    assert env["torch"] in page and "compiled kernels" in page
+    (tmp_path / "old.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an attnkit results.json"):
+        load_results(tmp_path / "old.json")
+
+
+def test_git_state_outside_a_checkout(tmp_path):
+    from attnkit.experiment.provenance import git_state
+
+    assert git_state(tmp_path) == (None, None)
