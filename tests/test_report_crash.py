@@ -46,14 +46,23 @@ PLUGIN = textwrap.dedent('''
                    Experiment("sleeper", "a claim that takes long", sleeper)]
 ''')
 
-LAUNCH = ("import sys; from attnkit.experiment import registry; "
-          "registry.MODULES[:] = ['attnkit_fake_crash_plugin']; from attnkit import cli; "
-          "sys.exit(cli.main(sys.argv[1:]))")
+# With SLOW_FSYNC set, every fsync waits 0.3 s first: each atomic write then stays a while
+# between "temporary file written" and "renamed into place", a window the test can kill in.
+LAUNCH = ("import os, sys, time\n"
+          "if os.environ.get('SLOW_FSYNC'):\n"
+          "    _fsync = os.fsync\n"
+          "    os.fsync = lambda fd: (time.sleep(0.3), _fsync(fd))[1]\n"
+          "from attnkit.experiment import registry\n"
+          "registry.MODULES[:] = ['attnkit_fake_crash_plugin']\n"
+          "from attnkit import cli\n"
+          "sys.exit(cli.main(sys.argv[1:]))\n")
 
 
-def _start(tmp_path: Path, out: Path, *only: str) -> subprocess.Popen:
+def _start(tmp_path: Path, out: Path, *only: str, slow_fsync: bool = False) -> subprocess.Popen:
     (tmp_path / "attnkit_fake_crash_plugin.py").write_text(PLUGIN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(tmp_path)])}
+    if slow_fsync:
+        env["SLOW_FSYNC"] = "1"
     cmd = [sys.executable, "-c", LAUNCH, "report", "--quick", "--out", str(out), "--only", *only]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -111,10 +120,10 @@ def test_signal_mid_run_marks_the_report_interrupted(tmp_path, sig):
 
 def test_kill_mid_write_leaves_valid_json_not_complete(tmp_path):
     out = tmp_path / "report"
-    proc = _start(tmp_path, out, "fast", "big", "sleeper")
+    proc = _start(tmp_path, out, "fast", "big", "sleeper", slow_fsync=True)
 
-    def writing_big() -> bool:  # a temporary results file exists once "fast" is in: mid-write
-        if not list(out.glob(".results.json.*")):
+    def writing_big() -> bool:  # a temporary file exists once "fast" is in: mid-write
+        if not list(out.glob(".results.json.*")) and not list(out.glob(".index.html.*")):
             return False
         try:
             return "fast" in _names(_doc(out))
