@@ -276,7 +276,7 @@ def _figure(ctx: RunContext, times: dict, mem: dict, slopes: dict[str, stats.CI]
     plt = ctx.pyplot()
     if plt is None:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
     for config in CONFIGS:
         for ax, data, key in ((axes[0], times, "slope_pairs_"), (axes[1], mem, "mem_slope_pairs_")):
             per_len = data.get(config) or {}
@@ -299,8 +299,8 @@ def _figure(ctx: RunContext, times: dict, mem: dict, slopes: dict[str, stats.CI]
                 title="peak memory of one forward")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # below the axes: the curves fill the corners
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     return [ctx.save_figure(fig, "engine_scaling.png", dpi=110)]
 
 
