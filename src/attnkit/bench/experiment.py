@@ -6,7 +6,7 @@ Part (a) compares ``attnkit.attention`` with ``attnkit.dense_reference`` (the pa
 returned weights, on square and decoding-shaped (``Lq < Lk``) inputs with grouped-query heads.
 Decided by the largest error of each kind (< 1e-10; deterministic, so no interval).
 
-Part (b) times the forward pass (H=4, D=64, fp32, one thread) of three sparse patterns and
+Part (b) times the forward pass (H=2, D=64, fp32, one thread) of three sparse patterns and
 dense SDPA against sequence length, the sizes of each configuration interleaved round by round
 (so a change of the machine's load hits every size alike), and fits the log-log slope of the
 median time against the allowed pairs with a bootstrap CI over the repeats
@@ -44,7 +44,9 @@ ERR_TOL = 1e-10  # fp64
 #: bound): linear cost is slope 1; 1.15 leaves room for cache effects as sizes grow 8x, and
 #: still separates linear from e.g. L log L over 8x (slope ~1.3 vs L) or quadratic (2).
 SLOPE_TOL = 1.15
-HEADS, HEAD_DIM = 4, 64
+# Two heads: the per-head working set (what caches see) is that of any head count, and the
+# time saved buys repeats, which narrow the slopes' intervals.
+HEADS, HEAD_DIM = 2, 64
 WINDOW, N_GLOBAL = 128, 16
 
 # Sequence lengths of the scaling sweep (fixed in advance). Dense SDPA is quadratic in time, so
@@ -53,7 +55,7 @@ QUICK_SPARSE = (8192, 16384, 32768, 65536)
 QUICK_DENSE = (512, 1024, 2048)
 FULL_SPARSE = tuple(2**p for p in range(13, 19))  # 8k .. 256k
 FULL_DENSE = tuple(2**p for p in range(10, 14))  # 1k .. 8k
-QUICK_REPEATS, FULL_REPEATS = 5, 11  # timed rounds per size
+QUICK_REPEATS, FULL_REPEATS = 9, 15  # timed rounds per size
 QUICK_MEM_REPEATS, FULL_MEM_REPEATS = 2, 3
 #: Peak memory is deterministic up to allocator rounding and needs no large sizes: in quick
 #: mode it is measured up to this length (the subprocess costs one forward per size and repeat).
@@ -189,7 +191,7 @@ def scaling_pattern(config: str, length: int) -> P.Pattern | None:
 
 
 def make_inputs(config: str, length: int, seed: int = 0) -> tuple:
-    """``(config, q, k, v)`` with q, k, v of shape ``(1, 4, length, 64)``, fp32."""
+    """``(config, q, k, v)`` with q, k, v of shape ``(1, HEADS, length, 64)``, fp32."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, generator=gen) for _ in range(3))
     return config, q, k, v
