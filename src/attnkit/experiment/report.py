@@ -476,6 +476,7 @@ td.num { white-space: nowrap; }
 .not-held { background: #c62828; } .not-run { background: #777; }
 tr.row-inconclusive td { background: #fff4e0; } tr.row-not-held td { background: #fdecea; }
 tr.row-inconclusive td.outcome { color: #b26a00; font-weight: 600; }
+td.outcome { white-space: nowrap; }
 .claim { font-style: italic; } .muted { color: #666; font-size: 13px; }
 .banner { border: 2px solid #b26a00; background: #fff4e0; padding: 0.6em 1em; font-weight: 600; }
 .banner.interrupted { border-color: #c62828; background: #fdecea; }
