@@ -116,6 +116,14 @@ def test_interleaved_times_alternate_cases():
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_interleaved_times_uses_the_given_clock():
+    ticks = iter(range(100))
+    times = stats.interleaved_times({"a": lambda: next(ticks), "b": lambda: None}, repeat=2,
+                                    warmup=1, clock=lambda: float(next(ticks)))
+    # "a" advances the fake clock once more while it runs: 2 ticks per round, "b" 1 tick
+    assert times == {"a": [2.0, 2.0], "b": [1.0, 1.0]}
+
+
 def test_threads_restores():
     import torch
 

@@ -49,7 +49,10 @@ FAKE = {
 def test_report_records_pass_fail_and_skip(tmp_path):
     entries = run_report(tmp_path, quick=True, experiments=FAKE)
     assert [e["name"] for e in entries] == ["pass", "fail", "needs"]
-    files = json.loads((tmp_path / "results.json").read_text())
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc) == {"env", "quick", "status", "experiments"}
+    assert doc["quick"] is True and doc["status"] == "complete"
+    files = doc["experiments"]
     assert files == entries
     ok, bad, skipped = files
     for e in files:
@@ -63,13 +66,14 @@ def test_report_records_pass_fail_and_skip(tmp_path):
     assert skipped["verdict"] == "not run" and skipped["skipped"] == "needs --fasta"
 
     page = (tmp_path / "index.html").read_text()
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<img src=x" not in page and "boom &lt;img src=x" in page
     assert "&lt;b&gt;markup&lt;/b&gt; &amp; ampersand" in page
     assert "&lt;a&amp;b&gt;" in page
     assert '<img src="pass/fig.png"' in page
     assert "not run (needs --fasta)" in page
     assert "1 of 3 claims held" in page
+    assert 'data-status="complete"' in page and "status-banner" not in page
 
 
 def test_figures_outside_the_report_are_copied_in(tmp_path):
@@ -130,3 +134,39 @@ def test_to_jsonable_and_html_of_nan():
     page = render_html([{"name": "n", "claim": "c", "verdict": "held",
                          "metrics": {"m": None}, "seconds": 1.0}])
     assert "\u2014" in page  # null metrics shown as a dash, not "None"
+
+
+ENV_KEYS = {"attnkit", "git_commit", "git_dirty", "torch", "python", "platform", "cpu",
+            "cpu_count", "threads", "kernels", "started"}
+
+
+def test_results_json_carries_provenance(tmp_path):
+    import torch
+
+    import attnkit
+    from attnkit.experiment.report import load_results
+
+    run_report(tmp_path, experiments={"pass": FAKE["pass"]})
+    doc = load_results(tmp_path)
+    env = doc["env"]
+    assert ENV_KEYS <= set(env)
+    assert env["attnkit"] == attnkit.__version__ and env["torch"] == torch.__version__
+    assert env["threads"] == torch.get_num_threads() and env["cpu"]
+    assert set(env["kernels"]) == {"band", "decode", "short", "gemv"}
+    for state in env["kernels"].values():
+        assert isinstance(state["available"], bool)
+        assert state["reason"] is None if state["available"] else isinstance(state["reason"], str)
+    # this test runs from a git checkout: the commit is a 40-digit hash
+    commit = env["git_commit"]
+    assert commit is None or (len(commit) == 40 and isinstance(env["git_dirty"], bool))
+    page = (tmp_path / "index.html").read_text()
+    assert env["torch"] in page and "compiled kernels" in page
+    (tmp_path / "old.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an attnkit results.json"):
+        load_results(tmp_path / "old.json")
+
+
+def test_git_state_outside_a_checkout(tmp_path):
+    from attnkit.experiment.provenance import git_state
+
+    assert git_state(tmp_path) == (None, None)

@@ -16,6 +16,9 @@ logs go to stderr. Exit codes: 0 on success (whatever the verdict: "not held" is
 a failure), 1 when the experiment raised, 2 for usage errors (unknown experiment, bad option).
 ``report`` exits 0 once the report is written, even if experiments raised (each failure is in
 the report and summarized on stderr); with ``--strict`` it exits 1 when any experiment raised.
+``run --out DIR`` also writes ``DIR/result.json`` (the ``--json`` object, provenance in
+``"env"``). ``report`` writes ``results.json`` with status "running" at once, "complete" at the
+end, "interrupted" on SIGINT (exit 130) or SIGTERM (exit 143).
 
 Under ``torchrun`` (e.g. ``torchrun --nproc-per-node 2 -m attnkit run genome --quick``),
 ``run`` and ``report`` join the process group first (:func:`attnkit.distributed.data_parallel.
@@ -41,9 +44,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .experiment.io import atomic_write_text
+from .experiment.provenance import environment
 from .experiment.report import (
     HELD,
     NOT_RUN,
+    ReportInterrupted,
     collect_experiments,
     error_dict,
     fmt,
@@ -250,33 +256,42 @@ def cmd_run(argv: Sequence[str], experiments: Mapping[str, Experiment],
     out_dir = args.out if args.out is not None else Path("report") / exp.name
     if out_root is not None:
         out_dir = out_root / exp.name
+    # --out DIR also gets DIR/result.json (the --json object), on the writing rank only.
+    result_file = out_dir / "result.json" if args.out is not None and out_root is None else None
+    env = environment()
     t0 = time.perf_counter()
     try:
         result, seconds = run_experiment(exp, quick=args.quick, out_dir=out_dir,
                                          options=options, seed=args.seed)
-        obj = result_dict(exp, result, seconds)
+        obj = {**result_dict(exp, result, seconds), "env": env}
     except OSError as e:
         # missing or unreadable data named on the command line: the user's input, not a crash
         if _DEBUG:
             _err(traceback.format_exc())
         _err(f"attnkit: error: {name}: {_one_line(e)}")
-        if args.json:
-            print(json.dumps(error_dict(exp, traceback.format_exc(), time.perf_counter() - t0),
-                             allow_nan=False), flush=True)
+        _emit({**error_dict(exp, traceback.format_exc(), time.perf_counter() - t0), "env": env},
+              args.json, result_file)
         return USAGE
     except Exception:
         tb = traceback.format_exc()
         _err(tb)
         _err(f"attnkit: experiment {name!r} raised; verdict not held")
-        if args.json:
-            print(json.dumps(error_dict(exp, tb, time.perf_counter() - t0), allow_nan=False),
-                  flush=True)
+        _emit({**error_dict(exp, tb, time.perf_counter() - t0), "env": env}, args.json,
+              result_file)
         return 1
-    if args.json:
-        print(json.dumps(obj, allow_nan=False), flush=True)
-    else:
+    _emit(obj, args.json, result_file)
+    if not args.json:
         print(summary_text(obj))
     return 0
+
+
+def _emit(obj: Mapping[str, Any], as_json: bool, result_file: Path | None) -> None:
+    """Write ``obj`` to ``result_file`` (atomically) and, with ``--json``, to stdout."""
+    text = json.dumps(obj, allow_nan=False)
+    if result_file is not None:
+        atomic_write_text(result_file, text + "\n")
+    if as_json:
+        print(text, flush=True)
 
 
 def summary_text(obj: Mapping[str, Any]) -> str:
@@ -285,6 +300,12 @@ def summary_text(obj: Mapping[str, Any]) -> str:
     verdict = str(obj["verdict"]).upper()
     lines = [f"{obj['name']}: {verdict}  ({fmt(obj.get('seconds'))} s)"]
     lines += textwrap.wrap("claim: " + str(obj["claim"]), cols, subsequent_indent="  ")
+    decisions = obj.get("decisions") or []
+    if decisions:
+        lines.append("decided by (value [95% CI] vs the claim's threshold):")
+        lines += [f"  {d['name']}: {fmt(d.get('value'))} [{fmt(d.get('ci_low'))}, "
+                  f"{fmt(d.get('ci_high'))}] {d.get('direction')} {fmt(d.get('threshold'))}"
+                  f" -> {d.get('outcome')} (margin {fmt(d.get('margin'))})" for d in decisions]
     metrics = obj.get("metrics") or {}
     if metrics:
         lines.append("metrics:")
@@ -390,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
         return code
+    except KeyboardInterrupt:
+        _err("attnkit: interrupted")
+        return 128 + 2  # as a shell reports SIGINT
+    except ReportInterrupted as e:
+        _err(f"attnkit: {e}")
+        return 128 + e.signum
     except BrokenPipeError:
         # the reader went away (``attnkit list | head -1``): stop quietly; stdout goes to
         # devnull so the interpreter's own flush at exit raises nothing either

@@ -10,7 +10,7 @@ from .types import Experiment
 # Module paths, in report order. Imported lazily so one application's optional dependency
 # never breaks another's.
 MODULES: list[str] = [
-    "attnkit.engine_experiment",
+    "attnkit.bench.experiment",  # the engine's own experiment (engine modules are math only)
     "attnkit.lm.experiment",
     "attnkit.lm.pruning_experiment",
     "attnkit.genome.experiment",

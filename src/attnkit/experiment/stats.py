@@ -239,13 +239,24 @@ def slope_ci(
     if any(np.isnan(r).any() for r in rows):
         return CI(*_NAN_CI, len(rows))
     est = loglog_slope(sizes, [float(np.median(r)) for r in rows])
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for b in range(n_boot):
-        meds = [float(np.median(r[rng.integers(0, r.size, r.size)])) for r in rows]
-        boots[b] = loglog_slope(sizes, meds)
     if not math.isfinite(est):
         return CI(est, math.nan, math.nan, len(rows))
+    rng = np.random.default_rng(seed)
+    # Resampled medians, one column per size (vectorized: the bootstrap is 2000 refits).
+    meds = np.stack([np.median(r[rng.integers(0, r.size, (n_boot, r.size))], axis=1)
+                     for r in rows], axis=1)
+    xs = np.asarray(sizes, dtype=np.float64)
+    ok = np.isfinite(meds).all(axis=1) & (meds > 0).all(axis=1)
+    if not (np.isfinite(xs).all() and (xs > 0).all()):
+        ok[:] = False  # some sizes unusable: the scalar rule below drops them per row
+    boots = np.full(n_boot, math.nan)
+    if ok.any():
+        lx = np.log(xs)
+        ly = np.log(np.where(ok[:, None], meds, 1.0))
+        xc = lx - lx.mean()  # est is finite, so the sizes are not all equal
+        boots[ok] = ((ly - ly.mean(axis=1, keepdims=True)) @ xc / (xc @ xc))[ok]
+    for b in np.flatnonzero(~ok):  # rows with a non-positive median: the scalar NaN rule
+        boots[b] = loglog_slope(sizes, meds[b])
     return _percentile_ci(est, boots, len(rows), level)
 
 
@@ -310,10 +321,16 @@ def interleaved_times(
     *,
     repeat: int = 7,
     warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Wall-clock seconds of each case, measured in rounds A B C, A B C, ... so a change in
-    the machine's load hits every case alike. Returns ``{case: [seconds per round]}``; take
-    medians (``statistics.median``) or pass the lists to :func:`ratio_ci` (paired by round).
+    """Seconds of each case, measured in rounds A B C, A B C, ... so a change in the machine's
+    load hits every case alike. Returns ``{case: [seconds per round]}``; take medians
+    (``statistics.median``) or pass the lists to :func:`ratio_ci` (paired by round).
+
+    ``clock`` is wall-clock time by default. ``time.process_time`` measures the CPU seconds
+    this process spends instead: for single-threaded calls (:func:`single_thread`) that is
+    their work, which other processes on a busy machine barely change, whereas the wall time
+    grows with every process competing for the cores.
     """
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -328,10 +345,10 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync_device()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 

@@ -1,4 +1,4 @@
-"""What an experiment is and what it returns (no I/O, no dependencies beyond the stdlib).
+"""What an experiment is and what it returns (no dependencies beyond the stdlib).
 
 Each application defines ``EXPERIMENT = Experiment(...)`` in its ``experiment.py``; the registry
 (:mod:`attnkit.experiment.registry`) collects them, and the CLI and the report run them.
@@ -248,13 +248,19 @@ class RunContext:
         return self.out_dir / name
 
     def save_figure(self, fig: Any, name: str, dpi: int = 110) -> str:
-        """Lay out a matplotlib figure, save it as ``out_dir/name``, close it; return the path."""
+        """Lay out a matplotlib figure, save it as ``out_dir/name`` (atomically: a temporary
+        file renamed into place), close it; return the path."""
         import matplotlib.pyplot as plt  # only reached when the caller already drew a figure
+
+        from .io import atomic_path
 
         fig.tight_layout()
         path = self.figure_path(name)
-        fig.savefig(path, dpi=dpi)
-        plt.close(fig)
+        try:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=dpi)
+        finally:
+            plt.close(fig)
         return str(path)
 
 
