@@ -1,40 +1,29 @@
-"""Autoregressive decoding: generation with KV caches, multi-head -> grouped/multi-query
-conversion (mean-pooled K/V heads, Ainslie et al. 2023) with uptraining, and the memory
-roofline of a decoding step."""
+"""Autoregressive decoding: generation with KV caches (Hugging Face's conventions), the bytes
+a decoding step reads and its memory roofline, and the measurements of a decoding step."""
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import DynamicCache, KVCache, SlidingWindowCache, StaticCache
-from .distributed.data_parallel import all_reduce_mean, rescale_mean, shard, wrap_ddp
-from .nn.attention import SelfAttention
+from ..nn.attention import attention_layers
+from .cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
 
 __all__ = [
     "generate",
-    "convert_kv_heads",
-    "train_lm",
-    "uptrain",
     "kv_cache_bytes",
+    "kv_bytes_per_token",
+    "bits_per_char_cached",
     "weight_bytes",
     "decode_roofline",
     "measure_bandwidth",
     "time_per_token",
 ]
-
-
-def _attn_layers(model: nn.Module) -> list[SelfAttention]:
-    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
-    if not layers:
-        raise ValueError("model has no attnkit.nn.SelfAttention layers")
-    return layers
 
 
 def _make_cache(cache: str | KVCache, model: nn.Module, total_len: int) -> KVCache:
@@ -52,93 +41,197 @@ def _make_cache(cache: str | KVCache, model: nn.Module, total_len: int) -> KVCac
         return DynamicCache()
     if cache == "static":
         return StaticCache(total_len)
+    if cache == "int8":
+        return QuantizedCache()
     if cache == "sliding":
         window = getattr(model, "window", None)
         if window is None:
             raise ValueError('cache="sliding" needs a model built with window=...')
         return SlidingWindowCache(window)
     raise ValueError(
-        f'cache must be "dynamic", "static", "sliding" or a KVCache, got {cache!r}'
+        f'cache must be "dynamic", "static", "sliding", "int8" or a KVCache, got {cache!r}'
     )
 
 
-def _next_token(logits: Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> Tensor:
-    """``logits (B, V)`` -> ``(B,)`` token ids."""
-    if temperature == 0:
-        return logits.argmax(-1)
+def _filtered_logits(logits: Tensor, temperature: float, top_k: int | None,
+                     top_p: float | None) -> Tensor:
+    """``logits (B, V)`` scaled by ``1 / temperature``, then ``-inf`` outside the ``top_k``
+    most likely tokens and outside the smallest set whose probability reaches ``top_p``
+    (nucleus sampling; the most likely token always stays), in Hugging Face's order."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _check_token_ids(name: str, value, vocab_size: int) -> list[int]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        values = list(values)
+    except TypeError:
+        values = [value]
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(
+                f"{name} must be a token id (or a list of them) in [0, {vocab_size}), "
+                f"got {value!r}"
+            )
+    if not values:
+        raise ValueError(f"{name} must name at least one token id, got {value!r}")
+    return values
+
+
+def _check_attention_mask(mask: Tensor, ids: Tensor) -> Tensor | None:
+    """A left-padded ``(B, L)`` 0/1 mask as a long tensor, or None if nothing is padded."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor, got {type(mask).__name__}")
+    if mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got "
+            f"{tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.to(device=ids.device, dtype=torch.long)
+    if bool((mask.sum(1) == 0).any()):
+        raise ValueError("attention_mask has a row without any token")
+    if bool((mask.diff(dim=1) < 0).any()):
+        raise ValueError(
+            "attention_mask must be left-padded (zeros before the tokens of each row): new "
+            "tokens are appended at the right"
+        )
+    return None if bool(mask.all()) else mask
 
 
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    prompt_ids: Tensor,
-    max_new_tokens: int,
+    input_ids: Tensor,
+    max_new_tokens: int = 20,
     *,
-    temperature: float = 1.0,
+    attention_mask: Tensor | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
     use_cache: bool = True,
     cache: str | KVCache = "dynamic",
     on_token: Callable[[int | Tensor], None] | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Sample ``max_new_tokens`` tokens after ``prompt_ids``.
+    """Generate up to ``max_new_tokens`` tokens after ``input_ids``, with Hugging Face's
+    conventions.
 
     Args:
-        model: a :class:`attnkit.models.DecoderLM` (any model with its ``forward(ids, *, cache,
-            last_only)``, ``check_ids`` and ``max_seq_len``).
-        prompt_ids: ``(L,)`` or ``(B, L)`` token ids, ``L >= 1``.
-        max_new_tokens: tokens to generate (``>= 0``); prompt + new must fit ``max_seq_len``.
-        temperature: softmax temperature; ``0`` means greedy decoding (argmax), which gives the
-            same tokens with and without the cache.
+        model: a :class:`attnkit.lm.DecoderLM` (any model with its ``forward(ids, *, cache,
+            last_only, attention_mask)``, ``check_ids``, ``vocab_size`` and ``max_seq_len``).
+        input_ids: ``(L,)`` or ``(B, L)`` token ids, ``L >= 1``; a batch of prompts of
+            different lengths is left-padded (any valid id as padding) with ``attention_mask``.
+        max_new_tokens: tokens to generate (``>= 0``); ``L + max_new_tokens`` must fit the
+            model's ``max_seq_len`` (padding included).
+        attention_mask: ``(B, L)`` (or ``(L,)``), 1 for tokens and 0 for left padding.
+            Padded positions are never attended to; a left-padded row generates what it would
+            alone (rotary attention sees relative positions only), up to rounding.
+        do_sample: sample from the (filtered) distribution; ``False``: greedy (argmax),
+            which gives the same tokens with and without the cache. Default: sample if
+            ``temperature`` is given and positive (``temperature=0`` is greedy), else greedy.
+        temperature: softmax temperature for sampling (default 1).
         top_k: sample only among the ``top_k`` most likely tokens.
+        top_p: sample only among the most likely tokens whose probabilities sum to ``top_p``
+            (nucleus sampling), in ``(0, 1]``.
+        eos_token_id: a token id (or list of ids) that ends a row; later tokens of that row are
+            ``pad_token_id``. Generation stops when every row has ended, so the result may be
+            shorter than ``L + max_new_tokens``.
+        pad_token_id: fills ended rows (default: the first ``eos_token_id``).
         use_cache: keep keys/values of past positions (one new position per step) instead of
             re-running the whole sequence every step.
         cache: ``"dynamic"``, ``"static"`` (preallocated for prompt + new tokens),
-            ``"sliding"`` (the model's ``window``) or a :class:`attnkit.cache.KVCache` instance.
-            An instance must be empty (new, or emptied by its ``reset()``): the prompt is always
-            run in full, so positions left by an earlier call raise ``ValueError``. After the
-            call it holds the positions the model ran.
+            ``"sliding"`` (the model's ``window``), ``"int8"`` (a :class:`QuantizedCache`) or
+            a :class:`attnkit.lm.KVCache` instance. An instance must be empty (new, or emptied
+            by its ``reset()``): the prompt is always run in full, so positions left by an
+            earlier call raise ``ValueError``. After the call it holds the positions the model
+            ran.
         on_token: called with each new token as soon as it exists (streaming): an ``int`` for a
             1-D prompt, a ``(B,)`` tensor for a batch.
-        generator: random generator for sampling.
+        generator: random generator for sampling (seeded: reproducible samples).
 
     Returns:
-        The prompt followed by the new tokens, ``(L + max_new_tokens,)`` or ``(B, ...)``.
+        The prompts followed by the new tokens, ``(L + n,)`` or ``(B, L + n)``,
+        ``n <= max_new_tokens``.
+
+    Raises:
+        ValueError: ids outside ``[0, vocab_size)``, a prompt longer than the model's context
+            (or prompt + ``max_new_tokens`` beyond it), a mask that is not left padding, and
+            invalid options.
     """
-    if not isinstance(prompt_ids, Tensor):
-        raise TypeError(f"prompt_ids must be a tensor, got {type(prompt_ids).__name__}")
-    if prompt_ids.dim() not in (1, 2):
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() not in (1, 2):
         raise ValueError(
-            f"prompt_ids must have shape (L,) or (B, L), got {tuple(prompt_ids.shape)}"
+            f"input_ids must have shape (L,) or (B, L), got {tuple(input_ids.shape)}"
         )
-    if prompt_ids.shape[-1] == 0:
-        raise ValueError("prompt_ids is empty: give at least one token")
+    if input_ids.shape[-1] == 0:
+        raise ValueError("input_ids is empty: give at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
+    if temperature is not None and (isinstance(temperature, bool)
+                                    or not isinstance(temperature, (int, float))
+                                    or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+    if do_sample is None:
+        do_sample = temperature is not None and temperature > 0
+    elif not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool or None, got {do_sample!r}")
+    if do_sample and temperature == 0:
+        raise ValueError("do_sample=True needs temperature > 0 (temperature=0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    single = prompt_ids.dim() == 1
-    ids = prompt_ids.unsqueeze(0) if single else prompt_ids
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a float in (0, 1], got {top_p!r}")
+    vocab = model.vocab_size
+    eos = None if eos_token_id is None else _check_token_ids("eos_token_id", eos_token_id,
+                                                             vocab)
+    if pad_token_id is not None:
+        _check_token_ids("pad_token_id", pad_token_id, vocab)
+    elif eos is not None:
+        pad_token_id = eos[0]
+    single = input_ids.dim() == 1
+    ids = input_ids.unsqueeze(0) if single else input_ids
     device = next(model.parameters()).device
     ids = ids.to(device)
-    model.check_ids(ids)
-    total = ids.shape[1] + max_new_tokens
+    length = ids.shape[1]
+    if length > model.max_seq_len:
+        raise ValueError(
+            f"prompt of {length} positions is longer than the model's context "
+            f"(max_seq_len={model.max_seq_len})"
+        )
+    total = length + max_new_tokens
     if total > model.max_seq_len:
         raise ValueError(
-            f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"max_seq_len={model.max_seq_len}"
         )
+    model.check_ids(ids)
+    mask = None
+    if attention_mask is not None:
+        am = attention_mask.unsqueeze(0) if single and isinstance(attention_mask, Tensor) \
+            and attention_mask.dim() == 1 else attention_mask
+        mask = _check_attention_mask(am, ids)
+    temp = 1.0 if temperature is None else float(temperature)
+    eos_t = None if eos is None else torch.tensor(eos, device=device)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     kv = _make_cache(cache, model, total) if use_cache else None
@@ -148,127 +241,28 @@ def generate(
         for _ in range(max_new_tokens):
             if kv is None:
                 step_input = torch.cat(out, dim=1)
-            logits = model(step_input, cache=kv, last_only=True)[:, -1]
-            token = _next_token(logits, float(temperature), top_k, generator)
+            kwargs = {} if mask is None else {"attention_mask": mask}
+            logits = model(step_input, cache=kv, last_only=True, **kwargs)[:, -1]
+            if do_sample:
+                probs = torch.softmax(_filtered_logits(logits, temp, top_k, top_p), dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = logits.argmax(-1)
+            if eos_t is not None:
+                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+                finished |= torch.isin(token, eos_t)
             step_input = token.unsqueeze(1)
             out.append(step_input)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
             if on_token is not None:
                 on_token(int(token[0]) if single else token)
+            if eos_t is not None and bool(finished.all()):
+                break
     finally:
         model.train(was_training)
     result = torch.cat(out, dim=1)
     return result[0] if single else result
-
-
-# ------------------------------------------------------------------------ MHA -> GQA / MQA
-
-
-@torch.no_grad()
-def convert_kv_heads(model: nn.Module, num_kv_heads: int) -> nn.Module:
-    """A copy of ``model`` whose attention layers have ``num_kv_heads`` key/value heads.
-
-    Each new key (value) head is the mean of the projections of the old heads in its group
-    (heads ``g*r .. g*r + r - 1`` with ``r = old // new``; query head ``h`` reads group
-    ``h // (num_heads // num_kv_heads)``), the checkpoint conversion of the GQA paper. With
-    ``num_kv_heads`` equal to the current count the copy computes exactly what ``model`` does.
-    The input model is not modified; quality recovers with :func:`uptrain`.
-    """
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
-    for layer in _attn_layers(model):
-        if layer.num_heads % num_kv_heads or layer.num_kv_heads % num_kv_heads:
-            raise ValueError(
-                f"num_kv_heads={num_kv_heads} must divide num_heads={layer.num_heads} and the "
-                f"current num_kv_heads={layer.num_kv_heads}"
-            )
-    new = copy.deepcopy(model)
-    for layer in _attn_layers(new):
-        ratio = layer.num_kv_heads // num_kv_heads
-        for name in ("k_proj", "v_proj"):
-            old: nn.Linear = getattr(layer, name)
-            d = layer.head_dim
-            w = old.weight.view(num_kv_heads, ratio, d, old.in_features).mean(1)
-            # type(old): keeps e.g. SplitLinear's fast decoding path
-            lin = type(old)(old.in_features, num_kv_heads * d, bias=old.bias is not None,
-                            device=old.weight.device, dtype=old.weight.dtype)
-            lin.weight.copy_(w.reshape(num_kv_heads * d, old.in_features))
-            if old.bias is not None:
-                lin.bias.copy_(old.bias.view(num_kv_heads, ratio, d).mean(1).reshape(-1))
-            setattr(layer, name, lin)
-        layer.num_kv_heads = num_kv_heads
-    if hasattr(new, "num_kv_heads"):
-        new.num_kv_heads = num_kv_heads
-    return new
-
-
-def train_lm(
-    model: nn.Module,
-    data: Tensor,
-    steps: int,
-    *,
-    batch_size: int = 16,
-    seq_len: int = 128,
-    lr: float = 3e-3,
-    warmup: int = 20,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    progress: Callable | None = None,
-) -> list[float]:
-    """Next-token training on random windows of the 1-D token stream ``data``.
-
-    AdamW, linear warmup then cosine decay, gradient clipping at 1. Returns the loss (nats) of
-    each step. ``progress(iterable, desc)`` may wrap the step loop (e.g. a progress bar).
-
-    Under ``torchrun`` (see :mod:`attnkit.distributed.data_parallel`) every rank draws the same
-    ``batch_size`` windows, trains a ``DistributedDataParallel`` copy on its share of them and
-    returns the whole batch's loss: the same steps as one process on the whole batch.
-    """
-    if not isinstance(data, Tensor) or data.dim() != 1:
-        raise ValueError("data must be a 1-D tensor of token ids")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if data.numel() < seq_len + 2:
-        raise ValueError(f"data has {data.numel()} tokens, need more than seq_len+1={seq_len+1}")
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                            betas=(0.9, 0.98))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    offsets = torch.arange(seq_len + 1)
-    losses = []
-    net = wrap_ddp(model)  # the model itself unless running under torchrun
-    model.train()
-    loop = range(steps) if progress is None else progress(range(steps), "train")
-    for _ in loop:
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size, 1), generator=gen)
-        batch = shard(data[starts + offsets].to(device))  # this rank's windows
-        logits = net(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        loss = rescale_mean(loss, batch[:, 1:].numel())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(all_reduce_mean(loss.detach()).item())
-    model.eval()
-    return losses
-
-
-def uptrain(model: nn.Module, data: Tensor, steps: int, **kwargs) -> list[float]:
-    """Briefly continue training a converted model (:func:`convert_kv_heads`) on ``data`` (a
-    1-D token tensor) so it adapts to its shared key/value heads. Same options as
-    :func:`train_lm`, with a lower default learning rate (1e-3) and short warmup."""
-    kwargs.setdefault("lr", 1e-3)
-    kwargs.setdefault("warmup", max(1, min(10, steps // 5)))
-    return train_lm(model, data, steps, **kwargs)
 
 
 # ------------------------------------------------------------------------ bytes and roofline
@@ -279,16 +273,79 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def kv_cache_bytes(model: nn.Module, context_len: int, batch: int = 1,
-                   dtype: torch.dtype | None = None) -> int:
+                   dtype: torch.dtype | None = None, *, group_size: int = 64) -> int:
     """Bytes of keys and values for ``context_len`` positions: ``2 * sum over layers of
     num_kv_heads * head_dim * context_len * batch * itemsize`` (``dtype`` defaults to the
-    model's)."""
+    model's).
+
+    With ``dtype=torch.int8``, what a :class:`QuantizedCache` of that ``group_size`` holds
+    when its capacity fits: one byte per key and value element, an fp32 scale per channel of
+    every complete key group and per position of every value head, and the keys of the open
+    group (``context_len % group_size`` positions) in the model's dtype."""
     for name, val in (("context_len", context_len), ("batch", batch)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 0:
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
+    layers = attention_layers(model)
+    model_item = torch.empty((), dtype=_model_dtype(model)).element_size()
+    if dtype == torch.int8:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        full, rest = divmod(context_len, group_size)
+        total = 0
+        for a in layers:
+            width = a.num_kv_heads * a.head_dim
+            total += (2 * width * (full * group_size + rest)  # int8 codes (keys, values)
+                      + 4 * width * full  # key scales: per channel of each complete group
+                      + 4 * a.num_kv_heads * context_len  # value scales: per position
+                      + model_item * width * rest)  # open group of keys, unquantised
+        return total * batch
     item = torch.empty((), dtype=dtype or _model_dtype(model)).element_size()
-    per_pos = sum(2 * a.num_kv_heads * a.head_dim for a in _attn_layers(model))
+    per_pos = sum(2 * a.num_kv_heads * a.head_dim for a in layers)
     return per_pos * context_len * batch * item
+
+
+def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype | None = None, *,
+                       group_size: int = 64) -> float:
+    """Cache bytes per position and sequence: :func:`kv_cache_bytes` of one position, or for
+    ``dtype=torch.int8`` of one complete key group divided by its positions (scales
+    included)."""
+    if dtype == torch.int8:
+        return kv_cache_bytes(model, group_size, dtype=dtype, group_size=group_size) / group_size
+    return float(kv_cache_bytes(model, 1, dtype=dtype))
+
+
+@torch.no_grad()
+def bits_per_char_cached(model: nn.Module, ids: Tensor, seq_len: int, max_chars: int,
+                         cache_factory: Callable[[], KVCache] = DynamicCache) -> float:
+    """Mean next-token cross-entropy in bits (bits per character for a character model) of
+    ``ids (N,)`` decoded one position at a time through a cache from ``cache_factory``, so
+    every prediction reads the past from the cache as generation does (e.g. 8-bit keys and
+    values with ``QuantizedCache``). Windows of ``seq_len + 1`` tokens, non-overlapping, up to
+    ``max_chars`` predicted tokens, all windows in one batch."""
+    if not isinstance(ids, Tensor) or ids.dim() != 1:
+        raise ValueError("ids must be a 1-D tensor of token ids")
+    for name, val in (("seq_len", seq_len), ("max_chars", max_chars)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    windows = min(max_chars // seq_len, (ids.numel() - 1) // seq_len)
+    if windows < 1:
+        raise ValueError(f"ids ({ids.numel()}) and max_chars ({max_chars}) hold no window of "
+                         f"{seq_len + 1} tokens")
+    device = next(model.parameters()).device
+    batch = ids[:windows * seq_len + 1].to(device)
+    x = batch[:-1].view(windows, seq_len)
+    y = torch.stack([batch[i * seq_len + 1:(i + 1) * seq_len + 1] for i in range(windows)])
+    was_training = model.training
+    model.eval()
+    cache = cache_factory()
+    nats = torch.zeros((), dtype=torch.float64)
+    try:
+        for t in range(seq_len):
+            logits = model(x[:, t:t + 1], cache=cache, last_only=True)[:, -1]
+            nats += F.cross_entropy(logits.float(), y[:, t], reduction="sum").double().cpu()
+    finally:
+        model.train(was_training)
+    return float(nats) / (windows * seq_len) / math.log(2)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -1,5 +1,12 @@
 """A small pre-LN decoder-only transformer language model on
-:class:`attnkit.nn.SelfAttention`."""
+:class:`attnkit.nn.SelfAttention`, and its fused decoding step.
+
+A decoding step (a few rows, no autograd, fp32 on CPU) runs each block as four native GEMV
+calls around the engine's attention: LayerNorm + q/k/v projections + rotary embedding,
+output projection + residual, LayerNorm + first MLP layer + GELU, second MLP layer +
+residual (:mod:`attnkit.kernels.native`). Anything else (autograd, hooks, swapped layers, a
+head mask) takes the modules' own path, with the same results up to rounding.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +14,57 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
+from ..kernels import native
+from ..nn.attention import SelfAttention, SplitLinear, split_linear
+from ..patterns import causal, sliding_window
 from .cache import KVCache
-from .kernels import native
-from .nn.attention import SelfAttention, SplitLinear, _has_hooks, split_linear
-from .patterns import causal, sliding_window
 
 __all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
 
 
 def _identity(x: Tensor) -> Tensor:
     return x
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own or global ones)."""
+    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        return True
+    for mod in modules:
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return True
+    return False
+
+
+def _qkv_native(attn: SelfAttention, x: Tensor, offset: int, layer_norm=None) -> Tensor:
+    """``cat(q, k, v)`` projections of ``x (B, L, dim)`` (of ``layer_norm(x)`` if given) from
+    one native GEMV call, queries and keys rotated for positions ``offset..``. The caller
+    checks that the native path applies (see :meth:`DecoderBlock._decode_ready`)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    rope = None
+    if attn.rotary is not None:
+        length = x.shape[1]
+        cos, sin = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
+        rope = (cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim)
+    return native.gemv_multi(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs),
+                             layer_norm=layer_norm, rope=rope, check=False)
+
+
+def _attention_step(attn: SelfAttention, x: Tensor, norm: nn.LayerNorm, cache: KVCache | None,
+                    key_padding_mask: Tensor | None) -> Tensor:
+    """``x + attn(norm(x), cache=cache)`` with the LayerNorm, the three projections and the
+    rotary embedding in one native GEMV call, the output projection and the residual in
+    another: a pre-LN block's attention half during decoding."""
+    offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
+    qkv = _qkv_native(attn, x, offset, (norm.weight, norm.bias, norm.eps))
+    b, length, _ = x.shape
+    h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split((h, hkv, hkv), dim=1)
+    heads, _ = attn.attend(q, k, v, cache=cache, key_padding_mask=key_padding_mask)
+    out = attn.out_proj
+    return native.gemv_multi(heads, (out.weight,), (out.bias,), residual=x, check=False)
 
 
 class GeluMLP(nn.Sequential):
@@ -59,14 +106,18 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, cache: KVCache | None = None,
-                head_mask: Tensor | None = None) -> Tensor:
+                head_mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """``x (B, L, dim)`` -> ``(B, L, dim)``; ``cache``, ``head_mask`` and
+        ``key_padding_mask`` as in :meth:`SelfAttention.forward`."""
         if head_mask is None and self._decode_ready(x):
             # a decoding step: four native GEMV calls (norms and residuals fused in) around
             # the engine's attention; same results, a fraction of the per-step overhead
-            x = self.attn._decode_step(x, self.norm1, cache)
+            x = _attention_step(self.attn, x, self.norm1, cache, key_padding_mask)
             return self.mlp._decode_step(x, self.norm2)
         drop = self.drop if self.training and self.drop.p > 0 else _identity
-        x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask))
+        x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask,
+                               key_padding_mask=key_padding_mask))
         return x + drop(self.mlp(self.norm2(x)))
 
     def _decode_ready(self, x: Tensor) -> bool:
@@ -193,16 +244,22 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         head_mask: Tensor | Sequence[Tensor] | None = None,
         last_only: bool = False,
+        attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Next-token logits.
 
         Args:
             ids: ``(B, L)`` token ids; with a cache, the positions after the cached ones.
-            cache: a :class:`attnkit.cache.KVCache`, updated in place.
+            cache: a :class:`attnkit.lm.KVCache`, updated in place.
             head_mask: per-head output gates (see :class:`SelfAttention`): a
                 ``(depth, num_heads)`` tensor, or one ``(num_heads_i,)`` tensor per block (for
                 blocks with different head counts, e.g. after pruning).
             last_only: return logits for the last position only (decoding).
+            attention_mask: ``(B, S)`` with 1 (or True) for real tokens and 0 for padding, as
+                in Hugging Face, over every position so far (``S`` = cached + ``L``): padded
+                positions are never attended to (for left-padded batches; their own logits
+                mean nothing). Rotary attention depends only on relative positions, so a row
+                shifted right by its padding gives the same logits as alone, up to rounding.
 
         Returns:
             ``(B, L, vocab_size)``, or ``(B, 1, vocab_size)`` with ``last_only``.
@@ -214,12 +271,32 @@ class DecoderLM(nn.Module):
                 f"head_mask must hold one (num_heads,) gate per block: {self.depth}, "
                 f"got {len(head_mask)}"
             )
+        pad = self._padding(attention_mask, ids.shape[0], offset + ids.shape[1])
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, None if head_mask is None else head_mask[i])
+            x = block(x, cache, None if head_mask is None else head_mask[i], pad)
         if last_only:
             x = x[:, -1:]
         return self.head(self.norm(x))
+
+    @staticmethod
+    def _padding(attention_mask: Tensor | None, batch: int, positions: int) -> Tensor | None:
+        """``attention_mask`` (1 = token) -> the layers' ``key_padding_mask`` (True = pad)."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"attention_mask must be a tensor, got {type(attention_mask).__name__}"
+            )
+        if attention_mask.shape != (batch, positions):
+            raise ValueError(
+                f"attention_mask must have shape (B, cached + L) = ({batch}, {positions}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype != torch.bool and not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        return attention_mask == 0
 
     def config(self) -> dict:
         """Constructor arguments (to rebuild the architecture)."""
