@@ -10,6 +10,9 @@ parameter count) and random weights. Cases, one JSON line each:
   (weights + KV bytes / measured read bandwidth), with transformers' step time beside it. Each
   step time is paired with the bandwidth measured just before and after it; the ratios are
   reported as the best and the median of five such pairs.
+- ``int8``: the cached MQA step at context 8192 (2048 with ``--quick``) with the fp32 cache
+  and with the 8-bit :class:`attnkit.lm.QuantizedCache`, transformers' (fp32) step beside
+  them, interleaved; bytes per cached position for both caches.
 
 Run: ``.venv/bin/python benchmarks/bench_decoding.py [--quick]``. Timings on a shared CPU are
 noisy; run on an idle machine for numbers worth quoting.
@@ -24,8 +27,15 @@ import time
 
 import torch
 
-from attnkit.decoding import decode_roofline, generate, measure_bandwidth, time_per_token
-from attnkit.models import DecoderLM
+from attnkit.lm import (
+    DecoderLM,
+    QuantizedCache,
+    decode_roofline,
+    generate,
+    kv_bytes_per_token,
+    measure_bandwidth,
+    time_per_token,
+)
 
 
 def hf_model(vocab: int, dim: int, depth: int, heads: int, kv_heads: int, max_len: int):
@@ -84,18 +94,41 @@ def hf_step_time(model, context: int, steps: int, vocab: int) -> float:
     return (t[-1] - t[0]) / (len(t) - 1)
 
 
+def int8_case(ours, peer, ctx: int, steps: int, vocab: int, repeats: int, base: dict) -> None:
+    """Cached step time at ``ctx`` with the fp32 and the 8-bit cache, and transformers',
+    interleaved ``repeats`` times (the fastest of each is reported, and every repeat)."""
+    times: dict[str, list[float]] = {"fp32": [], "int8": [], "transformers": []}
+    for _ in range(repeats):
+        times["fp32"].append(time_per_token(ours, ctx, steps=steps, use_cache=True,
+                                            cache="static"))
+        times["int8"].append(time_per_token(ours, ctx, steps=steps, use_cache=True,
+                                            cache=QuantizedCache()))
+        times["transformers"].append(hf_step_time(peer, ctx, steps, vocab))
+    print(json.dumps({
+        "case": "int8", "variant": "mqa", "kv_heads": 1, "context": ctx, **base,
+        "kv_bytes_per_token_fp32": kv_bytes_per_token(ours),
+        "kv_bytes_per_token_int8": kv_bytes_per_token(ours, torch.int8),
+        "step_ms_attnkit_fp32_cache": round(1e3 * min(times["fp32"]), 3),
+        "step_ms_attnkit_int8_cache": round(1e3 * min(times["int8"]), 3),
+        "step_ms_transformers": round(1e3 * min(times["transformers"]), 3),
+        "int8_over_fp32": round(min(times["int8"]) / min(times["fp32"]), 3),
+        "repeats_ms": {k: [round(1e3 * t, 3) for t in v] for k, v in times.items()},
+    }), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller model, fewer repeats")
-    ap.add_argument("--case", choices=("all", "generate", "roofline"), default="all",
-                    help="run only one case (default: both)")
+    ap.add_argument("--case", choices=("all", "generate", "roofline", "int8"), default="all",
+                    help="run only one case (default: all)")
     args = ap.parse_args()
     if args.quick:
         vocab, dim, depth, heads, prompt_len, new, repeats, steps = 256, 256, 4, 8, 512, 256, 2, 16
     else:
         vocab, dim, depth, heads, prompt_len, new, repeats, steps = 256, 768, 6, 12, 512, 256, 3, 32
     roof_ctx = 2048
-    max_len = max(prompt_len + new, roof_ctx + steps) + 8
+    int8_ctx = 2048 if args.quick else 8192
+    max_len = max(prompt_len + new, roof_ctx + steps, int8_ctx + steps) + 8
     torch.manual_seed(0)
     prompt = torch.randint(0, vocab, (prompt_len,))
     base = {"threads": torch.get_num_threads(), "dim": dim, "depth": depth, "heads": heads,
@@ -119,6 +152,8 @@ def main() -> None:
                 "tokens_per_s_transformers": round(new / t_peer, 2),
                 "ratio": round(t_peer / t_ours, 3),
             }), flush=True)
+        if name == "mqa" and args.case in ("all", "int8"):
+            int8_case(ours, peer, int8_ctx, steps, vocab, max(repeats, 3), base)
         if args.case not in ("all", "roofline"):
             continue
         # The ratio pairs each step time with the bandwidth measured just before and after it:

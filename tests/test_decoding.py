@@ -59,8 +59,8 @@ def test_sampling_respects_top_k_and_seed():
                  generator=torch.Generator().manual_seed(0))
     greedy = generate(model, prompt, 15, temperature=0)
     assert torch.equal(a, greedy)  # top_k=1 is greedy
-    s1 = generate(model, prompt, 15, generator=torch.Generator().manual_seed(7))
-    s2 = generate(model, prompt, 15, generator=torch.Generator().manual_seed(7))
+    s1 = generate(model, prompt, 15, do_sample=True, generator=torch.Generator().manual_seed(7))
+    s2 = generate(model, prompt, 15, do_sample=True, generator=torch.Generator().manual_seed(7))
     assert torch.equal(s1, s2)
     assert int(s1.max()) < VOCAB
 

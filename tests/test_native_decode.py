@@ -196,7 +196,7 @@ def test_gemv_multi_rope_matches_rotary_embedding():
     rot = RotaryEmbedding(hd)
     x = torch.randn(1, length, 40)
     w_qk, w_v = torch.randn(heads * hd, 40), torch.randn(hd, 40)
-    cos, sin = rot._cos_sin(5, 5 + length, x.device, x.dtype)
+    cos, sin = rot.cos_sin(5, 5 + length, x.device, x.dtype)
     out = native.gemv_multi(x, (w_qk, w_v), rope=(cos, sin, heads * hd))
     plain = F.linear(x, w_qk).view(1, length, heads, hd).transpose(1, 2)
     ref_qk = rot(plain, offset=5).transpose(1, 2).reshape(1, length, heads * hd)

@@ -165,7 +165,7 @@ def test_partial_rotary_rotates_only_the_first_channels():
     torch.testing.assert_close(out[..., :4], _reference_rope(x[..., :4], pos), atol=1e-9, rtol=0)
     assert torch.equal(out[..., 4:], x[..., 4:])
     cos, sin = rope.tables(100, 107, x.device, x.dtype)  # fresh tables equal the cached ones
-    torch.testing.assert_close((cos, sin), rope._cos_sin(100, 107, x.device, x.dtype))
+    torch.testing.assert_close((cos, sin), rope.cos_sin(100, 107, x.device, x.dtype))
     with pytest.raises(ValueError, match="rotary_dims"):
         RotaryEmbedding(8, rotary_dims=3)
     with pytest.raises(ValueError, match="rotary_dims"):

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 __all__ = ["attention", "SparseWeights", "dense_reference", "patterns", "generate", "__version__"]
 
 # Heavier pieces load on first use.
-_LAZY = {"generate": "attnkit.decoding"}
+_LAZY = {"generate": "attnkit.lm.decoding"}  # home: attnkit.lm.generate
 
 
 def __getattr__(name: str):

@@ -2,7 +2,7 @@
 
 Layers are numbered in module order: layer ``i`` is the ``i``-th
 :class:`attnkit.nn.SelfAttention` in ``model.modules()`` (block ``i`` of a
-:class:`attnkit.models.DecoderLM`). Heads are numbered ``0 .. num_heads - 1`` within the layer's
+:class:`attnkit.lm.DecoderLM`). Heads are numbered ``0 .. num_heads - 1`` within the layer's
 *current* heads (after a prune they are renumbered densely).
 
 Grouped-/multi-query attention: query head ``h`` reads key/value head ``h // group`` with
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .flops import count
-from .nn.attention import SelfAttention
+from .nn.attention import SelfAttention, attention_layers
 
 __all__ = [
     "attention_layers",
@@ -46,19 +46,6 @@ __all__ = [
 ]
 
 FORMAT = "attnkit.pruned/1"
-
-
-def attention_layers(model: nn.Module) -> list[SelfAttention]:
-    """The model's :class:`SelfAttention` modules in module order (the layer numbering)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
-    if not layers:
-        raise ValueError(
-            f"model {type(model).__name__} has no attnkit.nn.SelfAttention modules: "
-            "nothing to prune"
-        )
-    return layers
 
 
 @contextmanager
@@ -393,7 +380,7 @@ def iterative_prune(
 def pruned_config(model: nn.Module) -> dict:
     """What rebuilds a pruned model: ``{"model": constructor config, "attention":
     [[num_heads, num_kv_heads] per layer]}``. The model must have a ``config`` (method or
-    property returning its constructor arguments), e.g. :class:`attnkit.models.DecoderLM`."""
+    property returning its constructor arguments), e.g. :class:`attnkit.lm.DecoderLM`."""
     layers = attention_layers(model)
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -440,7 +427,7 @@ def load_pruned(path: str | Path, build: Callable[[dict], nn.Module] | None = No
         raise ValueError(f"{path} is not a pruned model saved by attnkit.pruning.save_pruned")
     cfg = blob["config"]
     if build is None:
-        from .models import DecoderLM
+        from .lm.model import DecoderLM  # the default model; tools load lm only here
         build = lambda c: DecoderLM(**c)  # noqa: E731
     model = build(copy.deepcopy(cfg["model"]))
     layers = attention_layers(model)

@@ -16,19 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..argtypes import existing_file
-from ..decoding import (
-    convert_kv_heads,
-    decode_roofline,
-    generate,
-    kv_cache_bytes,
-    measure_bandwidth,
-    time_per_token,
-    train_lm,
-    uptrain,
-)
-from ..models import DecoderLM
 from ..results import Experiment, Option, Result, RunContext
+from .decoding import decode_roofline, generate, kv_cache_bytes, measure_bandwidth, time_per_token
+from .model import DecoderLM
 from .text import Corpus, load_text_file, pydoc_corpus
+from .training import convert_kv_heads, train_lm, uptrain
 
 # Quality may cost at most this much (relative bits/char) for the claim "MQA loses little".
 MAX_RELATIVE_BPC_LOSS = 0.05

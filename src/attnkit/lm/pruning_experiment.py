@@ -17,13 +17,13 @@ import time
 import torch
 
 from ..argtypes import existing_file, nonnegative_int
-from ..decoding import train_lm
 from ..flops import count
-from ..models import DecoderLM
 from ..pruning import attention_layers, iterative_prune, lm_loss, measure_latency, prune_heads
 from ..results import Experiment, Option, Result, RunContext
 from .experiment import bits_per_char
+from .model import DecoderLM
 from .text import Corpus, load_text_file, pydoc_corpus
+from .training import train_lm
 
 # "1 point" for a language model: this many bits per character above the unpruned model.
 TOLERANCE_BPC = 0.05

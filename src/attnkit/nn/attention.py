@@ -13,13 +13,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_mod
 
 from ..functional import SparseWeights, attention
 from ..kernels import native
 from ..patterns import Pattern
 
-__all__ = ["RotaryEmbedding", "SelfAttention", "SplitLinear", "split_linear"]
+__all__ = ["RotaryEmbedding", "SelfAttention", "SplitLinear", "attention_layers", "split_linear"]
 
 # A decoding step multiplies one token by every weight matrix: matrix-vector products limited by
 # memory bandwidth. F.linear hands them to a BLAS GEMV that reads the weight on one thread
@@ -165,8 +164,10 @@ class RotaryEmbedding(nn.Module):
         return (torch.cat([angles, angles], dim=-1).cos().to(dtype),
                 torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype))
 
-    def _cos_sin(self, start: int, end: int, device, dtype) -> tuple[Tensor, Tensor]:
-        """:meth:`tables`, sliced from a table kept on the module (grown geometrically)."""
+    def cos_sin(self, start: int, end: int, device, dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`tables` for positions ``start..end-1``, sliced from a table kept on the
+        module (grown geometrically, so step-by-step decoding does not rebuild it): views, do
+        not modify them."""
         table = getattr(self, "_signed_table", None)
         if (table is None or table[0].shape[0] < end or table[0].device != torch.device(device)
                 or table[0].dtype != dtype):
@@ -188,17 +189,19 @@ class RotaryEmbedding(nn.Module):
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
         length = x.shape[2]
-        return _rotate(x, *self._cos_sin(offset, offset + length, x.device, x.dtype))
+        return _rotate(x, *self.cos_sin(offset, offset + length, x.device, x.dtype))
 
 
-def _has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run forward hooks (their own or global ones)."""
-    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
-        return True
-    for mod in modules:
-        if mod._forward_hooks or mod._forward_pre_hooks:
-            return True
-    return False
+def attention_layers(model: nn.Module) -> list[SelfAttention]:
+    """The :class:`SelfAttention` modules of ``model`` in module order (``model.modules()``):
+    the layer numbering of the model-agnostic tools (:mod:`attnkit.pruning`,
+    :mod:`attnkit.flops`) and of :mod:`attnkit.lm`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    if not layers:
+        raise ValueError(f"model {type(model).__name__} has no attnkit.nn.SelfAttention layers")
+    return layers
 
 
 class SelfAttention(nn.Module):
@@ -281,7 +284,7 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(b, length, hkv, hd).transpose(1, 2)
         if self.rotary is not None:  # one table lookup for q and k
             if rope_tables is None:
-                rope_tables = self.rotary._cos_sin(offset, offset + length, q.device, q.dtype)
+                rope_tables = self.rotary.cos_sin(offset, offset + length, q.device, q.dtype)
             q, k = _rotate(q, *rope_tables), _rotate(k, *rope_tables)
         return q, k, v
 
@@ -297,11 +300,12 @@ class SelfAttention(nn.Module):
         cache=None,
         need_weights: bool = False,
         head_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | SparseWeights]:
         """Attend ``x (B, L, dim)`` to itself (and to the cached past).
 
         Args:
-            cache: an :class:`attnkit.cache.KVCache`. The new keys/values are appended to slot
+            cache: an :class:`attnkit.lm.KVCache`. The new keys/values are appended to slot
                 ``layer_idx``; ``x`` holds the positions after the cached ones, and rotary
                 angles use those absolute positions.
             need_weights: also return the attention weights from the engine: ``(B, H, L, Lk)``
@@ -309,6 +313,10 @@ class SelfAttention(nn.Module):
             head_mask: ``(num_heads,)`` multipliers of each head's output before ``out_proj``
                 (a gate for head-importance scores: its gradient is each head's importance;
                 zero prunes a head without changing the weights).
+            key_padding_mask: ``(B, S)`` bool, ``True`` = padding (torch's convention), over
+                every position so far, ``S = cached + L``: padded keys are never attended to.
+                Queries at padded positions see no key and give zeros (their outputs mean
+                nothing).
 
         Returns:
             ``(B, L, dim)``, or ``(out, weights)``.
@@ -318,30 +326,46 @@ class SelfAttention(nn.Module):
         if x.shape[1] == 0:
             raise ValueError("x must hold at least one position (L >= 1)")
         offset = 0 if cache is None else cache.seq_length(self.layer_idx)
-        heads, weights = self._attend(x, self._fused_qkv(x, offset), offset, cache,
-                                      need_weights, head_mask)
+        q, k, v = self.qkv(x, offset)
+        heads, weights = self.attend(q, k, v, cache=cache, need_weights=need_weights,
+                                     head_mask=head_mask, key_padding_mask=key_padding_mask)
         out = self.out_proj(heads)
         return (out, weights) if need_weights else out
 
-    def _attend(self, x: Tensor, qkv: Tensor | None, offset: int, cache, need_weights: bool,
-                head_mask: Tensor | None) -> tuple[Tensor, Tensor | SparseWeights | None]:
-        """Everything between the input and ``out_proj``: ``x (B, L, dim)`` at positions
-        ``offset..`` -> the heads' outputs ``(B, L, num_heads * head_dim)`` and the weights
-        (or None). ``qkv``: the three projections of ``x`` concatenated, queries and keys
-        already rotated, if computed by :meth:`_fused_qkv`."""
-        b, length, _ = x.shape
-        h, hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        if qkv is not None:
-            q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split(
-                (h, hkv, hkv), dim=1)
-        else:
-            q, k, v = self.qkv(x, offset)
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        cache=None,
+        need_weights: bool = False,
+        head_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | SparseWeights | None]:
+        """Everything between the projections and ``out_proj``, for callers that compute
+        the projections themselves (e.g. the fused decoding step of :mod:`attnkit.lm`).
+
+        Args:
+            q: ``(B, num_heads, L, head_dim)``, k, v: ``(B, num_kv_heads, L, head_dim)``: the
+                new positions' heads, queries and keys already rotated (see :meth:`qkv`).
+            cache, need_weights, head_mask, key_padding_mask: as in :meth:`forward`.
+
+        Returns:
+            The heads' outputs ``(B, L, num_heads * head_dim)`` (the input of ``out_proj``)
+            and the weights (``None`` without ``need_weights``).
+        """
+        b, h, length, hd = q.shape
+        hkv = self.num_kv_heads
+        offset = 0 if cache is None else cache.seq_length(self.layer_idx)
         pattern = self.pattern
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             pattern = cache.attention_pattern(pattern, length, k.shape[2])
+        keep = self._key_keep_mask(key_padding_mask, b, offset + length, k.shape[2])
         dropout_p = self.dropout if self.training else 0.0
-        parts = self._fold_parts(pattern, length, need_weights, dropout_p)
+        parts = 0 if keep is not None else self._fold_parts(pattern, length, need_weights,
+                                                              dropout_p)
         if parts:
             # One query per head attending to every key (a cached decoding step): the g = h/hkv
             # query heads sharing a key/value head become g query rows of that head, in
@@ -352,7 +376,7 @@ class SelfAttention(nn.Module):
             out = attention(qf, k, v).reshape(b, h, 1, v.shape[-1])
             weights = None
         else:
-            result = attention(q, k, v, pattern=pattern, dropout_p=dropout_p,
+            result = attention(q, k, v, pattern=pattern, bias=keep, dropout_p=dropout_p,
                                return_weights=need_weights)
             out, weights = result if need_weights else (result, None)
         if head_mask is not None:
@@ -362,47 +386,26 @@ class SelfAttention(nn.Module):
                     f"{tuple(head_mask.shape)}"
                 )
             out = out * head_mask.to(out.dtype).view(1, h, 1, 1)
-        return out.transpose(1, 2).reshape(b, length, h * hd), weights
+        return out.transpose(1, 2).reshape(b, length, h * out.shape[-1]), weights
 
-    def _decode_step(self, x: Tensor, norm: nn.LayerNorm, cache) -> Tensor:
-        """``x + self(norm(x), cache=cache)`` with the LayerNorm, the three projections and the
-        rotary embedding in one native GEMV call, the output projection and the residual in
-        another: a pre-LN block's attention half during decoding. The caller checks that the
-        native path applies (fp32 CPU, few rows, no autograd, plain layers without hooks)."""
-        offset = 0 if cache is None else cache.seq_length(self.layer_idx)
-        qkv = self._qkv_native(x, offset, (norm.weight, norm.bias, norm.eps))
-        heads, _ = self._attend(x, qkv, offset, cache, False, None)
-        out = self.out_proj
-        return native.gemv_multi(heads, (out.weight,), (out.bias,), residual=x, check=False)
-
-    def _qkv_native(self, x: Tensor, offset: int, layer_norm=None) -> Tensor:
-        """``cat(q, k, v)`` projections of ``x (B, L, dim)`` (of ``layer_norm(x)`` if given)
-        from one native GEMV call, queries and keys rotated for positions ``offset..``."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        rope = None
-        if self.rotary is not None:
-            length = x.shape[1]
-            cos, sin = self.rotary._cos_sin(offset, offset + length, x.device, x.dtype)
-            rope = (cos, sin, (self.num_heads + self.num_kv_heads) * self.head_dim)
-        return native.gemv_multi(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs),
-                                 layer_norm=layer_norm, rope=rope, check=False)
-
-    def _fused_qkv(self, x: Tensor, offset: int) -> Tensor | None:
-        """:meth:`_qkv_native` when it applies (a decoding step without autograd, plain
-        projection layers without hooks), else None."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(p) in (SplitLinear, nn.Linear) for p in projs) or _has_hooks(*projs):
+    @staticmethod
+    def _key_keep_mask(key_padding_mask: Tensor | None, batch: int, positions: int,
+                       lk: int) -> Tensor | None:
+        """The engine's keep-mask ``(B, 1, 1, Lk)`` for the ``lk`` attended keys (the last
+        ``lk`` of ``positions``), or None when nothing is padded."""
+        if key_padding_mask is None:
             return None
-        if not self._native_rope_ok():
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+        if key_padding_mask.shape != (batch, positions):
+            raise ValueError(
+                f"key_padding_mask must have shape (B, cached + L) = ({batch}, {positions}), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        pad = key_padding_mask[:, positions - lk:]
+        if not bool(pad.any()):
             return None
-        if not all(_native_ok(x, p.weight, p.bias) for p in projs):
-            return None
-        return self._qkv_native(x, offset)
-
-    def _native_rope_ok(self) -> bool:
-        """Whether the native GEMV's rotary (every channel of a head) matches this layer's."""
-        rot = self.rotary  # modules pickled before rotary_dims existed rotate every channel
-        return rot is None or getattr(rot, "rotary_dims", rot.head_dim) == self.head_dim
+        return (~pad).view(batch, 1, 1, lk)
 
     def _fold_parts(self, pattern: Pattern | None, length: int, need_weights: bool,
                     dropout_p: float) -> int:
@@ -417,6 +420,8 @@ class SelfAttention(nn.Module):
             f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, pattern={self.pattern!r}, "
             f"rope={self.rotary is not None}"
-            + ("" if self._native_rope_ok() else f", rotary_dims={self.rotary.rotary_dims}")
+            + ("" if self.rotary is None  # modules pickled before rotary_dims rotate all
+               or getattr(self.rotary, "rotary_dims", self.head_dim) == self.head_dim
+               else f", rotary_dims={self.rotary.rotary_dims}")
             + f", layer_idx={self.layer_idx}"
         )

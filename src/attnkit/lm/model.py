@@ -1,0 +1,306 @@
+"""A small pre-LN decoder-only transformer language model on
+:class:`attnkit.nn.SelfAttention`, and its fused decoding step.
+
+A decoding step (a few rows, no autograd, fp32 on CPU) runs each block as four native GEMV
+calls around the engine's attention: LayerNorm + q/k/v projections + rotary embedding,
+output projection + residual, LayerNorm + first MLP layer + GELU, second MLP layer +
+residual (:mod:`attnkit.kernels.native`). Anything else (autograd, hooks, swapped layers, a
+head mask) takes the modules' own path, with the same results up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
+
+from ..kernels import native
+from ..nn.attention import SelfAttention, SplitLinear, split_linear
+from ..patterns import causal, sliding_window
+from .cache import KVCache
+
+__all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own or global ones)."""
+    if _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks:
+        return True
+    for mod in modules:
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return True
+    return False
+
+
+def _qkv_native(attn: SelfAttention, x: Tensor, offset: int, layer_norm=None) -> Tensor:
+    """``cat(q, k, v)`` projections of ``x (B, L, dim)`` (of ``layer_norm(x)`` if given) from
+    one native GEMV call, queries and keys rotated for positions ``offset..``. The caller
+    checks that the native path applies (see :meth:`DecoderBlock._decode_ready`)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    rope = None
+    if attn.rotary is not None:
+        length = x.shape[1]
+        cos, sin = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
+        rope = (cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim)
+    return native.gemv_multi(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs),
+                             layer_norm=layer_norm, rope=rope, check=False)
+
+
+def _attention_step(attn: SelfAttention, x: Tensor, norm: nn.LayerNorm, cache: KVCache | None,
+                    key_padding_mask: Tensor | None) -> Tensor:
+    """``x + attn(norm(x), cache=cache)`` with the LayerNorm, the three projections and the
+    rotary embedding in one native GEMV call, the output projection and the residual in
+    another: a pre-LN block's attention half during decoding."""
+    offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
+    qkv = _qkv_native(attn, x, offset, (norm.weight, norm.bias, norm.eps))
+    b, length, _ = x.shape
+    h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split((h, hkv, hkv), dim=1)
+    heads, _ = attn.attend(q, k, v, cache=cache, key_padding_mask=key_padding_mask)
+    out = attn.out_proj
+    return native.gemv_multi(heads, (out.weight,), (out.bias,), residual=x, check=False)
+
+
+class GeluMLP(nn.Sequential):
+    """``Linear -> GELU -> Linear`` (an ``nn.Sequential``, so parameter names stay ``0.weight``,
+    ``2.weight``...). The first product and the GELU run as one pass of
+    :func:`~attnkit.nn.attention.split_linear` (fused in the native decoding GEMV)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
+
+    def _decode_step(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """``x + self(norm(x))`` in two native GEMV calls (LayerNorm fused into the first,
+        the residual into the second). The caller checks that the native path applies."""
+        fc1, _, fc2 = self
+        h = native.gemv_multi(x, (fc1.weight,), (fc1.bias,), gelu=True,
+                              layer_norm=(norm.weight, norm.bias, norm.eps), check=False)
+        return native.gemv_multi(h, (fc2.weight,), (fc2.bias,), residual=x, check=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, act, fc2 = self
+        if (type(act) is nn.GELU and act.approximate == "none" and type(fc1) is SplitLinear
+                and not _has_hooks(fc1, act)):
+            return fc2(split_linear(x, fc1.weight, fc1.bias, gelu=True))
+        return fc2(act(fc1(x)))  # hooks to run, or the layers were swapped (e.g. pruning)
+
+
+class DecoderBlock(nn.Module):
+    """``x + attn(LN(x))`` then ``x + MLP(LN(x))`` (GELU MLP, hidden ``mlp_ratio * dim``)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None, pattern,
+                 mlp_ratio: float, dropout: float, layer_idx: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, num_kv_heads, pattern=pattern,
+                                       dropout=dropout, layer_idx=layer_idx)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(mlp_ratio * dim)
+        self.mlp = GeluMLP(dim, hidden)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None,
+                head_mask: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """``x (B, L, dim)`` -> ``(B, L, dim)``; ``cache``, ``head_mask`` and
+        ``key_padding_mask`` as in :meth:`SelfAttention.forward`."""
+        if head_mask is None and self._decode_ready(x):
+            # a decoding step: four native GEMV calls (norms and residuals fused in) around
+            # the engine's attention; same results, a fraction of the per-step overhead
+            x = _attention_step(self.attn, x, self.norm1, cache, key_padding_mask)
+            return self.mlp._decode_step(x, self.norm2)
+        drop = self.drop if self.training and self.drop.p > 0 else _identity
+        x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask,
+                               key_padding_mask=key_padding_mask))
+        return x + drop(self.mlp(self.norm2(x)))
+
+    def _decode_ready(self, x: Tensor) -> bool:
+        """Whether this call can take the native decoding path: inference without autograd,
+        fp32 on CPU, at most ``GEMV_MAX_ROWS`` rows, the block's own layer types (nothing
+        swapped in, no hooks to run) with contiguous fp32 CPU weights.
+
+        Runs on every decoding step of every block, so it reads the module dictionaries
+        directly (``nn.Module.__getattr__`` alone would cost more than the step it saves)."""
+        if (self.training or torch.is_grad_enabled() or x.dtype != torch.float32
+                or not x.is_cpu or x.shape[0] * x.shape[1] > native.GEMV_MAX_ROWS):
+            return False
+        mods = self._modules
+        attn, mlp, norm1, norm2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
+        if (type(attn) is not SelfAttention or type(mlp) is not GeluMLP
+                or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm):
+            return False
+        am, mm = attn._modules, mlp._modules
+        rot = am.get("rotary")
+        if len(mm) != 3 or (rot is not None and rot.rotary_dims != rot.head_dim):
+            return False
+        fc1, act, fc2 = mm.values()
+        if type(act) is not nn.GELU or act.approximate != "none":
+            return False
+        linears = (am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"], fc1, fc2)
+        for m in linears:
+            if type(m) is not SplitLinear and type(m) is not nn.Linear:
+                return False
+        if _has_hooks(norm1, norm2, attn, mlp, act, *linears):
+            return False
+        for m in (*linears, norm1, norm2):
+            for t in m._parameters.values():
+                if t is not None and (t.dtype != torch.float32 or not t.is_cpu
+                                      or not t.is_contiguous()):
+                    return False
+        return native.gemv_available()
+
+
+class DecoderLM(nn.Module):
+    """Decoder-only transformer: token embedding, ``depth`` pre-LN blocks with rotary causal
+    self-attention, a final LayerNorm and an output layer tied to the embedding.
+
+    Args:
+        vocab_size: number of token ids.
+        dim, depth, num_heads: width, blocks, query heads per block.
+        num_kv_heads: key/value heads (``num_heads``: multi-head; ``1``: multi-query).
+        max_seq_len: longest sequence (prompt + generated) the model accepts.
+        window: if set, attention is ``causal() & sliding_window(window)`` (each position sees
+            itself and the ``window`` previous ones), servable by a ``SlidingWindowCache``.
+        mlp_ratio, dropout: MLP width factor and dropout probability.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        max_seq_len: int = 4096,
+        *,
+        window: int | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth),
+                          ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        self.vocab_size, self.dim, self.depth = vocab_size, dim, depth
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.max_seq_len, self.window = max_seq_len, window
+        self.mlp_ratio = mlp_ratio
+        pattern = causal() if window is None else causal() & sliding_window(window)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, num_heads, num_kv_heads, pattern, mlp_ratio, dropout, i)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = SplitLinear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def check_ids(self, ids: Tensor, offset: int = 0) -> None:
+        """Raise ``ValueError`` unless ``ids`` is a non-empty ``(B, L)`` integer tensor of valid
+        token ids that fits in ``max_seq_len`` after ``offset`` cached positions."""
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"token ids must be a tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"token ids must be an integer tensor, got {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must have shape (B, L), got {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
+        lo, hi = torch.aminmax(ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {self.vocab_size}), got values in [{lo}, {hi}]"
+            )
+        if offset + ids.shape[1] > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {offset + ids.shape[1]} positions ({offset} cached + "
+                f"{ids.shape[1]} new) exceeds max_seq_len={self.max_seq_len}"
+            )
+
+    def forward(
+        self,
+        ids: Tensor,
+        *,
+        cache: KVCache | None = None,
+        head_mask: Tensor | Sequence[Tensor] | None = None,
+        last_only: bool = False,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            ids: ``(B, L)`` token ids; with a cache, the positions after the cached ones.
+            cache: a :class:`attnkit.lm.KVCache`, updated in place.
+            head_mask: per-head output gates (see :class:`SelfAttention`): a
+                ``(depth, num_heads)`` tensor, or one ``(num_heads_i,)`` tensor per block (for
+                blocks with different head counts, e.g. after pruning).
+            last_only: return logits for the last position only (decoding).
+            attention_mask: ``(B, S)`` with 1 (or True) for real tokens and 0 for padding, as
+                in Hugging Face, over every position so far (``S`` = cached + ``L``): padded
+                positions are never attended to (for left-padded batches; their own logits
+                mean nothing). Rotary attention depends only on relative positions, so a row
+                shifted right by its padding gives the same logits as alone, up to rounding.
+
+        Returns:
+            ``(B, L, vocab_size)``, or ``(B, 1, vocab_size)`` with ``last_only``.
+        """
+        offset = 0 if cache is None else cache.seq_length(0)
+        self.check_ids(ids, offset)
+        if head_mask is not None and len(head_mask) != self.depth:
+            raise ValueError(
+                f"head_mask must hold one (num_heads,) gate per block: {self.depth}, "
+                f"got {len(head_mask)}"
+            )
+        pad = self._padding(attention_mask, ids.shape[0], offset + ids.shape[1])
+        x = self.embed(ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, None if head_mask is None else head_mask[i], pad)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    @staticmethod
+    def _padding(attention_mask: Tensor | None, batch: int, positions: int) -> Tensor | None:
+        """``attention_mask`` (1 = token) -> the layers' ``key_padding_mask`` (True = pad)."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(
+                f"attention_mask must be a tensor, got {type(attention_mask).__name__}"
+            )
+        if attention_mask.shape != (batch, positions):
+            raise ValueError(
+                f"attention_mask must have shape (B, cached + L) = ({batch}, {positions}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.dtype != torch.bool and not bool(
+                ((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        return attention_mask == 0
+
+    def config(self) -> dict:
+        """Constructor arguments (to rebuild the architecture)."""
+        return {"vocab_size": self.vocab_size, "dim": self.dim, "depth": self.depth,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                "max_seq_len": self.max_seq_len, "window": self.window,
+                "mlp_ratio": self.mlp_ratio}
