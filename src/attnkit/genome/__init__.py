@@ -16,6 +16,12 @@ from .fasta import (
     reverse_complement,
     write_fasta,
 )
+from .embedded import (
+    EMBEDDED_GENOME_ACCESSION,
+    EMBEDDED_GENOME_LENGTH,
+    embedded_genome,
+    embedded_genome_path,
+)
 from .markov import MarkovModel, markov_baselines
 from .model import GenomeEncoder, GenomePattern
 from .synthetic import HubTask
@@ -40,4 +46,8 @@ __all__ = [
     "MarkovModel",
     "markov_baselines",
     "HubTask",
+    "embedded_genome",
+    "embedded_genome_path",
+    "EMBEDDED_GENOME_ACCESSION",
+    "EMBEDDED_GENOME_LENGTH",
 ]
