@@ -4,6 +4,12 @@ synthetic genome with planted long-range structure."""
 
 from __future__ import annotations
 
+from .embedded import (
+    EMBEDDED_GENOME_ACCESSION,
+    EMBEDDED_GENOME_LENGTH,
+    embedded_genome,
+    embedded_genome_path,
+)
 from .fasta import (
     MASK_TOKEN,
     N_TOKEN,
@@ -15,12 +21,6 @@ from .fasta import (
     read_genbank,
     reverse_complement,
     write_fasta,
-)
-from .embedded import (
-    EMBEDDED_GENOME_ACCESSION,
-    EMBEDDED_GENOME_LENGTH,
-    embedded_genome,
-    embedded_genome_path,
 )
 from .markov import MarkovModel, markov_baselines
 from .model import GenomeEncoder, GenomePattern
