@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from attnkit.argtypes import existing_file
+from attnkit.distributed.data_parallel import world_size
 
 from ..experiment import Decision, Experiment, Option, Result, RunContext, stats
 from .embedded import EMBEDDED_GENOME_ACCESSION, embedded_genome_path
@@ -81,9 +82,9 @@ class GenomeConfig:
         """The report's budget: smaller sizes (fixed costs not yet negligible at the smallest),
         two short distances, few steps: a smoke-level measurement, said so in the notes."""
         return cls(cost_lengths=(16384, 32768, 65536, 131072), cost_repeats=3, cost_dim=16,
-                   task_distances=(100, 1000), task_dim=16, task_steps=30, task_batch=4,
+                   task_distances=(100, 1000), task_dim=16, task_steps=20, task_batch=4,
                    task_eval=32, genome_dim=32, genome_depth=2, genome_heads=2,
-                   genome_window=64, genome_steps=15, genome_window_len=8192,
+                   genome_window=64, genome_steps=10, genome_window_len=4096,
                    genome_eval_passes=1)
 
     @classmethod
@@ -223,8 +224,9 @@ def _genome_part(ctx: RunContext, cfg: GenomeConfig, path: Path, seeds: list[int
     def one_seed(seed: int) -> dict[str, float]:
         model = GenomeEncoder(cfg.genome_dim, cfg.genome_depth, cfg.genome_heads,
                               GenomePattern(**pattern_cfg))
+        # one window per step per rank (under torchrun the batch is split over the ranks)
         losses = train_mlm(model, train, steps=cfg.genome_steps, window_len=window_len,
-                           seed=seed, progress=None)
+                           batch_size=world_size(), seed=seed, progress=None)
         bpb = bits_per_base(model, held, stride=cfg.genome_eval_stride,
                             passes=cfg.genome_eval_passes)
         if seed == seeds[0]:
