@@ -134,7 +134,7 @@ def test_markov_skips_n_and_checks_input():
     lp, ok = m.log2_prob(encode("ACGTNAC"))
     assert ok.tolist() == [True, True, False, False, False]
     with pytest.raises(ValueError):
-        MarkovModel(11)
+        MarkovModel(13)
     with pytest.raises(ValueError):
         m.fit(np.array([0, 1, 7]))
     rows = markov_baselines(encode("ACGT" * 50), encode("ACGT" * 10), orders=[0, 1, 2])
@@ -195,3 +195,30 @@ def test_hub_task_structure():
             assert torch.equal(tokens[b, start : start + m], tag)
     with pytest.raises(ValueError, match="no room"):
         HubTask(length=256, num_hubs=4, min_distance=200)
+
+
+def test_markov_order1_hand_computed_and_high_orders():
+    # order 1 on "AACAG": transitions A->A, A->C, C->A, A->G; alpha 1:
+    # P(.|A) = (A 2, C 2, G 2, T 1)/7, P(.|C) = (A 2, 1, 1, 1)/5, P(.|G) uniform (unseen)
+    m = MarkovModel(1, alpha=1.0).fit(encode("AACAG"))
+    lp, ok = m.log2_prob(encode("ACGT"))  # A->C, C->G, G->T
+    expected = [math.log2(2 / 7), math.log2(1 / 5), math.log2(1 / 4)]
+    assert ok.all() and np.allclose(lp, expected, rtol=0, atol=1e-12)
+    assert np.allclose(m.counts[0], [1, 1, 1, 0]) and np.allclose(m.counts[1], [1, 0, 0, 0])
+    # orders up to 12 use memory in proportion to the data, and memorize a repeated sequence
+    rng = np.random.default_rng(1)
+    seq = rng.integers(0, 4, 3000)
+    m12 = MarkovModel(12, alpha=1e-3).fit(np.concatenate([seq, seq]))
+    assert m12.bits_per_base(seq[:500]) < 0.1
+
+
+def test_select_markov_chooses_on_validation_only():
+    from attnkit.genome.markov import select_markov
+
+    rng = np.random.default_rng(2)
+    period = rng.integers(0, 4, 7)  # period-7 sequence: order >= 3 predicts it exactly
+    seq = np.tile(period, 300)
+    best, rows = select_markov(seq[:1400], seq[1400:1750], seq[1750:], orders=[0, 1, 2, 3, 4])
+    assert [r["order"] for r in rows] == [0, 1, 2, 3, 4]
+    assert best["order"] == min(rows, key=lambda r: r["valid_masked_bits_per_base"])["order"]
+    assert best["order"] >= 3 and best["masked_bits_per_base"] < 0.05

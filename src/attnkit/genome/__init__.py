@@ -4,6 +4,12 @@ synthetic genome with planted long-range structure."""
 
 from __future__ import annotations
 
+from .embedded import (
+    EMBEDDED_GENOME_ACCESSION,
+    EMBEDDED_GENOME_LENGTH,
+    embedded_genome,
+    embedded_genome_path,
+)
 from .fasta import (
     MASK_TOKEN,
     N_TOKEN,
@@ -40,4 +46,8 @@ __all__ = [
     "MarkovModel",
     "markov_baselines",
     "HubTask",
+    "embedded_genome",
+    "embedded_genome_path",
+    "EMBEDDED_GENOME_ACCESSION",
+    "EMBEDDED_GENOME_LENGTH",
 ]

@@ -9,9 +9,9 @@ line. Token ids for models: ``A C G T`` = 0..3, every other IUPAC code = ``N`` (
 from __future__ import annotations
 
 import gzip
+import re
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +57,40 @@ _VALID = np.zeros(256, dtype=bool)
 _VALID[_TOKEN_OF >= 0] = True
 
 
-@dataclass
 class FastaRecord:
-    """One sequence. ``sequence`` is upper case and keeps every IUPAC code (N runs included)."""
+    """One sequence. ``sequence`` is upper case and keeps every IUPAC code (N runs included).
 
-    name: str
-    description: str
-    sequence: str
-    #: ``(L,)`` bool, True where the file had lower case (soft-masked repeats).
-    soft_mask: np.ndarray
+    Args:
+        name, description: the header's first word and the rest.
+        sequence: the bases (upper case IUPAC).
+        soft_mask: ``(L,)`` bool, True where the file had lower case (soft-masked repeats), or
+            ``None`` for none. Kept packed (1 bit per base) and unpacked on access.
+    """
+
+    __slots__ = ("name", "description", "sequence", "_soft_bits")
+
+    def __init__(self, name: str, description: str, sequence: str,
+                 soft_mask: np.ndarray | None = None):
+        self.name, self.description, self.sequence = name, description, sequence
+        self._soft_bits: np.ndarray | None = None
+        if soft_mask is not None:
+            mask = np.asarray(soft_mask, dtype=bool)
+            if mask.shape != (len(sequence),):
+                raise ValueError(f"soft_mask must have shape ({len(sequence)},) like the "
+                                 f"sequence, got {mask.shape}")
+            if mask.any():
+                self._soft_bits = np.packbits(mask)
+
+    @property
+    def soft_mask(self) -> np.ndarray:
+        """``(L,)`` bool, True where the file had lower case (a fresh array on each access)."""
+        if self._soft_bits is None:
+            return np.zeros(len(self.sequence), dtype=bool)
+        return np.unpackbits(self._soft_bits, count=len(self.sequence)).astype(bool)
+
+    def __repr__(self) -> str:
+        return (f"FastaRecord(name={self.name!r}, description={self.description!r}, "
+                f"length={len(self.sequence)})")
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -166,15 +191,132 @@ def _check_sequence_line(path: Path, lineno: int, line: bytes) -> None:
         )
 
 
-def _record(name: str, desc: str, seq: bytearray, soft_case: bool) -> FastaRecord:
-    """A record from its sequence bytes (upper-cased in place; the case kept as soft mask)."""
-    arr = np.frombuffer(seq, dtype=np.uint8)
-    soft = (arr >= ord("a")) & (arr <= ord("z"))
-    if soft.any():
-        arr[soft] -= 32  # writable view of the bytearray: upper case without a copy
-    if not soft_case:
-        soft = np.zeros(len(seq), dtype=bool)
-    return FastaRecord(name, desc, seq.decode("ascii"), soft)
+def _record(name: str, desc: str, seq: bytearray, soft_case: bool,
+            lower: bool | None = None) -> FastaRecord:
+    """A record from its sequence bytes (upper-cased in place; the case kept as soft mask).
+    ``lower``: whether ``seq`` has lower case, when the caller already knows."""
+    soft = None
+    if lower is None:
+        lower = not seq.isupper()  # every byte is an IUPAC letter here
+    if lower:
+        arr = np.frombuffer(seq, dtype=np.uint8)
+        lower = arr >= ord("a")
+        arr[lower] -= 32  # writable view of the bytearray: upper case without a copy
+        if soft_case:
+            soft = lower
+        del arr, lower
+    text = seq.decode("ascii")
+    seq.clear()  # the bytes go as soon as the string exists
+    return FastaRecord(name, desc, text, soft)
+
+
+_NL = b"\n"
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what bytes.split() splits on, ignored inside sequence lines
+# Bytes a clean upper-case sequence line may hold: deleting them leaves nothing.
+_WS_UPPER = _WHITESPACE + IUPAC.encode("ascii")
+_BINARY_RE = re.compile(b"[" + re.escape(_BINARY) + b"]")
+
+
+def _text_blocks(path: Path, max_bases: int, text_factor: int):
+    """``(lineno, block)``: the file as ASCII text in blocks of whole lines, line ends (``\n``,
+    ``\r\n``, ``\r``) made ``\n``, ``lineno`` the number of the block's first line. Same checks
+    and limits as :func:`_text_lines` (directories, size, gzip errors, binary bytes by line),
+    but no per-line Python work: memory stays about two read chunks plus the longest line."""
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a sequence file")
+    limit = text_factor * max_bases + _TEXT_SLACK
+    too_big = (f"{path}: more than {limit} bytes of text, beyond max_bases={max_bases} bases "
+               "(pass a larger max_bases to read a bigger genome)")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the stream is done
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read file ({e})") from e
+    with f:
+        gz = f.read(2) == b"\x1f\x8b"
+        f.seek(0)
+        if not gz and path.stat().st_size > limit:
+            raise ValueError(too_big)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
+        total, lineno, carry = 0, 1, b""
+        while True:
+            try:
+                chunk = stream.read(_READ_CHUNK)
+            except (OSError, EOFError, zlib.error) as e:
+                raise ValueError(f"{path}: {'corrupt gzip data' if gz else 'cannot read file'} "
+                                 f"({e})") from e
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(too_big)
+            data = carry + chunk if carry else chunk
+            if chunk and data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
+                data, carry = data[:-1], b"\r"
+            else:
+                carry = b""
+            if b"\r" in data:
+                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if not chunk:
+                if data and not data.endswith(b"\n"):
+                    data += b"\n"
+                last = len(data) - 1
+            else:
+                last = data.rfind(b"\n")
+                if last < 0 or carry:
+                    carry = data[last + 1:] + carry
+                    if len(carry) > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
+                        raise ValueError(f"{path}:{lineno + data.count(_NL, 0, last + 1)}: a "
+                                         f"line longer than max_bases={max_bases} (+1 MiB) "
+                                         "characters")
+                else:
+                    carry = data[last + 1:]
+            block = data[: last + 1] if last + 1 < len(data) else data
+            if block:
+                if len(block.translate(None, _BINARY)) != len(block):
+                    pos = _BINARY_RE.search(block).start()
+                    raise ValueError(f"{path}:{lineno + block.count(_NL, 0, pos)}: binary or "
+                                     f"non-ASCII data (byte 0x{block[pos]:02x}), not a text "
+                                     "sequence file")
+                yield lineno, block
+                lineno += block.count(b"\n")
+            if not chunk:
+                return
+
+
+def _special_lines(block: bytes) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the lines of ``block`` (whole lines, ``\n`` ends) that start
+    with ``>`` or ``;``, in order: found with ``bytes.find`` (no per-line work)."""
+    starts = []
+    for marker in (b">", b";"):  # rare bytes: find() skips to them at memchr speed
+        i = block.find(marker)
+        while i >= 0:
+            if i == 0 or block[i - 1] == 10:  # at a line start
+                starts.append(i)
+            i = block.find(marker, i + 1)
+    starts.sort()
+    return [(s, block.index(_NL, s) + 1) for s in starts]
+
+
+def _segment_error(path: Path, lineno: int, seg: bytes, what: str, max_bases: int = 0,
+                   before: int = 0) -> ValueError:
+    """The line-numbered error for a run of sequence lines ``seg`` starting at ``lineno``
+    (error path only: here the lines are walked one by one)."""
+    bases = before
+    for i, line in enumerate(seg.split(b"\n")):
+        part = b"".join(line.split())
+        if not part:
+            continue
+        if what == "no header":
+            return ValueError(f"{path}:{lineno + i}: sequence data before the first '>' "
+                              "header (not FASTA?)")
+        if what == "letter" and part.translate(None, _IUPAC_BYTES):
+            col = next(j for j, c in enumerate(part) if c not in _IUPAC_BYTES)
+            return ValueError(
+                f"{path}:{lineno + i}:{col + 1}: character {chr(part[col])!r} is not an IUPAC "
+                f"nucleotide code (allowed: {IUPAC}, upper or lower case)")
+        bases += len(part)
+        if what == "max_bases" and bases > max_bases:
+            return ValueError(f"{path}:{lineno + i}: more than max_bases={max_bases} bases "
+                              "(pass a larger max_bases to read a bigger genome)")
+    raise AssertionError(f"no {what} error in the segment")  # unreachable: callers checked
 
 
 def read_fasta(path: str | Path, *, min_length: int = 1,
@@ -199,6 +341,12 @@ def read_fasta(path: str | Path, *, min_length: int = 1,
         ValueError: a directory, missing, empty or binary file, sequence before the first
             header, an empty record, a character outside IUPAC, a record shorter than
             ``min_length``, more than ``max_bases`` bases. The message names the file and line.
+
+    Speed and memory: the file is read in 1 MiB blocks of whole lines; runs of sequence lines
+    are cleaned and checked with ``bytes.translate`` (no Python work per sequence line). Peak
+    memory is about the records themselves (1 byte per base, plus 1 bit per base for a soft
+    mask when the file has lower case) plus the largest record once more while its string is
+    made, plus two blocks.
     """
     path = Path(path)
     if isinstance(min_length, bool) or not isinstance(min_length, int) or min_length < 0:
@@ -209,6 +357,7 @@ def read_fasta(path: str | Path, *, min_length: int = 1,
     seq = bytearray()
     bases = 0
     content = False  # any non-blank line at all
+    lower = False  # the current record has lower case
 
     def finish() -> None:
         if header is None:
@@ -222,34 +371,44 @@ def read_fasta(path: str | Path, *, min_length: int = 1,
                 f"required {min_length} (e.g. the attention window)"
             )
         name, _, desc = text.partition(" ")
-        records.append(_record(name, desc.strip(), seq, soft_case=True))
+        records.append(_record(name, desc.strip(), seq, soft_case=True, lower=lower))
 
-    for lineno, line in _text_lines(path, max_bases, 2):
-        if line.startswith(b">"):
-            content = True
-            finish()
-            text = line[1:].decode("ascii").strip()
-            if not text:
-                raise ValueError(f"{path}:{lineno}: header line has no name")
-            header, seq = (lineno, text), bytearray()
-            continue
-        if line.startswith(b";"):
-            content = True
-            continue
-        part = b"".join(line.split())
+    def sequence(block: bytes, a: int, b: int, lineno: int) -> None:
+        """Add the sequence lines ``block[a:b]`` (first line number ``lineno``)."""
+        nonlocal bases, content, lower
+        seg = block[a:b]
+        if seg.translate(None, _WS_UPPER):  # lower case, or not IUPAC at all
+            lower = True
+            if seg.translate(None, _WHITESPACE).translate(None, _IUPAC_BYTES):
+                raise _segment_error(path, lineno, seg, "no header" if header is None
+                                     else "letter")
+        part = seg.translate(None, _WHITESPACE)
         if not part:
-            continue
+            return
         content = True
         if header is None:
-            raise ValueError(
-                f"{path}:{lineno}: sequence data before the first '>' header (not FASTA?)"
-            )
-        _check_sequence_line(path, lineno, part)
+            raise _segment_error(path, lineno, seg, "no header")
+        if bases + len(part) > max_bases:
+            raise _segment_error(path, lineno, seg, "max_bases", max_bases, bases)
         bases += len(part)
-        if bases > max_bases:
-            raise ValueError(f"{path}:{lineno}: more than max_bases={max_bases} bases (pass a "
-                             "larger max_bases to read a bigger genome)")
-        seq += part
+        seq.extend(part)
+
+    for first, block in _text_blocks(path, max_bases, 2):
+        at, lineno = 0, first  # `lineno` is the number of the line starting at `at`
+        for s, e in _special_lines(block):
+            if s > at:
+                sequence(block, at, s, lineno)
+                lineno += block.count(b"\n", at, s)
+            content = True
+            if block[s] == ord(">"):
+                finish()
+                text = block[s + 1 : e - 1].decode("ascii").strip()
+                if not text:
+                    raise ValueError(f"{path}:{lineno}: header line has no name")
+                header, seq, lower = (lineno, text), bytearray(), False
+            at, lineno = e, lineno + 1
+        if at < len(block):
+            sequence(block, at, len(block), lineno)
     if not content:
         raise ValueError(f"{path}: empty file, expected FASTA ('>name' then sequence lines)")
     finish()

@@ -115,6 +115,12 @@ class GenomeBlock(nn.Module):
         """``bias``: the engine's bias (additive, or a bool keep-mask); ``attend(q, k, v)``
         replaces the engine call (the sequence-parallel mode)."""
         q, k, v = self.attn.qkv(self.norm1(x), rope_tables=rope)
+        # (B, H, L, Dh) views of (B, L, H*Dh) projections interleave the heads: every shifted
+        # slice the engine reads per offset of the pattern (window, exponential) would then
+        # stride over all heads' channels, which at 10^5-10^6 bases leaves the cache and made
+        # the model's window + exponential + global cost grow faster than the engine's. One
+        # linear copy into head-major layout keeps each head's rows adjacent.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if attend is None:
             a = attnkit.attention(q, k, v, pattern=pattern, bias=bias)  # (B, H, L, Dh)
         else:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["HubTask", "markov_background", "random_markov_chain", "IGNORE_INDEX"]
+__all__ = ["HubTask", "LongRangeTask", "markov_background", "random_markov_chain", "IGNORE_INDEX"]
 
 #: Label of positions that carry no gene (``torch.nn.functional.cross_entropy`` ignores it).
 IGNORE_INDEX = -100
@@ -135,3 +135,76 @@ class HubTask:
                     tokens[b, g : g + m] = tag
                     labels[b, g : g + m] = int(cls[h])
         return tokens, labels
+
+
+@dataclass
+class LongRangeTask:
+    """Planted long-range pairs at a fixed distance, at positions the model is not told.
+
+    Each sample is ``length`` bases of the order-3 background with one planted pair: a *source*
+    ``marker + class motif`` at a uniformly random position ``p``, and a *target* ``query``
+    motif at ``p + distance``; the target's bases are labelled with the class (one of
+    ``num_classes``), every other position is ``IGNORE_INDEX``. The class is drawn afresh per
+    sample, so it can only be read at the source, ``distance`` bases upstream of the label.
+    Nothing in the input marks where the pair is: the positions appear only in the returned
+    ``sources`` (for tests), never in the tokens beyond the motifs themselves, and any global
+    tokens of a model must be placed without them (evenly spaced or appended).
+
+    Args:
+        distance: bases from the source's start to the target's start (>= 2 * motif_len).
+        length: bases per sample (> distance + 3 * motif_len).
+        motif_len: bases of the marker, the query and each class motif.
+        num_classes: label classes.
+        seed: fixes the motifs and the background chain (the same for every distance).
+    """
+
+    distance: int
+    length: int
+    motif_len: int = 8
+    num_classes: int = 2
+    seed: int = 0
+    pool_size: int = 32
+
+    def __post_init__(self) -> None:
+        m = self.motif_len
+        if self.distance < 2 * m:
+            raise ValueError(f"distance must be >= 2 * motif_len = {2 * m}, got {self.distance}")
+        if self.length <= self.distance + 3 * m:
+            raise ValueError(f"length must exceed distance + 3 * motif_len = "
+                             f"{self.distance + 3 * m}, got {self.length}")
+        gen = torch.Generator().manual_seed(self.seed)
+        motifs: list[tuple[int, ...]] = []
+        while len(motifs) < 2 + self.num_classes:  # marker, query, classes: all distinct
+            motif = tuple(torch.randint(0, 4, (m,), generator=gen).tolist())
+            if motif not in motifs:
+                motifs.append(motif)
+        self.marker, self.query = torch.tensor(motifs[0]), torch.tensor(motifs[1])
+        self.classes = torch.tensor(motifs[2:])
+        chain = random_markov_chain(3, gen)
+        self._pool = markov_background(self.pool_size, self.length, chain, gen)
+
+    def sample(self, batch: int, generator: torch.Generator
+               ) -> tuple[Tensor, Tensor]:
+        """``(tokens (B, L), labels (B, L))`` int64 (the training interface)."""
+        tokens, labels, _ = self.sample_with_sources(batch, generator)
+        return tokens, labels
+
+    def sample_with_sources(self, batch: int, generator: torch.Generator
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tokens (B, L), labels (B, L), sources (B,))``: ``sources`` are the planted
+        source positions (the target is at ``sources + distance``), for tests only."""
+        L, m, d = self.length, self.motif_len, self.distance
+        rows = torch.randint(0, self.pool_size, (batch,), generator=generator)
+        shifts = torch.randint(0, L, (batch,), generator=generator)
+        tokens = torch.stack([self._pool[r].roll(s) for r, s in zip(rows.tolist(),
+                                                                        shifts.tolist())])
+        labels = torch.full((batch, L), IGNORE_INDEX, dtype=torch.long)
+        sources = torch.randint(0, L - d - m + 1, (batch,), generator=generator)
+        cls = torch.randint(0, self.num_classes, (batch,), generator=generator)
+        for b in range(batch):
+            p, c = int(sources[b]), int(cls[b])
+            tokens[b, p : p + m] = self.marker
+            tokens[b, p + m : p + 2 * m] = self.classes[c]
+            tokens[b, p + d : p + d + m] = self.query
+            labels[b, p + d : p + d + m] = c
+        return tokens, labels, sources
