@@ -82,10 +82,12 @@ def brightness_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x * f + s.view(B, 1, 1, 1)
 
 
-def train_vit(ctx: RunContext, arm: str, x: torch.Tensor, y: torch.Tensor, seed: int, *,
-              arch: dict, epochs: int, lr: float, batch_size: int, steps: int | None = None
-              ) -> ViT:
-    """Train ``arm``'s ViT (AdamW, one-cycle ``lr``); ``steps`` stops early (tests)."""
+def train_vit(ctx: RunContext, arm: str, x: torch.Tensor, y: torch.Tensor, epochs: int,
+              seed: int, batch_size: int = 64, lr: float = 1e-2, *, arch: dict | None = None,
+              steps: int | None = None) -> ViT:
+    """Train ``arm``'s ViT (``arch``, default the quick one) with AdamW and a one-cycle ``lr``
+    for ``epochs`` over ``x (N, 1, 8, 8)``, ``y (N,)``; ``steps`` stops early (tests)."""
+    arch = ARCH_QUICK if arch is None else arch
     torch.manual_seed(seed)
     model = make_model(arm, arch)
     augment = bool(ARMS[arm].get("augment"))
@@ -148,7 +150,7 @@ def run_seed(ctx: RunContext, seed: int, arms: tuple[str, ...], arch: dict, trai
     out, models = {}, {}
     for arm in arms:
         t0 = time.perf_counter()
-        model = train_vit(ctx, arm, xtr, ytr, seed, arch=arch, **train)
+        model = train_vit(ctx, arm, xtr, ytr, seed=seed, arch=arch, **train)
         probe = brightness_probe(model, xte, FACTORS, SHIFTS, labels=yte)
         out[f"test_acc_{arm}"] = probe.base_accuracy
         for row in probe.rows:

@@ -219,6 +219,9 @@ def save_nifti(path: str | Path, array: np.ndarray, like: Any = None, *,
     os.close(fd)
     try:
         nibabel.save(img, tmp)
+        umask = os.umask(0)  # mkstemp makes the file 0600: give it the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
