@@ -171,5 +171,14 @@ def test_phantom_fallback_trains_and_evaluates():
     ctx = RunContext(quick=True, out_dir=None)
     for model in (axial, unet):
         train_on(ctx, model, data, steps=1, seed=0)
-        dice, pred = evaluate(model, data)
+        dice, pred = evaluate(model, data, 8)
         assert len(dice) == 3 and pred.shape == (8, 8, 8)
+    # tiles: the same labels as predicting each tile alone; sizes not multiples of the tile
+    from attnkit.volume.experiment import predict_tiled
+
+    x = torch.randn(1, 19, 8, 5)
+    out = predict_tiled(unet, x, 8)
+    assert out.shape == (1, 19, 8, 5)
+    with torch.no_grad():  # the middle tile: its own prediction on the edge-padded volume
+        full = torch.nn.functional.pad(x.unsqueeze(1), (0, 3, 0, 0, 0, 5), mode="replicate")[:, 0]
+        assert torch.equal(out[:, 8:16], unet(full[:, 8:16]).argmax(-1)[..., :5])
