@@ -208,3 +208,32 @@ def test_folded_projections_equal_the_unfolded_axis_chain(bias):
     torch.testing.assert_close(out.detach(), ref_dense, atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="fold_previous"):
         m.projection(0, fold_previous=True)
+
+
+def test_channels_first_layout_matches_channels_last():
+    """channels_first=True takes (B, C, *spatial) (MONAI / lucidrains) and gives the same
+    numbers as the channels-last layer, moved; masks and maps keep (B, *spatial)."""
+    torch.manual_seed(3)
+    last = AxialAttention(8, 2, 3, rel_pos_max_distance=2)
+    first = AxialAttention(8, 2, 3, rel_pos_max_distance=2, channels_first=True)
+    first.load_state_dict(last.state_dict())
+    x = torch.randn(2, 4, 5, 3, 8)
+    mask = torch.rand(2, 4, 5, 3) > 0.3
+    xf = x.movedim(-1, 1).contiguous().requires_grad_(True)
+    out = first(xf, mask)
+    assert out.shape == (2, 8, 4, 5, 3)
+    torch.testing.assert_close(out, last(x, mask).movedim(-1, 1))
+    out.sum().backward()
+    assert xf.grad.shape == xf.shape
+    o2, maps = first(xf, need_weights=True)
+    o1, maps1 = last(x, need_weights=True)
+    torch.testing.assert_close(o2, o1.movedim(-1, 1))
+    torch.testing.assert_close(maps.effective, maps1.effective)
+    with pytest.raises(ValueError, match=r"\(B, 8, S0, S1, S2\) \(channels first"):
+        first(torch.randn(2, 8, 4, 5))
+    with pytest.raises(ValueError, match="8 channels in its second"):
+        first(x)  # a channels-last tensor given to the channels-first layer
+    with pytest.raises(ValueError, match="mask must have shape"):
+        first(xf, mask.movedim(1, -1))
+    with pytest.raises(TypeError, match="channels_first"):
+        AxialAttention(8, 2, 3, channels_first="yes")

@@ -173,3 +173,97 @@ def test_load_images_bad_input(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         load_images(tmp_path / "obj.npy")  # never unpickled
+
+
+# ---------------------------------------------------------------- issue 21: arms and probes
+
+
+def test_every_arm_builds_and_trains_a_step():
+    from attnkit.experiment import RunContext
+    from attnkit.vision.experiment import ARCH_QUICK, ARMS, make_model, train_vit
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    ctx = RunContext(quick=True, out_dir=None)
+    for arm in ARMS:
+        torch.manual_seed(3)
+        before = {k: v.clone() for k, v in make_model(arm, ARCH_QUICK).state_dict().items()}
+        model = train_vit(ctx, arm, x, y, epochs=1, seed=3, batch_size=8, steps=1)
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before), arm
+        logits, maps = model(x, need_weights=True)
+        assert logits.shape == (16, 10) and torch.isfinite(logits).all()
+        assert len(maps) == ARCH_QUICK["depth"]
+    assert isinstance(make_model("patch_ln", ARCH_QUICK).embed_norm, torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        make_model("post_ln", ARCH_QUICK)
+
+
+def test_brightness_augment_range():
+    from attnkit.vision.experiment import AUG_FACTOR, AUG_SHIFT, brightness_augment
+
+    x = torch.ones(500, 1, 8, 8)
+    out = brightness_augment(x, torch.Generator().manual_seed(0))
+    v = out[:, 0, 0, 0]  # = factor + shift per image
+    assert (out == v.view(-1, 1, 1, 1)).all()
+    assert AUG_FACTOR[0] + AUG_SHIFT[0] <= v.min() and v.max() <= AUG_FACTOR[1] + AUG_SHIFT[1]
+    assert v.std() > 0.3
+
+
+def test_normalised_js_zero_for_identical_maps_and_about_one_for_other_images():
+    from attnkit.vision.probe import normalised_js, other_image_pairing
+
+    perm = other_image_pairing(200)
+    assert (perm != torch.arange(200)).all() and sorted(perm.tolist()) == list(range(200))
+    torch.manual_seed(0)
+    model = ViT(8, 2, 1, 10, 16, 2, 2).eval()
+    images = torch.rand(200, 1, 8, 8)
+    with torch.no_grad():
+        _, base = model(images, need_weights=True)
+    assert np.allclose(normalised_js(base, [m.clone() for m in base]), 0.0)
+    # Showing every image another (unrelated) image: as far as the normaliser's pairing.
+    other = torch.roll(torch.arange(200), 7)
+    njs = normalised_js(base, [m[other] for m in base])
+    assert njs.shape == (2,) and np.all(np.abs(njs - 1.0) < 0.15), njs
+    with pytest.raises(ValueError, match="same layers"):
+        normalised_js(base, base[:1])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        other_image_pairing(1)
+
+
+def test_standardized_arm_is_exactly_invariant():
+    torch.manual_seed(0)
+    model = ViT(8, 2, 1, 10, 16, 2, 2, standardize=True).eval()
+    images, _ = load_digits("test")
+    x = torch.from_numpy(images[:64]).double()
+    model = model.double()
+    with torch.no_grad():
+        logits, maps = model(x, need_weights=True)
+        for a, b in ((0.1, 0.0), (3.0, 0.0), (1.0, 0.5), (0.3, -0.3)):
+            l2, m2 = model(x * a + b, need_weights=True)
+            torch.testing.assert_close(l2, logits, atol=1e-9, rtol=1e-9)
+            for p, q in zip(maps, m2):
+                torch.testing.assert_close(p, q, atol=1e-9, rtol=1e-9)
+    probe = brightness_probe(model.float(), x.float(), (0.1, 0.3, 3.0), (-0.3, 0.5),
+                             labels=torch.zeros(64, dtype=torch.long))
+    for row in probe.rows:
+        assert row["pred_agree"] == 1.0 and row["njs_mean"] < 1e-5
+    # a pre-LN model without standardisation does move
+    torch.manual_seed(0)
+    plain = ViT(8, 2, 1, 10, 16, 2, 2).eval()
+    assert brightness_probe(plain, x.float(), (0.1,), ()).rows[0]["njs_mean"] > 1e-3
+    with pytest.raises(ValueError, match="constant"):
+        model(torch.ones(2, 1, 8, 8, dtype=torch.float64))
+
+
+def test_probe_accuracy_and_labels_checked():
+    torch.manual_seed(1)
+    model = ViT(8, 2, 1, 10, 16, 1, 2).eval()
+    x = torch.rand(20, 1, 8, 8)
+    y = model(x).argmax(-1)
+    probe = brightness_probe(model, x, (1.0,), (), labels=y)
+    assert probe.base_accuracy == 1.0 and probe.rows[0]["accuracy"] == 1.0
+    assert probe.rows[0]["njs_mean"] == 0.0 and len(probe.js_between_images) == 1
+    with pytest.raises(ValueError, match=r"labels must have shape \(20,\)"):
+        brightness_probe(model, x, (1.0,), (), labels=y[:5])

@@ -9,6 +9,15 @@ projection, shaped ``(B, *other axes, H, L, d)``: the engine's short-sequence ke
 place and never keeps an ``L x L`` score matrix per line beyond a thread's own buffer. Masks,
 relative-position biases, dropout and requested maps take a chunked path (lines copied into
 batches, one engine call per chunk) whose temporaries are bounded by ``chunk_size``.
+
+Layouts. :class:`AxialAttention` works channels last by default: ``x (B, *spatial, C)`` with
+``len(spatial) == num_axes`` (``(B, H, W, C)`` for images, ``(B, D, H, W, C)`` for volumes), as
+a transformer's token tensors are. ``channels_first=True`` takes and returns ``(B, C, *spatial)``
+(``(B, C, D, H, W)``, the layout of MONAI, torchvision convolutions and lucidrains'
+``axial-attention`` by default); it moves the channels last on the way in and back on the way out
+(a view each way, so one copy in :meth:`AxialAttention.forward`'s projection, as for any
+non-contiguous input). Axis ``a`` always means spatial axis ``a`` (``D`` first for volumes),
+whatever the layout; masks are ``(B, *spatial)`` in both.
 """
 
 from __future__ import annotations
@@ -107,6 +116,13 @@ class AxialAttention(nn.Module):
             that axis; separate tables per axis let the layer learn anisotropic voxel spacing.
         dropout: dropout on the attention weights (training only).
         bias: whether the projections have a bias.
+        channels_first: take and return ``(B, C, *spatial)`` instead of the default
+            ``(B, *spatial, C)`` (see the module docstring's "Layouts").
+
+    Shapes:
+        ``x``: ``(B, *spatial, C)``, or ``(B, C, *spatial)`` with ``channels_first``;
+        ``mask``: ``(B, *spatial)``; output: the layout of ``x``. Attention maps
+        (:class:`AxialMaps`) are indexed by spatial position in both layouts.
     """
 
     def __init__(
@@ -119,8 +135,12 @@ class AxialAttention(nn.Module):
         rel_pos_max_distance: int | None = None,
         dropout: float = 0.0,
         bias: bool = True,
+        channels_first: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(channels_first, bool):
+            raise TypeError(f"channels_first must be a bool, got {type(channels_first).__name__}")
+        self.channels_first = channels_first
         for name, value in (("dim", dim), ("num_heads", num_heads), ("num_axes", num_axes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -158,16 +178,19 @@ class AxialAttention(nn.Module):
     def _check(self, x: Tensor, mask: Tensor | None) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        want = "(B, " + ", ".join(f"S{i}" for i in range(self.num_axes)) + f", {self.dim})"
+        spatial = ", ".join(f"S{i}" for i in range(self.num_axes))
+        first = self.channels_first
+        want = f"(B, {self.dim}, {spatial})" if first else f"(B, {spatial}, {self.dim})"
+        layout = "channels first" if first else "channels last"
         if x.dim() != self.num_axes + 2:
             raise ValueError(
-                f"x must have shape {want} (channels last, {self.num_axes} spatial axes), "
+                f"x must have shape {want} ({layout}, {self.num_axes} spatial axes), "
                 f"got {x.dim()} dims {tuple(x.shape)}"
             )
-        if x.shape[-1] != self.dim:
+        if x.shape[1 if first else -1] != self.dim:
             raise ValueError(
-                f"x must have {self.dim} channels in its last dimension {want}, "
-                f"got shape {tuple(x.shape)}"
+                f"x must have {self.dim} channels in its {'second' if first else 'last'} "
+                f"dimension {want}, got shape {tuple(x.shape)}"
             )
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -176,9 +199,10 @@ class AxialAttention(nn.Module):
         if mask is not None:
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
                 raise TypeError("mask must be a bool tensor (True = valid voxel)")
-            if tuple(mask.shape) != tuple(x.shape[:-1]):
+            want_mask = (x.shape[0], *x.shape[2:]) if first else tuple(x.shape[:-1])
+            if tuple(mask.shape) != tuple(want_mask):
                 raise ValueError(
-                    f"mask must have shape (B, *spatial) = {tuple(x.shape[:-1])}, "
+                    f"mask must have shape (B, *spatial) = {tuple(want_mask)}, "
                     f"got {tuple(mask.shape)}"
                 )
 
@@ -338,7 +362,8 @@ class AxialAttention(nn.Module):
         """Axial self-attention.
 
         Args:
-            x: ``(B, *spatial, C)`` channels last, ``len(spatial) == num_axes``.
+            x: ``(B, *spatial, C)`` channels last, ``len(spatial) == num_axes``; with
+                ``channels_first=True``, ``(B, C, *spatial)``.
             mask: optional ``(B, *spatial)`` bool, True = valid voxel. Padded voxels are never
                 attended to and their outputs are 0.
             need_weights: also return :class:`AxialMaps` (per-axis maps are
@@ -346,9 +371,19 @@ class AxialAttention(nn.Module):
             query: voxel whose composed effective map is returned (default: the centre).
 
         Returns:
-            ``out (B, *spatial, C)``, or ``(out, AxialMaps)`` when ``need_weights``.
+            ``out`` in the layout of ``x``, or ``(out, AxialMaps)`` when ``need_weights``.
         """
         self._check(x, mask)
+        if self.channels_first:
+            res = self._forward(x.movedim(1, -1), mask, need_weights, query)
+            if need_weights:
+                return res[0].movedim(-1, 1), res[1]
+            return res.movedim(-1, 1)
+        return self._forward(x, mask, need_weights, query)
+
+    def _forward(self, x: Tensor, mask: Tensor | None, need_weights: bool,
+                 query: tuple[int, ...] | None) -> Tensor | tuple[Tensor, AxialMaps]:
+        """:meth:`forward` on a checked channels-last ``x (B, *spatial, C)``."""
         h = x
         if mask is not None:
             # Padded voxels are never keys, but NaN * 0 would still leak through the softmax.

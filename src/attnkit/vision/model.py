@@ -4,7 +4,10 @@ An image ``(B, C, H, W)`` is cut into ``P x P`` patches; each flattened patch is
 embedded into a token, a learned position embedding is added, and ``depth`` transformer blocks
 mix the tokens. ``norm`` chooses where LayerNorm sits: before attention and MLP ("pre", the
 "auto-exposure" that re-centres and re-scales every token), after the residual sum ("post"), or
-nowhere ("none").
+nowhere ("none"). Two options move the normalisation earlier: ``embed_norm`` puts a LayerNorm on
+the patch embeddings before the position embedding is added, and ``standardize`` z-scores each
+input image (over its pixels and channels) before anything else, which makes the whole model
+invariant to ``x -> a x + b`` for ``a > 0`` (up to float rounding).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 
 from ..nn.attention import SelfAttention
 
-__all__ = ["ViT", "Block"]
+__all__ = ["ViT", "Block", "standardize_images"]
 
 NORMS = ("pre", "post", "none")
 
@@ -61,6 +64,9 @@ class ViT(nn.Module):
         patch_bias: whether the patch embedding has a bias (a bias makes brightness
             invariance approximate: ``W (c x) + b != c (W x + b)``).
         pos_embedding: whether to add a learned position embedding (same effect).
+        embed_norm: LayerNorm on the patch embeddings before the position embedding is added.
+        standardize: z-score each image over its pixels and channels first (``(x - mean) /
+            std``; an image with zero spread is refused in :meth:`forward`).
     """
 
     def __init__(
@@ -77,6 +83,8 @@ class ViT(nn.Module):
         patch_bias: bool = True,
         pos_embedding: bool = True,
         mlp_ratio: int = 2,
+        embed_norm: bool = False,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("image_size", image_size), ("patch_size", patch_size),
@@ -92,9 +100,11 @@ class ViT(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.norm = norm
+        self.standardize = bool(standardize)
         self.grid = image_size // patch_size
         self.num_tokens = self.grid**2
         self.patch_embed = nn.Linear(in_channels * patch_size**2, dim, bias=patch_bias)
+        self.embed_norm = nn.LayerNorm(dim) if embed_norm else nn.Identity()
         self.pos_embed = (
             nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02) if pos_embedding else None
         )
@@ -127,7 +137,10 @@ class ViT(nn.Module):
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x (B, C, H, W)`` -> logits ``(B, num_classes)``, plus (``need_weights``) a list of
         every layer's attention maps, each ``(B, num_heads, L, L)`` (rows: query patches)."""
-        h = self.patch_embed(self.patchify(x))
+        patches = self.patchify(x)
+        if self.standardize:
+            patches = standardize_images(patches)
+        h = self.embed_norm(self.patch_embed(patches))
         if self.pos_embed is not None:
             h = h + self.pos_embed
         maps = []
@@ -136,3 +149,19 @@ class ViT(nn.Module):
             maps.append(w)
         logits = self.head(self.final_norm(h).mean(1))
         return (logits, maps) if need_weights else logits
+
+
+def standardize_images(x: Tensor) -> Tensor:
+    """Z-score each image ``x (B, ...)`` over all its other dimensions: ``(x - mean) / std``.
+
+    No epsilon (it would break the exact invariance to ``a x + b``); an image whose values are
+    all equal has no scale to remove and is refused.
+    """
+    dims = tuple(range(1, x.dim()))
+    centred = x - x.mean(dims, keepdim=True)
+    std = centred.square().mean(dims, keepdim=True).sqrt()
+    if bool((std == 0).any()):
+        bad = (std.flatten() == 0).nonzero().flatten().tolist()
+        raise ValueError(f"standardize: image(s) {bad[:5]} are constant (zero spread), "
+                         "so there is no brightness scale to remove")
+    return centred / std

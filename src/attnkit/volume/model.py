@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from ..nn.axial import AxialAttention, AxialMaps
 
-__all__ = ["AxialVolumeTransformer", "pad_volumes", "normalize_volume"]
+__all__ = ["AxialVolumeTransformer", "UNet3D", "matched_unet", "count_parameters", "pad_volumes",
+           "normalize_volume"]
 
 
 class AxialBlock(nn.Module):
@@ -145,3 +146,72 @@ def pad_volumes(volumes: list[Tensor], value: float = 0.0) -> tuple[Tensor, Tens
         out[region] = v
         mask[region] = True
     return out, mask
+
+
+class _ConvStage(nn.Sequential):
+    """Two ``3x3x3`` convolutions, each followed by instance norm and LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        layers: list[nn.Module] = []
+        for a, b in ((c_in, c_out), (c_out, c_out)):
+            layers += [nn.Conv3d(a, b, 3, padding=1), nn.InstanceNorm3d(b, affine=True),
+                       nn.LeakyReLU(0.01)]
+        super().__init__(*layers)
+
+
+class UNet3D(nn.Module):
+    """A plain-convolution 3D U-Net (two poolings, widths ``w, 2w, 4w``), the baseline the
+    axial segmenter is compared with.
+
+    Channels last like :class:`AxialVolumeTransformer`: ``x (B, *spatial, C)`` (or ``(B,
+    *spatial)`` for one channel) -> logits ``(B, *spatial, num_classes)``; spatial sizes that
+    are not multiples of 4 are padded (replicating the border) and cropped back.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 8) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                            ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        w = width
+        self.in_channels = in_channels
+        self.enc1, self.enc2 = _ConvStage(in_channels, w), _ConvStage(w, 2 * w)
+        self.bottom = _ConvStage(2 * w, 4 * w)
+        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
+        self.dec2 = _ConvStage(4 * w, 2 * w)
+        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
+        self.dec1 = _ConvStage(2 * w, w)
+        self.head = nn.Conv3d(w, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"volume must be a torch.Tensor, got {type(x).__name__}")
+        if self.in_channels == 1 and x.dim() == 4:
+            x = x.unsqueeze(-1)
+        if x.dim() != 5 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"volume must have shape (B, S0, S1, S2, {self.in_channels}) "
+                             f"(channels last), got {tuple(x.shape)}")
+        spatial = x.shape[1:4]
+        h = x.movedim(-1, 1)
+        pad = [p for s in reversed(spatial) for p in (0, -s % 4)]
+        if any(pad):
+            h = nn.functional.pad(h, pad, mode="replicate")
+        e1 = self.enc1(h)
+        e2 = self.enc2(nn.functional.max_pool3d(e1, 2))
+        b = self.bottom(nn.functional.max_pool3d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        out = self.head(d1)[:, :, :spatial[0], :spatial[1], :spatial[2]]
+        return out.movedim(1, -1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def matched_unet(target_params: int, in_channels: int = 1, num_classes: int = 4) -> UNet3D:
+    """The :class:`UNet3D` whose parameter count is closest to ``target_params``."""
+    best = min(range(1, 65), key=lambda w: abs(
+        count_parameters(UNet3D(in_channels, num_classes, w)) - target_params))
+    return UNet3D(in_channels, num_classes, best)
