@@ -111,25 +111,12 @@ def run_ppi(ctx: RunContext) -> Result:
     with stats.single_thread():
         per_seed = stats.over_seeds(one_seed, seeds, progress=ctx.progress, desc="ppi")
         curve = _regime_curve(ctx, seeds, per_seed)
-    f1 = stats.stack_metrics(per_seed)
-    gains = {k: stats.paired_diff_ci(f1["gat"], f1[k]) for k in PPI_MODELS[1:]}
-    short = {"const_gat": "const", "mean": "mean", "sage": "sage", "gcn": "gcn"}
-    metrics: dict[str, float] = {}
-    for k in PPI_MODELS:
-        metrics.update(stats.mean_ci(f1[k]).metrics(f"micro_f1_{k}"))
-    for k, ci in gains.items():
-        metrics.update(ci.metrics(f"gain_gat_over_{short[k]}"))
+    f1, gains, metrics, decisions = ppi_summary(per_seed)
     for row in curve:
         tag = f"{row['cross_share_nominal']:g}".replace(".", "p")
         metrics[f"gain_gat_over_const_at_cross_{tag}"] = row["gain"]
         metrics[f"gain_gat_over_const_at_cross_{tag}_ci_low"] = row["gain_ci_low"]
         metrics[f"gain_gat_over_const_at_cross_{tag}_ci_high"] = row["gain_ci_high"]
-    decisions = [
-        gains["const_gat"].decide("gain_gat_over_const", 0.0, ">",
-                                  "GAT minus Const-GAT (uniform weights), paired by seed"),
-        gains["mean"].decide("gain_gat_over_mean", 0.0, ">",
-                             "GAT minus mean aggregation, paired by seed"),
-    ]
     table = [{"model": k, "test_micro_f1": round(float(np.mean(f1[k])), 4),
               "ci": f"[{stats.mean_ci(f1[k]).low:.4f}, {stats.mean_ci(f1[k]).high:.4f}]",
               "gat_minus_model": "" if k == "gat" else str(gains[k])} for k in PPI_MODELS]
@@ -168,6 +155,27 @@ def run_ppi(ctx: RunContext) -> Result:
                 "quick": ctx.quick},
         notes=notes,
     )
+
+
+def ppi_summary(per_seed: list[dict[str, float]]):
+    """Per-seed micro-F1 ``[{model: f1}]`` -> ``(f1 arrays, paired gains of GAT over each
+    baseline, flat metrics, deciding Decisions)``: the claim holds when GAT's paired gain over
+    Const-GAT and over mean aggregation both have their CI above 0."""
+    f1 = stats.stack_metrics(per_seed)
+    gains = {k: stats.paired_diff_ci(f1["gat"], f1[k]) for k in PPI_MODELS[1:]}
+    short = {"const_gat": "const", "mean": "mean", "sage": "sage", "gcn": "gcn"}
+    metrics: dict[str, float] = {}
+    for k in PPI_MODELS:
+        metrics.update(stats.mean_ci(f1[k]).metrics(f"micro_f1_{k}"))
+    for k, ci in gains.items():
+        metrics.update(ci.metrics(f"gain_gat_over_{short[k]}"))
+    decisions = [
+        gains["const_gat"].decide("gain_gat_over_const", 0.0, ">",
+                                  "GAT minus Const-GAT (uniform weights), paired by seed"),
+        gains["mean"].decide("gain_gat_over_mean", 0.0, ">",
+                             "GAT minus mean aggregation, paired by seed"),
+    ]
+    return f1, gains, metrics, decisions
 
 
 def _regime_curve(ctx: RunContext, seeds: list[int], main: list[dict]) -> list[dict]:
@@ -344,11 +352,8 @@ def run_hubs(ctx: RunContext) -> Result:
 
     with stats.single_thread():
         per_seed = stats.over_seeds(one_seed, seeds, progress=ctx.progress, desc="hubs")
-    m = stats.stack_metrics(per_seed)
+    m, clean, rel, reductions, decisions = hubs_summary(per_seed, levels)
     top = f"{levels[-1]:g}"
-    clean = {v: m[f"{v}@0"] for v in HUB_VARIANTS}
-    rel = {v: {f"{s:g}": (clean[v] - m[f"{v}@{s:g}"]) / clean[v] for s in levels[1:]}
-           for v in HUB_VARIANTS}
     metrics: dict[str, float] = {}
     for v in HUB_VARIANTS:
         metrics[f"f1_clean_{v}"] = float(np.mean(clean[v]))
@@ -356,14 +361,9 @@ def run_hubs(ctx: RunContext) -> Result:
         metrics.update(stats.mean_ci(rel[v][top]).metrics(f"rel_drop_{v}"))
         metrics.update(stats.mean_ci(m[f"mass_{v}@0"]).metrics(f"hub_mass_{v}_clean"))
         metrics.update(stats.mean_ci(m[f"mass_{v}@{top}"]).metrics(f"hub_mass_{v}_noisy"))
-    reductions = {v: stats.paired_diff_ci(rel["plain"][top], rel[v][top]) for v in MITIGATIONS}
     vs_avg = {v: stats.paired_diff_ci(rel["plain"][top], rel[v][top]) for v in ("mean", "gcn")}
     metrics.update(vs_avg["mean"].metrics("rel_drop_gat_minus_mean"))
     metrics.update(vs_avg["gcn"].metrics("rel_drop_gat_minus_gcn"))
-    decisions = [reductions[v].decide(
-        f"drop_reduction_{v}", 0.0, ">",
-        f"relative micro-F1 drop at noise {top}: plain GAT minus {v}, paired by seed")
-        for v in MITIGATIONS]
     curves = {v: [stats.mean_ci(rel[v][f"{s:g}"]) for s in levels[1:]] for v in HUB_VARIANTS}
     table = [{"variant": v, "clean_f1": round(float(np.mean(clean[v])), 4),
               **{f"rel_drop@{s:g}": str(ci) for s, ci in zip(levels[1:], curves[v])},
@@ -399,6 +399,23 @@ def run_hubs(ctx: RunContext) -> Result:
                 "hub_min_degree": float(np.min(m["hub_min_degree"])), "quick": ctx.quick},
         notes=notes,
     )
+
+
+def hubs_summary(per_seed: list[dict[str, float]], levels: list[float]):
+    """Per-seed ``{"variant@level": f1}`` -> ``(stacked, clean F1, relative drops
+    {variant: {level: array}}, paired drop reductions of each mitigation vs plain GAT at the
+    largest level, Decisions)``. A reduction > 0 means the mitigation loses less."""
+    m = stats.stack_metrics(per_seed)
+    top = f"{levels[-1]:g}"
+    clean = {v: m[f"{v}@0"] for v in HUB_VARIANTS}
+    rel = {v: {f"{s:g}": (clean[v] - m[f"{v}@{s:g}"]) / clean[v] for s in levels[1:]}
+           for v in HUB_VARIANTS}
+    reductions = {v: stats.paired_diff_ci(rel["plain"][top], rel[v][top]) for v in MITIGATIONS}
+    decisions = [reductions[v].decide(
+        f"drop_reduction_{v}", 0.0, ">",
+        f"relative micro-F1 drop at noise {top}: plain GAT minus {v}, paired by seed")
+        for v in MITIGATIONS]
+    return m, clean, rel, reductions, decisions
 
 
 def _plot_hubs(ctx: RunContext, levels, curves) -> list[str]:
@@ -448,8 +465,8 @@ def _datasets(ctx: RunContext, data_dir: Path) -> list[str]:
         return [chosen.lower()]
     found = [n for n in PLANETOID_NAMES if (data_dir / f"ind.{n}.graph").is_file()]
     if not found:
-        raise FileNotFoundError(f"{data_dir}: no ind.NAME.graph file for any of "
-                                f"{PLANETOID_NAMES}")
+        raise FileNotFoundError(f"{data_dir}: no Planetoid files ("
+                                + ", ".join(f"ind.{n}.*" for n in PLANETOID_NAMES) + ")")
     return found
 
 
