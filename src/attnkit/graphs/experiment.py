@@ -479,7 +479,7 @@ def run_planetoid(ctx: RunContext) -> Result:
     seeds = ctx.seed_list(quick=3, full=10)
     metrics: dict[str, float] = {}
     decisions, table, params = [], [], {}
-    with stats.threads(max(1, min(2, torch.get_num_threads()))):
+    with stats.single_thread():
         for name in names:
             accs = _planetoid_runs(ctx, data_dir, name, seeds, params)
             ci = stats.mean_ci(accs)
