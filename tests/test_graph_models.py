@@ -71,7 +71,7 @@ def test_experiments_registered():
     reg = registry()
     assert all(n in reg for n in names)
     opts = {o.flag: o for o in EXPERIMENTS[2].options}
-    assert opts["--data-dir"].required and opts["--dataset"].default == "cora"
+    assert opts["--data-dir"].required and opts["--dataset"].default is None
 
 
 @pytest.mark.parametrize("score", ["additive", "dot", "additive_v2"])

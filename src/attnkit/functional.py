@@ -8,6 +8,7 @@ and never forms an ``Lq x Lk`` tensor for a sparse pattern (forward or backward)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,44 @@ class SparseWeights:
         out = self.values.new_zeros(*lead, lq * lk)
         flat = self.rows * lk + self.indices
         return out.index_copy(-1, flat, self.values).view(*lead, lq, lk)
+
+    def to_torch_sparse(self) -> Tensor:
+        """The weights as a ``torch.sparse_csr`` tensor of shape ``(*lead, Lq, Lk)`` (lead =
+        ``values.shape[:-1]``, e.g. ``(B, Hq)``; batched CSR shares one structure), so
+        ``w.to_torch_sparse().to_dense()`` equals :meth:`to_dense`. Gradients flow to
+        ``values``."""
+        lead = tuple(self.values.shape[:-1])
+        lq, lk = self.shape
+        crow = self.indptr.to(self.values.device).expand(*lead, lq + 1)
+        col = self.indices.to(self.values.device).expand(*lead, self.nnz)
+        with warnings.catch_warnings():  # torch calls CSR support "beta"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, col, self.values, (*lead, lq, lk),
+                                           check_invariants=False)
+
+    def to_scipy(self, *index: int):
+        """One ``(Lq, Lk)`` map as a ``scipy.sparse.csr_array`` (needs scipy: ``pip install
+        attnkit[graph]``). ``index`` picks it among the leading dims, e.g. ``w.to_scipy(b, h)``;
+        it may be left out when they are all of size 1. Values are detached, as float64 when
+        the weights are float64, else float32."""
+        lead = tuple(self.values.shape[:-1])
+        if not index and all(d == 1 for d in lead):
+            index = (0,) * len(lead)
+        if len(index) != len(lead) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and -d <= i < d
+                for i, d in zip(index, lead)):
+            raise ValueError(f"index must pick one map among the leading dims {lead} "
+                             f"(e.g. to_scipy(batch, head)), got {index}")
+        try:
+            import scipy.sparse as sp
+        except ImportError as e:  # optional dependency
+            raise ImportError("SparseWeights.to_scipy() needs scipy (pip install "
+                              "attnkit[graph])") from e
+        vals = self.values[index].detach().cpu()
+        if vals.dtype != torch.float64:
+            vals = vals.float()
+        return sp.csr_array((vals.numpy(), self.indices.cpu().numpy(),
+                             self.indptr.cpu().numpy()), shape=self.shape)
 
     def __repr__(self) -> str:
         vals = tuple(self.values.shape)

@@ -43,6 +43,7 @@ __all__ = [
     "global_tokens",
     "random_keys",
     "graph",
+    "edge_index_of",
     "block_diagonal",
     "from_mask_mod",
 ]
@@ -361,8 +362,9 @@ class Graph(_CSRPattern):
                 raise ValueError(f"edge_index has a negative index ({int(ei.min())})")
             if int(ei[0].max()) >= n_src or int(ei[1].max()) >= n_dst:
                 raise ValueError(
-                    f"edge_index out of range: sources must be < {n_src} and targets < {n_dst}"
-                    f" (got max source {int(ei[0].max())}, max target {int(ei[1].max())})"
+                    f"edge_index out of range for num_nodes={num_nodes!r}: sources must be "
+                    f"< {n_src} and targets < {n_dst} (got max source {int(ei[0].max())}, "
+                    f"max target {int(ei[1].max())})"
                 )
         self.num_src, self.num_dst = n_src, n_dst
         key = torch.unique(ei[1] * max(n_src, 1) + ei[0])  # sorted by target, then source
@@ -627,9 +629,106 @@ def random_keys(r: int, seed: int = 0) -> Pattern:
     return RandomKeys(r, seed)
 
 
-def graph(edge_index: Tensor, num_nodes: int | tuple[int, int]) -> Pattern:
-    """Query ``i`` sees key ``j`` iff the graph has an edge ``j -> i`` (PyG convention)."""
-    return Graph(edge_index, num_nodes)
+def graph(edge_index, num_nodes: int | tuple[int, int] | None = None) -> Pattern:
+    """Query ``i`` sees key ``j`` iff the graph has an edge ``j -> i`` (PyG convention).
+
+    ``edge_index`` may be (see :func:`edge_index_of`):
+
+    * an integer tensor ``(2, E)`` (row 0 sources, row 1 targets) or nested lists of ints;
+    * a PyTorch Geometric ``Data`` (its ``edge_index`` and ``num_nodes``);
+    * a sparse adjacency, ``torch.sparse_coo`` / ``torch.sparse_csr`` tensor or SciPy sparse
+      matrix, of shape ``(num_src, num_dst)`` whose nonzero ``A[j, i]`` is an edge ``j -> i``
+      (as PyG's ``to_torch_coo_tensor(edge_index)`` / ``to_scipy_sparse_matrix`` build it).
+
+    ``num_nodes`` is an int (square) or ``(num_src, num_dst)``. When it is not given it comes
+    from the ``Data`` object or the adjacency's shape, else from ``edge_index`` as
+    ``max index + 1``: nodes above the largest index (isolated ones) are then left out, so give
+    ``num_nodes`` when they exist. Bad input raises before any kernel runs: ``TypeError`` for a
+    non-integer ``edge_index``, ``ValueError`` naming ``edge_index`` / ``num_nodes`` for a wrong
+    shape, a negative index, or ``num_nodes`` not above the largest index.
+    """
+    ei, n = edge_index_of(edge_index, num_nodes)
+    return Graph(ei, n)
+
+
+def _is_pyg_data(obj) -> bool:
+    """A PyG ``Data`` (or anything like it) without importing torch_geometric."""
+    return (not isinstance(obj, Tensor) and hasattr(obj, "edge_index")
+            and (type(obj).__module__.startswith("torch_geometric")
+                 or hasattr(obj, "num_nodes")))
+
+
+def _is_scipy_sparse(obj) -> bool:
+    return type(obj).__module__.startswith("scipy.sparse") and hasattr(obj, "tocoo")
+
+
+def edge_index_of(obj, num_nodes: int | tuple[int, int] | None = None
+                  ) -> tuple[Tensor, int | tuple[int, int]]:
+    """``(edge_index (2, E) long, num_nodes)`` from any graph input :func:`graph` accepts.
+
+    Neither torch_geometric nor scipy is imported: their objects are recognised by duck
+    typing (``edge_index`` attribute, ``scipy.sparse`` module). A sparse adjacency's nonzero
+    entries are its edges (stored zeros are not); its shape ``(rows, cols)`` is
+    ``(num_src, num_dst)``, an int when square. ``num_nodes``, when given, must agree with a
+    ``Data``'s / an adjacency's own count.
+    """
+    if _is_pyg_data(obj):
+        own = getattr(obj, "num_nodes", None)
+        if num_nodes is None:
+            num_nodes = own
+        elif own is not None and own != num_nodes:
+            raise ValueError(f"num_nodes={num_nodes!r} disagrees with the Data object's "
+                             f"num_nodes={own}")
+        obj = obj.edge_index
+        if obj is None:
+            raise ValueError("edge_index: the Data object has no edge_index")
+    elif isinstance(obj, Tensor) and obj.layout in (torch.sparse_coo, torch.sparse_csr):
+        if obj.dim() != 2:
+            raise ValueError(f"edge_index: a sparse adjacency must be 2-D (num_src, num_dst), "
+                             f"got shape {tuple(obj.shape)}")
+        coo = (obj.to_sparse_coo() if obj.layout == torch.sparse_csr else obj).coalesce()
+        nz = coo.values() != 0
+        if nz.dim() > 1:  # hybrid tensors: an edge where any stored value is nonzero
+            nz = nz.flatten(1).any(1)
+        obj, shape = coo.indices()[:, nz], tuple(coo.shape)
+        num_nodes = _adjacency_nodes(shape, num_nodes)
+    elif _is_scipy_sparse(obj):
+        if len(obj.shape) != 2:
+            raise ValueError(f"edge_index: a sparse adjacency must be 2-D, got {obj.shape}")
+        import numpy as np  # a core dependency; scipy itself is never imported here
+
+        coo = obj.tocoo()
+        keep = np.asarray(coo.data) != 0
+        rows = torch.as_tensor(np.asarray(coo.row)[keep].astype(np.int64))
+        cols = torch.as_tensor(np.asarray(coo.col)[keep].astype(np.int64))
+        obj = torch.stack([rows, cols])
+        num_nodes = _adjacency_nodes((int(coo.shape[0]), int(coo.shape[1])), num_nodes)
+    if not isinstance(obj, Tensor):
+        try:
+            obj = torch.as_tensor(obj)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"edge_index must be an integer tensor (2, E), a PyG Data, a sparse "
+                            f"adjacency or nested lists of ints, got {type(obj).__name__}"
+                            ) from e
+    _require_integer("edge_index", obj)
+    if obj.dim() != 2 or obj.shape[0] != 2:
+        raise ValueError(f"edge_index must have shape (2, E), got {tuple(obj.shape)}")
+    if num_nodes is None:  # documented inference: the largest index + 1
+        num_nodes = int(obj.max()) + 1 if obj.numel() else 0
+        if obj.numel() and int(obj.min()) < 0:
+            raise ValueError(f"edge_index has a negative index ({int(obj.min())})")
+    return obj, num_nodes
+
+
+def _adjacency_nodes(shape: tuple[int, int], num_nodes) -> int | tuple[int, int]:
+    """An adjacency's node count: an int when square, else ``(num_src, num_dst)``; a given
+    ``num_nodes`` must describe the same shape."""
+    if num_nodes is not None:
+        given = num_nodes if isinstance(num_nodes, tuple) else (num_nodes, num_nodes)
+        if tuple(given) != shape:
+            raise ValueError(f"num_nodes={num_nodes!r} disagrees with the adjacency's shape "
+                             f"{shape}")
+    return shape[0] if shape[0] == shape[1] else shape
 
 
 def block_diagonal(lengths: Sequence[int] | Tensor) -> Pattern:

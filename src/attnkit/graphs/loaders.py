@@ -75,6 +75,37 @@ class GraphData:
         """``(N,)`` number of edges touching each node as a target (long)."""
         return torch.bincount(self.edge_index[1], minlength=self.num_nodes)
 
+    @classmethod
+    def from_pyg(cls, data: Any) -> GraphData:
+        """A :class:`GraphData` from a ``torch_geometric.data.Data`` (or any object with its
+        attributes: ``edge_index`` and optionally ``x``, ``y``, ``train_mask``, ``val_mask``,
+        ``test_mask``, ``edge_weight``, ``num_nodes``). torch_geometric is not imported. The
+        edges are checked (integer ``(2, E)``, indices in ``[0, num_nodes)``); ``node_ids`` are
+        ``0 .. N-1``."""
+        from ..nn.graph import check_edge_index
+        from ..patterns import edge_index_of
+
+        if not hasattr(data, "edge_index"):
+            raise TypeError(f"data must be a PyG Data (with edge_index), got "
+                            f"{type(data).__name__}")
+        x = getattr(data, "x", None)
+        n = int(x.shape[0]) if isinstance(x, Tensor) else getattr(data, "num_nodes", None)
+        edge_index, n = edge_index_of(data.edge_index, n)
+        if isinstance(n, tuple):
+            raise ValueError(f"num_nodes: a node-classification graph has one node set, got {n}")
+        edge_index = check_edge_index(edge_index, n)
+        fields = {}
+        for k in ("y", "train_mask", "val_mask", "test_mask", "edge_weight"):
+            v = getattr(data, k, None)
+            if v is not None and not isinstance(v, Tensor):
+                raise TypeError(f"data.{k} must be a tensor, got {type(v).__name__}")
+            fields[k] = v
+        for k in ("train_mask", "val_mask", "test_mask"):
+            if fields[k] is not None and tuple(fields[k].shape) != (n,):
+                raise ValueError(f"data.{k} must have shape ({n},), got "
+                                 f"{tuple(fields[k].shape)}")
+        return cls(x=x, edge_index=edge_index, node_ids=list(range(n)), **fields)
+
     def to_pyg(self):
         """A ``torch_geometric.data.Data`` with the same tensors (needs torch_geometric)."""
         try:

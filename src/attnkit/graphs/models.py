@@ -1,5 +1,6 @@
-"""Node classifiers: a GAT stack over :class:`attnkit.nn.GraphAttention` and a mean-aggregation
-baseline of the same sizes, plus a small full-batch training loop with early stopping."""
+"""Node classifiers: a GAT stack over :class:`attnkit.nn.GraphAttention` (``score="constant"``
+gives Const-GAT), and the baselines of the same sizes (mean aggregation, GraphSAGE-mean, GCN),
+plus a small full-batch training loop with early stopping."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from ..distributed.data_parallel import rescale_mean, shard_mask, wrap_ddp
 from ..nn.graph import GraphAttention, GraphIndex, build_graph_index
 from .loaders import GraphData
 
-__all__ = ["GAT", "MeanAggregation", "FitResult", "fit", "evaluate", "micro_f1", "accuracy"]
+__all__ = ["GAT", "MeanAggregation", "GraphSAGE", "GCN", "FitResult", "fit", "evaluate",
+           "micro_f1", "accuracy"]
 
 
 class GAT(nn.Module):
@@ -114,18 +116,90 @@ class MeanAggregation(nn.Module):
         del out_heads  # averaging identical heads is one head: same sizes, same output
 
     def forward(self, x: Tensor, edge_index: Tensor | GraphIndex) -> Tensor:
-        graph = edge_index if isinstance(edge_index, GraphIndex) else \
-            build_graph_index(edge_index, x.shape[0], add_self_loops=True)
+        graph = _graph_of(x, edge_index)
         w = graph.multiplicity.to(x.dtype)
-        denom = torch.zeros(x.shape[0], dtype=x.dtype).index_add(0, graph.dst, w).clamp(min=1)
+        w = w / _segment_sum(w, graph.dst, x.shape[0]).clamp(min=1)[graph.dst]
         h = x
         for i, lin in enumerate(self.lins):
-            h = lin(F.dropout(h, self.dropout, self.training))
-            msg = h.index_select(0, graph.src) * w.unsqueeze(-1)
-            h = torch.zeros_like(h).index_add(0, graph.dst, msg) / denom.unsqueeze(-1)
+            h = _aggregate(lin(F.dropout(h, self.dropout, self.training)), graph, w)
             if i < len(self.lins) - 1:
                 h = F.elu(h)
         return h
+
+
+class GraphSAGE(nn.Module):
+    """GraphSAGE with the mean aggregator (Hamilton et al. 2017), full batch:
+    ``h_i' = W_self h_i + W_neigh mean_{j in N(i)} h_j`` per layer (ELU between layers,
+    dropout on each layer's input). ``hidden`` is the hidden width (use ``heads * hidden`` of
+    the GAT it is compared with). ``forward(x (N, F), edge_index or GraphIndex) -> (N, C)``."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, layers: int = 2,
+                 dropout: float = 0.0, multilabel: bool = False):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.dropout, self.multilabel = dropout, multilabel
+        dims = [in_dim] + [hidden] * (layers - 1) + [num_classes]
+        self.self_lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.neigh_lins = nn.ModuleList(nn.Linear(a, b, bias=False)
+                                        for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor, edge_index: Tensor | GraphIndex) -> Tensor:
+        graph = _graph_of(x, edge_index)
+        # neighbours only: the node itself enters through W_self
+        w = graph.multiplicity.to(x.dtype) * (graph.src != graph.dst).to(x.dtype)
+        w = w / _segment_sum(w, graph.dst, x.shape[0]).clamp(min=1e-12)[graph.dst]
+        h = x
+        for i, (ls, ln) in enumerate(zip(self.self_lins, self.neigh_lins)):
+            h = F.dropout(h, self.dropout, self.training)
+            h = ls(h) + _aggregate(ln(h), graph, w)
+            if i < len(self.self_lins) - 1:
+                h = F.elu(h)
+        return h
+
+
+class GCN(nn.Module):
+    """GCN (Kipf & Welling 2017): ``H' = D^-1/2 (A + I) D^-1/2 H W`` per layer, ELU between
+    layers, dropout on each layer's input. Same sizes and call as :class:`GraphSAGE`."""
+
+    def __init__(self, in_dim: int, hidden: int, num_classes: int, layers: int = 2,
+                 dropout: float = 0.0, multilabel: bool = False):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.dropout, self.multilabel = dropout, multilabel
+        dims = [in_dim] + [hidden] * (layers - 1) + [num_classes]
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor, edge_index: Tensor | GraphIndex) -> Tensor:
+        graph = _graph_of(x, edge_index)
+        w = graph.multiplicity.to(x.dtype)
+        deg = _segment_sum(w, graph.dst, x.shape[0]).clamp(min=1)  # self loop included
+        w = w * deg.rsqrt()[graph.dst] * deg.rsqrt()[graph.src]
+        h = x
+        for i, lin in enumerate(self.lins):
+            # the bias is added after aggregation, as in GCNConv
+            h = F.linear(F.dropout(h, self.dropout, self.training), lin.weight)
+            h = _aggregate(h, graph, w) + lin.bias
+            if i < len(self.lins) - 1:
+                h = F.elu(h)
+        return h
+
+
+def _graph_of(x: Tensor, edge_index: Tensor | GraphIndex) -> GraphIndex:
+    if isinstance(edge_index, GraphIndex):
+        return edge_index
+    return build_graph_index(edge_index, x.shape[0], add_self_loops=True)
+
+
+def _segment_sum(w: Tensor, index: Tensor, n: int) -> Tensor:
+    return torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, index, w)
+
+
+def _aggregate(h: Tensor, graph: GraphIndex, w: Tensor) -> Tensor:
+    """``out_i = sum over pairs (j -> i) of w_ji h_j``: ``h (N, C)``, ``w (P,)`` per pair."""
+    msg = h.index_select(0, graph.src) * w.unsqueeze(-1)
+    return torch.zeros_like(h).index_add(0, graph.dst, msg)
 
 
 # --------------------------------------------------------------------------------- training

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .loaders import GraphData, load_ppi, save_ppi
 
-__all__ = ["generate_ppi_like", "make_ppi_dataset"]
+__all__ = ["generate_ppi_like", "make_ppi_dataset", "cross_module_share"]
 
 
 def generate_ppi_like(
@@ -42,7 +43,8 @@ def generate_ppi_like(
     feature_signal: float = 0.6,
     split: tuple[float, float] = (0.7, 0.15),
     seed: int = 0,
-) -> GraphData:
+    return_modules: bool = False,
+) -> GraphData | tuple[GraphData, Tensor]:
     """Generate one PPI-like graph (undirected, edges in both directions, no self loops).
 
     Args:
@@ -55,9 +57,12 @@ def generate_ppi_like(
         feature_signal: strength of the module centroid in the features (noise has std 1).
         split: train and validation shares (the rest is test), drawn at random.
         seed: everything is deterministic given the seed.
+        return_modules: also return each node's module ``(N,)`` long (e.g. to measure the
+            share of cross-module neighbours, :func:`cross_module_share`).
 
     Returns:
-        :class:`GraphData` with ``x (N, F)``, ``y (N, L)`` 0/1, masks and ``edge_index``.
+        :class:`GraphData` with ``x (N, F)``, ``y (N, L)`` 0/1, masks and ``edge_index``
+        (and the modules when asked).
     """
     if num_nodes < 10 or num_modules < 1 or num_labels < functions_per_module:
         raise ValueError("need num_nodes >= 10, num_modules >= 1, num_labels >= "
@@ -112,16 +117,25 @@ def generate_ppi_like(
     masks[0][perm[:n_train]] = True
     masks[1][perm[n_train:n_train + n_val]] = True
     masks[2][perm[n_train + n_val:]] = True
-    return GraphData(
+    data = GraphData(
         x=torch.from_numpy(x.astype(np.float32)), edge_index=edge_index,
         y=torch.from_numpy(y), train_mask=torch.from_numpy(masks[0]),
         val_mask=torch.from_numpy(masks[1]), test_mask=torch.from_numpy(masks[2]),
         node_ids=list(range(n)),
     )
+    return (data, torch.from_numpy(module.astype(np.int64))) if return_modules else data
+
+
+def cross_module_share(edge_index: Tensor, module: Tensor) -> float:
+    """Share of edges ``(2, E)`` whose endpoints lie in different modules: the share of
+    neighbours that are misleading for a node's functions."""
+    if edge_index.shape[1] == 0:
+        return float("nan")
+    return float((module[edge_index[0]] != module[edge_index[1]]).float().mean())
 
 
 def make_ppi_dataset(directory: str | Path, prefix: str = "synthetic-ppi", **kwargs) -> GraphData:
     """Generate (see :func:`generate_ppi_like`), write in the PPI format under ``directory``,
     and return what :func:`load_ppi` reads back."""
-    save_ppi(generate_ppi_like(**kwargs), directory, prefix)
+    save_ppi(generate_ppi_like(**kwargs, return_modules=False), directory, prefix)
     return load_ppi(directory, prefix)

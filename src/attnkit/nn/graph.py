@@ -10,7 +10,14 @@ is the engine's exact segment softmax over each node's neighbour list:
   pre-activation is a 2-dimensional dot product ``[a_dst_i, 1] . [1, a_src_j]``, so the engine
   computes it directly and ``score_mod`` only applies the LeakyReLU;
 * ``"additive_v2"``: ``a . LeakyReLU(W_dst x_i + W_src x_j)`` (GATv2, ``GATv2Conv``), computed in
-  ``score_mod`` from node features gathered by the engine's ``q_idx`` / ``k_idx``.
+  ``score_mod`` from node features gathered by the engine's ``q_idx`` / ``k_idx``;
+* ``"constant"``: 0 for every neighbour, i.e. uniform weights over the neighbours (Const-GAT of
+  Velickovic et al. 2018: the same layer with attention switched off; the value projection is
+  the ``"dot"`` layer's ``lin_value``).
+
+The graph may be given as an ``edge_index``, a PyTorch Geometric ``Data`` (``layer(data)`` or
+``layer(x, data)``), or a sparse adjacency (see :func:`attnkit.patterns.graph`); torch_geometric
+is never imported.
 """
 
 from __future__ import annotations
@@ -24,11 +31,11 @@ from torch import Tensor, nn
 
 from .. import patterns
 from ..functional import attention, check_temperature
-from ..patterns import _require_integer
+from ..patterns import _is_pyg_data, _require_integer, edge_index_of
 
 __all__ = ["GraphAttention", "GraphIndex", "build_graph_index"]
 
-SCORES = ("dot", "additive", "additive_v2")
+SCORES = ("dot", "additive", "additive_v2", "constant")
 DEGREE_NORMS = (None, "log", "sym")
 
 
@@ -188,7 +195,7 @@ class GraphAttention(nn.Module):
 
     Args:
         in_dim: input features ``F``. out_dim: features per head ``C``. heads: ``H``.
-        score: ``"dot"``, ``"additive"`` or ``"additive_v2"``.
+        score: ``"dot"``, ``"additive"``, ``"additive_v2"`` or ``"constant"``.
         concat: concatenate heads (output ``H*C``) or average them (output ``C``).
         dropout: dropout on the attention weights (training only).
         edge_dim: edge feature size, or None.
@@ -227,6 +234,9 @@ class GraphAttention(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if score == "constant" and edge_dim is not None:
+            raise ValueError("edge_dim must be None with score='constant': edge features only "
+                             "enter the score, which is constant")
         if degree_norm not in DEGREE_NORMS:
             raise ValueError(f"degree_norm must be one of {DEGREE_NORMS}, got {degree_norm!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -245,6 +255,8 @@ class GraphAttention(nn.Module):
         if score == "dot":
             self.lin_query = nn.Linear(in_dim, hc)
             self.lin_key = nn.Linear(in_dim, hc)
+            self.lin_value = nn.Linear(in_dim, hc)
+        elif score == "constant":
             self.lin_value = nn.Linear(in_dim, hc)
         elif score == "additive":
             self.lin = nn.Linear(in_dim, hc, bias=False)
@@ -298,16 +310,31 @@ class GraphAttention(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        edge_index: Tensor | GraphIndex,
+        x,
+        edge_index=None,
         edge_attr: Tensor | None = None,
         return_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x (N, in_dim)`` (dense, or sparse CSR/COO), ``edge_index (2, E)`` (or a prebuilt
-        :class:`GraphIndex`), ``edge_attr (E, edge_dim)``. Returns ``(N, H*C)`` (``(N, C)``
+        :class:`GraphIndex`, a PyG ``Data``, a sparse ``(N, N)`` adjacency), ``edge_attr
+        (E, edge_dim)``. ``layer(data)`` takes ``x``, ``edge_index`` and (when the layer has
+        ``edge_dim``) ``edge_attr`` from a PyG ``Data``. Returns ``(N, H*C)`` (``(N, C)``
         without concat) and, with ``return_weights``, the weights ``(E, H)`` of the input edges
-        (see the class docstring).
+        (see the class docstring; for an adjacency, in the order of its coalesced entries).
         """
+        if _is_pyg_data(x):
+            if edge_index is not None:
+                raise ValueError("edge_index must not be given with a Data object as x: the "
+                                 "layer takes it from the Data")
+            data = x
+            x, edge_index = getattr(data, "x", None), data
+            if edge_attr is None and self.edge_dim is not None:
+                edge_attr = getattr(data, "edge_attr", None)
+            if x is None:
+                raise ValueError("x: the Data object has no node features x")
+        if edge_index is None:
+            raise TypeError("edge_index is required (a (2, E) tensor, GraphIndex, PyG Data or "
+                            "sparse adjacency)")
         if not isinstance(x, Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must be a floating-point tensor (N, {self.in_dim}), got {shape}")
@@ -318,6 +345,9 @@ class GraphAttention(nn.Module):
         # a sparse x (e.g. bag-of-words features) only enters the input projections
         like = x if x.layout == torch.strided else torch.empty(0, dtype=x.dtype, device=x.device)
         n = x.shape[0]
+        if not isinstance(edge_index, (Tensor, GraphIndex)) or (
+                isinstance(edge_index, Tensor) and edge_index.layout != torch.strided):
+            edge_index, _ = edge_index_of(edge_index, n)  # Data, sparse adjacency, lists
         if isinstance(edge_index, GraphIndex):
             if edge_index.num_nodes != n:
                 raise ValueError(f"GraphIndex is for {edge_index.num_nodes} nodes, x has {n}")
@@ -367,6 +397,16 @@ class GraphAttention(nn.Module):
 
             mod = score_mod if (extra is not None or post is not None) else None
             out, weights = _run(q, k, v, graph, mod, scale, temp, self, return_weights)
+        elif self.score == "constant":
+            v = self.lin_value(x).view(n, h, c).transpose(0, 1).unsqueeze(0)
+            zeros = like.new_zeros(1, h, n, 1)  # every score 0: uniform over the neighbours
+
+            def score_mod(s, b, hh, q_idx, k_idx):  # only degree / multiplicity terms
+                qi, kj, rest, pid = gather_post(s, q_idx, k_idx)
+                return _add_post(s, post, kj, pid, rest)
+
+            mod = score_mod if post is not None else None
+            out, weights = _run(zeros, zeros, v, graph, mod, 1.0, 1.0, self, return_weights)
         elif self.score == "additive":
             hx = self.lin(x).view(n, h, c)
             a_src = (hx * self.att_src).sum(-1).t()  # (H, N)
