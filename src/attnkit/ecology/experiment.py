@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
 
 from ..argtypes import existing_path, nonnegative_float, one_of
@@ -244,16 +246,19 @@ def web_gain_ci(a: np.ndarray, b: np.ndarray) -> CI:
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"a and b must be paired (W, K) arrays, got {a.shape} and {b.shape}")
-    with np.errstate(all="ignore"):
-        per_web = np.nanmean(a - b, axis=1)  # all-NaN web -> NaN -> inconclusive
-    return stats.mean_ci(per_web)
+    return stats.mean_ci(_per_web_mean(a - b))  # an all-NaN web -> NaN -> inconclusive
 
 
 def web_mean_ci(a: np.ndarray) -> CI:
     """Mean of ``(W, K)`` scores with its interval over webs (as :func:`web_gain_ci`)."""
-    a = np.asarray(a, dtype=np.float64)
-    with np.errstate(all="ignore"):
-        return stats.mean_ci(np.nanmean(a, axis=1))
+    return stats.mean_ci(_per_web_mean(np.asarray(a, dtype=np.float64)))
+
+
+def _per_web_mean(x: np.ndarray) -> np.ndarray:
+    """``(W, K)`` -> ``(W,)`` mean over finite splits (NaN for a web without one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice": NaN wanted
+        return np.nanmean(x, axis=1)
 
 
 def _curve_figure(ctx: RunContext, fractions, curves, cold, sweep) -> str | None:
@@ -348,11 +353,11 @@ def run(ctx: RunContext) -> Result:
     noise = DEFAULT_ISOTOPE_NOISE if noise is None else float(noise)
     if not (np.isfinite(noise) and noise >= 0):
         raise ValueError(f"--prior-noise must be a finite number >= 0, got {noise}")
+    if prior is not None and prior not in PRIORS:
+        raise ValueError(f"--prior must be one of {PRIORS}, got {prior!r}")
     webs, source = _webs(ctx)
     if prior is None:
         prior = "niche" if source == "niche" else "isotope"
-    if prior not in PRIORS:
-        raise ValueError(f"--prior must be one of {PRIORS}, got {prior!r}")
     if prior == "niche" and source != "niche":
         raise ValueError("--prior niche needs niche-model webs (real webs have no niche value); "
                          "use --prior isotope or --prior training with --foodweb")
@@ -478,8 +483,8 @@ def run(ctx: RunContext) -> Result:
         f"Isotope-noise sweep (gain at 50% / cold start): " + "; ".join(
             f"SD {sd:g}: {sweep[regime_key(DECISION_FRACTION)][i].value:+.3f} / "
             f"{sweep[COLD][i].value:+.3f}" for i, sd in enumerate(ISOTOPE_NOISE_SWEEP)) + ". "
-        f"Every prior is standardised within a web; heuristics and all training-derived "
-        f"quantities use the split's training links only. "
+        "Every prior is standardised within a web; heuristics and all training-derived "
+        "quantities use the split's training links only. "
         + ("Quick mode trades: 5 webs of 30 species, 5 splits, 5 hidden fractions, 150 Adam "
            "steps (full: 12 webs of 40 species, 10 splits, 9 fractions, 300 steps)."
            if ctx.quick else "")
