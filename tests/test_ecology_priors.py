@@ -32,7 +32,7 @@ from attnkit.ecology.linkpred import (
     split_links,
 )
 from attnkit.ecology.model import BatchedTrophicAttention
-from attnkit.ecology.priors import full_web_levels, isotope_prior, standardise, training_prior
+from attnkit.ecology.priors import full_web_levels, isotope_prior, standardise
 from attnkit.experiment import stats
 
 

@@ -14,11 +14,10 @@ start, with 95% bootstrap intervals over webs.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import numpy as np
 
