@@ -284,3 +284,20 @@ def test_experiment_bad_prior_combinations(tmp_path: Path) -> None:
     ctx = RunContext(quick=True, out_dir=tmp_path, options={"prior": "body size"})
     with pytest.raises(ValueError, match="--prior"):
         EXPERIMENT.run(ctx)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--prior-noise", "-1"], "number >= 0"),
+    (["--prior-noise", "lots"], "number >= 0"),
+    (["--prior", "bodysize"], "one of niche, isotope, training"),
+])
+def test_prior_options_refused_at_parsing(argv, fragment, capsys) -> None:
+    from attnkit import cli
+    from attnkit.experiments import registry
+
+    parser = cli.experiment_parser(registry()["foodweb"])
+    assert "--prior-noise SD" in parser.format_help()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv)
+    assert e.value.code == 2
+    assert fragment in capsys.readouterr().err
