@@ -65,6 +65,9 @@ ATTENTION = ("bias", "bias_training", "nobias")
 BASELINES = ("prior_only", "heuristic", "heuristic_training", "mf", "pref_attach")
 MODELS = ATTENTION + BASELINES
 COLD = "cold_start"
+#: Bootstrap resamples for descriptive intervals (curves, side gains); the two deciding gains
+#: use the frame's default (10,000).
+DESCRIPTIVE_BOOT = 2000
 
 
 def regime_key(fraction: float) -> str:
@@ -233,7 +236,7 @@ def run_web(web: PreparedWeb, w_index: int, ctx: RunContext, prior: str, noise: 
             "heatmap": (regimes[r_dec][1][0], all_scores[("bias", r_dec, 0)])}
 
 
-def web_gain_ci(a: np.ndarray, b: np.ndarray) -> CI:
+def web_gain_ci(a: np.ndarray, b: np.ndarray, n_boot: int = stats.N_BOOT) -> CI:
     """Paired gain ``a - b`` with its 95% bootstrap interval, resampling *webs*.
 
     ``a``, ``b``: ``(W, K)`` per (web, split) scores of two models on the same splits. Splits
@@ -245,12 +248,13 @@ def web_gain_ci(a: np.ndarray, b: np.ndarray) -> CI:
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"a and b must be paired (W, K) arrays, got {a.shape} and {b.shape}")
-    return stats.mean_ci(_per_web_mean(a - b))  # an all-NaN web -> NaN -> inconclusive
+    # An all-NaN web -> NaN -> inconclusive.
+    return stats.mean_ci(_per_web_mean(a - b), n_boot=n_boot)
 
 
-def web_mean_ci(a: np.ndarray) -> CI:
+def web_mean_ci(a: np.ndarray, n_boot: int = DESCRIPTIVE_BOOT) -> CI:
     """Mean of ``(W, K)`` scores with its interval over webs (as :func:`web_gain_ci`)."""
-    return stats.mean_ci(_per_web_mean(np.asarray(a, dtype=np.float64)))
+    return stats.mean_ci(_per_web_mean(np.asarray(a, dtype=np.float64)), n_boot=n_boot)
 
 
 def _per_web_mean(x: np.ndarray) -> np.ndarray:
@@ -397,19 +401,21 @@ def run(ctx: RunContext) -> Result:
             if np.isnan(stack("auc", m, r)).all():
                 continue  # the isotope sweep runs at the deciding regimes only
             a = web_mean_ci(stack("auc", m, r))
-            p = web_mean_ci(stack("prauc", m, r))
             metrics.update(a.metrics(f"auc_{m}_{key}"))
-            metrics[f"prauc_{m}_{key}"] = p.value
+            metrics[f"prauc_{m}_{key}"] = float(np.nanmean(_per_web_mean(stack("prauc", m, r))))
             if m in MODELS:
                 row[f"auc_{m}"] = round(a.value, 3)
         for kind in ("auc", "prauc"):
-            g = web_gain_ci(stack(kind, "bias", r), stack(kind, "nobias", r))
+            decides = kind == "auc" and key in (regime_key(DECISION_FRACTION), COLD)
+            g = web_gain_ci(stack(kind, "bias", r), stack(kind, "nobias", r),
+                            n_boot=stats.N_BOOT if decides else DESCRIPTIVE_BOOT)
             gains[f"{kind}_gain_{key}"] = g
             metrics.update(g.metrics(f"{kind}_gain_{key}"))
         for other in ("bias_training", "heuristic", "prior_only", "mf"):
-            g = web_gain_ci(stack("auc", "bias", r), stack("auc", other, r))
+            g = web_gain_ci(stack("auc", "bias", r), stack("auc", other, r), DESCRIPTIVE_BOOT)
             metrics.update(g.metrics(f"auc_bias_minus_{other}_{key}"))
-        g = web_gain_ci(stack("auc", "bias_training", r), stack("auc", "nobias", r))
+        g = web_gain_ci(stack("auc", "bias_training", r), stack("auc", "nobias", r),
+                        DESCRIPTIVE_BOOT)
         metrics.update(g.metrics(f"auc_gain_training_{key}"))
         row["auc_gain (bias - nobias)"] = str(gains[f"auc_gain_{key}"])
         row["prauc_gain"] = str(gains[f"prauc_gain_{key}"])
@@ -424,7 +430,8 @@ def run(ctx: RunContext) -> Result:
     for key, r in ((regime_key(DECISION_FRACTION), d), (COLD, c)):
         sweep[key] = []
         for sd in ISOTOPE_NOISE_SWEEP:
-            g = web_gain_ci(stack("auc", sweep_key(sd), r), stack("auc", "nobias", r))
+            g = web_gain_ci(stack("auc", sweep_key(sd), r), stack("auc", "nobias", r),
+                            DESCRIPTIVE_BOOT)
             sweep[key].append(g)
             metrics.update(g.metrics(f"auc_gain_isotope_sd{sd:g}_{key}".replace(".", "p")))
     metrics["num_webs"] = float(len(webs))
