@@ -199,11 +199,19 @@ def test_experiment_on_a_small_scor_file(tmp_path: Path) -> None:
     ctx = RunContext(quick=True, out_dir=tmp_path / "out", options={"foodweb": str(path)})
     result = EXPERIMENT.run(ctx)
     for key in ("auc_bias", "auc_nobias", "auc_heuristic", "prauc_bias", "prauc_nobias",
-                "prauc_heuristic"):
+                "prauc_heuristic", "auc_mf", "auc_pref_attach", "auc_prior_only",
+                "auc_bias_training", "auc_nobias_cold_start", "auc_bias_at_0p9"):
         assert 0.0 <= result.metrics[key] <= 1.0
-    assert result.held == (result.metrics["auc_gain"]
-                           > max(0.005, 2 * result.metrics["auc_gain_se"]))
-    assert result.table[0]["species"] == 12
+    assert result.params["prior"] == "isotope"  # the default for real webs
+    names = [d.name for d in result.decisions]
+    assert names == ["auc_gain_at_0p5", "auc_gain_cold_start"]
+    for d in result.decisions:
+        assert d.threshold == 0.0 and d.direction == ">"
+        assert result.all_metrics()[f"{d.name}_ci_low"] == d.ci_low
+    # One web: the interval over webs collapses to the estimate (no spread can be seen).
+    gain = result.metrics["auc_bias_at_0p5"] - result.metrics["auc_nobias_at_0p5"]
+    assert result.decisions[0].value == pytest.approx(gain)
+    assert [row["species"] for row in result.table if "species" in row] == [12]
     for fig in result.figures:
         assert Path(fig).is_file()
 

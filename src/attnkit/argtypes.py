@@ -10,12 +10,14 @@ the experiments and their JSON records expect), or raises ``argparse.ArgumentTyp
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
     "positive_int",
     "nonnegative_int",
+    "nonnegative_float",
     "existing_file",
     "existing_dir",
     "existing_path",
@@ -42,6 +44,17 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An int >= 0."""
     return _int(text, 0, "an integer >= 0")
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite float >= 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def existing_file(text: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..distributed.data_parallel import rescale_mean, shard_slice, wrap_ddp
-from .model import TrophicAttention
+from .model import BatchedTrophicAttention, TrophicAttention
 from .trophic import trophic_levels
 
 
@@ -28,12 +28,16 @@ class LinkSplit:
         candidates: ``(S, S)`` bool, pairs to rank at evaluation: held-out links and non-links
             (not training links, not the diagonal).
         labels: ``(S, S)`` bool, True on held-out links.
+        unknown_diet: ``(S,)`` bool or None: predators whose diet is unrecorded (cold start).
+            Training leaves their rows out of the loss: "no recorded prey" is not "eats
+            nothing", which is what a basal species' target says.
     """
 
     train_flows: np.ndarray
     heldout: np.ndarray
     candidates: np.ndarray
     labels: np.ndarray
+    unknown_diet: np.ndarray | None = None
 
 
 def split_links(
@@ -68,6 +72,49 @@ def split_links(
         candidates = offdiag & ~(train > 0)
         out.append(LinkSplit(train_flows=train, heldout=hidden, candidates=candidates,
                              labels=labels))
+    return out
+
+
+def cold_start_split(
+    flows: np.ndarray, predator_fraction: float = 0.2, num_splits: int = 5, seed: int = 0
+) -> list[LinkSplit]:
+    """``num_splits`` cold-start splits: each hides *every* link of a random
+    ``predator_fraction`` of the predators (species with at least one prey other than
+    themselves), as for species whose diet nobody has recorded yet.
+
+    A chosen predator's self-loop (cannibalism) is hidden from training too, but, like every
+    self-loop, never evaluated. Evaluation ranks, within the chosen predators' columns only,
+    their hidden prey against the species they do not eat: the question is how well an
+    unrecorded diet is guessed, not how a cold predator compares with well-known ones. Only
+    the chosen predators' diets are hidden; their links as prey stay (they are in
+    ``unknown_diet``, so training does not read "eats nothing" into them).
+    """
+    flows = np.asarray(flows, dtype=np.float64)
+    if flows.ndim != 2 or flows.shape[0] != flows.shape[1]:
+        raise ValueError(f"flows must be (S, S), got shape {flows.shape}")
+    if not 0.0 < predator_fraction < 1.0:
+        raise ValueError(f"predator_fraction must be in (0, 1), got {predator_fraction}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    s = flows.shape[0]
+    offdiag = ~np.eye(s, dtype=bool)
+    links = (flows > 0) & offdiag
+    predators = np.flatnonzero(links.any(axis=0))
+    k = max(1, int(round(predator_fraction * predators.size)))
+    if predators.size < 2 or k >= predators.size:
+        raise ValueError(f"{predators.size} predator(s) are too few for a cold-start split "
+                         f"hiding {predator_fraction:.0%} of them")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(num_splits):
+        cold = np.zeros(s, dtype=bool)
+        cold[rng.permutation(predators)[:k]] = True
+        train = flows.copy()
+        train[:, cold] = 0.0
+        labels = links & cold[None, :]
+        candidates = offdiag & cold[None, :]
+        out.append(LinkSplit(train_flows=train, heldout=np.argwhere(labels),
+                             candidates=candidates, labels=labels, unknown_diet=cold))
     return out
 
 
@@ -127,21 +174,25 @@ def niche_interval_scores(train_flows: np.ndarray, levels: np.ndarray) -> np.nda
     The niche axis is the training trophic level; as in the niche model a predator eats a
     contiguous interval of it, estimated as ``[min, max]`` of its training prey's levels. A
     candidate prey scores minus its distance to that interval (0 inside); ties break by the
-    prey's number of training predators. A predator without training prey expects prey one
-    level below itself.
+    prey's number of training predators. A predator without training prey expects prey at the
+    mean predator-minus-prey gap of the training links (about one trophic level for trophic
+    levels; any axis works, e.g. niche values in [0, 1]).
     """
     train = np.asarray(train_flows) > 0
     s = train.shape[0]
     levels = np.asarray(levels, dtype=np.float64)
     scores = np.empty((s, s))
     popularity = train.sum(axis=1) / max(s, 1)  # prey's number of predators, in [0, 1]
+    offdiag = train & ~np.eye(s, dtype=bool)
+    prey_idx, pred_idx = np.nonzero(offdiag)
+    step = float(np.mean(levels[pred_idx] - levels[prey_idx])) if prey_idx.size else 1.0
     for j in range(s):
-        prey = np.flatnonzero(train[:, j] & (np.arange(s) != j))
+        prey = np.flatnonzero(offdiag[:, j])
         if prey.size:
             lo, hi = levels[prey].min(), levels[prey].max()
             gap = np.maximum(0.0, np.maximum(lo - levels, levels - hi))
         else:
-            gap = np.abs(levels[j] - 1.0 - levels)
+            gap = np.abs(levels[j] - step - levels)
         scores[:, j] = -gap + 1e-3 * popularity
     return scores
 
@@ -160,6 +211,27 @@ def trophic_only_scores(train_flows: np.ndarray, levels: np.ndarray, bins: int =
     tot = np.bincount(which[offdiag], minlength=bins)
     rate = (pos + 1.0) / (tot + 2.0)
     return rate[which]
+
+
+def low_rank_scores(train_flows: np.ndarray, rank: int = 4) -> np.ndarray:
+    """Structural baseline: the best rank-``rank`` approximation (truncated SVD, i.e. matrix
+    factorisation) of the binary training adjacency, ``(S, S)`` scores ``[prey, predator]``.
+    It sees links only, no trait."""
+    a = (np.asarray(train_flows) > 0).astype(np.float64)
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank}")
+    u, sv, vt = np.linalg.svd(a)
+    r = min(int(rank), sv.size)
+    return (u[:, :r] * sv[:r]) @ vt[:r]
+
+
+def preferential_attachment_scores(train_flows: np.ndarray) -> np.ndarray:
+    """Structural baseline: ``(prey's training predators + 1) x (predator's training prey +
+    1)``, ``(S, S)`` scores ``[prey, predator]`` (the +1 keeps cold predators' prey ordered by
+    how often they are eaten)."""
+    a = np.asarray(train_flows) > 0
+    a = a & ~np.eye(a.shape[0], dtype=bool)
+    return (a.sum(axis=1)[:, None] + 1.0) * (a.sum(axis=0)[None, :] + 1.0)
 
 
 # ----------------------------------------------------------------------------- training
@@ -227,6 +299,70 @@ def attention_scores(model: TrophicAttention, levels: np.ndarray | None) -> np.n
         return model(tl)[:, :-1].numpy().T.copy()
 
 
+def fit_batched(
+    train_flows: list[np.ndarray],
+    traits: np.ndarray,
+    use_bias: np.ndarray,
+    config: FitConfig = FitConfig(),
+    weighted: bool = False,
+    seeds: list[int] | None = None,
+    unknown_diet: np.ndarray | None = None,
+) -> np.ndarray:
+    """Train ``B`` independent :class:`TrophicAttention` models at once (one per split x
+    prior x ablation; see :class:`BatchedTrophicAttention`) and return their ``(B, S, S)``
+    link scores ``[prey, predator]`` (predicted diet weights).
+
+    Args:
+        train_flows: ``B`` ``(S, S)`` training flow matrices (each model its own split).
+        traits: ``(B, S)`` the trait each model's bias reads (any values where the bias is off).
+        use_bias: ``(B,)`` bool, False for the latent-traits-only ablation.
+        config: as :func:`fit_trophic_attention`; ``seeds`` (default ``config.seed`` for all)
+            seed each model's initialisation, so the model with and without bias on one split
+            can start from the same embeddings.
+        unknown_diet: ``(B, S)`` bool or None: predators left out of model ``b``'s loss
+            (:attr:`LinkSplit.unknown_diet`).
+
+    Model ``b`` is trained exactly as ``fit_trophic_attention(train_flows[b], traits[b], ...)``
+    with ``config.seed = seeds[b]`` would be (same initialisation, same Adam steps; only
+    floating-point summation order may differ).
+    """
+    b = len(train_flows)
+    traits = np.asarray(traits, dtype=np.float64)
+    use_bias = np.asarray(use_bias, dtype=bool).reshape(-1)
+    if b == 0:
+        raise ValueError("train_flows is empty")
+    s = np.asarray(train_flows[0]).shape[0]
+    if traits.shape != (b, s) or use_bias.shape != (b,):
+        raise ValueError(f"traits must be (B, S) = ({b}, {s}) and use_bias (B,), got "
+                         f"{traits.shape} and {use_bias.shape}")
+    seeds = [config.seed] * b if seeds is None else list(seeds)
+    if len(seeds) != b:
+        raise ValueError(f"seeds must have one entry per model ({b}), got {len(seeds)}")
+    target = torch.as_tensor(np.stack([target_diets(f, weighted) for f in train_flows]))
+    if unknown_diet is not None:
+        unknown_diet = np.asarray(unknown_diet, dtype=bool)
+        if unknown_diet.shape != (b, s):
+            raise ValueError(f"unknown_diet must be (B, S) = ({b}, {s}), "
+                             f"got {unknown_diet.shape}")
+        target = target * torch.as_tensor(~unknown_diet, dtype=target.dtype)[:, :, None]
+    models = []
+    for seed, bias in zip(seeds, use_bias, strict=True):
+        torch.manual_seed(seed)
+        models.append(TrophicAttention(s, config.dim, bias="trophic" if bias else None).double())
+    model = BatchedTrophicAttention.from_models(models)
+    tl = torch.as_tensor(np.where(use_bias[:, None], traits, 0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    for _ in range(config.steps):
+        opt.zero_grad()
+        diet = model(tl)
+        # Sum over models of each model's mean over predators: independent gradients.
+        loss = -(target * torch.log(diet.clamp_min(1e-30))).sum() / s
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return model(tl)[:, :, :-1].transpose(1, 2).numpy().copy()
+
+
 def score_split(
     split: LinkSplit, config: FitConfig = FitConfig(), weighted: bool = True
 ) -> dict[str, np.ndarray]:
@@ -251,8 +387,12 @@ def score_split(
 
 
 def evaluate_scores(split: LinkSplit, scores: np.ndarray) -> tuple[float, float]:
-    """``(ROC-AUC, PR-AUC)`` of ``scores`` on the split's held-out links vs non-links."""
+    """``(ROC-AUC, PR-AUC)`` of ``scores`` on the split's held-out links vs non-links
+    (``(nan, nan)`` when the candidates hold only one class: nothing to rank)."""
     mask = split.candidates
+    y = split.labels[mask]
+    if y.all() or not y.any():
+        return float("nan"), float("nan")
     return roc_auc(scores[mask], split.labels[mask]), average_precision(
         scores[mask], split.labels[mask])
 

@@ -41,13 +41,22 @@ class TrophicDistanceBias(nn.Module):
 
     def forward(self, distance: Tensor) -> Tensor:
         """``distance`` of any shape -> bias of the same shape."""
-        k = self.values.numel()
-        m = self.max_distance
-        pos = (distance.clamp(-m, m) + m) * ((k - 1) / (2 * m))
-        left = pos.floor().clamp(0, k - 2)
-        frac = pos - left
-        left = left.long()
-        return self.values[left] * (1 - frac) + self.values[left + 1] * frac
+        return piecewise_linear(self.values[None], distance[None], self.max_distance)[0]
+
+
+def piecewise_linear(values: Tensor, distance: Tensor, max_distance: float) -> Tensor:
+    """``B`` piecewise-linear curves at once: ``values`` ``(B, K)`` at ``K`` evenly spaced knots on
+    ``[-max_distance, max_distance]`` (constant beyond), evaluated at ``distance`` ``(B, ...)``
+    -> ``(B, ...)``; curve ``b`` is read at ``distance[b]``."""
+    k = values.shape[-1]
+    m = max_distance
+    pos = (distance.clamp(-m, m) + m) * ((k - 1) / (2 * m))
+    left = pos.floor().clamp(0, k - 2)
+    frac = pos - left
+    flat = left.long().reshape(values.shape[0], -1)
+    lo = values.gather(1, flat).reshape(distance.shape)
+    hi = values.gather(1, flat + 1).reshape(distance.shape)
+    return lo * (1 - frac) + hi * frac
 
 
 class TrophicAttention(nn.Module):
@@ -119,3 +128,90 @@ class TrophicAttention(nn.Module):
         bias = self.logit_bias(trophic_levels)[None, None]
         _, weights = attention(q, k, k, bias=bias, return_weights=True)
         return weights[0, 0]
+
+
+class BatchedTrophicAttention(nn.Module):
+    """``B`` independent :class:`TrophicAttention` models of the same size, evaluated (and
+    trained) as one batch: many splits, priors and ablations of one web fit in one loop.
+
+    Model ``b`` has its own species embeddings, query / key maps, "no prey" key and bias curve;
+    no parameter is shared, and with an elementwise optimiser (Adam) summing the ``B`` losses
+    trains each exactly as it would be trained alone. ``gate`` ``(B,)`` (0 or 1) switches the
+    trophic bias off for the ablations (``bias=None``) inside the same batch.
+
+    Build it with :meth:`from_models` (stacks the parameters of ``B`` initialised models, so
+    each starts exactly where a :class:`TrophicAttention` of the same seed would).
+    """
+
+    def __init__(self, num_models: int, num_species: int, dim: int, *, num_knots: int = 17,
+                 max_distance: float = 4.0) -> None:
+        super().__init__()
+        if not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"num_models must be a positive int, got {num_models}")
+        if not isinstance(num_species, int) or num_species < 2:
+            raise ValueError(f"num_species must be an int >= 2, got {num_species}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim}")
+        if not max_distance > 0:
+            raise ValueError(f"max_distance must be > 0, got {max_distance}")
+        b, s, d = num_models, num_species, dim
+        self.num_models, self.num_species, self.dim = b, s, d
+        self.max_distance = float(max_distance)
+        self.species = nn.Parameter(torch.randn(b, s, d) * 0.5)
+        self.w_query = nn.Parameter(torch.randn(b, d, d) / d**0.5)
+        self.w_key = nn.Parameter(torch.randn(b, d, d) / d**0.5)
+        self.no_prey_key = nn.Parameter(torch.zeros(b, d))
+        self.bias_values = nn.Parameter(torch.zeros(b, num_knots))
+        self.register_buffer("gate", torch.ones(b))
+
+    @classmethod
+    def from_models(cls, models: list[TrophicAttention]) -> BatchedTrophicAttention:
+        """Stack ``models`` (same ``num_species``, ``dim`` and bias curve grid) into one batch;
+        a model with ``bias=None`` gets gate 0 (its curve stays at zero)."""
+        if not models:
+            raise ValueError("models is empty")
+        first = models[0]
+        curve = next((m.trophic_bias for m in models if m.trophic_bias is not None), None)
+        knots, reach = (17, 4.0) if curve is None else (curve.values.numel(), curve.max_distance)
+        for m in models:
+            if (m.num_species, m.dim) != (first.num_species, first.dim):
+                raise ValueError("models must share num_species and dim, got "
+                                 f"{(m.num_species, m.dim)} and {(first.num_species, first.dim)}")
+            if m.trophic_bias is not None and (m.trophic_bias.values.numel(),
+                                               m.trophic_bias.max_distance) != (knots, reach):
+                raise ValueError("models must share the bias curve's knots and range")
+        out = cls(len(models), first.num_species, first.dim, num_knots=knots,
+                  max_distance=reach)
+        dtype = first.species.weight.dtype
+        with torch.no_grad():
+            out.species.copy_(torch.stack([m.species.weight for m in models]))
+            out.w_query.copy_(torch.stack([m.to_query.weight for m in models]))
+            out.w_key.copy_(torch.stack([m.to_key.weight for m in models]))
+            out.no_prey_key.copy_(torch.stack([m.no_prey_key for m in models]))
+            out.bias_values.zero_()
+            for i, m in enumerate(models):
+                if m.trophic_bias is not None:
+                    out.bias_values[i] = m.trophic_bias.values
+            out.gate.copy_(torch.tensor([float(m.trophic_bias is not None) for m in models]))
+        return out.to(dtype)
+
+    def forward(self, trophic_levels: Tensor) -> Tensor:
+        """Predicted diets ``(B, S, S + 1)`` (see :meth:`TrophicAttention.forward`) from the
+        ``(B, S)`` trait each model's bias reads (ignored where the gate is 0)."""
+        b, s = self.num_models, self.num_species
+        tl = torch.as_tensor(trophic_levels, dtype=self.species.dtype)
+        if tl.shape != (b, s):
+            raise ValueError(f"trophic_levels must have shape (B, S) = ({b}, {s}), "
+                             f"got {tuple(tl.shape)}")
+        if not bool(torch.isfinite(tl).all()):
+            raise ValueError("trophic_levels must be finite")
+        x = self.species
+        q = (x @ self.w_query.transpose(1, 2))[:, None]  # (B, 1, S, D)
+        k = torch.cat([x @ self.w_key.transpose(1, 2), self.no_prey_key[:, None]], dim=1)[:, None]
+        bias = piecewise_linear(self.bias_values, tl[:, :, None] - tl[:, None, :],
+                                self.max_distance) * self.gate[:, None, None]
+        eye = torch.eye(s, dtype=torch.bool)
+        bias = bias.masked_fill(eye, float("-inf"))
+        bias = torch.cat([bias, bias.new_zeros(b, s, 1)], dim=2)[:, None]
+        _, weights = attention(q, k, k, bias=bias, return_weights=True)
+        return weights[:, 0]

@@ -7,8 +7,11 @@ import numpy as np
 from .io import FoodWeb
 
 
-def _niche_links(rng: np.random.Generator, num_species: int, connectance: float) -> np.ndarray:
-    """One draw: ``(S, S)`` bool, ``links[prey, predator]``, species sorted by niche value."""
+def _niche_links(
+    rng: np.random.Generator, num_species: int, connectance: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One draw: ``(S, S)`` bool ``links[prey, predator]`` and the ``(S,)`` sorted niche values
+    (species sorted by niche value)."""
     beta = 1.0 / (2.0 * connectance) - 1.0  # E[range] = 2C * niche value -> E[L/S^2] = C
     niche = np.sort(rng.uniform(0.0, 1.0, num_species))
     radius = niche * rng.beta(1.0, beta, num_species)
@@ -17,7 +20,7 @@ def _niche_links(rng: np.random.Generator, num_species: int, connectance: float)
     lo = centre - radius / 2.0
     hi = centre + radius / 2.0
     # predator j eats prey i iff niche[i] lies in predator j's feeding range.
-    return (niche[:, None] >= lo[None, :]) & (niche[:, None] <= hi[None, :])
+    return (niche[:, None] >= lo[None, :]) & (niche[:, None] <= hi[None, :]), niche
 
 
 def niche_model(
@@ -26,7 +29,8 @@ def niche_model(
     seed: int | np.random.Generator | None = None,
     *,
     max_tries: int = 1000,
-) -> FoodWeb:
+    return_niche: bool = False,
+) -> FoodWeb | tuple[FoodWeb, np.ndarray]:
     """A binary food web from the Williams-Martinez (2000) niche model.
 
     Each species draws a niche value ``n ~ U(0, 1)``, a feeding range ``r = n x`` with
@@ -41,6 +45,8 @@ def niche_model(
         connectance: target directed connectance ``L / S^2``, in ``(0, 0.5)``.
         seed: int, ``numpy.random.Generator`` or None.
         max_tries: draws before giving up.
+        return_niche: also return the ``(S,)`` niche values (ascending, one per species), the
+            trait the generator placed the links by (a stand-in for body size).
 
     Raises:
         ValueError: arguments out of range.
@@ -56,7 +62,7 @@ def niche_model(
         raise ValueError(f"max_tries must be a positive int, got {max_tries}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     for _ in range(max_tries):
-        links = _niche_links(rng, int(num_species), float(connectance))
+        links, niche = _niche_links(rng, int(num_species), float(connectance))
         touched = links.any(axis=0) | links.any(axis=1)
         if not touched.all():
             continue
@@ -70,13 +76,14 @@ def niche_model(
             frontier = nxt
         if not seen.all():
             continue
-        return FoodWeb(
+        web = FoodWeb(
             names=tuple(f"species_{i}" for i in range(num_species)),
             types=("living",) * num_species,
             flows=links.astype(np.float64),
             biomass=np.full(num_species, np.nan),
             title=f"niche(S={num_species}, C={connectance})",
         )
+        return (web, niche) if return_niche else web
     raise RuntimeError(
         f"niche_model: no connected web without isolated species in {max_tries} draws "
         f"(S={num_species}, C={connectance}); raise max_tries or the connectance"
