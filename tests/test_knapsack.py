@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit.experiment.stats import CI
 from attnkit.knapsack import (
     CLASSES,
     AttentionKnapsack,
@@ -27,7 +28,6 @@ from attnkit.knapsack import (
     with_best_item,
 )
 from attnkit.knapsack.experiment import worst_point
-from attnkit.experiment.stats import CI
 
 
 def _brute_force(w, v, c) -> int:
