@@ -135,16 +135,21 @@ class _Block(nn.Module):
     """Pre-norm attention + feed-forward, both residual: ``x + attn(norm(x), context)`` then
     ``x + ff(norm(x))``."""
 
-    def __init__(self, dim: int, heads: int, max_context_len: int | None = None):
+    def __init__(self, dim: int, heads: int, max_context_len: int | None = None,
+                 cross: bool = False):
         super().__init__()
-        self.norm_q, self.norm_kv, self.norm_ff = (nn.LayerNorm(dim), nn.LayerNorm(dim),
-                                                   nn.LayerNorm(dim))
+        self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        # a self-attention block has no separate context to normalise (an unused parameter
+        # would also break DistributedDataParallel)
+        self.norm_kv = nn.LayerNorm(dim) if cross else None
         self.attn = CrossAttention(dim, dim, heads, max_context_len=max_context_len)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x: Tensor, context: Tensor | None = None,
                 key_padding_mask: Tensor | None = None) -> Tensor:
         q = self.norm_q(x)
+        if (context is None) != (self.norm_kv is None):
+            raise ValueError("a cross block needs a context; a self block takes none")
         kv = q if context is None else self.norm_kv(context)
         x = x + self.attn(q, kv, key_padding_mask=key_padding_mask)
         return x + self.ff(self.norm_ff(x))
@@ -170,7 +175,7 @@ class CrossModalFusion(FusionModel):
 
     def __init__(self, dim: int = 32, heads: int = 2, hidden: int = 64, **kw):
         super().__init__(dim, **kw)
-        self.cross = _Block(dim, heads, max_context_len=self.max_audio_len)
+        self.cross = _Block(dim, heads, max_context_len=self.max_audio_len, cross=True)
         self.self_text = _Block(dim, heads)
         self.head = _TokenHead(dim, hidden)
 
