@@ -31,7 +31,6 @@ from attnkit.functional import dense_reference
 from attnkit.genome.markov import MarkovModel
 from attnkit.knapsack import AttentionKnapsack
 from attnkit.models import DecoderLM
-from attnkit.multimodal.models import AlignmentPrior
 from attnkit.nn.attention import RotaryEmbedding, SelfAttention
 from attnkit.nn.axial import AxialAttention
 from attnkit.nn.cross import CrossAttention
@@ -293,8 +292,6 @@ def test_module_constructor_checks():
         AxialAttention(8, 2, dropout="0.1")
     with pytest.raises(ValueError, match="alpha"):
         MarkovModel(2, alpha=float("inf"))
-    with pytest.raises(ValueError, match="init_sharpness"):
-        AlignmentPrior(2, init_sharpness=0.0)
 
 
 # ------------------------------------------------------------------------------ cache reuse

@@ -11,15 +11,23 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attnkit.experiment.stats import CI
 from attnkit.knapsack import (
     CLASSES,
     AttentionKnapsack,
     generate,
+    greedy_fill,
+    greedy_random,
     greedy_ratio,
+    greedy_ratio_best_item,
     greedy_value,
     greedy_weight,
+    optimum_value,
+    pisinger_capacity_fraction,
     solve_exact,
+    with_best_item,
 )
+from attnkit.knapsack.experiment import worst_point
 
 
 def _brute_force(w, v, c) -> int:
@@ -37,9 +45,9 @@ def test_exact_matches_brute_force(seed):
     n = int(rng.integers(1, 12))
     w = rng.integers(1, 30, size=n)
     v = rng.integers(0, 30, size=n)
-    c = int(rng.integers(0, w.sum() + 2))
+    c = int(rng.integers(1, w.sum() + 2))
     value, items = solve_exact(w, v, c, method="dp")
-    assert value == _brute_force(w, v, c)
+    assert value == _brute_force(w, v, c) == optimum_value(w, v, c)
     assert w[items].sum() <= c and v[items].sum() == value
     assert len(set(items.tolist())) == len(items)
 
@@ -128,8 +136,12 @@ def test_learned_queries_train():
 
 def test_capacity_edge_cases():
     w, v = np.array([3, 4, 5]), np.array([1, 2, 3])
-    assert AttentionKnapsack().solve(w, v, 0).size == 0
+    assert AttentionKnapsack().solve(w, v, 2).size == 0  # every item heavier: all skipped
     assert AttentionKnapsack().solve(w, v, 100).tolist() == [0, 1, 2]
+    # items heavier than the capacity are skipped, not an error, and do not distort the rest
+    w2, v2 = np.array([3, 400, 4, 5]), np.array([1, 10_000, 2, 3])
+    assert AttentionKnapsack().solve(w2, v2, 9).tolist() == [2, 3]
+    assert optimum_value(w2, v2, 9) == 5
     assert solve_exact(w, v, 100, method="dp")[1].tolist() == [0, 1, 2]
 
 
@@ -139,6 +151,8 @@ def test_capacity_edge_cases():
         ([1, 0, 2], [1, 1, 1], 3, "weights must all be > 0"),
         ([1, -2, 2], [1, 1, 1], 3, "weights must all be > 0"),
         ([1, 2, 2], [1, 1, 1], -1, "capacity"),
+        ([1, 2, 2], [1, 1, 1], 0, "capacity"),
+        ([], [], 3, "empty"),
         ([1.0, np.nan, 2.0], [1, 1, 1], 3, "NaN"),
         ([1.0, 2.0, 2.0], [1, np.nan, 1], 3, "NaN"),
         ([1, 2], [1, 1, 1], 3, "one length"),
@@ -147,12 +161,15 @@ def test_capacity_edge_cases():
 )
 def test_bad_input(weights, values, capacity, match):
     w, v = np.array(weights), np.array(values)
-    for fn in (AttentionKnapsack().solve, greedy_ratio, greedy_value, greedy_weight):
+    for fn in (AttentionKnapsack().solve, greedy_ratio, greedy_value, greedy_weight,
+               greedy_ratio_best_item, optimum_value):
         with pytest.raises(ValueError, match=match):
             fn(w, v, capacity)
     if w.dtype.kind == "i" and v.dtype.kind == "i":
         with pytest.raises(ValueError, match=match):
             solve_exact(w, v, capacity)
+    with pytest.raises(ValueError, match=match if w.shape == v.shape else "shape"):
+        AttentionKnapsack().solve_batch(w[None], v[None], np.array([capacity]))
 
 
 def test_bad_generate_arguments():
@@ -164,3 +181,119 @@ def test_bad_generate_arguments():
         generate(10, "uncorrelated", capacity_fraction=1.5)
     with pytest.raises(TypeError, match="integer"):
         solve_exact(np.array([1.5, 2.0]), np.array([1, 2]), 3)
+
+
+def _pisinger(n, kind, seed, h=50):
+    return generate(n, kind, R=1000, seed=seed, capacity_fraction=pisinger_capacity_fraction(h))
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_optimum_value_matches_plain_dp(kind):
+    """The reduced DP is exact: equal to the full DP on every class and several capacities."""
+    for seed, h in enumerate((5, 25, 50, 75, 95)):
+        inst = _pisinger(60, kind, seed, h)
+        assert optimum_value(*inst) == solve_exact(*inst, method="dp")[0]
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_strategies_vs_exact_on_small_instances(kind):
+    solver = AttentionKnapsack()
+    for seed in range(4):
+        inst = _pisinger(14, kind, seed, h=30 + 10 * seed)
+        opt = _brute_force(*inst)
+        assert optimum_value(*inst) == opt
+        for items in (solver.solve(*inst), greedy_ratio(*inst), greedy_ratio_best_item(*inst),
+                      greedy_random(*inst, seed=seed),
+                      with_best_item(*inst, solver.solve(*inst))):
+            assert inst.weights[items].sum() <= inst.capacity
+            assert 0 <= inst.values[items].sum() <= opt
+        assert inst.values[greedy_ratio_best_item(*inst)].sum() * 2 >= opt
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 25), seed=st.integers(0, 10_000), frac=st.floats(0.01, 0.99))
+def test_best_item_fix_never_worse(n, seed, frac):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(1, 50, n)
+    v = rng.integers(0, 50, n)
+    c = max(1, int(frac * w.sum()))
+    for items in (greedy_ratio(w, v, c), greedy_random(w, v, c, seed=seed),
+                  AttentionKnapsack(num_candidates=3, bisection_steps=12).solve(w, v, c)):
+        fixed = with_best_item(w, v, c, items)
+        assert v[fixed].sum() >= v[items].sum() and w[fixed].sum() <= c
+
+
+@pytest.mark.parametrize("C", [10, 100, 1000, 10**6])
+def test_half_guarantee_on_adversarial_cases(C):
+    """The ratio rule alone can be arbitrarily bad (a light item with a high ratio blocks the
+    big one); with the best-item fix it is at least half the optimum."""
+    w, v = np.array([1, C]), np.array([2, C])
+    assert greedy_ratio(w, v, C).tolist() == [0]  # value 2 of an optimum C
+    assert v[greedy_ratio_best_item(w, v, C)].sum() == C
+    # many small high-ratio items that leave room for none of the large ones
+    w = np.array([1] * 5 + [C] * 3)
+    v = np.array([3] * 5 + [C] * 3)
+    cap = C + 4
+    opt = _brute_force(w, v, cap)
+    assert 2 * v[greedy_ratio_best_item(w, v, cap)].sum() >= opt
+    assert 2 * v[with_best_item(w, v, cap, AttentionKnapsack().solve(w, v, cap))].sum() >= opt
+
+
+def test_greedy_fill_rounds_equal_the_sequential_scan():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n = int(rng.integers(1, 60))
+        w = rng.integers(1, 40, n)
+        cap = int(rng.integers(1, w.sum() + 5))
+        order = rng.permutation(n)
+        room, expect = cap, []
+        for i in order:
+            if w[i] <= room:
+                expect.append(i)
+                room -= w[i]
+        assert greedy_fill(w, cap, order).tolist() == sorted(expect)
+
+
+def test_solve_batch_equals_single_solves():
+    solver = AttentionKnapsack()
+    insts = [_pisinger(40, CLASSES[i % 6], i, h=20 + 10 * i) for i in range(7)]
+    W = np.stack([x.weights for x in insts])
+    V = np.stack([x.values for x in insts])
+    C = np.array([x.capacity for x in insts])
+    batch = solver.solve_batch(W, V, C)
+    assert len(batch) == 7
+    for got, inst in zip(batch, insts):
+        assert got.tolist() == solver.solve(*inst).tolist()
+    as_tensors = solver.solve_batch(torch.from_numpy(W), torch.from_numpy(V), torch.from_numpy(C))
+    assert all(a.tolist() == b.tolist() for a, b in zip(batch, as_tensors))
+    with pytest.raises(ValueError, match="capacities"):
+        solver.solve_batch(W, V, C[:3])
+    with pytest.raises(ValueError, match=r"\(B, n\)"):
+        solver.solve_batch(W[0], V[0], C[0])
+
+
+def test_solve_at_10000_items_is_feasible_and_close():
+    """Correctness at n = 10,000 (the speed is measured by the experiment, not asserted)."""
+    inst = generate(10_000, "uncorrelated", seed=3)
+    items = AttentionKnapsack().solve(*inst)
+    assert inst.weights[items].sum() <= inst.capacity
+    got = inst.values[items].sum()
+    assert got >= inst.values[greedy_ratio(*inst)].sum() * 0.999
+
+
+def test_pisinger_capacity_fraction():
+    assert pisinger_capacity_fraction(50, 100) == 50 / 101
+    for bad in (0, 101, 2.5):
+        with pytest.raises(ValueError, match="h must"):
+            pisinger_capacity_fraction(bad, 100)
+
+
+def test_worst_point_three_valued():
+    held = {"a": CI(0.0, -0.1, 0.05, 5), "b": CI(0.0, -0.2, 0.08, 5)}
+    assert worst_point(held, 0.1, "<")[0] == "b"
+    assert worst_point(held, 0.1, "<")[1].decide("x", 0.1, "<").outcome == "held"
+    straddle = {**held, "c": CI(0.1, 0.0, 0.3, 5)}
+    assert worst_point(straddle, 0.1, "<")[1].decide("x", 0.1, "<").outcome == "inconclusive"
+    failing = {**straddle, "d": CI(0.5, 0.2, 0.9, 5)}
+    key, ci = worst_point(failing, 0.1, "<")
+    assert key == "d" and ci.decide("x", 0.1, "<").outcome == "not held"

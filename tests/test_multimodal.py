@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attnkit.multimodal import (
+    MODEL_NAMES,
     CrossModalFusion,
     EarlyFusion,
     LateFusion,
@@ -70,9 +71,9 @@ def test_test_speakers_never_in_training(recordings):
 
 
 def test_task_labels_and_layout(recordings):
-    task = SpokenDigitTask(recordings, n_digits=3, audio_len=90)
+    task = SpokenDigitTask(recordings, n_digits=3, audio_len=144)
     b = task.sample(200, np.random.default_rng(1))
-    assert b["audio"].shape == (200, 90, 13) and b["text"].shape == (200, 3)
+    assert b["audio"].shape == (200, 144, 13) and b["text"].shape == (200, 3)
     spoken = recordings.digits[b["recording_ids"]]
     match = (b["text"] == spoken).all(1)
     assert (match == (b["label"] == 1)).all()
@@ -84,9 +85,65 @@ def test_task_labels_and_layout(recordings):
     swapped = diff == 2
     assert (np.sort(b["text"][neg][swapped], 1) == np.sort(spoken[neg][swapped], 1)).all()
     lengths = b["audio_mask"].sum(1)
-    assert lengths.min() >= 90 * 3 // 4 and lengths.max() <= 90
+    assert lengths.min() >= 144 * 3 // 4 and lengths.max() <= 144
     assert (b["audio"][~b["audio_mask"]] == 0).all()
     assert (b["audio_mask"][:, :1]).all()
+    # digits in order, not overlapping, inside the real stream
+    on = b["onsets"]
+    assert (on >= 0).all() and (np.diff(on, axis=1) > 0).all()
+    assert (on[:, -1] < lengths).all()
+
+
+def test_generator_places_digits_at_random_offsets(recordings):
+    """Over seeds, where digit i starts is spread out and often outside the i-th equal slot:
+    the layout carries no fixed alignment a model could exploit."""
+    task = SpokenDigitTask(recordings, n_digits=4)
+    frac, outside = [], []
+    for seed in range(4):
+        b = task.sample(50, np.random.default_rng(seed))
+        length = b["audio_mask"].sum(1, keepdims=True)
+        f = b["onsets"] / length
+        frac.append(f)
+        slot = np.arange(4) / 4
+        outside.append((f < slot) | (f >= slot + 0.25))
+    frac, outside = np.concatenate(frac), np.concatenate(outside)
+    assert (frac.std(0) > 0.05).all()  # every digit's onset varies
+    assert outside.mean() > 0.2  # often not in "its" slot
+    # different seeds, different layouts; same seed, same layout
+    a = task.sample(8, np.random.default_rng(0))["onsets"]
+    assert (a == task.sample(8, np.random.default_rng(0))["onsets"]).all()
+    assert (a != task.sample(8, np.random.default_rng(1))["onsets"]).any()
+
+
+def test_no_model_receives_alignment_positions(recordings):
+    """Models see only audio, text and the audio padding mask; no module holds a prior tying
+    text positions to audio positions."""
+    import inspect
+
+    models = matched_models(dim=8, heads=2, hidden=8)
+    seen = []
+    for name, model in models.items():
+        assert list(inspect.signature(model.forward).parameters) == ["audio", "text",
+                                                                      "audio_mask"], name
+        assert not any("prior" in n.lower() for n, _ in model.named_modules()), name
+        assert not any("prior" in n.lower() or "sharp" in n.lower()
+                       for n, _ in model.named_parameters()), name
+        real = model.forward
+
+        def spy(*args, _real=real, **kw):
+            seen.append((len(args), sorted(kw)))
+            return _real(*args, **kw)
+
+        model.forward = spy
+        train_model(model, SpokenDigitTask(recordings, n_digits=2), steps=1, batch_size=4)
+    assert seen and all(n == 3 and not kw for n, kw in seen)
+    # an audio stream shifted in time gives the model no positional cue tied to the text:
+    # the encoding of frame j does not depend on the text length
+    model = models["cross"]
+    audio = torch.randn(1, 40, 13)
+    a1, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool), torch.tensor([[1]]))
+    a2, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool), torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(a1, a2)
 
 
 def test_synthetic_fallback_same_shape():
@@ -99,46 +156,45 @@ def test_synthetic_fallback_same_shape():
 
 
 def test_matched_parameter_counts():
-    models = matched_models(dim=16, heads=2, hidden=32)
+    models = matched_models(dim=32, heads=2, hidden=64)
     counts = [count_parameters(m) for m in models.values()]
     assert max(counts) - min(counts) <= 0.01 * counts[0]
     assert isinstance(models["cross"], CrossModalFusion)
     assert isinstance(models["early_concat"], EarlyFusion)
     assert isinstance(models["late_concat"], LateFusion)
+    assert models["late_concat"].pool == "mean"
+    assert models["late_attnpool"].pool == "attention"
+    assert list(models) == list(MODEL_NAMES)
 
 
-def test_alignment_prior_reads_the_right_slot():
+def test_cross_attention_weights_respect_padding():
     torch.manual_seed(0)
     model = CrossModalFusion(dim=16, heads=2, hidden=16)
     audio = torch.randn(2, 60, 13)
     mask = torch.ones(2, 60, dtype=torch.bool)
     mask[1, 45:] = False
-    text = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    w = model.attention_weights(audio, text, mask)  # (B, H, 3, 60)
+    w = model.attention_weights(audio, torch.tensor([[1, 2, 3], [4, 5, 6]]), mask)
     assert w.shape == (2, 2, 3, 60)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
     assert (w[1, :, :, 45:] == 0).all()
-    for b, length in ((0, 60), (1, 45)):
-        slot = length // 3
-        for i in range(3):
-            mass = w[b, :, i, i * slot:(i + 1) * slot].sum(-1)
-            assert (mass > 0.5).all()
 
 
-def test_low_rank_prior_equals_explicit_bias():
-    """The low-rank prior equals the explicit -s (p_q - p_k)^2 bias (up to a row constant)."""
-    torch.manual_seed(0)
-    model = CrossModalFusion(dim=8, heads=2, hidden=8).double()
-    pq, pk = torch.rand(1, 3, dtype=torch.float64), torch.rand(1, 7, dtype=torch.float64)
-    qe, ke = model.prior.factors(pq, pk)
-    s = model.prior.log_sharpness.exp().view(1, 2, 1, 1)
-    explicit = -s * (pq.view(1, 1, 3, 1) - pk.view(1, 1, 1, 7)) ** 2
-    low_rank = qe @ ke.transpose(-1, -2)
-    diff = low_rank - explicit
-    torch.testing.assert_close(diff, diff[..., :1].expand_as(diff))  # constant per row
+def test_slope_diff_ci():
+    from attnkit.multimodal.experiment import slope_diff_ci
+
+    sizes = [100, 200, 400, 800]
+    rng = np.random.default_rng(0)
+    quad = [[(n / 100) ** 2 * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
+    lin = [[(n / 100) * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
+    ci = slope_diff_ci(sizes, quad, lin, n_boot=300)
+    assert 0.8 < ci.low <= ci.value <= ci.high < 1.2
+    same = slope_diff_ci(sizes, [[float(n)] for n in sizes], [[2.0 * n] for n in sizes],
+                         n_boot=200)
+    assert abs(same.value) < 1e-9 and same.low == same.high
 
 
-@pytest.mark.parametrize("cls", [CrossModalFusion, EarlyFusion, LateFusion])
+@pytest.mark.parametrize("cls", [CrossModalFusion, EarlyFusion, LateFusion,
+                                 lambda **kw: LateFusion(pool="attention", **kw)])
 def test_bad_input(cls):
     model = cls(dim=8, max_audio_len=50, max_text_len=4)
     audio, text = torch.randn(2, 30, 13), torch.randint(0, 10, (2, 3))
@@ -167,6 +223,8 @@ def test_training_step_and_cost_run(recordings):
     task = SpokenDigitTask(recordings, audio_len=36, n_digits=2)
     model = matched_models(dim=8, heads=2, hidden=8)["cross"]
     losses = train_model(model, task, steps=5, batch_size=8)
+    mixed = [task, SpokenDigitTask(recordings, n_digits=1)]
+    assert len(train_model(model, mixed, steps=2, batch_size=4)) == 2
     assert len(losses) == 5 and np.isfinite(losses).all()
     cost = step_cost(model, 64, batch_size=1, text_len=2, repeats=1)
     assert cost["seconds"] > 0 and cost["memory_mib"] > 0
@@ -178,6 +236,12 @@ def test_training_step_and_cost_run(recordings):
 def test_task_bad_arguments(recordings):
     with pytest.raises(ValueError, match="audio_len"):
         SpokenDigitTask(recordings, audio_len=5, n_digits=3)
+    with pytest.raises(ValueError, match="n_digits"):
+        SpokenDigitTask(recordings, n_digits=0)
+    with pytest.raises(ValueError, match="stretch"):
+        SpokenDigitTask(recordings, stretch=(1.5, 1.0))
+    with pytest.raises(ValueError, match="pool"):
+        LateFusion(dim=8, pool="max")
     with pytest.raises(ValueError, match="test_speakers"):
         split_speakers(recordings, test_speakers=(99,))
 

@@ -3,14 +3,25 @@ greedy fill, measured against the exact optimum and classic greedy rules on Pisi
 """
 
 from .attention import AttentionKnapsack, KnapsackAttentionResult, item_features
-from .instances import CLASSES, KnapsackInstance, check_instance, generate
+from .instances import (
+    CLASSES,
+    KnapsackInstance,
+    check_instance,
+    generate,
+    pisinger_capacity_fraction,
+)
 from .solvers import (
     greedy_fill,
+    greedy_fill_batch,
+    greedy_random,
     greedy_ratio,
+    greedy_ratio_best_item,
     greedy_value,
     greedy_weight,
+    optimum_value,
     solve_exact,
     total,
+    with_best_item,
 )
 
 __all__ = [
@@ -21,10 +32,16 @@ __all__ = [
     "check_instance",
     "generate",
     "greedy_fill",
+    "greedy_fill_batch",
+    "greedy_random",
     "greedy_ratio",
+    "greedy_ratio_best_item",
     "greedy_value",
     "greedy_weight",
     "item_features",
+    "optimum_value",
+    "pisinger_capacity_fraction",
     "solve_exact",
     "total",
+    "with_best_item",
 ]

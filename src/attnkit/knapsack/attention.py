@@ -33,7 +33,7 @@ import torch
 from ..distributed.data_parallel import ApplyModule, all_reduce_mean, rescale_mean, shard, wrap_ddp
 from ..functional import attention
 from .instances import KnapsackInstance, check_instance
-from .solvers import greedy_fill, solve_exact
+from .solvers import greedy_fill_batch, solve_exact
 
 __all__ = ["AttentionKnapsack", "KnapsackAttentionResult", "item_features"]
 
@@ -134,14 +134,6 @@ class AttentionKnapsack(torch.nn.Module):
                                return_weights=True)
         return weights[0, :, 0, :]
 
-    def _log_product(self, features: torch.Tensor, mu: float) -> np.ndarray:
-        """``(n,)`` log of the product of the two heads relative to the null token's product:
-        positive means the item beats "take nothing" at this multiplier."""
-        with torch.no_grad():
-            logw = torch.log(self.heads(features, mu))
-        rel = logw[:, :-1] - logw[:, -1:]
-        return (rel[0] + rel[1]).numpy()
-
     def _bisect(self, features: torch.Tensor, w: np.ndarray, capacity: float) -> float:
         """Smallest ``μ = t2/t1`` (log-bisection in [1e-4, 1e4]) at which the items whose
         product beats the null token's just fit.
@@ -167,41 +159,125 @@ class AttentionKnapsack(torch.nn.Module):
         return float(np.exp(hi))
 
     # ------------------------------------------------------------------ solve
+    def _head_logits(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One engine call at unit temperatures for a batch: ``features (B, n, 3)`` ->
+        ``(s1, s2)``, each ``(B, n)``: every head's log-weight of each item relative to the null
+        token. At temperatures ``(t1, t2)`` with ``t2/t1 = μ`` the log-product relative to the
+        null token is exactly ``s1/t1 + s2/t2``, a positive multiple of ``μ s1 + s2`` (see
+        :func:`_temperatures`), so ranking and sign at any ``μ`` need no further attention
+        call."""
+        B, n, _ = features.shape
+        keys = torch.cat([features, features.new_zeros(B, 1, NUM_FEATURES)], 1).view(
+            B, 1, n + 1, NUM_FEATURES)
+        q = self.queries.view(1, 2, 1, NUM_FEATURES).expand(B, 2, 1, NUM_FEATURES)
+        values = keys.new_zeros(B, 1, n + 1, 1)  # only the weights are used
+        with torch.no_grad():
+            _, weights = attention(q, keys, values, scale=1.0, return_weights=True)
+            logw = torch.log(weights[:, :, 0, :])
+        rel = (logw[..., :-1] - logw[..., -1:]).numpy()
+        return rel[:, 0], rel[:, 1]
+
+    def _solve_rows(self, w: np.ndarray, v: np.ndarray, caps: np.ndarray
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The heuristic on ``B`` instances at once: ``w, v (B, n)``, ``caps (B,)`` (checked
+        already). Items heavier than their row's capacity are never taken and do not enter the
+        feature scales. Returns the chosen indices per row, their values ``(B,)`` and the chosen
+        multipliers ``(B,)``."""
+        B, n = w.shape
+        fits = w <= caps[:, None]
+        wf = np.where(fits, w, 0).astype(np.float64)
+        vf = np.where(fits, v, 0).astype(np.float64)
+        ratio = vf / np.where(fits, w, 1)
+
+        def scale(a: np.ndarray) -> np.ndarray:
+            m = a.max(1, keepdims=True)
+            return a / np.where(m > 0, m, 1.0)
+
+        features = torch.from_numpy(np.stack([scale(wf), scale(vf), scale(ratio)], -1))
+        s1, s2 = self._head_logits(features)
+        # bisection on log μ, all rows at once: smallest μ at which the items beating the null
+        # token (μ s1 + s2 > 0) just fit
+        def fit_at(log_mu: np.ndarray) -> np.ndarray:
+            beats = (np.exp(log_mu)[:, None] * s1 + s2 > 0) & fits
+            return np.where(beats, wf, 0).sum(1) <= caps
+
+        lo = np.full(B, np.log(1e-4))
+        hi = np.full(B, np.log(1e4))
+        done = fit_at(lo)
+        for _ in range(self.bisection_steps):
+            mid = 0.5 * (lo + hi)
+            ok = fit_at(mid)
+            hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+        mu_c = np.exp(np.where(done, lo, hi))
+        factors = np.exp(np.linspace(-self.spread, self.spread, self.num_candidates))
+        mus = np.sort(np.concatenate([mu_c[:, None], mu_c[:, None] * factors[None]], 1), 1)
+        K = mus.shape[1]
+        keys = mus[:, :, None] * s1[:, None] + s2[:, None]  # (B, K, n)
+        keys = np.where(fits[:, None], keys, -np.inf).reshape(B * K, n)
+        order = np.argsort(-keys, axis=1, kind="stable")
+        rows = np.repeat(np.arange(B), K)
+        taken = greedy_fill_batch(w[rows[:, None], order], np.repeat(caps, K),
+                                  fits[rows[:, None], order])
+        vals = np.where(taken, v[rows[:, None], order], 0).sum(1).reshape(B, K)
+        pick = vals.argmax(1)  # first best: the smallest such μ, as a scan would keep
+        items, best_mu = [], mus[np.arange(B), pick]
+        for b in range(B):
+            r = b * K + int(pick[b])
+            items.append(np.sort(order[r][taken[r]]).astype(np.int64))
+        return items, vals[np.arange(B), pick], best_mu
+
     def solve_detailed(self, weights, values, capacity) -> KnapsackAttentionResult:
         """Chosen items and the two heads' scores; see the module docstring."""
         w, v, capacity = check_instance(weights, values, capacity)
         with _single_thread():
-            return self._solve(w, v, capacity)
-
-    def _solve(self, w: np.ndarray, v: np.ndarray, capacity: float) -> KnapsackAttentionResult:
-        n = w.shape[0]
-        if n == 0:
-            e = np.zeros(0)
-            return KnapsackAttentionResult(np.zeros(0, np.int64), 0.0, 0.0, e, e, e, 1.0,
-                                           _temperatures(1.0))
-        features = torch.from_numpy(item_features(w, v))
-        mu_c = self._bisect(features, w, capacity)
-        factors = np.exp(np.linspace(-self.spread, self.spread, self.num_candidates))
-        candidates = sorted({mu_c, *(mu_c * factors).tolist()})
-        best = None
-        for mu in candidates:
-            key = self._log_product(features, mu)
-            items = greedy_fill(w, capacity, np.argsort(-key, kind="stable"))
-            val = float(v[items].sum())
-            if best is None or val > best[0]:
-                best = (val, mu, items)
-        val, mu, items = best
-        with torch.no_grad():
-            heads = self.heads(features, mu)[:, :-1].numpy()
+            items, vals, mus = self._solve_rows(w[None], v[None], np.array([capacity]))
+            mu = float(mus[0])
+            fits = w <= capacity
+            feats = np.zeros((w.size, NUM_FEATURES))
+            feats[fits] = item_features(w[fits], v[fits])
+            with torch.no_grad():
+                heads = self.heads(torch.from_numpy(feats), mu)[:, :-1].numpy()
+        heads = np.where(fits[None], heads, 0.0)  # skipped items: no attention reported
         return KnapsackAttentionResult(
-            items=items, value=val, weight=float(w[items].sum()), weight_head=heads[0],
-            value_head=heads[1], product=heads[0] * heads[1], multiplier=mu,
-            temperatures=_temperatures(mu),
+            items=items[0], value=float(vals[0]), weight=float(w[items[0]].sum()),
+            weight_head=heads[0], value_head=heads[1], product=heads[0] * heads[1],
+            multiplier=mu, temperatures=_temperatures(mu),
         )
 
     def solve(self, weights, values, capacity) -> np.ndarray:
-        """Chosen item indices ``(k,)`` (sorted); their total weight never exceeds capacity."""
-        return self.solve_detailed(weights, values, capacity).items
+        """Chosen item indices ``(k,)`` (sorted) for ``weights (n,)``, ``values (n,)`` and a
+        capacity > 0; their total weight never exceeds the capacity, and items heavier than it
+        are skipped. Bad input raises ``ValueError`` naming the argument."""
+        w, v, capacity = check_instance(weights, values, capacity)
+        with _single_thread():
+            return self._solve_rows(w[None], v[None], np.array([capacity]))[0][0]
+
+    def solve_batch(self, weights, values, capacities) -> list[np.ndarray]:
+        """Many instances in one call: ``weights (B, n)``, ``values (B, n)`` (numpy arrays or
+        tensors) and ``capacities (B,)`` (or one number for all rows). Returns the chosen
+        indices of each row, as :meth:`solve` would. Instances with fewer items: pad the rows
+        with items heavier than the capacity (they are skipped)."""
+        w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else \
+            np.asarray(weights)
+        v = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else \
+            np.asarray(values)
+        c = capacities.detach().cpu().numpy() if isinstance(capacities, torch.Tensor) else \
+            np.asarray(capacities)
+        if w.ndim != 2 or v.shape != w.shape:
+            raise ValueError(f"weights and values must both have shape (B, n), got {w.shape} "
+                             f"and {v.shape}")
+        if w.shape[0] == 0 or w.shape[1] == 0:
+            raise ValueError(f"weights is empty (shape {w.shape}): need B >= 1 rows of n >= 1")
+        if c.ndim == 0:
+            c = np.full(w.shape[0], c[()])
+        if c.shape != (w.shape[0],):
+            raise ValueError(f"capacities must have shape (B,) = ({w.shape[0]},), got {c.shape}")
+        if c.dtype.kind not in "iuf":
+            raise TypeError(f"capacities must be numeric, got dtype {c.dtype}")
+        for row in range(w.shape[0]):  # the same checks (and messages) as a single solve
+            check_instance(w[row], v[row], c[row].item())
+        with _single_thread():
+            return self._solve_rows(w, v, c)[0]
 
     # ------------------------------------------------------------------ learning
     def fit(

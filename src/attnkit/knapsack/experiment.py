@@ -1,130 +1,282 @@
-"""Experiment ``knapsack``: the two-head attention heuristic vs the optimum and greedy rules."""
+"""Experiment ``knapsack``: the two-head attention heuristic across Pisinger's regime (six
+instance classes, sizes n = 20..1000, capacities c = h/(H+1) * sum(w)) against the exact optimum,
+the ratio rule (with and without the best-single-item fix), learned heads and a random order."""
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..argtypes import positive_int
-from ..results import Experiment, Option, Result, RunContext
+from ..experiment import Experiment, Option, Result, RunContext, stats
+from ..experiment.stats import CI
 from .attention import AttentionKnapsack, KnapsackAttentionResult
-from .instances import CLASSES, KnapsackInstance, generate
-from .solvers import greedy_ratio, greedy_value, greedy_weight, solve_exact
+from .instances import CLASSES, KnapsackInstance, generate, pisinger_capacity_fraction
+from .solvers import (
+    greedy_random,
+    greedy_ratio,
+    greedy_ratio_best_item,
+    optimum_value,
+    with_best_item,
+)
 
-METHODS = ("attention", "attention_learned", "ratio", "value", "weight")
-SIZES = (50, 200, 1000)
-# the claim's tolerance for "as close as the ratio rule", in percentage points of the optimum
+STRATEGIES = ("attention", "attention_learned", "attention_best_item", "ratio",
+              "ratio_best_item", "random")
+SIZES_FULL = (20, 50, 100, 200, 500, 1000)
+SIZES_QUICK = (20, 50, 200, 500)
+H = 100  # Pisinger (2005): c = h / (H + 1) * sum(w), h = 1..H
+HS_FULL = (10, 25, 50, 75, 90)
+HS_QUICK = (25, 50, 75)
+R = 1000  # data range: weights in [1, R] (Pisinger's R = 10^3 series)
+#: (a) attention "within the ratio rule's CI or better": the paired CI of (attention gap -
+#: ratio gap) must lie below this many percentage points of the optimum, at every point.
 TOLERANCE_PP = 0.1
+#: (b) "effective": mean gap below this (percent of the optimum) for every class at n >= 200.
+EFFECTIVE_PCT = 1.0
+LARGE_N = 200
+N_BOOT_POINTS = 2_000  # bootstrap resamples for the many per-point intervals
+
+
+def worst_point(cis: dict[str, CI], threshold: float, direction: str) -> tuple[str, CI]:
+    """The one point that decides "the claim holds at every point" with three-valued logic:
+    a point wholly on the wrong side of ``threshold`` if there is one (-> not held), else the
+    point whose interval reaches nearest to / across the threshold (held only when even that
+    one is on the claim's side; inconclusive when it straddles)."""
+    def signed(x: float) -> float:  # how far x lies on the claim's side
+        return x - threshold if direction == ">" else threshold - x
+
+    def near_far(ci: CI) -> tuple[float, float]:
+        a, b = sorted((signed(ci.low), signed(ci.high)))
+        return a, b
+
+    failing = [k for k, ci in cis.items() if near_far(ci)[1] <= 0]
+    if failing:
+        key = min(failing, key=lambda k: near_far(cis[k])[1])
+    else:
+        key = min(cis, key=lambda k: near_far(cis[k])[0])
+    return key, cis[key]
+
+
+def _strategies(designed: AttentionKnapsack, learned: AttentionKnapsack
+                ) -> dict[str, Callable[[KnapsackInstance, int], np.ndarray]]:
+    def att_best(inst: KnapsackInstance, seed: int) -> np.ndarray:
+        return with_best_item(*inst, designed.solve(*inst))
+
+    return {
+        "attention": lambda inst, seed: designed.solve(*inst),
+        "attention_learned": lambda inst, seed: learned.solve(*inst),
+        "attention_best_item": att_best,
+        "ratio": lambda inst, seed: greedy_ratio(*inst),
+        "ratio_best_item": lambda inst, seed: greedy_ratio_best_item(*inst),
+        "random": lambda inst, seed: greedy_random(*inst, seed=seed),
+    }
+
+
+def _instance_seed(base: int, kind: str, n: int, h: int, i: int) -> int:
+    """A fixed seed per instance (class, size, capacity, index), disjoint from training's."""
+    return base * 1_000_003 + CLASSES.index(kind) * 100_000 + n * 100 + h + 1_000 * i
+
+
+def _speed(designed: AttentionKnapsack, seed: int, repeat: int) -> dict[str, float]:
+    """Median time of one solve at n = 10,000 and the per-instance time of a batched solve."""
+    big = generate(10_000, "uncorrelated", R=R, seed=seed + 77)
+    designed.solve(*big)  # warm-up
+    single = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        designed.solve(*big)
+        single.append(time.perf_counter() - t0)
+    batch = [generate(1000, CLASSES[i % len(CLASSES)], R=R, seed=seed + 500 + i)
+             for i in range(60)]
+    W = np.stack([b.weights for b in batch])
+    V = np.stack([b.values for b in batch])
+    C = np.array([b.capacity for b in batch])
+    t0 = time.perf_counter()
+    designed.solve_batch(W, V, C)
+    t_batch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for b in batch:
+        designed.solve(*b)
+    t_loop = time.perf_counter() - t0
+    return {"time_ms_attention_solve_n10000": 1000 * statistics.median(single),
+            "time_ms_attention_solve_n10000_min": 1000 * min(single),
+            "time_ms_per_instance_solve_batch_n1000": 1000 * t_batch / len(batch),
+            "time_ms_per_instance_solve_loop_n1000": 1000 * t_loop / len(batch)}
 
 
 def _run(ctx: RunContext) -> Result:
-    per_size = ctx.options.get("instances") or (3 if ctx.quick else 20)
-    counts = {50: per_size, 200: per_size, 1000: max(1, per_size // 3)}
+    per_point = ctx.options.get("instances") or 20
+    sizes = SIZES_QUICK if ctx.quick else SIZES_FULL
+    hs = HS_QUICK if ctx.quick else HS_FULL
     fit_steps = 40 if ctx.quick else 100
-    R = 1000
-    designed = AttentionKnapsack()
-    learned = AttentionKnapsack()
-    # training instances: seeds disjoint from the test seeds below
-    per_class = 1 if ctx.quick else 2
-    train = [generate(50, kind, R=R, seed=10_000 + s) for kind in CLASSES
-             for s in range(per_class)]
+    designed, learned = AttentionKnapsack(), AttentionKnapsack()
+    # training instances for the learned heads: seeds far from every test instance's
+    train = [generate(50, kind, R=R, seed=10**9 + 7 * s + ctx.seed)
+             for kind in CLASSES for s in range(1 if ctx.quick else 3)]
     t0 = time.perf_counter()
     losses = learned.fit(train, steps=fit_steps, lr=0.05, seed=ctx.seed)
     fit_seconds = time.perf_counter() - t0
     ctx.log(f"learned queries: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {fit_seconds:.1f}s")
+    solvers = _strategies(designed, learned)
 
-    solvers = {
-        "attention": designed.solve,
-        "attention_learned": learned.solve,
-        "ratio": greedy_ratio,
-        "value": greedy_value,
-        "weight": greedy_weight,
-    }
-    gaps: dict[tuple[str, int, str], list[float]] = {}
+    gaps: dict[tuple[str, int, int, str], list[float]] = {}
     times: dict[tuple[int, str], list[float]] = {}
-    figure_case: tuple[KnapsackInstance, KnapsackAttentionResult] | None = None
-    cells = [(kind, n, s) for kind in CLASSES for n in SIZES for s in range(counts[n])]
-    for kind, n, s in ctx.progress(cells, desc="knapsack"):
-        inst = generate(n, kind, R=R, seed=ctx.seed * 1000 + s)
-        t0 = time.perf_counter()
-        opt, _ = solve_exact(*inst, method="dp")
-        times.setdefault((n, "exact_dp"), []).append(time.perf_counter() - t0)
-        for name, solve in solvers.items():
+    points = [(kind, n, h) for n in sizes for kind in CLASSES for h in hs]
+    for kind, n, h in ctx.progress(points, desc="knapsack points", total=len(points)):
+        for i in range(per_point):
+            seed = _instance_seed(ctx.seed, kind, n, h, i)
+            inst = generate(n, kind, R=R, seed=seed,
+                            capacity_fraction=pisinger_capacity_fraction(h, H))
             t0 = time.perf_counter()
-            items = solve(*inst)
-            times.setdefault((n, name), []).append(time.perf_counter() - t0)
-            if inst.weights[items].sum() > inst.capacity:
-                raise AssertionError(f"{name} exceeded the capacity")  # never expected
-            gap = 100.0 * (opt - inst.values[items].sum()) / opt
-            gaps.setdefault((kind, n, name), []).append(float(gap))
-        if figure_case is None and kind == "uncorrelated" and n == 50:
-            figure_case = (inst, designed.solve_detailed(*inst))
+            opt = optimum_value(*inst)
+            times.setdefault((n, "exact"), []).append(time.perf_counter() - t0)
+            for name, solve in solvers.items():
+                t0 = time.perf_counter()
+                items = solve(inst, seed)
+                times.setdefault((n, name), []).append(time.perf_counter() - t0)
+                if inst.weights[items].sum() > inst.capacity:  # never expected
+                    raise AssertionError(f"{name} exceeded the capacity")
+                gap = 100.0 * (opt - int(inst.values[items].sum())) / opt
+                gaps.setdefault((kind, n, h, name), []).append(gap)
 
-    table, metrics = [], {}
+    def pooled(kind: str, n: int, name: str) -> np.ndarray:
+        return np.concatenate([gaps[(kind, n, h, name)] for h in hs])
+
+    boot = {"n_boot": N_BOOT_POINTS}
+    # (a) at every (class, n, h): attention gap - ratio gap, paired by instance
+    diff_cis = {f"{kind} n={n} h={h}": stats.paired_diff_ci(gaps[(kind, n, h, "attention")],
+                                                            gaps[(kind, n, h, "ratio")], **boot)
+                for kind, n, h in points}
+    key_a, ci_a = worst_point(diff_cis, TOLERANCE_PP, "<")
+    # (b) every class at every n >= 200 (capacities pooled): mean attention gap
+    large = [n for n in sizes if n >= LARGE_N]
+    gap_cis = {(kind, n, name): stats.mean_ci(pooled(kind, n, name), **boot)
+               for kind in CLASSES for n in sizes for name in STRATEGIES}
+    eff = {f"{kind} n={n}": gap_cis[(kind, n, "attention")] for kind in CLASSES for n in large}
+    key_b, ci_b = worst_point(eff, EFFECTIVE_PCT, "<")
+    decisions = [
+        ci_a.decide("attention_minus_ratio_gap_pp_worst_point", TOLERANCE_PP, "<",
+                    note=f"deciding point: {key_a} (of {len(diff_cis)} points)"),
+        ci_b.decide("gap_pct_attention_worst_point_n_ge_200", EFFECTIVE_PCT, "<",
+                    note=f"deciding point: {key_b} (of {len(eff)})"),
+    ]
+    n_a_held = sum(ci.high < TOLERANCE_PP for ci in diff_cis.values())
+    n_a_failed = sum(ci.low >= TOLERANCE_PP for ci in diff_cis.values())
+
+    metrics: dict[str, float] = {}
+    table = []
     for kind in CLASSES:
-        for n in SIZES:
-            row = {"class": kind, "n": n, "instances": counts[n]}
-            for name in METHODS:
-                row[f"gap_pct_{name}"] = round(float(np.mean(gaps[(kind, n, name)])), 4)
+        for name in ("attention", "ratio", *[s for s in STRATEGIES
+                                             if s not in ("attention", "ratio")]):
+            metrics[f"gap_pct_{name}_{kind}"] = float(np.mean(
+                np.concatenate([pooled(kind, n, name) for n in large])))
+        for n in sizes:
+            row: dict[str, object] = {"class": kind, "n": n, "instances": per_point * len(hs)}
+            for name in STRATEGIES:
+                ci = gap_cis[(kind, n, name)]
+                metrics[f"gap_pct_{name}_{kind}_n{n}"] = ci.value
+                row[f"gap_pct_{name}"] = round(ci.value, 4)
+            d = stats.paired_diff_ci(pooled(kind, n, "attention"), pooled(kind, n, "ratio"),
+                                     **boot)
+            row["att_minus_ratio_pp"] = f"{d.value:.3f} [{d.low:.3f}, {d.high:.3f}]"
+            a = gap_cis[(kind, n, "attention")]
+            row["gap_pct_attention_ci"] = f"[{a.low:.3f}, {a.high:.3f}]"
             table.append(row)
-            if n == 200:
-                for name in METHODS:
-                    metrics[f"gap_pct_{name}_{kind}"] = row[f"gap_pct_{name}"]
-        for name in ("attention", "ratio"):  # class averages over every size
-            allg = [g for n in SIZES for g in gaps[(kind, n, name)]]
-            metrics[f"gap_pct_{name}_{kind}_all_n"] = float(np.mean(allg))
-    for n in SIZES:
-        for name in (*METHODS, "exact_dp"):
+    for n in sizes:
+        for name in (*STRATEGIES, "exact"):
             metrics[f"time_ms_{name}_n{n}"] = 1000.0 * float(np.mean(times[(n, name)]))
+    speed = _speed(designed, ctx.seed, repeat=7 if ctx.quick else 21)
+    metrics.update(speed)
+    metrics["fit_seconds_learned"] = fit_seconds
 
-    def claim_holds(sizes) -> bool:
-        ok = True
-        for kind in CLASSES:
-            att = np.mean([g for n in sizes for g in gaps[(kind, n, "attention")]])
-            rat = np.mean([g for n in sizes for g in gaps[(kind, n, "ratio")]])
-            ok &= bool(att <= 1.0 and att <= rat + TOLERANCE_PP)
-        return ok
-
-    held = claim_holds(SIZES)
-    metrics["claim_holds_n_ge_200"] = float(claim_holds((200, 1000)))
-    worst = max(CLASSES, key=lambda k: metrics[f"gap_pct_attention_{k}_all_n"])
+    small = min(sizes)
+    worst_small = max(CLASSES, key=lambda k: gap_cis[(k, small, "attention")].value)
+    ws = gap_cis[(worst_small, small, "attention")]
+    fix_gain = max(metrics[f"gap_pct_attention_{k}_n{small}"]
+                   - metrics[f"gap_pct_attention_best_item_{k}_n{small}"] for k in CLASSES)
+    worst_large = max(CLASSES, key=lambda k: metrics[f"gap_pct_attention_{k}"])
     notes = (
-        f"Exact optimum by a numpy DP over capacities (full R={R}, capacity = half the total "
-        f"weight, ~n*R/4; no reduction): {metrics['time_ms_exact_dp_n1000']:.0f} ms per n=1000 "
-        f"instance. Instances per class: n=50: {counts[50]}, n=200: {counts[200]}, n=1000: "
-        f"{counts[1000]}. Attention = designed heads with a per-instance search on the "
-        f"temperature ratio (bisection to the LP multiplier, then {designed.num_candidates} "
-        f"ratios around it, best fill kept); learned = queries fitted on {len(train)} n=50 "
-        f"instances for {fit_steps} steps ({fit_seconds:.1f}s). Claim (every class: attention's "
-        f"average gap over all sizes <= 1% and <= ratio's + {TOLERANCE_PP} pp): "
-        f"{'held' if held else 'not held'}; worst class {worst} at "
-        f"{metrics[f'gap_pct_attention_{worst}_all_n']:.2f}% (ratio "
-        f"{metrics[f'gap_pct_ratio_{worst}_all_n']:.2f}%). Restricted to n >= 200: "
-        f"{'held' if metrics['claim_holds_n_ge_200'] else 'not held'}. Times are wall-clock on "
-        "a shared CPU (noisy)."
+        f"Instances: Pisinger's six classes, R={R}, n in {list(sizes)}, capacities "
+        f"c = h/(H+1) * sum(w) with H={H}, h in {list(hs)}; {per_point} instances per (class, n, "
+        f"h), {per_point * len(hs)} per (class, n). Generator parameters fixed in advance; "
+        "instance seeds are a fixed function of (run seed, class, n, h, index). Exact optimum: "
+        "Dembo-Hammer reduction + value-only DP (exact; checked against a plain DP and brute "
+        f"force in the tests), {metrics[f'time_ms_exact_n{max(sizes)}']:.1f} ms per "
+        f"n={max(sizes)} instance. Attention = designed heads, temperature ratio per instance "
+        f"(bisection to the LP multiplier, {designed.num_candidates} ratios around it, best "
+        f"fill kept); learned = queries fitted on {len(train)} n=50 instances for {fit_steps} "
+        f"steps ({fit_seconds:.1f}s). "
+        f"(a) attention gap - ratio gap, paired by instance, at each of {len(diff_cis)} (class, "
+        f"n, h) points: upper CI bound < {TOLERANCE_PP} pp at {n_a_held}, lower bound >= "
+        f"{TOLERANCE_PP} pp at {n_a_failed}; deciding point {key_a}: {ci_a}. "
+        f"(b) mean attention gap at n >= {LARGE_N} (capacities pooled): worst point {key_b}: "
+        f"{ci_b} % vs {EFFECTIVE_PCT}%; worst class overall {worst_large} at "
+        f"{metrics[f'gap_pct_attention_{worst_large}']:.3f}% (ratio "
+        f"{metrics[f'gap_pct_ratio_{worst_large}']:.3f}%). Small n (reported, not part of (b)): "
+        f"worst at n={small} is {worst_small}: {ws} %. Best-single-item fix on attention: "
+        f"lowers the mean gap by at most {fix_gain:.3f} pp at n={small}. Speed: "
+        f"AttentionKnapsack().solve at n=10,000 median "
+        f"{speed['time_ms_attention_solve_n10000']:.1f} ms (target < 50 ms; wall-clock on a "
+        f"shared CPU, noisy); solve_batch of 60 n=1000 instances "
+        f"{speed['time_ms_per_instance_solve_batch_n1000']:.2f} ms per instance vs "
+        f"{speed['time_ms_per_instance_solve_loop_n1000']:.2f} ms in a loop of solve."
     )
-    figures = []
-    if figure_case is not None:
-        path = _figure(ctx, *figure_case)
-        if path:
-            figures.append(path)
+    figures = _figures(ctx, sizes, gap_cis, times)
+    heads = _heads_figure(ctx, generate(50, "uncorrelated", R=R, seed=ctx.seed))
+    if heads:
+        figures.append(heads)
     return Result(
-        metrics=metrics, held=held, table=table, figures=figures,
-        params={"R": R, "sizes": list(SIZES), "instances": counts, "fit_steps": fit_steps,
-                "capacity_fraction": 0.5, "tolerance_pp": TOLERANCE_PP},
+        metrics=metrics, decisions=decisions, seeds=1, table=table, figures=figures,
+        params={"R": R, "H": H, "h": list(hs), "sizes": list(sizes),
+                "instances_per_point": per_point, "fit_steps": fit_steps,
+                "tolerance_pp": TOLERANCE_PP, "effective_pct": EFFECTIVE_PCT,
+                "strategies": list(STRATEGIES)},
         notes=notes,
     )
 
 
-def _figure(ctx: RunContext, inst: KnapsackInstance, res: KnapsackAttentionResult) -> str | None:
-    try:
-        import matplotlib
+def _figures(ctx: RunContext, sizes: Sequence[int], gap_cis: dict, times: dict) -> list[str]:
+    plt = ctx.pyplot()
+    if plt is None:
+        return []
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), sharex=True)
+    for ax, kind in zip(axes.ravel(), CLASSES):
+        for name in STRATEGIES:
+            cis = [gap_cis[(kind, n, name)] for n in sizes]
+            y = np.array([c.value for c in cis])
+            err = np.array([[c.value - c.low for c in cis], [c.high - c.value for c in cis]])
+            ax.errorbar(sizes, y, yerr=err, marker="o", ms=3, capsize=2, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xticks(list(sizes), [str(n) for n in sizes])
+        ax.axhline(EFFECTIVE_PCT, color="gray", ls=":", lw=1)
+        ax.set_title(kind.replace("_", " "))
+        ax.set_xlabel("items n")
+        ax.set_ylabel("mean gap to optimum (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("knapsack: mean gap (95% CI) vs n; dotted: 1%")
+    paths = [ctx.save_figure(fig, "knapsack_gap_vs_n.png")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ("exact", *STRATEGIES):
+        ax.loglog(sizes, [1000 * np.mean(times[(n, name)]) for n in sizes], "o-", label=name)
+    ax.set_xticks(list(sizes), [str(n) for n in sizes])
+    ax.set_xlabel("items n")
+    ax.set_ylabel("ms per instance (mean)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    paths.append(ctx.save_figure(fig, "knapsack_time_vs_n.png"))
+    return paths
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+
+def _heads_figure(ctx: RunContext, inst: KnapsackInstance) -> str | None:
+    plt = ctx.pyplot()
+    if plt is None:
         return None
+    res: KnapsackAttentionResult = AttentionKnapsack().solve_detailed(*inst)
     order = np.argsort(-(inst.values / inst.weights))  # items by value/weight
     chosen = np.zeros(inst.n, dtype=bool)
     chosen[res.items] = True
@@ -146,19 +298,21 @@ def _figure(ctx: RunContext, inst: KnapsackInstance, res: KnapsackAttentionResul
     t1, t2 = res.temperatures
     fig.suptitle(f"{inst.kind}, n={inst.n}: t2/t1 = {res.multiplier:.3g} "
                  f"(t1={t1:.3g}, t2={t2:.3g})")
-    path = ctx.save_figure(fig, "knapsack_heads.png", dpi=110)
-    return str(path)
+    return ctx.save_figure(fig, "knapsack_heads.png")
 
 
 EXPERIMENT = Experiment(
     name="knapsack",
     claim=(
         "The product of two attention heads (one attending to light items, one to valuable "
-        "items, temperature ratio chosen per instance) with a greedy fill is within 1% of the "
-        "optimum on average in every Pisinger class, as close as the value/weight greedy rule."
+        "items, temperature ratio chosen per instance) with a greedy fill is a remarkably "
+        "effective knapsack strategy: (a) at every Pisinger class, size and capacity it is as "
+        "close to the optimum as the value/weight ratio rule or closer, and (b) its mean gap "
+        "is within 1% of the optimum for n >= 200 in every class."
     ),
     run=_run,
     options=(Option("--instances", type=positive_int, default=None,
-                    help="instances per class at n=50 and n=200 (n=1000 gets a third)"),),
-    description="0-1 knapsack by two attention heads vs exact DP and greedy rules",
+                    help="instances per (class, n, h) point (default 20)"),),
+    description="0-1 knapsack by two attention heads vs exact optimum and greedy rules, "
+                "across Pisinger's classes, sizes and capacities",
 )

@@ -10,7 +10,8 @@ Research 32 (2005). Weights are uniform integers in ``[1, R]``; profits depend o
 - ``almost_strongly_correlated``: ``v`` uniform in ``[w + R/10 - R/500, w + R/10 + R/500]``.
 - ``subset_sum``: ``v = w``.
 
-The capacity is a fraction of the total weight (default one half).
+The capacity is a fraction of the total weight (default one half); Pisinger's series uses
+``c = h / (H + 1) * sum(w)`` for ``h = 1..H`` (:func:`pisinger_capacity_fraction`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CLASSES", "KnapsackInstance", "generate", "check_instance"]
+__all__ = [
+    "CLASSES", "KnapsackInstance", "generate", "check_instance", "pisinger_capacity_fraction",
+]
 
 CLASSES: tuple[str, ...] = (
     "uncorrelated",
@@ -88,8 +91,20 @@ def generate(
     return KnapsackInstance(w.astype(np.int64), v.astype(np.int64), capacity, kind)
 
 
-def check_instance(weights, values, capacity) -> tuple[np.ndarray, np.ndarray, int]:
-    """Validate and convert: positive finite ``weights (n,)`` and ``values (n,)``, capacity >= 0.
+def pisinger_capacity_fraction(h: int, H: int = 100) -> float:
+    """Pisinger's (2005) capacity series: instance ``h`` of ``H`` gets
+    ``c = h / (H + 1) * sum(w)``; this returns ``h / (H + 1)``."""
+    if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1:
+        raise ValueError(f"H must be an int >= 1, got {H!r}")
+    if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 1 <= h <= H:
+        raise ValueError(f"h must be an int in [1, H={H}], got {h!r}")
+    return h / (H + 1)
+
+
+def check_instance(weights, values, capacity) -> tuple[np.ndarray, np.ndarray, int | float]:
+    """Validate and convert: positive finite ``weights (n,)``, non-negative finite
+    ``values (n,)`` (n >= 1) and a positive finite ``capacity``. Each ``ValueError`` names the
+    argument at fault. Items heavier than the capacity are allowed (every solver skips them).
 
     Weights must be integers for the exact solver; heuristics accept positive floats too.
     """
@@ -100,6 +115,8 @@ def check_instance(weights, values, capacity) -> tuple[np.ndarray, np.ndarray, i
             f"weights and values must be 1-D arrays of one length n, got shapes {w.shape} and "
             f"{v.shape}"
         )
+    if w.size == 0:
+        raise ValueError("weights and values are empty: a knapsack instance needs n >= 1 items")
     for name, a in (("weights", w), ("values", v)):
         if a.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be numeric, got dtype {a.dtype}")
@@ -113,6 +130,6 @@ def check_instance(weights, values, capacity) -> tuple[np.ndarray, np.ndarray, i
         capacity, (int, float, np.integer, np.floating)
     ):
         raise TypeError(f"capacity must be a number, got {type(capacity).__name__}")
-    if not np.isfinite(capacity) or capacity < 0:
-        raise ValueError(f"capacity must be a finite number >= 0, got {capacity}")
+    if not np.isfinite(capacity) or capacity <= 0:
+        raise ValueError(f"capacity must be a finite number > 0, got {capacity}")
     return w, v, capacity

@@ -10,7 +10,7 @@ from .data import (
     synthetic_recordings,
 )
 from .models import (
-    AlignmentPrior,
+    MODEL_NAMES,
     CrossModalFusion,
     EarlyFusion,
     FusionModel,
@@ -20,7 +20,7 @@ from .models import (
 )
 
 __all__ = [
-    "AlignmentPrior",
+    "MODEL_NAMES",
     "CrossModalFusion",
     "EarlyFusion",
     "FusionModel",

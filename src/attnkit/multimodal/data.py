@@ -29,6 +29,8 @@ __all__ = [
     "split_speakers",
     "N_MFCC",
     "N_DIGITS",
+    "FRAMES_PER_DIGIT",
+    "MAX_DIGIT_FRAMES",
 ]
 
 N_MFCC = 13
@@ -169,17 +171,30 @@ def split_speakers(
     return np.flatnonzero(~test), np.flatnonzero(test)
 
 
+#: Frames a spoken digit may occupy at most (after time-stretching); FSDD's MFCC recordings
+#: have a median of 17 frames and a 95th percentile of 27, so longer ones are centre-cropped.
+MAX_DIGIT_FRAMES = 40
+#: Padded frames per spoken digit in a stream (``audio_len = FRAMES_PER_DIGIT * n_digits``).
+FRAMES_PER_DIGIT = 48
+
+
 class SpokenDigitTask:
     """Builds matching examples from a set of recordings (e.g. one speaker split).
+
+    The audio is *unaligned*: the ``n_digits`` recordings (each optionally time-stretched) are
+    laid out in order with random gaps of silence/noise between them, so where a digit starts
+    is random (a random composition of the free frames into ``n_digits + 1`` gaps), not tied to
+    its index; nothing about the placement is returned to a model (``onsets`` is for tests).
 
     Args:
         rec: the recordings.
         indices: which recordings this task may use (all of them by default).
         n_digits: spoken digits per stream (= text length).
-        audio_len: frames per stream (padded length). Each stream's real length is uniform in
-            ``[3/4 audio_len, audio_len]``; digit ``i`` sits at a random place in the ``i``-th
-            of ``n_digits`` equal slots, with silence/noise frames everywhere else.
+        audio_len: frames per stream (padded length; default ``FRAMES_PER_DIGIT * n_digits``).
+            Each stream's real length is uniform in ``[3/4 audio_len, audio_len]`` (at least
+            the digits' own length).
         noise: standard deviation of the noise frames (in standardized MFCC units).
+        stretch: ``(low, high)`` range of the per-digit time-stretch factor (``(1, 1)``: none).
         norm: ``(mean (13,), std (13,))`` for standardizing; computed from ``indices`` when None
             (pass the training task's ``norm`` to the test task).
     """
@@ -189,15 +204,26 @@ class SpokenDigitTask:
         rec: Recordings,
         indices: np.ndarray | None = None,
         n_digits: int = 3,
-        audio_len: int = 120,
+        audio_len: int | None = None,
         noise: float = 0.3,
+        stretch: tuple[float, float] = (0.8, 1.25),
         norm: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        if n_digits < 1:
-            raise ValueError(f"n_digits must be >= 1, got {n_digits}")
+        if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) \
+                or n_digits < 1:
+            raise ValueError(f"n_digits must be an int >= 1, got {n_digits!r}")
+        if audio_len is None:
+            audio_len = FRAMES_PER_DIGIT * n_digits
         if audio_len < 4 * n_digits:
             raise ValueError(f"audio_len must be >= 4 * n_digits = {4 * n_digits}, got {audio_len}")
+        lo, hi = stretch
+        if not 0.25 <= lo <= hi <= 4.0:
+            raise ValueError(f"stretch must be (low, high) with 0.25 <= low <= high <= 4, got "
+                             f"{stretch}")
         self.rec, self.n_digits, self.audio_len, self.noise = rec, n_digits, audio_len, noise
+        self.stretch = (float(lo), float(hi))
+        # a digit gets at most its share of the stream (and MAX_DIGIT_FRAMES)
+        self.max_digit = min(MAX_DIGIT_FRAMES, max(2, (3 * audio_len) // (4 * n_digits)))
         self.indices = np.arange(len(rec)) if indices is None else np.asarray(indices)
         if norm is None:
             frames = np.concatenate([rec.features[i] for i in self.indices])
@@ -212,37 +238,58 @@ class SpokenDigitTask:
                                           & (rec.digits[self.indices] == d)]
                      for s in self.speakers for d in range(N_DIGITS)}
 
+    def _digit_frames(self, r: int, rng: np.random.Generator) -> np.ndarray:
+        """Recording ``r`` standardized, time-stretched by a random factor (linear
+        interpolation) and centre-cropped to ``max_digit`` frames."""
+        mean, std = self.norm
+        f = (self.rec.features[r] - mean) / std
+        factor = rng.uniform(*self.stretch)
+        length = max(2, int(round(len(f) * factor)))
+        if length != len(f):
+            src = np.linspace(0, len(f) - 1, length)
+            f = np.stack([np.interp(src, np.arange(len(f)), f[:, j]) for j in range(N_MFCC)], 1)
+        if len(f) > self.max_digit:
+            start = (len(f) - self.max_digit) // 2
+            f = f[start:start + self.max_digit]
+        return f.astype(np.float32)
+
     def sample(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """One batch: ``audio (B, La, 13)`` float32, ``audio_mask (B, La)`` bool,
-        ``text (B, n_digits)`` int64, ``label (B,)`` float32 (1 = text matches),
-        ``recording_ids (B, n_digits)`` and ``speaker (B,)``."""
+        """One batch: ``audio (B, La, 13)`` float32, ``audio_mask (B, La)`` bool (True = real
+        frame), ``text (B, n_digits)`` int64, ``label (B,)`` float32 (1 = text matches),
+        ``recording_ids (B, n_digits)``, ``speaker (B,)`` and ``onsets (B, n_digits)`` (first
+        frame of each digit; for checking the generator, never given to a model)."""
         La, nd = self.audio_len, self.n_digits
         audio = np.zeros((batch, La, N_MFCC), np.float32)
         mask = np.zeros((batch, La), bool)
         text = np.zeros((batch, nd), np.int64)
         label = np.zeros(batch, np.float32)
         rec_ids = np.zeros((batch, nd), np.int64)
+        onsets = np.zeros((batch, nd), np.int64)
         speaker = np.zeros(batch, np.int64)
-        mean, std = self.norm
         for b in range(batch):
-            length = int(rng.integers((3 * La) // 4, La + 1))
-            audio[b, :length] = self.silence + self.noise * rng.standard_normal((length, N_MFCC))
-            mask[b, :length] = True
             s = self.speakers[rng.integers(len(self.speakers))]
             digits = rng.integers(0, N_DIGITS, nd)
-            slot = length // nd
+            parts = []
             for i, dg in enumerate(digits):
                 pool = self.pool[(s, int(dg))]
                 if len(pool) == 0:  # this speaker never said this digit here: any speaker
                     pool = self.indices[self.rec.digits[self.indices] == dg]
                 r = int(pool[rng.integers(len(pool))])
-                f = (self.rec.features[r] - mean) / std
-                if len(f) > slot:  # centre crop to the slot
-                    start = (len(f) - slot) // 2
-                    f = f[start:start + slot]
-                off = i * slot + int(rng.integers(0, slot - len(f) + 1))
-                audio[b, off:off + len(f)] = f
+                parts.append(self._digit_frames(r, rng))
                 rec_ids[b, i] = r
+            spoken = sum(len(p) for p in parts)
+            length = int(rng.integers(min(max((3 * La) // 4, spoken), La), La + 1))
+            audio[b, :length] = self.silence + self.noise * rng.standard_normal((length, N_MFCC))
+            mask[b, :length] = True
+            # random gaps: a uniformly random composition of the free frames into nd + 1 parts
+            cuts = np.sort(rng.integers(0, length - spoken + 1, nd))
+            gaps = np.diff(np.concatenate([[0], cuts]))
+            pos = 0
+            for i, p in enumerate(parts):
+                pos += int(gaps[i])
+                onsets[b, i] = pos
+                audio[b, pos:pos + len(p)] = p
+                pos += len(p)
             speaker[b] = s
             text[b] = digits
             if rng.random() < 0.5:
@@ -250,7 +297,7 @@ class SpokenDigitTask:
             else:
                 text[b] = _corrupt(digits, rng)
         return {"audio": audio, "audio_mask": mask, "text": text, "label": label,
-                "recording_ids": rec_ids, "speaker": speaker}
+                "recording_ids": rec_ids, "speaker": speaker, "onsets": onsets}
 
 
 def _corrupt(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

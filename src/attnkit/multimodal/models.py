@@ -1,17 +1,21 @@
-"""Three ways to fuse an audio stream with a text sequence, with matched parameter counts.
+"""Four ways to fuse an audio stream with a text sequence, with matched parameter counts and no
+alignment prior in any of them.
 
-All three share the same encoders: audio frames ``(B, La, 13)`` go through two 1-D convolutions
-(local context, O(La)) plus a Fourier encoding of each frame's *fractional* position in its
-stream; text tokens ``(B, Lt)`` get an embedding plus the same kind of fractional position.
-Then:
+All four share the same encoders: audio frames ``(B, La, 13)`` go through two 1-D convolutions
+(local context, O(La)) plus a sinusoidal encoding of the *frame index*; text tokens ``(B, Lt)``
+get an embedding plus the same encoding of the *token index*. Each modality's positions are its
+own: nothing tells a model which frames belong to which token (the digits sit at random
+offsets), so alignment has to be found from content.
 
-- :class:`CrossModalFusion`: text queries attend over the audio frames (cross-attention,
-  cost O(Lt * La)), then a per-token MLP and mean pooling.
-- :class:`EarlyFusion`: the two sequences are concatenated (with a modality embedding) and one
-  self-attention layer runs over both (cost O((Lt + La)^2)), then the same head on the text
+- :class:`CrossModalFusion`: text queries attend over the audio frames (cross-attention, cost
+  O(Lt * La)), then one self-attention layer over the text tokens (so tokens can compare what
+  they found, e.g. its order), then a per-token head.
+- :class:`EarlyFusion`: the two sequences are concatenated (with a modality embedding) and two
+  self-attention layers run over both (cost O((Lt + La)^2)), then the same head on the text
   positions.
-- :class:`LateFusion`: each modality is mean-pooled to a vector; the two vectors are
-  concatenated and fed to an MLP (order inside each stream is lost).
+- :class:`LateFusion` with ``pool="attention"``: each modality is pooled by attention (a few
+  learned queries per modality), the pooled vectors are concatenated and fed to an MLP; with
+  ``pool="mean"``: mean pooling instead.
 
 Each outputs one logit per example (text matches audio).
 """
@@ -34,42 +38,48 @@ __all__ = [
     "LateFusion",
     "count_parameters",
     "matched_models",
+    "MODEL_NAMES",
 ]
 
-_N_FREQ = 4
+#: The four fusions, as named in the experiment's metrics.
+MODEL_NAMES = ("cross", "early_concat", "late_attnpool", "late_concat")
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _fourier(pos: Tensor) -> Tensor:
-    """``(..., 2 * _N_FREQ)`` sin/cos features of fractional positions ``pos`` in [0, 1]."""
-    k = torch.arange(1, _N_FREQ + 1, dtype=pos.dtype, device=pos.device)
-    ang = math.pi * pos.unsqueeze(-1) * k
-    return torch.cat([ang.sin(), ang.cos()], -1)
+def _sinusoid(length: int, dim: int, device, dtype) -> Tensor:
+    """``(length, dim)`` sinusoidal encoding of the indices ``0..length-1`` (Vaswani et al.)."""
+    pos = torch.arange(length, device=device, dtype=torch.float64).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float64)
+                     * (-math.log(10_000.0) / dim))
+    enc = torch.zeros(length, dim, device=device, dtype=torch.float64)
+    enc[:, 0::2] = torch.sin(pos * freq)
+    enc[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return enc.to(dtype)
 
 
 class FusionModel(nn.Module):
     """Shared encoders and input checks; subclasses implement :meth:`fuse`.
 
     Args:
-        dim: model width.
+        dim: model width (even).
         max_audio_len, max_text_len: longest inputs accepted (longer raise ``ValueError``).
     """
 
     def __init__(self, dim: int = 32, max_audio_len: int = 8192, max_text_len: int = 16):
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
+            raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
         self.dim, self.max_audio_len, self.max_text_len = dim, max_audio_len, max_text_len
         self.audio_conv = nn.Sequential(
             nn.Conv1d(N_MFCC, dim, 5, padding=2), nn.GELU(), nn.Conv1d(dim, dim, 5, padding=2)
         )
-        self.audio_pos = nn.Linear(2 * _N_FREQ, dim)
         self.token = nn.Embedding(N_DIGITS, dim)
-        self.text_pos = nn.Linear(2 * _N_FREQ, dim)
 
     def check_inputs(self, audio: Tensor, audio_mask: Tensor | None, text: Tensor) -> Tensor:
-        """Validate; returns the ``(B, La)`` bool mask (all True when None)."""
+        """Validate; returns the ``(B, La)`` bool mask (True = real frame; all True when None)."""
         if not isinstance(audio, Tensor) or audio.dim() != 3 or audio.shape[-1] != N_MFCC:
             got = tuple(audio.shape) if isinstance(audio, Tensor) else type(audio).__name__
             raise ValueError(f"audio must have shape (B, La, {N_MFCC}), got {got}")
@@ -102,18 +112,14 @@ class FusionModel(nn.Module):
             raise ValueError("every audio stream needs at least one unmasked frame")
         return audio_mask
 
-    def encode(self, audio: Tensor, mask: Tensor, text: Tensor):
-        """``(B, La, dim)`` audio and ``(B, Lt, dim)`` text features, and their fractional
-        positions ``(B, La)``, ``(B, Lt)``."""
-        B, lt = text.shape
-        lengths = mask.sum(1, keepdim=True).to(audio.dtype)
-        frame = torch.arange(audio.shape[1], dtype=audio.dtype, device=audio.device)
-        apos = (frame + 0.5) / lengths
+    def encode(self, audio: Tensor, mask: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, La, dim)`` audio and ``(B, Lt, dim)`` text features (each with its own index
+        encoding)."""
         a = self.audio_conv((audio * mask.unsqueeze(-1)).transpose(1, 2)).transpose(1, 2)
-        a = a + self.audio_pos(_fourier(apos))
-        tpos = ((torch.arange(lt, dtype=audio.dtype, device=audio.device) + 0.5) / lt).expand(B, lt)
-        t = self.token(text) + self.text_pos(_fourier(tpos))
-        return a, t, apos, tpos
+        a = a + _sinusoid(audio.shape[1], self.dim, audio.device, a.dtype)
+        t = self.token(text)
+        t = t + _sinusoid(text.shape[1], self.dim, t.device, t.dtype)
+        return a, t
 
     def forward(self, audio: Tensor, text: Tensor, audio_mask: Tensor | None = None) -> Tensor:
         """``audio (B, La, 13)``, ``text (B, Lt)`` digit tokens, ``audio_mask (B, La)`` bool
@@ -121,38 +127,32 @@ class FusionModel(nn.Module):
         mask = self.check_inputs(audio, audio_mask, text)
         return self.fuse(mask, *self.encode(audio, mask, text))
 
-    def fuse(self, mask: Tensor, a: Tensor, t: Tensor, apos: Tensor, tpos: Tensor) -> Tensor:
+    def fuse(self, mask: Tensor, a: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
 
 
-class AlignmentPrior(nn.Module):
-    """A learned locality prior on attention logits, ``-exp(gamma_h) * (p_q - p_k)^2``, with
-    ``p`` each token's fractional position in its own stream (so text token ``i`` of ``Lt``
-    starts out reading the ``i``-th stretch of the audio).
+class _Block(nn.Module):
+    """Pre-norm attention + feed-forward, both residual: ``x + attn(norm(x), context)`` then
+    ``x + ff(norm(x))``."""
 
-    Up to a per-query constant (which softmax ignores) the prior is the rank-2 product
-    ``[2 s p_q, -s] . [p_k, p_k^2]``, so it is passed as a low-rank bias: no ``Lq x Lk`` tensor,
-    and dense attention keeps its fused kernel.
-    """
-
-    def __init__(self, heads: int, init_sharpness: float = 30.0):
+    def __init__(self, dim: int, heads: int, max_context_len: int | None = None,
+                 cross: bool = False):
         super().__init__()
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
-        if (isinstance(init_sharpness, bool) or not isinstance(init_sharpness, (int, float))
-                or not init_sharpness > 0 or not math.isfinite(init_sharpness)):
-            raise ValueError(f"init_sharpness must be a finite float > 0, got {init_sharpness!r}")
-        self.heads = heads
-        self.log_sharpness = nn.Parameter(torch.full((heads,), math.log(init_sharpness)))
+        self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        # a self-attention block has no separate context to normalise (an unused parameter
+        # would also break DistributedDataParallel)
+        self.norm_kv = nn.LayerNorm(dim) if cross else None
+        self.attn = CrossAttention(dim, dim, heads, max_context_len=max_context_len)
+        self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def factors(self, pos_q: Tensor, pos_k: Tensor) -> tuple[Tensor, Tensor]:
-        """``pos_q (B, Lq)``, ``pos_k (B, Lk)`` -> ``(qe (B, H, Lq, 2), ke (B, H, Lk, 2))``."""
-        s = self.log_sharpness.exp().view(1, -1, 1)
-        pq, pk = pos_q.unsqueeze(1), pos_k.unsqueeze(1)
-        sq = 2 * s * pq  # (B, H, Lq)
-        qe = torch.stack([sq, (-s).expand_as(sq)], -1)
-        ke = torch.stack([pk, pk.square()], -1).expand(-1, self.heads, -1, -1)
-        return qe, ke
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        q = self.norm_q(x)
+        if (context is None) != (self.norm_kv is None):
+            raise ValueError("a cross block needs a context; a self block takes none")
+        kv = q if context is None else self.norm_kv(context)
+        x = x + self.attn(q, kv, key_padding_mask=key_padding_mask)
+        return x + self.ff(self.norm_ff(x))
 
 
 class _TokenHead(nn.Module):
@@ -170,58 +170,76 @@ class _TokenHead(nn.Module):
 
 
 class CrossModalFusion(FusionModel):
-    """Text queries attend over audio keys/values (padding-masked), then a per-token head."""
+    """Text queries attend over audio keys/values (padding-masked), then self-attention over
+    the text tokens, then a per-token head."""
 
     def __init__(self, dim: int = 32, heads: int = 2, hidden: int = 64, **kw):
         super().__init__(dim, **kw)
-        self.cross = CrossAttention(dim, dim, heads, max_context_len=self.max_audio_len)
-        self.prior = AlignmentPrior(heads)
+        self.cross = _Block(dim, heads, max_context_len=self.max_audio_len, cross=True)
+        self.self_text = _Block(dim, heads)
         self.head = _TokenHead(dim, hidden)
 
-    def fuse(self, mask, a, t, apos, tpos) -> Tensor:
-        return self.head(t, self.cross(t, a, key_padding_mask=~mask,
-                                          low_rank_bias=self.prior.factors(tpos, apos)))
+    def fuse(self, mask: Tensor, a: Tensor, t: Tensor) -> Tensor:
+        x = self.cross(t, a, key_padding_mask=~mask)
+        return self.head(t, self.self_text(x))
 
     def attention_weights(self, audio: Tensor, text: Tensor, audio_mask: Tensor | None = None):
         """``(B, H, Lt, La)`` cross-attention weights (which frames each text token reads)."""
         mask = self.check_inputs(audio, audio_mask, text)
-        a, t, apos, tpos = self.encode(audio, mask, text)
-        prior = self.prior.factors(tpos, apos)
-        return self.cross(t, a, key_padding_mask=~mask, low_rank_bias=prior,
-                          return_weights=True)[1]
+        a, t = self.encode(audio, mask, text)
+        blk = self.cross
+        return blk.attn(blk.norm_q(t), blk.norm_kv(a), key_padding_mask=~mask,
+                        return_weights=True)[1]
 
 
 class EarlyFusion(FusionModel):
-    """Concatenate text and audio (with modality embeddings); self-attention over both."""
+    """Concatenate text and audio (with modality embeddings); two self-attention layers over
+    both; the head reads the text positions."""
 
     def __init__(self, dim: int = 32, heads: int = 2, hidden: int = 64, **kw):
         super().__init__(dim, **kw)
         self.modality = nn.Parameter(torch.zeros(2, dim))
-        self.attn = CrossAttention(dim, dim, heads)  # context = the sequence itself
-        self.prior = AlignmentPrior(heads)
+        self.layers = nn.ModuleList([_Block(dim, heads), _Block(dim, heads)])
         self.head = _TokenHead(dim, hidden)
 
-    def fuse(self, mask, a, t, apos, tpos) -> Tensor:
+    def fuse(self, mask: Tensor, a: Tensor, t: Tensor) -> Tensor:
         lt = t.shape[1]
-        seq = torch.cat([t + self.modality[0], a + self.modality[1]], 1)
-        keep = torch.cat([mask.new_ones(mask.shape[0], lt), mask], 1)
-        pos = torch.cat([tpos, apos], 1)
-        out = self.attn(seq, seq, key_padding_mask=~keep,
-                        low_rank_bias=self.prior.factors(pos, pos))
-        return self.head(t, out[:, :lt])
+        x = torch.cat([t + self.modality[0], a + self.modality[1]], 1)
+        pad = ~torch.cat([mask.new_ones(mask.shape[0], lt), mask], 1)
+        for layer in self.layers:
+            x = layer(x, key_padding_mask=pad)
+        return self.head(t, x[:, :lt])
 
 
 class LateFusion(FusionModel):
-    """Mean-pool each modality to a vector, concatenate, MLP."""
+    """Pool each modality to a vector (``pool="attention"``: ``num_queries`` learned queries
+    per modality attend over it; ``"mean"``: masked mean), concatenate, MLP."""
 
-    def __init__(self, dim: int = 32, hidden: int = 64, **kw):
+    def __init__(self, dim: int = 32, hidden: int = 64, pool: str = "mean", heads: int = 2,
+                 num_queries: int = 4, **kw):
         super().__init__(dim, **kw)
+        if pool not in ("mean", "attention"):
+            raise ValueError(f"pool must be 'mean' or 'attention', got {pool!r}")
+        self.pool = pool
+        width = 2 * dim
+        if pool == "attention":
+            self.queries = nn.Parameter(torch.randn(2, num_queries, dim) / math.sqrt(dim))
+            self.pool_audio = CrossAttention(dim, dim, heads, max_context_len=self.max_audio_len)
+            self.pool_text = CrossAttention(dim, dim, heads)
+            width = 2 * num_queries * dim
         self.mlp = nn.Sequential(
-            nn.Linear(2 * dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
             nn.Linear(hidden, 1),
         )
 
-    def fuse(self, mask, a, t, apos, tpos) -> Tensor:
+    def fuse(self, mask: Tensor, a: Tensor, t: Tensor) -> Tensor:
+        B = a.shape[0]
+        if self.pool == "attention":
+            qa = self.queries[0].expand(B, -1, -1)
+            qt = self.queries[1].expand(B, -1, -1)
+            pa = self.pool_audio(qa, a, key_padding_mask=~mask).reshape(B, -1)
+            pt = self.pool_text(qt, t).reshape(B, -1)
+            return self.mlp(torch.cat([pa, pt], -1)).squeeze(-1)
         m = mask.unsqueeze(-1).to(a.dtype)
         pooled_audio = (a * m).sum(1) / m.sum(1)
         return self.mlp(torch.cat([pooled_audio, t.mean(1)], -1)).squeeze(-1)
@@ -242,8 +260,8 @@ def _closest(build: Callable[[int], nn.Module], target: int) -> nn.Module:
 
 def matched_models(dim: int = 32, heads: int = 2, hidden: int = 64, seed: int = 0,
                    **kw) -> dict[str, FusionModel]:
-    """The three fusions with parameter counts matched to the cross-attention model's (the
-    baselines' MLP widths are chosen for the closest count)."""
+    """The four fusions (:data:`MODEL_NAMES`) with parameter counts matched to the
+    cross-attention model's (the others' head/MLP widths are chosen for the closest count)."""
     with torch.random.fork_rng():  # seeded initialisation without touching the global RNG
         torch.manual_seed(seed)
         cross = CrossModalFusion(dim, heads, hidden, **kw)
@@ -251,5 +269,9 @@ def matched_models(dim: int = 32, heads: int = 2, hidden: int = 64, seed: int = 
         torch.manual_seed(seed)
         early = _closest(lambda h: EarlyFusion(dim, heads, h, **kw), target)
         torch.manual_seed(seed)
-        late = _closest(lambda h: LateFusion(dim, h, **kw), target)
-    return {"cross": cross, "early_concat": early, "late_concat": late}
+        late_attn = _closest(lambda h: LateFusion(dim, h, pool="attention", heads=heads, **kw),
+                             target)
+        torch.manual_seed(seed)
+        late = _closest(lambda h: LateFusion(dim, h, pool="mean", **kw), target)
+    return {"cross": cross, "early_concat": early, "late_attnpool": late_attn,
+            "late_concat": late}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,12 +21,16 @@ def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def train_model(
-    model: FusionModel, task: SpokenDigitTask, steps: int, batch_size: int = 32,
-    lr: float = 3e-3, seed: int = 0,
+    model: FusionModel, task: SpokenDigitTask | Sequence[SpokenDigitTask], steps: int,
+    batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
 ) -> list[float]:
-    """Adam on fresh batches from ``task`` (the same seed gives every model the same examples).
-    Returns the loss per step. Under ``torchrun`` every rank draws the same batch and trains a
-    ``DistributedDataParallel`` copy on its share of it."""
+    """Adam on fresh batches from ``task`` (the same seed gives every model the same examples);
+    with several tasks (e.g. utterances of 1, 2, 4 and 8 digits) step ``i`` draws from task
+    ``i % len(tasks)``. Returns the loss per step. Under ``torchrun`` every rank draws the same
+    batch and trains a ``DistributedDataParallel`` copy on its share of it."""
+    tasks = [task] if isinstance(task, SpokenDigitTask) or hasattr(task, "sample") else list(task)
+    if not tasks:
+        raise ValueError("train_model needs at least one task")
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
@@ -33,8 +38,9 @@ def train_model(
     net = wrap_ddp(model)  # the model itself unless running under torchrun
     model.train()
     losses = []
-    for _ in range(steps):
-        b = {k: shard(v) for k, v in to_tensors(task.sample(batch_size, rng)).items()}
+    for step in range(steps):
+        batch = tasks[step % len(tasks)].sample(batch_size, rng)
+        b = {k: shard(v) for k, v in to_tensors(batch).items()}
         logit = net(b["audio"], b["text"], b["audio_mask"])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, b["label"])
         loss = rescale_mean(loss, b["label"].numel())
