@@ -489,7 +489,7 @@ def test_cli_under_torchrun_trains_on_both_ranks_and_only_rank0_writes(tmp_path)
     assert len(lines) == 1, f"only rank 0 prints, got:\n{proc.stdout}"
     obj = json.loads(lines[0])
     assert obj["metrics"]["world"] == WORLD and obj["verdict"] == "held"
-    assert sorted(p.name for p in out.iterdir()) == ["rank0.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["rank0.txt", "result.json"]
     assert "chatter from rank 0" in proc.stderr  # rank 0 logs; the other ranks stay silent
     assert "chatter from rank 1" not in proc.stderr
     scope: dict = {}
