@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +123,11 @@ def _check_max_bases(max_bases) -> int:
     return max_bases
 
 
-def _text_lines(path: Path, max_bases: int, text_factor: int):
-    """``(lineno, line)`` of the file as ASCII bytes, gzip detected by its magic bytes and
-    decompressed as it is read: memory stays one chunk plus one line. Raises ValueError only;
-    refuses, before reading on, a plain file larger than ``text_factor * max_bases`` (+1 MiB)
-    and decompressed text beyond that, so a small gzip bomb cannot exhaust memory."""
+def _bounded_chunks(path: Path, max_bases: int, text_factor: int) -> Iterator[bytes]:
+    """The file's bytes in read chunks, gzip detected by its magic bytes and decompressed as
+    it is read, then one empty chunk at the end. Raises ValueError only: a directory, an
+    unreadable or corrupt file, and more than ``text_factor * max_bases`` (+1 MiB) bytes of text
+    (a plain file before reading it, a gzip bomb as soon as it passes the limit)."""
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, expected a sequence file")
     limit = text_factor * max_bases + _TEXT_SLACK
@@ -143,7 +143,7 @@ def _text_lines(path: Path, max_bases: int, text_factor: int):
         if not gz and path.stat().st_size > limit:
             raise ValueError(too_big)
         stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
-        total, lineno, pending, pending_len = 0, 0, [], 0
+        total = 0
         while True:
             try:
                 chunk = stream.read(_READ_CHUNK)
@@ -153,33 +153,45 @@ def _text_lines(path: Path, max_bases: int, text_factor: int):
             total += len(chunk)
             if total > limit:
                 raise ValueError(too_big)
-            if not chunk:  # end of file: the last line, unless the file ended with one
-                tail = b"".join(pending)
-                parts = [tail] if tail else []
-            else:
-                parts = chunk.split(b"\n")
-                if len(parts) == 1:  # no line end in this chunk: the line goes on
-                    pending.append(chunk)
-                    pending_len += len(chunk)
-                    if pending_len > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
-                        raise ValueError(f"{path}:{lineno + 1}: a line longer than max_bases="
-                                         f"{max_bases} (+1 MiB) characters")
-                    continue
-                parts[0] = b"".join(pending) + parts[0]
-                pending = [parts.pop()]
-                pending_len = len(pending[0])
-            for line in parts:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                for piece in line.split(b"\r") if b"\r" in line else (line,):  # old Mac ends
-                    lineno += 1
-                    if len(piece.translate(None, _BINARY)) != len(piece):
-                        col = next(i for i, c in enumerate(piece) if c in _BINARY)
-                        raise ValueError(f"{path}:{lineno}: binary or non-ASCII data "
-                                         f"(byte 0x{piece[col]:02x}), not a text sequence file")
-                    yield lineno, piece
+            yield chunk
             if not chunk:
                 return
+
+
+def _text_lines(path: Path, max_bases: int, text_factor: int):
+    """``(lineno, line)`` of the file as ASCII bytes, gzip detected by its magic bytes and
+    decompressed as it is read: memory stays one chunk plus one line. Raises ValueError only;
+    refuses, before reading on, a plain file larger than ``text_factor * max_bases`` (+1 MiB)
+    and decompressed text beyond that, so a small gzip bomb cannot exhaust memory."""
+    lineno, pending, pending_len = 0, [], 0
+    for chunk in _bounded_chunks(path, max_bases, text_factor):
+        if not chunk:  # end of file: the last line, unless the file ended with one
+            tail = b"".join(pending)
+            parts = [tail] if tail else []
+        else:
+            parts = chunk.split(b"\n")
+            if len(parts) == 1:  # no line end in this chunk: the line goes on
+                pending.append(chunk)
+                pending_len += len(chunk)
+                if pending_len > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
+                    raise ValueError(f"{path}:{lineno + 1}: a line longer than max_bases="
+                                     f"{max_bases} (+1 MiB) characters")
+                continue
+            parts[0] = b"".join(pending) + parts[0]
+            pending = [parts.pop()]
+            pending_len = len(pending[0])
+        for line in parts:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            for piece in line.split(b"\r") if b"\r" in line else (line,):  # old Mac ends
+                lineno += 1
+                if len(piece.translate(None, _BINARY)) != len(piece):
+                    col = next(i for i, c in enumerate(piece) if c in _BINARY)
+                    raise ValueError(f"{path}:{lineno}: binary or non-ASCII data "
+                                     f"(byte 0x{piece[col]:02x}), not a text sequence file")
+                yield lineno, piece
+        if not chunk:
+            return
 
 
 def _check_sequence_line(path: Path, lineno: int, line: bytes) -> None:
@@ -222,63 +234,40 @@ def _text_blocks(path: Path, max_bases: int, text_factor: int):
     ``\r\n``, ``\r``) made ``\n``, ``lineno`` the number of the block's first line. Same checks
     and limits as :func:`_text_lines` (directories, size, gzip errors, binary bytes by line),
     but no per-line Python work: memory stays about two read chunks plus the longest line."""
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, expected a sequence file")
-    limit = text_factor * max_bases + _TEXT_SLACK
-    too_big = (f"{path}: more than {limit} bytes of text, beyond max_bases={max_bases} bases "
-               "(pass a larger max_bases to read a bigger genome)")
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, after the stream is done
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read file ({e})") from e
-    with f:
-        gz = f.read(2) == b"\x1f\x8b"
-        f.seek(0)
-        if not gz and path.stat().st_size > limit:
-            raise ValueError(too_big)
-        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
-        total, lineno, carry = 0, 1, b""
-        while True:
-            try:
-                chunk = stream.read(_READ_CHUNK)
-            except (OSError, EOFError, zlib.error) as e:
-                raise ValueError(f"{path}: {'corrupt gzip data' if gz else 'cannot read file'} "
-                                 f"({e})") from e
-            total += len(chunk)
-            if total > limit:
-                raise ValueError(too_big)
-            data = carry + chunk if carry else chunk
-            if chunk and data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
-                data, carry = data[:-1], b"\r"
+    lineno, carry = 1, b""
+    for chunk in _bounded_chunks(path, max_bases, text_factor):
+        data = carry + chunk if carry else chunk
+        if chunk and data.endswith(b"\r"):  # maybe half of a \r\n: decide with the next read
+            data, carry = data[:-1], b"\r"
+        else:
+            carry = b""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not chunk:
+            if data and not data.endswith(b"\n"):
+                data += b"\n"
+            last = len(data) - 1
+        else:
+            last = data.rfind(b"\n")
+            if last < 0 or carry:
+                carry = data[last + 1:] + carry
+                if len(carry) > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
+                    raise ValueError(f"{path}:{lineno + data.count(_NL, 0, last + 1)}: a "
+                                     f"line longer than max_bases={max_bases} (+1 MiB) "
+                                     "characters")
             else:
-                carry = b""
-            if b"\r" in data:
-                data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if not chunk:
-                if data and not data.endswith(b"\n"):
-                    data += b"\n"
-                last = len(data) - 1
-            else:
-                last = data.rfind(b"\n")
-                if last < 0 or carry:
-                    carry = data[last + 1:] + carry
-                    if len(carry) > max_bases + _TEXT_SLACK:  # too many bases, or not FASTA
-                        raise ValueError(f"{path}:{lineno + data.count(_NL, 0, last + 1)}: a "
-                                         f"line longer than max_bases={max_bases} (+1 MiB) "
-                                         "characters")
-                else:
-                    carry = data[last + 1:]
-            block = data[: last + 1] if last + 1 < len(data) else data
-            if block:
-                if len(block.translate(None, _BINARY)) != len(block):
-                    pos = _BINARY_RE.search(block).start()
-                    raise ValueError(f"{path}:{lineno + block.count(_NL, 0, pos)}: binary or "
-                                     f"non-ASCII data (byte 0x{block[pos]:02x}), not a text "
-                                     "sequence file")
-                yield lineno, block
-                lineno += block.count(b"\n")
-            if not chunk:
-                return
+                carry = data[last + 1:]
+        block = data[: last + 1] if last + 1 < len(data) else data
+        if block:
+            if len(block.translate(None, _BINARY)) != len(block):
+                pos = _BINARY_RE.search(block).start()
+                raise ValueError(f"{path}:{lineno + block.count(_NL, 0, pos)}: binary or "
+                                 f"non-ASCII data (byte 0x{block[pos]:02x}), not a text "
+                                 "sequence file")
+            yield lineno, block
+            lineno += block.count(b"\n")
+        if not chunk:
+            return
 
 
 def _special_lines(block: bytes) -> list[tuple[int, int]]:
