@@ -39,6 +39,17 @@ def _check_kv(k: Tensor, v: Tensor) -> None:
         )
 
 
+def _check_matches_cached(k: Tensor, v: Tensor, old_k: Tensor, old_v: Tensor,
+                          layer_idx: int) -> None:
+    """New ``k``/``v`` must have the cached layer's batch, heads and channel widths."""
+    if (k.shape[0], k.shape[1], k.shape[3]) != (old_k.shape[0], old_k.shape[1], old_k.shape[3]) \
+            or v.shape[3] != old_v.shape[3]:
+        raise ValueError(
+            f"k/v of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the cached "
+            f"(B, Hkv, *, D) = {tuple(old_k.shape)}/{tuple(old_v.shape)} of layer {layer_idx}"
+        )
+
+
 class KVCache:
     """Per-layer key/value storage. Subclasses decide how much of the past is kept.
 
@@ -83,13 +94,7 @@ class KVCache:
         self._slot(layer_idx)
         old = self._keys[layer_idx]
         if old is not None:
-            ov = self._values[layer_idx]
-            if (k.shape[0], k.shape[1], k.shape[3]) != (old.shape[0], old.shape[1], old.shape[3]) \
-                    or v.shape[3] != ov.shape[3]:
-                raise ValueError(
-                    f"k/v of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the cached "
-                    f"(B, Hkv, *, D) = {tuple(old.shape)}/{tuple(ov.shape)} of layer {layer_idx}"
-                )
+            _check_matches_cached(k, v, old, self._values[layer_idx], layer_idx)
             if k.dtype != old.dtype or k.device != old.device:
                 raise ValueError("k/v must have the cache's dtype and device")
         return self._append(layer_idx, k, v)
@@ -291,13 +296,7 @@ class QuantizedCache(KVCache):
         self._slot(layer_idx)
         old = self._keys[layer_idx]
         if old is not None:
-            ov = self._values[layer_idx]
-            if (k.shape[0], k.shape[1], k.shape[3]) != (old.shape[0], old.shape[1], old.shape[3]) \
-                    or v.shape[3] != ov.shape[3]:
-                raise ValueError(
-                    f"k/v of shape {tuple(k.shape)}/{tuple(v.shape)} do not match the cached "
-                    f"(B, Hkv, *, D) = {tuple(old.shape)}/{tuple(ov.shape)} of layer {layer_idx}"
-                )
+            _check_matches_cached(k, v, old, self._values[layer_idx], layer_idx)
             if k.dtype != self._dtypes[layer_idx] or k.device != old.device:
                 raise ValueError("k/v must have the cache's dtype and device")
         _check_finite("keys", k, layer_idx)
