@@ -5,11 +5,11 @@ rotary tables as arbitrary legal views: permuted storage (transposes), offset an
 of larger buffers padded with NaN (so any element read from outside the view shows), stride-0
 expanded dims, size-1 dims with odd strides (up to 10**6 elements: a kernel stepping by one
 reads far outside and crashes), batch > 1 with grouped- and multi-query heads. Every kernel path
-(band, offsets/dilated, short sequences forward and backward, split-K decoding, GEMV) is compared
-with the fp64 dense reference and with the PyTorch paths the engine takes when the compiled
-kernels are off (as with ``ATTNKIT_NATIVE=0``). Each example also draws the thread count
-(``torch.set_num_threads``) and a forced smaller team (:func:`native.set_team_limit`: the work is
-cut for the team asked for, fewer threads start).
+(band forward and backward, offsets/dilated, short sequences forward and backward, split-K
+decoding, GEMV) is compared with the fp64 dense reference and with the PyTorch paths the engine
+takes when the compiled kernels are off (as with ``ATTNKIT_NATIVE=0``). Each example also draws
+the thread count (``torch.set_num_threads``) and a forced smaller team
+(:func:`native.set_team_limit`: the work is cut for the team asked for, fewer threads start).
 
 The hypothesis tests run in a child process started by :func:`test_fuzz_in_a_subprocess`, so a
 kernel that crashes fails that test instead of killing pytest; they are skipped in the parent.
@@ -179,6 +179,51 @@ def test_band(data, b, hkv, g, lq, extra, d, dv, w, causal, n, limit):
     _close(out, ref, 1e-4, "band vs fp64")
     with natives_off():
         _close(out, attention(q, k, v, pattern=pattern).double(), 1e-4, "band vs PyTorch")
+
+
+@child_only
+@fuzz
+@given(data=st.data(), b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3),
+       lq=st.integers(1, 80), extra=st.integers(0, 10), d=st.integers(1, 17),
+       dv=st.integers(1, 9), w=st.integers(0, 20),
+       kind=st.sampled_from(["window", "causal window", "window|global"]),
+       block=st.sampled_from([4, 64]), n=threads, limit=team_limits)
+def test_band_backward(data, b, hkv, g, lq, extra, d, dv, w, kind, block, n, limit):
+    """Gradients through the fused band forward and backward (segments of rows per head, their
+    halos merged; a gradient on the lse when the band is merged with global tokens) with q/k/v
+    and the output gradient as views, against autograd through the fp64 dense reference and
+    through the engine's PyTorch kernels."""
+    _ensure_all()
+    lk = lq + extra
+    q, q64 = data.draw(views((b, hkv * g, lq, d)))
+    k, k64 = data.draw(views((b, hkv, lk, d)))
+    v, v64 = data.draw(views((b, hkv, lk, dv)))
+    dout, dout64 = data.draw(views((b, hkv * g, lq, dv)))
+    pattern = {"window": P.sliding_window(w), "causal window": P.sliding_window(w) & P.causal(),
+               "window|global": P.sliding_window(w) | P.global_tokens([0, lk // 2])}[kind]
+    mask = pattern.to_dense(lq, lk)
+    rows = mask.any(1)  # rows without keys: zero output, zero gradient
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    ref = dense_reference(*leaves, mask)[0]
+    want = torch.autograd.grad(ref, leaves, dout64 * rows[:, None])
+
+    def grads():
+        ins = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(attention(*ins, pattern=pattern), ins, dout)
+
+    old_block = native.BLOCK
+    native.BLOCK = block  # blocks of 4 rows: many segments and halos on small problems
+    try:
+        with team(n, limit), spy("band_backward") as calls:
+            got = grads()
+    finally:
+        native.BLOCK = old_block
+    assert calls or kind == "causal window", "the compiled band backward was not used"
+    for name, a, w_ in zip("qkv", got, want):
+        _close(a, w_, 1e-4 * (1 + float(w_.abs().max())), f"d{name} vs fp64")
+    with natives_off():
+        for name, a, w_ in zip("qkv", got, grads()):
+            _close(a, w_.double(), 1e-4 * (1 + float(w_.abs().max())), f"d{name} vs PyTorch")
 
 
 @child_only

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -245,7 +246,9 @@ def test_band_forward_validates_its_inputs():
         native.band_forward(qs, k, v, -3, 3, 5, 30)
     with pytest.raises(ValueError, match="k must be"):
         native.band_forward(qs, k[:, :1], v, -3, 3, 0, 20)
-    with pytest.raises(TypeError, match="qs must be torch.float32"):
+    with pytest.raises(TypeError, match="qs must be torch.float32 or torch.float64"):
+        native.band_forward(qs.half(), k, v, -3, 3, 0, 20)
+    with pytest.raises(TypeError, match="k must be torch.float64"):  # one dtype for all
         native.band_forward(qs.double(), k, v, -3, 3, 0, 20)
     with pytest.raises(TypeError, match="lo must be an int"):
         native.band_forward(qs, k, v, -3.0, 3, 0, 20)
@@ -301,3 +304,107 @@ def test_self_check_tolerance_follows_the_problem():
     native._check_attention("band", out, lse, q, k, v, 1.0, mask)
     with pytest.raises(native._Mismatch, match="band output: max error"):
         native._check_attention("band", out.flip(0), lse, q, k, v, 1.0, mask)
+
+
+# ------------------------------------------------------------------------------ backward
+
+
+def _native_band_fn(lo: int, hi: int):
+    """The engine's differentiable fused band (structured._NativeBand) on grouped ``qs``."""
+    comp = types.SimpleNamespace(band=(lo, hi))
+    return lambda qs, k, v: structured._NativeBand.apply(qs, k, v, comp, None)
+
+
+@pytest.mark.parametrize("lq, lk, lo, hi, groups, block, nseg", [
+    (13, 13, -3, 2, 1, 64, 1),   # one block, one segment
+    (21, 25, -2, 1, 2, 4, 3),    # Lk > Lq, GQA 2:1, several blocks and segments (halos)
+    (17, 17, 0, 5, 1, 2, 9),     # keys ahead only, segments of 2 rows: halos span segments
+    (14, 20, -9, -1, 1, 4, 2),   # keys behind only
+])
+def test_backward_gradcheck_fp64(lq, lk, lo, hi, groups, block, nseg, monkeypatch):
+    """The compiled backward in fp64 against finite differences of its own forward (through the
+    output and the log-sum-exp), with blocks and segments of rows (their halos merged)."""
+    assert native.band_available()
+    monkeypatch.setattr(native, "BLOCK", block)
+    monkeypatch.setattr(native, "_band_segments", lambda *a: nseg)
+    g = torch.Generator().manual_seed(lq)
+    qs = torch.randn(2, 2, groups, lq, 3, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, lk, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, lk, 2, generator=g, dtype=torch.float64)
+    delta = lk - lq
+    i = torch.arange(lq)
+    assert ((i + delta + lo <= lk - 1) & (i + delta + hi >= 0)).all()  # no empty row (lse -inf)
+    leaves = [t.requires_grad_() for t in (qs, k, v)]
+    calls = []
+    real = native.band_backward
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(native, "band_backward", spy)
+    assert torch.autograd.gradcheck(_native_band_fn(lo, hi), leaves, eps=1e-6, atol=1e-7)
+    assert calls, "the compiled backward was not used"
+
+
+def _dense_grads(q, k, v, mask, dout):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = dense_reference(*leaves, mask)[0]
+    return torch.autograd.grad(out, leaves, dout.double())
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_matches_dense_autograd_fp32(name, monkeypatch):
+    """fp32 gradients through the engine (fused forward and backward) against autograd through
+    the dense reference, for every case of the forward tests (empty rows included)."""
+    pattern, b, hq, hkv, lq, lk, d, dv = CASES[name]
+    assert native.band_available()
+    calls = []
+    real = native.band_backward
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(native, "band_backward", spy)
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, seed=2)
+    dout = torch.randn(b, hq, lq, dv, generator=torch.Generator().manual_seed(9))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(attention(*leaves, pattern=pattern), leaves, dout)
+    assert calls, "the compiled backward was not used"
+    want = _dense_grads(q, k, v, pattern.to_dense(lq, lk), dout)
+    for n, a, w in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), n
+        assert (a.double() - w).abs().max() < 1e-4, n
+
+
+def test_backward_of_a_merged_pattern_takes_the_lse_gradient():
+    """In a union (band | global tokens) the band's partial result is merged through its
+    log-sum-exp, so a gradient reaches the lse: the compiled backward must take it."""
+    pattern = P.sliding_window(4) | P.global_tokens([3, 50])
+    q, k, v = _qkv(2, 4, 2, 70, 70, 8, 8, seed=11)
+    dout = torch.randn(2, 4, 70, 8, generator=torch.Generator().manual_seed(12))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(attention(*leaves, pattern=pattern), leaves, dout)
+    want = _dense_grads(q, k, v, pattern.to_dense(70, 70), dout)
+    for n, a, w in zip("qkv", got, want):
+        assert (a.double() - w).abs().max() < 1e-4, n
+
+
+def test_band_backward_validates_its_inputs():
+    assert native.band_available()
+    q, k, v = _qkv(1, 2, 2, 20, 20, 8, 8)
+    qs = q.view(1, 2, 1, 20, 8)
+    out, lse = native.band_forward(qs, k, v, -3, 3, 0, 20)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        native.band_backward(qs, k, v, out[..., :4], lse, None, -3, 3)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        native.band_backward(qs, k, v, out, lse[..., :5], None, -3, 3)
+    with pytest.raises(TypeError, match="dout must be torch.float32"):
+        native.band_backward(qs, k, v, out.double(), lse, None, -3, 3)
+    with pytest.raises(TypeError, match="k must be torch.float32"):
+        native.band_backward(qs, k.double(), v, out, lse, None, -3, 3)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        native.band_backward(qs, k, v, out, lse, None, 3, -3)
+    dq, dk, dv = native.band_backward(qs, k, v, torch.zeros_like(out), lse, None, -3, 3)
+    assert dq.abs().max() == 0 and dk.abs().max() == 0 and dv.abs().max() == 0

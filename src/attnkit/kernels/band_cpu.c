@@ -1,88 +1,128 @@
-// Fused band attention forward for attnkit (loaded by attnkit/kernels/native.py via ctypes).
+// Fused band attention for attnkit, forward and backward, in fp32 and fp64 (loaded by
+// attnkit/kernels/native.py via ctypes; calling convention in team.h). The file is compiled
+// twice over (float with AVX2 exp, double with libm's exp: the double kernels serve exactness
+// checks such as gradcheck) by including itself.
 //
-// Query i sees keys j with lo <= j - i - (Lk - L) <= hi. Per (batch, head, block of bq query
-// rows): one GEMM for the scores of the block's key window (the sgemm of torch's own BLAS,
-// passed in as a pointer), a softmax over each row's contiguous key range in place (AVX2 exp,
-// the polynomial of PyTorch's exp_u20; other entries of the row are zeroed), and one GEMM for
-// the output; the log-sum-exp of each row is written for merging and backward. Inputs are
-// fp32 with contiguous rows and the given batch / head strides (slices of longer tensors are
-// read in place): q (B, Hq, L, d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv), head h
-// reads kv head h / (Hq / Hkv). Rows [q0, q1) are computed into out (B, Hq, q1 - q0, dv) and
-// lse (B, Hq, q1 - q0); a row with no key gives zeros and -inf. Work items (a block of rows of
-// one head) are shared by the team threads actually obtained (team.h: torch's OpenMP team when
-// given, else POSIX threads), each with one-thread MKL.
+// Query i sees keys j with lo <= j - i - (Lk - L) <= hi. Inputs are fp32 or fp64 with contiguous rows
+// and the given batch / head strides (slices of longer tensors are read in place): q (B, Hq, L,
+// d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv); head h reads kv head h / (Hq / Hkv).
+// Products are the sgemm / dgemm of torch's own BLAS (passed in), run with one thread per team member.
+//
+// Forward, per (batch, head, block of bq query rows): one GEMM for the scores of the block's key
+// window, a softmax over each row's contiguous key range in place (AVX2 exp; other entries of
+// the row zeroed), one GEMM for the output; the log-sum-exp of each row is written for merging
+// and backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row
+// with no key gives zeros and -inf.
+//
+// Backward recomputes the probabilities from q, k and the saved log-sum-exp (nothing of size
+// L x window is kept between the passes), with dS = P * (dP - rowsum(P * dP) + dlse) (dlse: the
+// gradient reaching the log-sum-exp when partial results were merged). A work item is one
+// (batch, kv head, segment of query rows) with all query heads of the group, so the group's
+// dk / dv are summed in the item's own buffer without atomics; the item stores the keys it owns
+// and leaves the few keys its band reaches beyond them (at most hi - lo) in a halo buffer that
+// is added once every item is done.
+#ifndef BAND_BODY
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 #include "team.h"
+#include "vecmath.h"
 
-typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*,
-                        const float*, const float*, const int*, const float*, const int*,
-                        const float*, float*, const int*);
-typedef int (*setthreads_t)(int);
+typedef void (*dgemm_t)(const char *, const char *, const int *, const int *, const int *,
+                        const double *, const double *, const int *, const double *, const int *,
+                        const double *, double *, const int *);
+
+// geometry slots: sizes, band, row range, block size, then batch / head strides
+enum { B_B, B_HQ, B_HKV, B_L, B_LK, B_D, B_DV, B_LO, B_HI, B_Q0, B_Q1, B_BQ, B_QSB, B_QSH, B_KSB,
+       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_NGEO };
+
+// The key window [*j0, *j1) of query rows [i0, i1) and, for row i, its band [a, e) in window
+// coordinates.
+static void window(const int64_t *g, int64_t i0, int64_t i1, int64_t *j0, int64_t *j1) {
+  int64_t delta = g[B_LK] - g[B_L];
+  *j0 = i0 + delta + g[B_LO];
+  *j1 = i1 - 1 + delta + g[B_HI] + 1;
+  if (*j0 < 0) *j0 = 0;
+  if (*j1 > g[B_LK]) *j1 = g[B_LK];
+}
+
+static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t *a, int64_t *e) {
+  int64_t delta = g[B_LK] - g[B_L];
+  *a = i + delta + g[B_LO] - j0;
+  *e = i + delta + g[B_HI] + 1 - j0;
+  if (*a < 0) *a = 0;
+  if (*e > W) *e = W;
+}
+
+// Keys a segment of rows [r0, r1) owns (segments partition [0, Lk) in order) and the keys its
+// rows reach [*t0, *t1) (t0 >= the owned start; beyond the owned end: at most hi - lo keys).
+static void segment_keys(const int64_t *g, int64_t s, int64_t nseg, int64_t r0, int64_t r1,
+                         int64_t *o0, int64_t *o1, int64_t *t0, int64_t *t1) {
+  int64_t delta = g[B_LK] - g[B_L], lk = g[B_LK];
+  int64_t a = r0 + delta + g[B_LO], z = r1 + delta + g[B_LO];
+  *o0 = s == 0 ? 0 : (a < 0 ? 0 : a > lk ? lk : a);
+  *o1 = s == nseg - 1 ? lk : (z < 0 ? 0 : z > lk ? lk : z);
+  window(g, r0, r1, t0, t1);
+  if (*t0 > lk) *t0 = lk;
+  if (*t1 < *t0) *t1 = *t0;
+}
+
+#define BAND_BODY
+#define R float
+#define GEMM_T sgemm_t
+#define RT_GEMM RT_SGEMM
+#define EXP expf
+#define LOG logf
+#define FN(name) name##_f32
+#ifdef __AVX2__
+#define VEC 1
+#else
+#define VEC 0
+#endif
+#include "band_cpu.c"
+#undef R
+#undef GEMM_T
+#undef RT_GEMM
+#undef EXP
+#undef LOG
+#undef FN
+#undef VEC
+#define R double
+#define GEMM_T dgemm_t
+#define RT_GEMM RT_DGEMM
+#define EXP exp
+#define LOG log
+#define FN(name) name##_f64
+#define VEC 0
+#include "band_cpu.c"
+
+#else  // ---------------------------------------------------------------- body, per type R
 
 typedef struct {
-  const float *q, *k, *v; float *out, *lse;
-  int64_t B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks;
-  int64_t qsb, qsh, ksb, ksh, vsb, vsh;  // batch / head strides (rows are contiguous)
-  sgemm_t gemm; setthreads_t setthreads;
-} job_t;
-
-#ifdef __AVX2__
-static inline __m256 exp256(__m256 x) {
-  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f),
-               c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f),
-               c5 = _mm256_set1_ps(0.00828929059f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2 = _mm256_set1_ps(0.693147181f);
-  const __m256 lo = _mm256_set1_ps(-87.3365447f), hi = _mm256_set1_ps(88.7228394f);
-  __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, ln2, x);
-  __m256 p = _mm256_fmadd_ps(r, c5, c4);
-  p = _mm256_fmadd_ps(r, p, c3);
-  p = _mm256_fmadd_ps(r, p, c2);
-  p = _mm256_fmadd_ps(r, p, c1);
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
-  __m256i n = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
-  __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-  pow2 = _mm256_blendv_ps(pow2, _mm256_setzero_ps(), small);
-  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
-}
-static inline float hmax(__m256 v) {
-  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
-  return _mm_cvtss_f32(a);
-}
-static inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
-  return _mm_cvtss_f32(a);
-}
-#endif
+  const R *q, *k, *v, *dout, *lse, *dlse;
+  R *out, *lse_out, *dq, *dk, *dv, *halo;
+  const int64_t *g;
+  int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
+  GEMM_T gemm; setthreads_t setthreads;
+} FN(job_t);
 
 // softmax of s[a:b) in place (rest of the row zeroed); returns lse (-inf if empty)
-static float row_softmax(float *s, int64_t W, int64_t a, int64_t b) {
-  if (a >= b) { memset(s, 0, W * sizeof(float)); return -INFINITY; }
-  if (a > 0) memset(s, 0, a * sizeof(float));
-  if (b < W) memset(s + b, 0, (W - b) * sizeof(float));
-  float *x = s + a; int64_t n = b - a, i = 0;
-  float m = -INFINITY;
-#ifdef __AVX2__
+static R FN(row_softmax)(R *s, int64_t W, int64_t a, int64_t b) {
+  if (a >= b) { memset(s, 0, W * sizeof(R)); return -INFINITY; }
+  if (a > 0) memset(s, 0, a * sizeof(R));
+  if (b < W) memset(s + b, 0, (W - b) * sizeof(R));
+  R *x = s + a; int64_t n = b - a, i = 0;
+  R m = -INFINITY;
+#if VEC
   __m256 vm = _mm256_set1_ps(-INFINITY);
   for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
   m = hmax(vm);
 #endif
   for (; i < n; i++) m = x[i] > m ? x[i] : m;
-  float sum = 0.f; i = 0;
-#ifdef __AVX2__
+  R sum = 0.f; i = 0;
+#if VEC
   __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
   for (; i + 8 <= n; i += 8) {
     __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
@@ -90,306 +130,238 @@ static float row_softmax(float *s, int64_t W, int64_t a, int64_t b) {
   }
   sum = hsum(vs);
 #endif
-  for (; i < n; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
-  float inv = 1.f / sum; i = 0;
-#ifdef __AVX2__
+  for (; i < n; i++) { R e = EXP(x[i] - m); x[i] = e; sum += e; }
+  R inv = 1.f / sum; i = 0;
+#if VEC
   __m256 vi = _mm256_set1_ps(inv);
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vi));
 #endif
   for (; i < n; i++) x[i] *= inv;
-  return m + logf(sum);
+  return m + LOG(sum);
 }
 
-static void worker(team_t *TM) {
-  const job_t *J = (const job_t *)TM->arg;
-  int64_t g = J->Hq / J->Hkv, wmax = J->bq + J->hi - J->lo;
-  float *S = (float *)malloc(sizeof(float) * J->bq * (wmax > 0 ? wmax : 1));
+static void FN(forward_worker)(team_t *TM) {
+  const FN(job_t) *J = (const FN(job_t) *)TM->arg;
+  const int64_t *g = J->g;
+  int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], wmax = bq + g[B_HI] - g[B_LO];
+  int64_t q0 = g[B_Q0], q1 = g[B_Q1], d = g[B_D], dv = g[B_DV], nrows = q1 - q0;
+  R *S = (R *)malloc(sizeof(R) * bq * (wmax > 0 ? wmax : 1));
   if (!S) return;  // items left to the other threads (team_run reports any not done)
   if (J->setthreads) J->setthreads(1);
-  const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  const R one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
   int64_t start, stop;
   while (team_next(TM, &start, &stop)) {
     for (int64_t it = start; it < stop; it++) {
       int64_t blk = it % J->nblocks, bh = it / J->nblocks;
-      int64_t b = bh / J->Hq, h = bh % J->Hq, hk = h / g;
-      int64_t i0 = J->q0 + blk * J->bq, i1 = i0 + J->bq < J->q1 ? i0 + J->bq : J->q1;
-      int64_t nq = i1 - i0, delta = J->Lk - J->L;  // key j allowed iff lo <= j - i - delta <= hi
-      int64_t j0 = i0 + delta + J->lo, j1 = i1 - 1 + delta + J->hi + 1;
-      if (j0 < 0) j0 = 0;
-      if (j1 > J->Lk) j1 = J->Lk;
-      const float *qp = J->q + b * J->qsb + h * J->qsh + i0 * J->d;
-      int64_t nrows = J->q1 - J->q0;  // out (B, Hq, q1 - q0, dv), lse (B, Hq, q1 - q0)
-      float *op = J->out + ((b * J->Hq + h) * nrows + (i0 - J->q0)) * J->dv;
-      float *lp = J->lse + (b * J->Hq + h) * nrows + (i0 - J->q0);
+      int64_t b = bh / Hq, h = bh % Hq, hk = h / grp;
+      int64_t i0 = q0 + blk * bq, i1 = i0 + bq < q1 ? i0 + bq : q1, nq = i1 - i0, j0, j1;
+      window(g, i0, i1, &j0, &j1);
+      const R *qp = J->q + b * g[B_QSB] + h * g[B_QSH] + i0 * d;
+      R *op = J->out + ((b * Hq + h) * nrows + (i0 - q0)) * dv;
+      R *lp = J->lse_out + (b * Hq + h) * nrows + (i0 - q0);
       if (j1 <= j0) {
-        memset(op, 0, sizeof(float) * nq * J->dv);
+        memset(op, 0, sizeof(R) * nq * dv);
         for (int64_t r = 0; r < nq; r++) lp[r] = -INFINITY;
         continue;
       }
-      int W = (int)(j1 - j0), M = (int)nq, D = (int)J->d, DV = (int)J->dv;
-      const float *kp = J->k + b * J->ksb + hk * J->ksh + j0 * J->d;
-      const float *vp = J->v + b * J->vsb + hk * J->vsh + j0 * J->dv;
+      int W = (int)(j1 - j0), M = (int)nq, D = (int)d, DV = (int)dv;
+      const R *kp = J->k + b * g[B_KSB] + hk * g[B_KSH] + j0 * d;
+      const R *vp = J->v + b * g[B_VSB] + hk * g[B_VSH] + j0 * dv;
       // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
       J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
       for (int64_t r = 0; r < nq; r++) {
-        int64_t i = i0 + r, a = i + delta + J->lo - j0, e = i + delta + J->hi + 1 - j0;
-        if (a < 0) a = 0;
-        if (e > W) e = W;
-        lp[r] = row_softmax(S + r * W, W, a, e);
+        int64_t a, e;
+        row_band(g, i0 + r, j0, W, &a, &e);
+        lp[r] = FN(row_softmax)(S + r * W, W, a, e);
       }
       // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
       J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
     }
-  team_done(TM, stop - start);
+    team_done(TM, stop - start);
   }
   free(S);
   if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
 }
 
-// omp_parallel: GOMP_parallel of the OpenMP runtime torch itself uses (so the work runs on
-// torch's own thread team, not on new threads that would compete with torch's spinning idle
-// workers); NULL: POSIX threads. Returns -1 when a buffer could not be allocated.
-int band_forward(const float *q, const float *k, const float *v, float *out, float *lse,
-                 int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t Lk, int64_t d,
-                 int64_t dv, int64_t lo, int64_t hi, int64_t q0, int64_t q1, int64_t bq,
-                 int64_t qsb, int64_t qsh, int64_t ksb, int64_t ksh, int64_t vsb, int64_t vsh,
-                 int nthreads, void *gemm, void *setthreads, void *omp_parallel) {
-  int64_t nblocks = (q1 - q0 + bq - 1) / bq, total = B * Hq * nblocks;
-  job_t J = {q, k, v, out, lse, B, Hq, Hkv, L, Lk, d, dv, lo, hi, q0, q1, bq, nblocks,
-             qsb, qsh, ksb, ksh, vsb, vsh, (sgemm_t)gemm, (setthreads_t)setthreads};
-  return team_run(worker, &J, total, nthreads, omp_parallel);
+// ptr: q, k, v, out, lse. geo: B_* slots up to B_VSH. Computes rows [q0, q1).
+int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                 void *const *rt) {
+  (void)scale;  // q arrives pre-scaled
+  FN(job_t) J;
+  memset(&J, 0, sizeof J);
+  J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
+  J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
+  J.g = geo;
+  J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];
+  J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
+  return team_run(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
+                  rt[RT_OMP_PARALLEL]);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Decoding attention: a few query rows per key/value head (a cached decoding step, the query
-// heads of a group stacked as rows) against every key. Keys are split into chunks (split-K,
-// "flash-decoding") so that all threads work even when there is one key/value head; each chunk
-// is one sgemm for the scores, an exp pass, one sgemm for the partial output; the chunks' partial
-// results merge through their row maxima and sums. Each thread reads its chunk of K and V
-// sequentially once, for all rows.
-// q (BH, M, d) contiguous, scores scaled by `scale`; k, v rows contiguous (row stride d / dv)
-// with stride ks / vs between the BH heads; out (BH, M, dv); lse (BH, M).
-
-#ifdef __AVX2__
-// Register-blocked products for the few rows of a decoding step (an sgemm pays its packing and
-// blocking for shapes this skinny). Both need d % 8 == 0 and dv % 32 == 0.
-
-// S (M x W, row stride W) = scale * q (M x d) @ kc (W x d)^T; two rows and four keys at a time:
-// six loads feed eight FMAs, so the FMA units, not the loads, set the pace.
-static void decode_scores(const float *q, const float *kc, float *S, int64_t M, int64_t W,
-                          int64_t d, float scale) {
-  for (int64_t j0 = 0; j0 < W; j0 += 64) {  // 64 keys (16 KB at d = 64) stay in L1 for all rows
-    int64_t j1 = j0 + 64 < W ? j0 + 64 : W;
-    for (int64_t r = 0; r < M; r += 2) {
-      const int two = r + 1 < M;
-      const float *qa = q + r * d, *qb = two ? qa + d : qa;
-      int64_t j = j0;
-      for (; j + 4 <= j1; j += 4) {
-        const float *k0 = kc + j * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int64_t c = 0; c < d; c += 8) {
-          __m256 x = _mm256_loadu_ps(qa + c), y = _mm256_loadu_ps(qb + c);
-          __m256 u = _mm256_loadu_ps(k0 + c);
-          a0 = _mm256_fmadd_ps(x, u, a0); b0 = _mm256_fmadd_ps(y, u, b0);
-          u = _mm256_loadu_ps(k1 + c);
-          a1 = _mm256_fmadd_ps(x, u, a1); b1 = _mm256_fmadd_ps(y, u, b1);
-          u = _mm256_loadu_ps(k2 + c);
-          a2 = _mm256_fmadd_ps(x, u, a2); b2 = _mm256_fmadd_ps(y, u, b2);
-          u = _mm256_loadu_ps(k3 + c);
-          a3 = _mm256_fmadd_ps(x, u, a3); b3 = _mm256_fmadd_ps(y, u, b3);
-        }
-        // four horizontal sums at once: lanes of (a0 a1 a2 a3) -> one 4-float vector
-        __m256 h01 = _mm256_hadd_ps(a0, a1), h23 = _mm256_hadd_ps(a2, a3);
-        __m256 h = _mm256_hadd_ps(h01, h23);
-        __m128 sa = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        _mm_storeu_ps(S + r * W + j, _mm_mul_ps(sa, _mm_set1_ps(scale)));
-        if (two) {
-          h01 = _mm256_hadd_ps(b0, b1); h23 = _mm256_hadd_ps(b2, b3);
-          h = _mm256_hadd_ps(h01, h23);
-          __m128 sb = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-          _mm_storeu_ps(S + (r + 1) * W + j, _mm_mul_ps(sb, _mm_set1_ps(scale)));
-        }
-      }
-      for (; j < j1; j++) {  // the last few keys
-        const float *kj = kc + j * d;
-        __m256 a = _mm256_setzero_ps(), b = a;
-        for (int64_t c = 0; c < d; c += 8) {
-          __m256 u = _mm256_loadu_ps(kj + c);
-          a = _mm256_fmadd_ps(_mm256_loadu_ps(qa + c), u, a);
-          b = _mm256_fmadd_ps(_mm256_loadu_ps(qb + c), u, b);
-        }
-        S[r * W + j] = scale * hsum(a);
-        if (two) S[(r + 1) * W + j] = scale * hsum(b);
-      }
-    }
+// P = exp(S - lse) over [a, e) of each row (zeros elsewhere); D = rowsum(P * dP) - dlse;
+// dS = P * (dP - D) in place of dP. Rows of W entries.
+static void FN(probs_and_dscores)(R *S, R *dP, int64_t W, int64_t a, int64_t e, R lse,
+                              R dlse) {
+  if (a >= e || lse == -INFINITY) {
+    memset(S, 0, W * sizeof(R));
+    memset(dP, 0, W * sizeof(R));
+    return;
   }
-}
-
-// O (M x dv) = P (M x W, row stride W) @ vc (W x dv); two rows and 32 output channels at a
-// time: per key, two broadcasts and four loads feed eight FMAs. Keys in blocks of 64 (16 KB of
-// V at dv = 64) so each block is read from memory once for all rows.
-static void decode_values(const float *P, const float *vc, float *O, int64_t M, int64_t W,
-                          int64_t dv) {
-  for (int64_t j0 = 0; j0 < W; j0 += 64) {
-    int64_t j1 = j0 + 64 < W ? j0 + 64 : W;
-    for (int64_t r = 0; r < M; r += 2) {
-      const int two = r + 1 < M;
-      const float *pa = P + r * W, *pb = two ? pa + W : pa;
-      for (int64_t c = 0; c < dv; c += 32) {
-        float *oa = O + r * dv + c, *ob = two ? oa + dv : oa;
-        __m256 a0, a1, a2, a3, b0, b1, b2, b3;
-        if (j0 == 0) {
-          a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = _mm256_setzero_ps();
-        } else {
-          a0 = _mm256_loadu_ps(oa); a1 = _mm256_loadu_ps(oa + 8);
-          a2 = _mm256_loadu_ps(oa + 16); a3 = _mm256_loadu_ps(oa + 24);
-          b0 = _mm256_loadu_ps(ob); b1 = _mm256_loadu_ps(ob + 8);
-          b2 = _mm256_loadu_ps(ob + 16); b3 = _mm256_loadu_ps(ob + 24);
-        }
-        for (int64_t j = j0; j < j1; j++) {
-          const float *vj = vc + j * dv + c;
-          __m256 x = _mm256_broadcast_ss(pa + j), y = _mm256_broadcast_ss(pb + j);
-          __m256 u = _mm256_loadu_ps(vj);
-          a0 = _mm256_fmadd_ps(x, u, a0); b0 = _mm256_fmadd_ps(y, u, b0);
-          u = _mm256_loadu_ps(vj + 8);
-          a1 = _mm256_fmadd_ps(x, u, a1); b1 = _mm256_fmadd_ps(y, u, b1);
-          u = _mm256_loadu_ps(vj + 16);
-          a2 = _mm256_fmadd_ps(x, u, a2); b2 = _mm256_fmadd_ps(y, u, b2);
-          u = _mm256_loadu_ps(vj + 24);
-          a3 = _mm256_fmadd_ps(x, u, a3); b3 = _mm256_fmadd_ps(y, u, b3);
-        }
-        // a single last row computes b = a: store it first so a's store wins
-        if (two) {
-          _mm256_storeu_ps(ob, b0); _mm256_storeu_ps(ob + 8, b1);
-          _mm256_storeu_ps(ob + 16, b2); _mm256_storeu_ps(ob + 24, b3);
-        }
-        _mm256_storeu_ps(oa, a0); _mm256_storeu_ps(oa + 8, a1);
-        _mm256_storeu_ps(oa + 16, a2); _mm256_storeu_ps(oa + 24, a3);
-      }
-    }
+  if (a > 0) { memset(S, 0, a * sizeof(R)); memset(dP, 0, a * sizeof(R)); }
+  if (e < W) {
+    memset(S + e, 0, (W - e) * sizeof(R));
+    memset(dP + e, 0, (W - e) * sizeof(R));
   }
-}
+  R *p = S + a, *dp = dP + a, dsum = 0.f;
+  int64_t n = e - a, i = 0;
+#if VEC
+  __m256 vl = _mm256_set1_ps(lse), acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 pv = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + i), vl));
+    _mm256_storeu_ps(p + i, pv);
+    acc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(dp + i), acc);
+  }
+  dsum = hsum(acc);
 #endif
+  for (; i < n; i++) { p[i] = EXP(p[i] - lse); dsum += p[i] * dp[i]; }
+  R D = dsum - dlse;
+  i = 0;
+#if VEC
+  __m256 vd = _mm256_set1_ps(D);
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dp + i, _mm256_mul_ps(_mm256_loadu_ps(p + i),
+                                           _mm256_sub_ps(_mm256_loadu_ps(dp + i), vd)));
+#endif
+  for (; i < n; i++) dp[i] = p[i] * (dp[i] - D);
+}
 
-typedef struct {
-  const float *q, *k, *v; float *opart, *mpart, *lpart;
-  int64_t M, Lk, d, dv, ks, vs, nsplit, chunk;
-  float scale;
-  sgemm_t gemm; setthreads_t setthreads;
-} djob_t;
-
-static void decode_worker(team_t *TM) {
-  const djob_t *J = (const djob_t *)TM->arg;
-  float *S = (float *)malloc(sizeof(float) * J->M * J->chunk);
+static void FN(backward_worker)(team_t *TM) {
+  const FN(job_t) *J = (const FN(job_t) *)TM->arg;
+  const int64_t *g = J->g;
+  int64_t Hq = g[B_HQ], Hkv = g[B_HKV], grp = Hq / Hkv, bq = g[B_BQ], L = g[B_L], Lk = g[B_LK];
+  int64_t d = g[B_D], dv = g[B_DV], nseg = J->nseg, span = g[B_HI] - g[B_LO];
+  int64_t wmax = bq + span, tmax = J->segblocks * bq + span + 1;
+  R *S = (R *)malloc(sizeof(R) * (2 * bq * wmax + tmax * (d + dv)));
   if (!S) return;  // items left to the other threads (team_run reports any not done)
+  R *dP = S + bq * wmax, *dKb = dP + bq * wmax, *dVb = dKb + tmax * d;
   if (J->setthreads) J->setthreads(1);
-  const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
-  float scale = J->scale;
+  const R one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  const int D = (int)d, DV = (int)dv;
   int64_t start, stop;
   while (team_next(TM, &start, &stop)) {
     for (int64_t it = start; it < stop; it++) {
-      int64_t bh = it / J->nsplit, sp = it % J->nsplit;
-      int64_t j0 = sp * J->chunk, j1 = j0 + J->chunk < J->Lk ? j0 + J->chunk : J->Lk;
-      float *op = J->opart + it * J->M * J->dv, *mp = J->mpart + it * J->M,
-            *lp = J->lpart + it * J->M;
-      if (j1 <= j0) {
-        memset(op, 0, sizeof(float) * J->M * J->dv);
-        for (int64_t r = 0; r < J->M; r++) { mp[r] = -INFINITY; lp[r] = 0.f; }
-        continue;
-      }
-      int W = (int)(j1 - j0), Mi = (int)J->M, D = (int)J->d, DV = (int)J->dv;
-      const float *qp = J->q + bh * J->M * J->d;
-      const float *kp = J->k + bh * J->ks + j0 * J->d, *vp = J->v + bh * J->vs + j0 * J->dv;
-#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
-      const int own = J->d % 8 == 0 && J->dv % 32 == 0;
-      if (own)
-        decode_scores(qp, kp, S, J->M, W, J->d, J->scale);
-      else
-#endif
-      J->gemm(&T, &N, &W, &Mi, &D, &scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
-      for (int64_t r = 0; r < J->M; r++) {
-        float *x = S + r * W, m = -INFINITY, sum = 0.f;
-        int64_t i = 0;
-#ifdef __AVX2__
-        __m256 vm = _mm256_set1_ps(-INFINITY);
-        for (; i + 8 <= W; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-        m = hmax(vm);
-#endif
-        for (; i < W; i++) m = x[i] > m ? x[i] : m;
-        i = 0;
-#ifdef __AVX2__
-        __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
-        for (; i + 8 <= W; i += 8) {
-          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
-          _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
+      int64_t s = it % nseg, bk = it / nseg, b = bk / Hkv, hk = bk % Hkv;
+      int64_t r0 = s * J->segblocks * bq, r1 = r0 + J->segblocks * bq;
+      if (r1 > L) r1 = L;
+      int64_t o0, o1, t0, t1;
+      segment_keys(g, s, nseg, r0, r1, &o0, &o1, &t0, &t1);
+      memset(dKb, 0, sizeof(R) * (t1 - t0) * d);
+      memset(dVb, 0, sizeof(R) * (t1 - t0) * dv);
+      const R *kh = J->k + b * g[B_KSB] + hk * g[B_KSH];
+      const R *vh = J->v + b * g[B_VSB] + hk * g[B_VSH];
+      for (int64_t i0 = r0; i0 < r1; i0 += bq) {
+        int64_t i1 = i0 + bq < r1 ? i0 + bq : r1, nq = i1 - i0, j0, j1;
+        window(g, i0, i1, &j0, &j1);
+        for (int64_t h = hk * grp; h < (hk + 1) * grp; h++) {
+          R *dqp = J->dq + ((b * Hq + h) * L + i0) * d;
+          if (j1 <= j0) { memset(dqp, 0, sizeof(R) * nq * d); continue; }
+          int W = (int)(j1 - j0), M = (int)nq;
+          const R *qp = J->q + b * g[B_QSB] + h * g[B_QSH] + i0 * d;
+          const R *dop = J->dout + b * g[B_DOSB] + h * g[B_DOSH] + i0 * dv;
+          const R *lp = J->lse + (b * Hq + h) * L + i0;
+          const R *dlp = J->dlse ? J->dlse + (b * Hq + h) * L + i0 : NULL;
+          const R *kp = kh + j0 * d, *vp = vh + j0 * dv;
+          // S (M x W, row-major) = Q K^T; dP = dO V^T (as the forward's S^T, col-major)
+          J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+          J->gemm(&T, &N, &W, &M, &DV, &one, vp, &DV, dop, &DV, &zero, dP, &W);
+          for (int64_t r = 0; r < nq; r++) {
+            int64_t a, e;
+            row_band(g, i0 + r, j0, W, &a, &e);
+            FN(probs_and_dscores)(S + r * W, dP + r * W, W, a, e, lp[r], dlp ? dlp[r] : 0.f);
+          }
+          // dQ (M x d) = dS K: col-major dQ^T (d x M) = K^T (d x W) dS^T (W x M)
+          J->gemm(&N, &N, &D, &M, &W, &one, kp, &D, dP, &W, &zero, dqp, &D);
+          // dK_win (W x d) += dS^T Q: col-major dK^T (d x W) += Q^T (d x M) dS (M x W)
+          R *dkw = dKb + (j0 - t0) * d, *dvw = dVb + (j0 - t0) * dv;
+          J->gemm(&N, &T, &D, &W, &M, &one, qp, &D, dP, &W, &one, dkw, &D);
+          // dV_win (W x dv) += P^T dO
+          J->gemm(&N, &T, &DV, &W, &M, &one, dop, &DV, S, &W, &one, dvw, &DV);
         }
-        sum = hsum(vs);
-#endif
-        for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
-        mp[r] = m; lp[r] = sum;
       }
-#if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
-      if (own)
-        decode_values(S, vp, op, J->M, W, J->dv);
-      else
-#endif
-      J->gemm(&N, &N, &DV, &Mi, &W, &one, vp, &DV, S, &W, &zero, op, &DV);  // O (M x dv)
+      // owned keys: stored (zeros where no row of the segment reaches); the rest: the halo
+      R *dkh = J->dk + (b * Hkv + hk) * Lk * d, *dvh = J->dv + (b * Hkv + hk) * Lk * dv;
+      int64_t in1 = t1 < o1 ? t1 : o1;
+      memset(dkh + o0 * d, 0, sizeof(R) * (t0 - o0) * d);
+      memset(dvh + o0 * dv, 0, sizeof(R) * (t0 - o0) * dv);
+      if (in1 > t0) {
+        memcpy(dkh + t0 * d, dKb, sizeof(R) * (in1 - t0) * d);
+        memcpy(dvh + t0 * dv, dVb, sizeof(R) * (in1 - t0) * dv);
+      }
+      int64_t z0 = in1 > t0 ? in1 : t0;
+      if (o1 > z0) {
+        memset(dkh + z0 * d, 0, sizeof(R) * (o1 - z0) * d);
+        memset(dvh + z0 * dv, 0, sizeof(R) * (o1 - z0) * dv);
+      }
+      if (t1 > o1 && J->halo) {
+        R *hp = J->halo + it * span * (d + dv);
+        memcpy(hp, dKb + (o1 - t0) * d, sizeof(R) * (t1 - o1) * d);
+        memcpy(hp + span * d, dVb + (o1 - t0) * dv, sizeof(R) * (t1 - o1) * dv);
+      }
     }
-  team_done(TM, stop - start);
+    team_done(TM, stop - start);
   }
   free(S);
   if (J->setthreads) J->setthreads(0);
 }
 
-int decode_forward(const float *q, const float *k, const float *v, float *out, float *lse,
-                   int64_t BH, int64_t M, int64_t Lk, int64_t d, int64_t dv, int64_t ks,
-                   int64_t vs, int64_t nsplit, float scale, int nthreads, void *gemm,
-                   void *setthreads, void *omp_parallel) {
-  if (nsplit < 1) nsplit = 1;
-  int64_t chunk = (Lk + nsplit - 1) / nsplit, total = BH * nsplit;
-  if (chunk < 1) chunk = 1;
-  float *opart = (float *)malloc(sizeof(float) * total * M * dv);
-  float *mpart = (float *)malloc(sizeof(float) * total * M);
-  float *lpart = (float *)malloc(sizeof(float) * total * M);
-  if (!opart || !mpart || !lpart) { free(opart); free(mpart); free(lpart); return -1; }
-  djob_t J = {q, k, v, opart, mpart, lpart, M, Lk, d, dv, ks, vs, nsplit, chunk, scale,
-              (sgemm_t)gemm, (setthreads_t)setthreads};
-  int err = team_run(decode_worker, &J, total, nthreads, omp_parallel);
-  if (!err) {
-    // merge the chunks of each (head, row): out = sum_s e^(m_s - m) O_s / sum_s e^(m_s - m) l_s
-    for (int64_t bh = 0; bh < BH; bh++)
-      for (int64_t r = 0; r < M; r++) {
-        float m = -INFINITY;
-        int nan = 0;  // a NaN score in any chunk makes the row NaN, as dense softmax does
-        for (int64_t s = 0; s < nsplit; s++) {
-          float ms = mpart[(bh * nsplit + s) * M + r];
-          nan |= ms != ms;
-          m = ms > m ? ms : m;
-        }
-        float *o = out + (bh * M + r) * dv;
-        memset(o, 0, sizeof(float) * dv);
-        float l = 0.f;
-        if (m != -INFINITY)
-          for (int64_t s = 0; s < nsplit; s++) {
-            int64_t it = bh * nsplit + s;
-            float w = expf(mpart[it * M + r] - m);
-            l += w * lpart[it * M + r];
-            const float *os = opart + (it * M + r) * dv;
-            for (int64_t c = 0; c < dv; c++) o[c] += w * os[c];
-          }
-        if (nan || l != l) {
-          for (int64_t c = 0; c < dv; c++) o[c] = NAN;
-          lse[bh * M + r] = NAN;
-        } else if (l > 0.f) {
-          float inv = 1.f / l;
-          for (int64_t c = 0; c < dv; c++) o[c] *= inv;
-          lse[bh * M + r] = m + logf(l);
-        } else {
-          lse[bh * M + r] = -INFINITY;
-        }
-      }
+// ptr: q, k, v, dout, lse (B, Hq, L), dlse (B, Hq, L) or 0, dq (B, Hq, L, d), dk (B, Hkv, Lk, d),
+// dv (B, Hkv, Lk, dv) (the last five contiguous). geo: every B_* slot (q0, q1 unused: all rows;
+// B_NSEG: segments of rows per kv head asked for, >= 1). Every element of dq, dk, dv is written.
+int FN(band_backward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                  void *const *rt) {
+  (void)scale;  // q arrives pre-scaled; the caller applies the scale to dq
+  FN(job_t) J;
+  memset(&J, 0, sizeof J);
+  J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
+  J.dout = (const R *)ptr[3]; J.lse = (const R *)ptr[4];
+  J.dlse = (const R *)ptr[5];
+  J.dq = (R *)ptr[6]; J.dk = (R *)ptr[7]; J.dv = (R *)ptr[8];
+  J.g = geo;
+  int64_t nseg = geo[B_NSEG], bq = geo[B_BQ], L = geo[B_L], d = geo[B_D], dv = geo[B_DV];
+  int64_t nblocks = (L + bq - 1) / bq;
+  if (nblocks < 1) {  // no query rows: no gradient reaches the keys
+    memset(J.dk, 0, sizeof(R) * geo[B_B] * geo[B_HKV] * geo[B_LK] * d);
+    memset(J.dv, 0, sizeof(R) * geo[B_B] * geo[B_HKV] * geo[B_LK] * dv);
+    return 0;
   }
-  free(opart); free(mpart); free(lpart);
+  if (nseg < 1) nseg = 1;
+  if (nseg > nblocks) nseg = nblocks;
+  J.segblocks = (nblocks + nseg - 1) / nseg;
+  J.nseg = nseg = (nblocks + J.segblocks - 1) / J.segblocks;  // none of them empty
+  J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
+  int64_t span = geo[B_HI] - geo[B_LO], items = geo[B_B] * geo[B_HKV] * nseg;
+  if (nseg > 1 && span > 0) {
+    J.halo = (R *)malloc(sizeof(R) * items * span * (d + dv));
+    if (!J.halo) return -1;
+  }
+  int err = team_run(FN(backward_worker), &J, items, nthreads, rt[RT_OMP_PARALLEL]);
+  if (!err && J.halo) {
+    // each segment's halo into the keys of the segments after it (in order: halos may overlap)
+    int64_t Lk = geo[B_LK];
+    for (int64_t it = 0; it < items; it++) {
+      int64_t s = it % nseg, bk = it / nseg;
+      int64_t r0 = s * J.segblocks * bq, r1 = r0 + J.segblocks * bq, o0, o1, t0, t1;
+      if (r1 > L) r1 = L;
+      segment_keys(geo, s, nseg, r0, r1, &o0, &o1, &t0, &t1);
+      const R *hp = J.halo + it * span * (d + dv);
+      R *dkh = J.dk + bk * Lk * d, *dvh = J.dv + bk * Lk * dv;
+      for (int64_t j = o1; j < t1; j++) {
+        for (int64_t c = 0; c < d; c++) dkh[j * d + c] += hp[(j - o1) * d + c];
+        for (int64_t c = 0; c < dv; c++) dvh[j * dv + c] += hp[span * d + (j - o1) * dv + c];
+      }
+    }
+  }
+  free(J.halo);
   return err ? -1 : 0;
 }
+#endif

@@ -1,19 +1,25 @@
-"""Optional compiled CPU kernels: the fused band (sliding-window) attention forward, dense
-attention over many short sequences (forward and backward), and the matrix-vector products of a
-decoding step.
+"""Optional compiled CPU kernels: fused band (sliding-window) attention forward and backward,
+split-K attention for decoding steps, dense attention over many short sequences (forward and
+backward), and the matrix-vector products of a decoding step.
 
 The engine's band kernel in plain PyTorch makes separate passes over each block's score matrix
 (the score GEMM with a mask added, the softmax, the output GEMM). ``band_cpu.c`` fuses them per
 block of query rows: one GEMM (the ``sgemm`` of torch's own BLAS), a softmax over each row's
-contiguous key range in place, one GEMM. It is compiled with the system C compiler the first time
-it is needed (about a second), into a cache directory keyed by the source, the headers it
-includes (``team.h``), the flags and the CPU, and loaded with :mod:`ctypes` (which releases the
-GIL during the call).
+contiguous key range in place, one GEMM. Its backward (:func:`band_backward`) recomputes the
+probabilities from the saved log-sum-exp per block (five GEMMs) and sums a key/value head's
+gradients over its query heads and blocks in a per-item buffer. Each source is compiled with the
+system C compiler the first time it is needed (about a second), into a cache directory keyed by
+the source, the headers it includes (``team.h``, ``vecmath.h``), the flags and the CPU, and
+loaded with :mod:`ctypes` (which releases the GIL during the call). Every C entry point has one
+signature, ``(ptr, geo, scale, nthreads, rt)`` (see ``team.h``).
 
 Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-check, or with
 ``ATTNKIT_NATIVE=0`` in the environment, :func:`band_available` is ``False`` and the engine uses
-its PyTorch kernels (the same results). Only fp32 CPU tensors take this path; backward
-recomputes through the PyTorch kernel (see ``structured._NativeBand``).
+its PyTorch kernels (the same results). The engine sends fp32 CPU tensors only (the fp64
+versions serve exactness checks such as ``gradcheck``).
+
+``decode_cpu.c`` (:func:`decode_forward`, gated by :func:`decode_available`): every query row
+of a cached decoding step against every key, the keys split in chunks so all threads work.
 
 ``short_cpu.c`` (:func:`short_forward` / :func:`short_backward`) is dense attention over many
 short sequences (axial lines, patches), forward and backward, in fp32 and fp64, reading q/k/v
@@ -59,15 +65,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["band_available", "band_forward", "BAND_MAX_WIDTH", "decode_available",
+__all__ = ["band_available", "band_backward", "band_forward", "BAND_MAX_WIDTH", "decode_available",
            "decode_forward", "empty_grads_like", "empty_in_layout", "gemv_available",
            "gemv_multi", "gemv_rows", "kernel_status", "set_team_limit", "short_available",
            "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
+_DECODE_SOURCE = Path(__file__).with_name("decode_cpu.c")
 _GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
 #: Headers the kernels include; their content is part of the build cache key.
-_HEADERS = (Path(__file__).with_name("team.h"),)
+_HEADERS = (Path(__file__).with_name("team.h"), Path(__file__).with_name("vecmath.h"))
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
 _LIBS = ["-lm", "-lpthread"]
 #: Widest band (``hi - lo + 1`` keys) the fused kernel takes; its per-thread score buffer is
@@ -75,6 +82,9 @@ _LIBS = ["-lm", "-lpthread"]
 BAND_MAX_WIDTH = 8192
 #: Query rows per block of the fused kernel (one GEMM pair per block and head).
 BLOCK = 64
+#: Longest segment of query rows one backward work item takes (its per-thread buffers hold the
+#: segment's keys' gradients).
+BAND_SEGMENT_ROWS = 4096
 #: Sizes the kernels pass to BLAS as 32-bit ints stay below this.
 _INT32 = 2**31 - 1
 _EPS32 = torch.finfo(torch.float32).eps
@@ -178,36 +188,56 @@ def _torch_symbol(name: str) -> int | None:
     return None
 
 
-_band_lib_cache: dict = {}
+_runtime_cache: list = []
 
 
-def _band_lib():
-    """The band/decoding library, its BLAS ``sgemm`` and MKL's thread setter, loaded once."""
-    if "lib" not in _band_lib_cache:
-        lib = ctypes.CDLL(str(_build()))
-        i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.band_forward.argtypes = [vp] * 5 + [i64] * 18 + [ctypes.c_int] + [vp] * 3
-        lib.band_forward.restype = ctypes.c_int
-        lib.decode_forward.argtypes = [vp] * 5 + [i64] * 8 + [ctypes.c_float, ctypes.c_int] + \
-            [vp] * 3
-        lib.decode_forward.restype = ctypes.c_int
+def _runtime():
+    """The runtime hooks every kernel takes last (team.h's ``rt[]``): ``GOMP_parallel`` of
+    torch's OpenMP runtime, torch's BLAS ``sgemm``, MKL's per-thread thread setter and
+    ``dgemm`` (``NULL`` where absent), as a ctypes array made once."""
+    if not _runtime_cache:
         gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
-        if gemm is None:
-            raise RuntimeError("torch's library exports no sgemm_")
         one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
-        _register(lib)
-        _band_lib_cache["lib"] = (lib, gemm, one_thread, _openmp())
-    return _band_lib_cache["lib"]
+        _runtime_cache.append((ctypes.c_void_p * 4)(_openmp(), gemm, one_thread,
+                                                    _torch_symbol("dgemm_")))
+    return _runtime_cache[0]
+
+
+def _entry(lib, name: str):
+    """A kernel entry point with team.h's one signature ``(ptr, geo, scale, nthreads, rt)``."""
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double, ctypes.c_int,
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _i64s(*values: int):
+    """A ctypes int64 array (the ``ptr`` / ``geo`` arguments of a kernel)."""
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _load_with_sgemm(source: Path, *names: str) -> dict:
+    """A library whose kernels multiply through torch's ``sgemm`` (required), its entry points
+    by name and the runtime hooks."""
+    rt = _runtime()
+    if not rt[1]:
+        raise RuntimeError("torch's library exports no sgemm_")
+    lib = ctypes.CDLL(str(_build(source)))
+    _register(lib)
+    return {"rt": rt, **{name: _entry(lib, name) for name in names}}
 
 
 def _load():
-    lib, gemm, one_thread, omp_parallel = _band_lib()
-    return lib.band_forward, gemm, one_thread, omp_parallel
+    rt = _runtime()
+    if not rt[3]:
+        raise RuntimeError("torch's library exports no dgemm_")
+    return _load_with_sgemm(_SOURCE, *(f"band_{kind}_{suffix}" for kind in ("forward", "backward")
+                                       for suffix in ("f32", "f64")))
 
 
 def _load_decode():
-    lib, gemm, one_thread, omp_parallel = _band_lib()
-    return lib.decode_forward, gemm, one_thread, omp_parallel
+    return _load_with_sgemm(_DECODE_SOURCE, "decode_forward")
 
 
 def _openmp_library() -> str | None:
@@ -299,17 +329,45 @@ def _check_attention(what: str, out: Tensor, lse: Tensor, q, k, v, scale, mask=N
 
 def _self_check() -> None:
     """Small odd bands (batch 2, GQA 2:1, a partial row range, strided slices) against a dense
-    fp64 reference, so a BLAS with other integer widths or a miscompiled kernel disables the
-    path instead of giving wrong answers."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 37, 8, generator=g)
-    k, v = torch.randn(2, 2, 40, 8, generator=g), torch.randn(2, 2, 40, 5, generator=g)
-    i, j = torch.arange(37).view(-1, 1), torch.arange(37).view(1, -1)
-    mask = (j - i >= -4) & (j - i <= 2)
-    for q0, q1 in ((0, 37), (5, 30)):
-        out, lse = _call(q, k[:, :, 3:], v[:, :, 3:], -4, 2, q0, q1, block=16)
-        _check_attention(f"band rows [{q0}, {q1})", out, lse, q[:, :, q0:q1], k[:, :, 3:],
-                         v[:, :, 3:], 1.0, mask[q0:q1])
+    fp64 reference, forward and backward, in both precisions, so a BLAS with other integer
+    widths or a miscompiled kernel disables the path instead of giving wrong answers."""
+    for dtype in _BAND_DTYPES:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 4, 37, 8, generator=g, dtype=dtype)
+        k = torch.randn(2, 2, 40, 8, generator=g, dtype=dtype)
+        v = torch.randn(2, 2, 40, 5, generator=g, dtype=dtype)
+        i, j = torch.arange(37).view(-1, 1), torch.arange(37).view(1, -1)
+        mask = (j - i >= -4) & (j - i <= 2)
+        for q0, q1 in ((0, 37), (5, 30)):
+            out, lse = _call(q, k[:, :, 3:], v[:, :, 3:], -4, 2, q0, q1, block=16)
+            _check_attention(f"band rows [{q0}, {q1}) ({dtype})", out, lse, q[:, :, q0:q1],
+                             k[:, :, 3:], v[:, :, 3:], 1.0, mask[q0:q1])
+        _band_backward_self_check(q, k, v, g)
+
+
+def _band_backward_self_check(q: Tensor, k: Tensor, v: Tensor, g: torch.Generator) -> None:
+    """Backward over all 40 keys (Lk > Lq): one segment of rows per kv head, and three (their
+    halos merged), against fp64 autograd with gradients on both the output and the lse."""
+    i, j = torch.arange(37).view(-1, 1), torch.arange(40).view(1, -1)
+    lo, hi = -4, 2
+    mask = (j - i - 3 >= lo) & (j - i - 3 <= hi)
+    dout = torch.randn(2, 4, 37, 5, generator=g, dtype=q.dtype)
+    dlse = torch.randn(2, 4, 37, generator=g, dtype=q.dtype)
+    _, lse = _call(q, k, v, lo, hi, 0, 37, block=8)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():  # the first call may come from inside an autograd Function
+        s = leaves[0] @ leaves[1].repeat_interleave(2, 1).transpose(-1, -2)
+        s = s.masked_fill(~mask, -math.inf)
+        ref_lse = torch.logsumexp(s, -1)
+        ref = torch.exp(s - ref_lse.unsqueeze(-1)) @ leaves[2].repeat_interleave(2, 1)
+        want = torch.autograd.grad((ref, ref_lse), leaves, (dout.double(), dlse.double()))
+    smax = float(s.detach()[mask.expand_as(s)].abs().max())
+    tol = 4 * _tolerance(torch.finfo(q.dtype).eps, q.shape[-1], smax, 1 + hi - lo, 1.0)
+    for nseg in (1, 3):
+        got = _band_backward_call(q, k, v, dout, lse, dlse, lo, hi, block=8, nseg=nseg)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            _compare(f"band backward {name} ({nseg} segments, {q.dtype})", a, b,
+                     tol * float(b.abs().max()))
 
 
 def _decode_self_check() -> None:
@@ -456,24 +514,87 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
-          block: int = BLOCK) -> tuple[Tensor, Tensor]:
+          block: int | None = None) -> tuple[Tensor, Tensor]:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
     (see :func:`_rows_ok`; batch and head strides are free), already checked."""
-    fn, gemm, one_thread, omp_parallel = _state["fn"]
-    B, hq, lq, d = q.shape
-    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    fns = _state["fn"]
+    block = BLOCK if block is None else block  # read at call time: tests shrink it
+    B, hq = q.shape[:2]
+    dv = v.shape[3]
     assert all(_rows_ok(t) for t in (q, k, v))
     out = q.new_empty(B, hq, q1 - q0, dv)
     lse = q.new_empty(B, hq, q1 - q0)
     if out.numel() == 0:
         return out, lse
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
-            _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), torch.get_num_threads(),
-            gemm, one_thread, omp_parallel)
+    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block)
+    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
+                                                      fns["rt"])
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
+
+
+#: dtypes of the band kernels (fp64: for exactness checks such as gradcheck; the engine sends
+#: fp32 only) and their entry points' suffixes.
+_BAND_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _band_inputs(qs: Tensor, k: Tensor, v: Tensor) -> None:
+    """``qs (B, Hkv, G, Lq, D)``, ``k (B, Hkv, Lk, D)``, ``v (B, Hkv, Lk, Dv)``, one dtype of
+    :data:`_BAND_DTYPES`, on the CPU; else TypeError / ValueError."""
+    _need(qs, "qs", 5, tuple(_BAND_DTYPES))
+    _need(k, "k", 4, (qs.dtype,))
+    _need(v, "v", 4, (qs.dtype,))
+    B, hkv, g, lq, d = qs.shape
+    if k.shape[:2] != (B, hkv) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
+        raise ValueError(f"k must be (B, Hkv, Lk, D) = ({B}, {hkv}, Lk, {d}) and v (B, Hkv, Lk, "
+                         f"Dv) with the same Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
+                   block: int, dout: Tensor | None = None, nseg: int = 1):
+    """band_cpu.c's ``geo`` (its ``B_*`` slots) for ``q (B, Hq, Lq, d)``, ``k``, ``v`` (and
+    ``dout (B, Hq, Lq, dv)`` for backward), rows contiguous."""
+    B, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    do_strides = (0, 0) if dout is None else (_stride(dout, 0), _stride(dout, 1))
+    return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
+                 _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg)
+
+
+def _band_segments(heads: int, lq: int, threads: int) -> int:
+    """Segments of query rows per kv head in the band backward (one work item each): enough
+    items for every thread (a few per thread, so a smaller team still balances), none longer
+    than :data:`BAND_SEGMENT_ROWS` (its per-thread buffers). ``heads``: batch x kv heads."""
+    per_thread = -(-4 * threads // heads) if heads < 2 * threads else 1
+    return max(per_thread, -(-lq // BAND_SEGMENT_ROWS))
+
+
+def _band_backward_call(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
+                        dlse: Tensor | None, lo: int, hi: int, block: int | None = None,
+                        nseg: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """q ``(B, Hq, Lq, d)``, k, v ``(B, Hkv, Lk, .)``, dout ``(B, Hq, Lq, dv)`` with rows
+    contiguous; lse, dlse ``(B, Hq, Lq)`` contiguous; already checked. Returns contiguous
+    ``dq, dk, dv``. ``nseg``: segments of rows per kv head (default: sized to the team)."""
+    fns = _state["fn"]
+    block = BLOCK if block is None else block
+    B, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    assert all(_rows_ok(t) for t in (q, k, v, dout)) and lse.is_contiguous()
+    assert dlse is None or dlse.is_contiguous()
+    dq, dk, dvv = q.new_empty(B, hq, lq, d), k.new_empty(B, hkv, lk, d), v.new_empty(B, hkv, lk, dv)
+    threads = torch.get_num_threads()
+    nseg = max(1, min(_band_segments(B * hkv, lq, threads) if nseg is None else nseg,
+                      -(-lq // block)))
+    geo = _band_geometry(q, k, v, lo, hi, 0, lq, block, dout, nseg)
+    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                0 if dlse is None else dlse.data_ptr(), dq.data_ptr(), dk.data_ptr(),
+                dvv.data_ptr())
+    rc = fns[f"band_backward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, threads, fns["rt"])
+    if rc != 0:
+        raise MemoryError("attnkit fused band kernel (backward): out of memory for its buffers")
+    return dq, dk, dvv
 
 
 def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
@@ -482,7 +603,8 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     ``lo <= j - i - (Lk - Lq) <= hi``.
 
     Args:
-        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), fp32, CPU.
+        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), fp32 (or fp64,
+            for exactness checks), CPU; k and v of the same dtype.
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
             contiguous are copied; batch and head strides, including 0, are read in place).
         lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
@@ -492,14 +614,9 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     """
     if not band_available():
         raise RuntimeError("the fused band kernel is not available here (see band_available)")
-    _need(qs, "qs", 5)
-    _need(k, "k", 4)
-    _need(v, "v", 4)
+    _band_inputs(qs, k, v)
     B, hkv, g, lq, d = qs.shape
     lk, dv = k.shape[2], v.shape[3]
-    if k.shape[:2] != (B, hkv) or v.shape[:3] != k.shape[:3] or k.shape[3] != d:
-        raise ValueError(f"k must be (B, Hkv, Lk, D) = ({B}, {hkv}, Lk, {d}) and v (B, Hkv, Lk, "
-                         f"Dv) with the same Lk; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     lo, hi, q0, q1 = (_int(x, n) for x, n in ((lo, "lo"), (hi, "hi"), (q0, "q0"), (q1, "q1")))
     if not (lo <= hi and hi - lo + 1 <= BAND_MAX_WIDTH):
         raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
@@ -519,6 +636,50 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     return (out.view(B, hkv, g, q1 - q0, dv), lse.view(B, hkv, g, q1 - q0))
 
 
+def band_backward(qs: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
+                  dlse: Tensor | None, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`band_forward` over all rows (``q0 = 0``, ``q1 = Lq``): the
+    probabilities are recomputed from ``q``, ``k`` and the forward's ``lse`` (nothing of size
+    ``Lq x window`` is kept between the passes).
+
+    Args:
+        qs, k, v, lo, hi: as given to :func:`band_forward` (``qs (B, Hkv, G, Lq, D)``
+            pre-scaled; any strides).
+        dout: gradient of ``out``, ``(B, Hkv, G, Lq, Dv)``, any strides.
+        lse: the forward's ``lse (B, Hkv, G, Lq)``.
+        dlse: gradient of ``lse`` (same shape; it reaches the scores as ``P * dlse``), or None.
+    Returns:
+        ``(dqs, dk, dv)``: gradients with respect to ``qs``, ``k``, ``v``, contiguous, shaped
+        like them (a stride-0 ``k`` or ``v`` gets the full-size gradient; autograd sums it).
+    """
+    if not band_available():
+        raise RuntimeError("the fused band kernel is not available here (see band_available)")
+    _band_inputs(qs, k, v)
+    B, hkv, g, lq, d = qs.shape
+    lk, dv = k.shape[2], v.shape[3]
+    for t, name, shape in ((dout, "dout", (B, hkv, g, lq, dv)), (lse, "lse", (B, hkv, g, lq)),
+                           (dlse, "dlse", (B, hkv, g, lq))):
+        if t is None and name == "dlse":
+            continue
+        _need(t, name, len(shape), (qs.dtype,))
+        if t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    lo, hi = _int(lo, "lo"), _int(hi, "hi")
+    if not (lo <= hi and hi - lo + 1 <= BAND_MAX_WIDTH):
+        raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
+                         f"hi={hi}")
+    if B * hkv * g * lq == 0 or lk == 0 or d == 0 or dv == 0:
+        return qs.new_zeros(qs.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    _check_sizes(D=d, Dv=dv, Lk=lk, Lq=lq)
+    q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
+    do = _rows_contiguous(dout.detach().reshape(B, hkv * g, lq, dv))
+    dq, dk, dvv = _band_backward_call(
+        q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), do,
+        lse.detach().reshape(B, hkv * g, lq).contiguous(),
+        None if dlse is None else dlse.detach().reshape(B, hkv * g, lq).contiguous(), lo, hi)
+    return dq.view(qs.shape), dk, dvv
+
+
 # ------------------------------------------------------------------------ decoding attention
 
 #: Keys per chunk below which :func:`decode_forward` stops splitting a head's keys further.
@@ -529,15 +690,15 @@ def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float, ks:
                  vs: int) -> tuple[Tensor, Tensor]:
     """q ``(BH, M, d)`` contiguous; head ``i``'s keys/values start ``i * ks`` / ``i * vs``
     elements into ``k`` / ``v``, rows contiguous (already checked)."""
-    fn, gemm, one_thread, omp_parallel = _decode_state["fn"]
+    fns = _decode_state["fn"]
     bh, m, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
     assert q.is_contiguous() and _rows_ok(k) and _rows_ok(v)
     out = q.new_empty(bh, m, dv)
     lse = q.new_empty(bh, m)
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-            bh, m, lk, d, dv, ks, vs, nsplit, scale, torch.get_num_threads(),
-            gemm, one_thread, omp_parallel)
+    rc = fns["decode_forward"](
+        _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()),
+        _i64s(bh, m, lk, d, dv, ks, vs, nsplit), scale, torch.get_num_threads(), fns["rt"])
     if rc != 0:
         raise MemoryError("attnkit decoding kernel: out of memory for its buffers")
     return out, lse

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from . import csr, native
@@ -174,27 +175,24 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
 
 
 class _NativeBand(torch.autograd.Function):
-    """The fused compiled band kernel forward (:mod:`.native`) on one chunk: queries
-    ``(B, Hkv, G, nq, D)`` and the keys/values their band reaches; backward recomputes the chunk
-    through the PyTorch band kernel and differentiates that (the same function). Inputs are the
+    """The fused compiled band kernel (:mod:`.native`) on one chunk: queries
+    ``(B, Hkv, G, nq, D)`` and the keys/values their band reaches; backward is the compiled
+    band backward, which recomputes the probabilities from the saved log-sum-exp. Inputs are the
     chunk's slices, so gradients stay chunk-sized (the slicing's own backward places them)."""
 
     @staticmethod
     def forward(c, qs, k, v, comp: Ranges, ctx: Ctx):
         lo, hi = comp.band
         out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3])
-        c.save_for_backward(qs, k, v)
-        c.args = (comp, ctx)
+        c.save_for_backward(qs, k, v, lse)
+        c.band = (lo, hi)
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(c, g_out, g_lse):
-        comp, ctx = c.args
-        leaves = [t.detach().requires_grad_() for t in c.saved_tensors]
-        with torch.enable_grad():
-            out, lse = _band_torch_partial(comp, *leaves, 0, ctx.lq, replace(ctx, need_lse=True),
-                                           True)
-            grads = torch.autograd.grad((out, lse), leaves, (g_out, g_lse), allow_unused=True)
+        qs, k, v, lse = c.saved_tensors
+        grads = native.band_backward(qs, k, v, g_out, lse, g_lse, *c.band)
         return (*grads, None, None)
 
 

@@ -1,5 +1,13 @@
-// Thread teams for attnkit's compiled kernels (included by band_cpu.c, short_cpu.c and
-// gemv_cpu.c; native.py's build cache key covers this header).
+// Thread teams and the calling convention of attnkit's compiled kernels (included by every
+// kernel source: band_cpu.c, decode_cpu.c, short_cpu.c, gemv_cpu.c; native.py's build cache key
+// covers this header).
+//
+// Every entry point has one signature,
+//   int name(const int64_t *ptr, const int64_t *geo, double scale, int nthreads, void *const *rt)
+// ptr: the addresses of its tensors (0 for an absent optional one), geo: its sizes, strides and
+// integer options (the order is an enum in each source), scale: its one real parameter, nthreads:
+// the team size asked for, rt: the runtime hooks below (NULL entries where absent). It returns
+// 0, or -1 when a buffer could not be allocated or some work item was not done.
 //
 // Work items [0, total) are handed out in chunks through an atomic counter, so every item is
 // done whatever team the runtime actually gives: OpenMP may start fewer threads than asked
@@ -17,6 +25,15 @@
 #define TEAM_MAX 64
 
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+// Fortran BLAS sgemm (32-bit ints) and MKL's per-thread thread-count setter, from torch's library
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
+                        const float *, const float *, const int *, const float *, const int *,
+                        const float *, float *, const int *);
+typedef int (*setthreads_t)(int);
+
+// rt[]: GOMP_parallel of torch's OpenMP runtime (NULL: POSIX threads), sgemm, MKL's setter,
+// dgemm
+enum { RT_OMP_PARALLEL, RT_SGEMM, RT_SET_BLAS_THREADS, RT_DGEMM, RT_COUNT };
 
 typedef struct team_s {
   void (*run)(struct team_s *);  // a thread's part: take chunks with team_next until it fails

@@ -1,0 +1,44 @@
+// AVX2 helpers shared by band_cpu.c and decode_cpu.c: exp of 8 floats (the polynomial of
+// PyTorch's exp_u20, relative error ~1e-7) and horizontal max / sum. Empty without AVX2 (the
+// kernels then take their scalar loops). native.py's build cache key covers this header.
+#ifndef ATTNKIT_VECMATH_H
+#define ATTNKIT_VECMATH_H
+#ifdef __AVX2__
+#include <immintrin.h>
+
+static inline __m256 exp256(__m256 x) {
+  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f),
+               c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f),
+               c5 = _mm256_set1_ps(0.00828929059f);
+  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2 = _mm256_set1_ps(0.693147181f);
+  const __m256 lo = _mm256_set1_ps(-87.3365447f), hi = _mm256_set1_ps(88.7228394f);
+  __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, ln2, x);
+  __m256 p = _mm256_fmadd_ps(r, c5, c4);
+  p = _mm256_fmadd_ps(r, p, c3);
+  p = _mm256_fmadd_ps(r, p, c2);
+  p = _mm256_fmadd_ps(r, p, c1);
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  __m256i n = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
+  __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  pow2 = _mm256_blendv_ps(pow2, _mm256_setzero_ps(), small);
+  return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
+}
+
+static inline float hmax(__m256 v) {
+  __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_max_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+static inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+#endif
+#endif
