@@ -356,3 +356,28 @@ def test_gemv_reads_strided_vectors_and_tables():
                                rtol=0, atol=0)
     ref = native.gemv_reference(x, (w,), (b,), **kw)
     assert (got.double() - ref).abs().max() < 1e-4
+
+
+def test_pool_kernels_work_in_a_forked_child():
+    """The decoding kernels run on team.h's own thread pool; a forked child (a DataLoader
+    worker) has none of its helper threads and must still compute every item."""
+    import multiprocessing as mp
+
+    assert native.decode_available() and native.gemv_available()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 700, 16, generator=g), \
+        torch.randn(1, 2, 700, 32, generator=g)
+    x, w = torch.randn(1, 64, generator=g), torch.randn(300, 64, generator=g)
+    with torch.no_grad():
+        want = native.decode_forward(q, k, v)[0], native.gemv_rows(x, w)  # the pool starts here
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as p:
+        got = p.apply(_pool_child, (q, k, v, x, w))
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def _pool_child(q, k, v, x, w):
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        return native.decode_forward(q, k, v)[0], native.gemv_rows(x, w)

@@ -194,8 +194,10 @@ int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int n
   J.g = geo;
   J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];
   J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
-  return team_run(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
-                  rt[RT_OMP_PARALLEL]);
+  // blocks are independent (each reads its own rows and key window): small chunks, so a
+  // preempted thread's rest goes to the others
+  return team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads, 4,
+                         rt[RT_OMP_PARALLEL]);
 }
 
 // P = exp(S - lse) over [a, e) of each row (zeros elsewhere); D = rowsum(P * dP) - dlse;
@@ -344,7 +346,7 @@ int FN(band_backward)(const int64_t *ptr, const int64_t *geo, double scale, int 
     J.halo = (R *)malloc(sizeof(R) * items * span * (d + dv));
     if (!J.halo) return -1;
   }
-  int err = team_run(FN(backward_worker), &J, items, nthreads, rt[RT_OMP_PARALLEL]);
+  int err = team_run_shares(FN(backward_worker), &J, items, nthreads, 4, rt[RT_OMP_PARALLEL]);
   if (!err && J.halo) {
     // each segment's halo into the keys of the segments after it (in order: halos may overlap)
     int64_t Lk = geo[B_LK];

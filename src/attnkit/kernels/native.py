@@ -188,19 +188,20 @@ def _torch_symbol(name: str) -> int | None:
     return None
 
 
-_runtime_cache: list = []
+_runtime_cache: dict = {}
 
 
-def _runtime():
+def _runtime(pool: bool = False):
     """The runtime hooks every kernel takes last (team.h's ``rt[]``): ``GOMP_parallel`` of
-    torch's OpenMP runtime, torch's BLAS ``sgemm``, MKL's per-thread thread setter and
-    ``dgemm`` (``NULL`` where absent), as a ctypes array made once."""
-    if not _runtime_cache:
+    torch's OpenMP runtime (``NULL`` with ``pool``: the kernels' own thread pool), torch's BLAS
+    ``sgemm``, MKL's per-thread thread setter and ``dgemm`` (``NULL`` where absent), as a ctypes
+    array made once."""
+    if pool not in _runtime_cache:
         gemm = _torch_symbol("sgemm_")  # Fortran BLAS interface (32-bit ints), MKL or OpenBLAS
         one_thread = _torch_symbol("MKL_Set_Num_Threads_Local")  # MKL only; optional
-        _runtime_cache.append((ctypes.c_void_p * 4)(_openmp(), gemm, one_thread,
-                                                    _torch_symbol("dgemm_")))
-    return _runtime_cache[0]
+        _runtime_cache[pool] = (ctypes.c_void_p * 4)(None if pool else _openmp(), gemm,
+                                                     one_thread, _torch_symbol("dgemm_"))
+    return _runtime_cache[pool]
 
 
 def _entry(lib, name: str):
@@ -217,10 +218,10 @@ def _i64s(*values: int):
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _load_with_sgemm(source: Path, *names: str) -> dict:
+def _load_with_sgemm(source: Path, *names: str, pool: bool = False) -> dict:
     """A library whose kernels multiply through torch's ``sgemm`` (required), its entry points
-    by name and the runtime hooks."""
-    rt = _runtime()
+    by name and the runtime hooks (see :func:`_runtime`)."""
+    rt = _runtime(pool)
     if not rt[1]:
         raise RuntimeError("torch's library exports no sgemm_")
     lib = ctypes.CDLL(str(_build(source)))
@@ -237,7 +238,10 @@ def _load():
 
 
 def _load_decode():
-    return _load_with_sgemm(_DECODE_SOURCE, "decode_forward")
+    # the decoding-step kernels (this one, GEMV) run on team.h's own pool: a step makes ~30
+    # short calls, and on a busy machine OpenMP's fork-join barrier waits for a descheduled
+    # worker's time slice at each (measured on the loaded 2-core machine: steps 5-10x faster)
+    return _load_with_sgemm(_DECODE_SOURCE, "decode_forward", pool=True)
 
 
 def _openmp_library() -> str | None:
@@ -770,7 +774,7 @@ def _load_gemv():
                    cint, vp, vp, ctypes.c_double, vp, vp, i64, i64, i64, cint, vp]
     fn.restype = ctypes.c_int
     _register(lib)
-    return fn, _openmp()
+    return fn, None  # team.h's own pool, as the decoding kernel (see _load_decode)
 
 
 def gemv_reference(x: Tensor, weights, biases=None, *, gelu: bool = False,

@@ -13,14 +13,16 @@
 // done whatever team the runtime actually gives: OpenMP may start fewer threads than asked
 // (omp_set_dynamic(1), which any library in the process may call; a call from inside another
 // parallel region gets a team of one), pthread_create may fail, torch.set_num_threads may
-// change between calls. Nothing depends on a thread's number. Each chunk is
+// change between calls. Nothing depends on a thread's number. With team_run each chunk is
 // ceil(total / nthreads) items, so a full team gets the same contiguous shares a static split
-// would (a thread streams its own block of memory), and a smaller one takes the rest in turn.
+// would (a thread streams its own block of memory), and a smaller one takes the rest in turn;
+// team_run_shares cuts smaller chunks for items without locality between neighbours.
 // team_run returns -1 unless every item was done (e.g. every thread failed to allocate).
 #ifndef ATTNKIT_TEAM_H
 #define ATTNKIT_TEAM_H
 #include <stdint.h>
 #include <pthread.h>
+#include <stddef.h>
 
 #define TEAM_MAX 64
 
@@ -31,7 +33,7 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
                         const float *, float *, const int *);
 typedef int (*setthreads_t)(int);
 
-// rt[]: GOMP_parallel of torch's OpenMP runtime (NULL: POSIX threads), sgemm, MKL's setter,
+// rt[]: GOMP_parallel of torch's OpenMP runtime (NULL: the pool), sgemm, MKL's setter,
 // dgemm
 enum { RT_OMP_PARALLEL, RT_SGEMM, RT_SET_BLAS_THREADS, RT_DGEMM, RT_COUNT };
 
@@ -71,23 +73,117 @@ static void team_omp(void *arg) {
   T->run(T);
 }
 
-static void *team_pthread(void *arg) {
-  team_t *T = (team_t *)arg;
-  T->run(T);
+// ---- the kernels' own thread pool (used when no OpenMP runtime is given)
+//
+// Helpers are created once and sleep on a condition variable between jobs (after a short spin,
+// so back-to-back calls of a decoding step find them awake). The calling thread works on the
+// job itself, and a helper that wakes after the job is closed never joins it: the caller waits
+// only for chunks actually taken. On a busy machine a descheduled helper then costs nothing,
+// where a fork-join team (OpenMP's barrier, pthread_join) waits for its time slice, and helpers
+// that sleep instead of spinning leave the cores to the work. One job at a time per library:
+// a concurrent caller runs its job alone (same results).
+#define POOL_SPIN 20000
+
+typedef struct {
+  pthread_mutex_t m;
+  pthread_cond_t wake, idle;
+  team_t *job;
+  int64_t gen;                             // job generation (read without the lock while spinning)
+  int open, want, joined, active, nhelpers;
+} pool_t;
+
+static pool_t pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                      PTHREAD_COND_INITIALIZER, NULL, 0, 0, 0, 0, 0, 0};
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void pool_after_fork(void) {  // the child has none of the helpers: start afresh
+  pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+  pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+  pool.m = m; pool.wake = c; pool.idle = c; pool_owner = m;
+  pool.job = NULL; pool.open = pool.want = pool.joined = pool.active = pool.nhelpers = 0;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_helper(void *arg) {
+  int64_t seen = (int64_t)(intptr_t)arg;  // the generation before the job it was created for
+  pthread_mutex_lock(&pool.m);
+  for (;;) {
+    if (pool.gen == seen) {
+      pthread_mutex_unlock(&pool.m);
+      for (int i = 0; i < POOL_SPIN && __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE) == seen; i++)
+        cpu_relax();
+      pthread_mutex_lock(&pool.m);
+      while (pool.gen == seen) pthread_cond_wait(&pool.wake, &pool.m);
+    }
+    seen = pool.gen;
+    if (pool.open && pool.joined < pool.want) {
+      team_t *T = pool.job;
+      pool.joined++;
+      pool.active++;
+      pthread_mutex_unlock(&pool.m);
+      T->run(T);
+      pthread_mutex_lock(&pool.m);
+      if (--pool.active == 0) pthread_cond_signal(&pool.idle);
+    }
+  }
   return NULL;
 }
 
+// T->run on the calling thread and up to `helpers` pool threads.
+static void pool_run(team_t *T, int helpers) {
+  pthread_once(&pool_once, pool_init);
+  if (pthread_mutex_trylock(&pool_owner)) {  // another caller holds the pool: run alone
+    T->run(T);
+    return;
+  }
+  pthread_mutex_lock(&pool.m);
+  while (pool.nhelpers < helpers) {
+    pthread_t tid;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&tid, &attr, pool_helper, (void *)(intptr_t)pool.gen);
+    pthread_attr_destroy(&attr);
+    if (rc) break;  // fewer helpers: the caller takes their chunks
+    pool.nhelpers++;
+  }
+  pool.job = T; pool.want = helpers; pool.joined = 0; pool.open = 1;
+  __atomic_store_n(&pool.gen, pool.gen + 1, __ATOMIC_RELEASE);
+  pthread_cond_broadcast(&pool.wake);
+  pthread_mutex_unlock(&pool.m);
+  T->run(T);
+  pthread_mutex_lock(&pool.m);
+  pool.open = 0;  // helpers not yet joined stay out; wait for those working
+  while (pool.active > 0) pthread_cond_wait(&pool.idle, &pool.m);
+  pool.job = NULL;
+  pthread_mutex_unlock(&pool.m);
+  pthread_mutex_unlock(&pool_owner);
+}
+
 // Run `run` on up to nthreads threads: torch's OpenMP team through GOMP_parallel when given
-// (its idle workers spin after each op, so new threads would compete with them), else POSIX
-// threads. Returns 0 when every item was done, else -1.
-static int team_run(void (*run)(team_t *), void *arg, int64_t total, int nthreads,
-                    void *omp_parallel) {
+// (its idle workers spin after each op, so new threads would compete with them), else the
+// kernels' own pool (above). Items go out in chunks of 1 / (nthreads * shares) of the total: shares = 1 gives
+// each thread of a full team one contiguous block; more shares let a thread that the OS
+// preempts (a busy machine) leave the rest of its share to the others, for independent items
+// with no locality between neighbours. Returns 0 when every item was done, else -1.
+static int team_run_shares(void (*run)(team_t *), void *arg, int64_t total, int nthreads,
+                           int shares, void *omp_parallel) {
   if (total <= 0) return 0;
   if (nthreads < 1) nthreads = 1;
   if (nthreads > TEAM_MAX) nthreads = TEAM_MAX;
   if (nthreads > total) nthreads = (int)total;
+  if (shares < 1) shares = 1;
   team_t T;
-  T.run = run; T.arg = arg; T.total = total; T.grain = (total + nthreads - 1) / nthreads;
+  int64_t pieces = (int64_t)nthreads * shares;
+  T.run = run; T.arg = arg; T.total = total; T.grain = (total + pieces - 1) / pieces;
   T.next = 0; T.done = 0;
   int start = nthreads;
   if (team_limit > 0 && start > team_limit) start = team_limit;
@@ -96,15 +192,15 @@ static int team_run(void (*run)(team_t *), void *arg, int64_t total, int nthread
   } else if (omp_parallel) {
     ((gomp_parallel_t)omp_parallel)(team_omp, &T, (unsigned)start, 0);
   } else {
-    pthread_t tid[TEAM_MAX];
-    int started = 1;
-    for (; started < start; started++)
-      if (pthread_create(&tid[started], NULL, team_pthread, &T)) break;
-    run(&T);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
+    pool_run(&T, start - 1);
   }
   // chunks left by threads that could not set up (their allocation failed): one more try here
   if (__atomic_load_n(&T.next, __ATOMIC_RELAXED) < total) run(&T);
   return __atomic_load_n(&T.done, __ATOMIC_RELAXED) == total ? 0 : -1;
+}
+
+static inline int team_run(void (*run)(team_t *), void *arg, int64_t total, int nthreads,
+                    void *omp_parallel) {
+  return team_run_shares(run, arg, total, nthreads, 1, omp_parallel);
 }
 #endif
