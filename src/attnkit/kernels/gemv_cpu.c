@@ -17,8 +17,7 @@
 
 // Up to MAX_SEG weights share one x and one output row: segment s writes columns
 // [off[s], off[s] + O[s]) of y (row stride ldy). One call, one wake-up of the thread team, for
-// several products of the same input (a layer's query, key and value projections). They come
-// as scalar arguments, not arrays: building arrays costs the caller (ctypes) more time.
+// several products of the same input (a layer's query, key and value projections).
 #define MAX_SEG 3
 
 typedef struct {
@@ -162,13 +161,25 @@ static void rope_rows(float *y, int64_t R, int64_t ldy, const float *cos_t, cons
 // With ln set, x is first replaced by LayerNorm(x) (ln_w, ln_b, ln_eps). Every pointer is to
 // contiguous data of the sizes given (the caller checks). Returns -1 for a bad segment count
 // or a failed allocation, else 0.
-int gemv_rows(const float *x, float *y, int64_t R, int64_t I, int nseg,
-              const float *W0, const float *W1, const float *W2, const float *b0,
-              const float *b1, const float *b2, int64_t O0, int64_t O1, int64_t O2,
-              int gelu, const float *res, int ln, const float *ln_w,
-              const float *ln_b, double ln_eps, const float *rope_cos, const float *rope_sin,
-              int64_t rope_cols, int64_t rope_dim, int64_t rope_len, int nthreads,
-              void *omp_parallel) {
+// ptr: x, y, W0, W1, W2, b0, b1, b2, res, ln_w, ln_b, rope_cos, rope_sin (0: absent).
+// geo: GV_* slots. scale: the LayerNorm's eps. rt: team.h's runtime hooks (only the first).
+enum { GV_R, GV_I, GV_NSEG, GV_O0, GV_O1, GV_O2, GV_GELU, GV_LN, GV_ROPE_COLS, GV_ROPE_DIM,
+       GV_ROPE_LEN, GV_NGEO };
+
+int gemv_rows(const int64_t *ptr, const int64_t *geo, double ln_eps, int nthreads,
+              void *const *rt) {
+  const float *x = (const float *)ptr[0];
+  float *y = (float *)ptr[1];
+  const float *W0 = (const float *)ptr[2], *W1 = (const float *)ptr[3],
+              *W2 = (const float *)ptr[4], *b0 = (const float *)ptr[5],
+              *b1 = (const float *)ptr[6], *b2 = (const float *)ptr[7],
+              *res = (const float *)ptr[8], *ln_w = (const float *)ptr[9],
+              *ln_b = (const float *)ptr[10], *rope_cos = (const float *)ptr[11],
+              *rope_sin = (const float *)ptr[12];
+  int64_t R = geo[GV_R], I = geo[GV_I], O0 = geo[GV_O0], O1 = geo[GV_O1], O2 = geo[GV_O2];
+  int64_t rope_cols = geo[GV_ROPE_COLS], rope_dim = geo[GV_ROPE_DIM], rope_len = geo[GV_ROPE_LEN];
+  int nseg = (int)geo[GV_NSEG], gelu = (int)geo[GV_GELU], ln = (int)geo[GV_LN];
+  void *omp_parallel = rt[RT_OMP_PARALLEL];
   if (nseg < 1 || nseg > MAX_SEG) return -1;
   float *xn = NULL;
   if (ln) {

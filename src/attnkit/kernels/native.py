@@ -768,13 +768,9 @@ GEMV_MAX_ROWS = 4
 
 def _load_gemv():
     lib = ctypes.CDLL(str(_build(_GEMV_SOURCE)))
-    fn = lib.gemv_rows
-    vp, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [vp, vp, i64, i64, cint, vp, vp, vp, vp, vp, vp, i64, i64, i64, cint, vp,
-                   cint, vp, vp, ctypes.c_double, vp, vp, i64, i64, i64, cint, vp]
-    fn.restype = ctypes.c_int
     _register(lib)
-    return fn, None  # team.h's own pool, as the decoding kernel (see _load_decode)
+    # team.h's own pool, as the decoding kernel (see _load_decode); no BLAS needed
+    return _entry(lib, "gemv_rows"), (ctypes.c_void_p * 4)()
 
 
 def gemv_reference(x: Tensor, weights, biases=None, *, gelu: bool = False,
@@ -849,7 +845,7 @@ def gemv_available() -> bool:
 def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None = None,
                layer_norm=None, rope=None) -> Tensor:
     """Every tensor contiguous fp32 CPU of the sizes :func:`_check_gemv` checks."""
-    fn, omp_parallel = _gemv_state["fn"]
+    fn, rt = _gemv_state["fn"]
     n = len(weights)
     in_f = weights[0].shape[1]
     rows = x.numel() // in_f
@@ -858,10 +854,13 @@ def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None =
     o = [t.shape[0] for t in weights] + [0] * (3 - n)
     y = x.new_empty(rows, o[0] + o[1] + o[2])
     ln_w, ln_b, eps = (None, None, 0.0) if layer_norm is None else layer_norm
-    rc = fn(x.data_ptr(), y.data_ptr(), rows, in_f, n, *w, *b, *o, int(gelu),
-            0 if residual is None else residual.data_ptr(), int(layer_norm is not None),
-            0 if ln_w is None else ln_w.data_ptr(), 0 if ln_b is None else ln_b.data_ptr(),
-            float(eps), *_rope_args(rope), torch.get_num_threads(), omp_parallel)
+    cos, sin, cols, dim, length = _rope_args(rope)
+    ptr = _i64s(x.data_ptr(), y.data_ptr(), *w, *b,
+                0 if residual is None else residual.data_ptr(),
+                0 if ln_w is None else ln_w.data_ptr(), 0 if ln_b is None else ln_b.data_ptr(),
+                cos, sin)
+    geo = _i64s(rows, in_f, n, *o, int(gelu), int(layer_norm is not None), cols, dim, length)
+    rc = fn(ptr, geo, float(eps), torch.get_num_threads(), rt)
     if rc != 0:
         raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
     return y
@@ -999,15 +998,10 @@ _SHORT_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 def _load_short():
     lib = ctypes.CDLL(str(_build(_SHORT_SOURCE)))
-    fns = {}
-    for suffix in _SHORT_DTYPES.values():
-        for kind in ("forward", "backward"):
-            fn = getattr(lib, f"short_{kind}_{suffix}")
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_double, ctypes.c_int, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-            fns[kind, suffix] = fn
+    fns = {(kind, suffix): _entry(lib, f"short_{kind}_{suffix}")
+           for suffix in _SHORT_DTYPES.values() for kind in ("forward", "backward")}
     _register(lib)
-    return fns, _openmp()
+    return fns, (ctypes.c_void_p * 4)(_openmp())  # torch's OpenMP team; no BLAS needed
 
 
 def _short_self_check() -> None:
@@ -1111,15 +1105,15 @@ def _short_call(kind: str, strided: list[Tensor], lse: Tensor, nbatch: int, geo:
                 scale: float) -> None:
     """Run a kernel on ``strided`` tensors ``(*batch, H, L, C)`` (channels contiguous) and the
     contiguous ``lse (*batch, Hq, Lq)``, in the order the C function takes them."""
-    fns, omp_parallel = _short_state["fn"]
+    fns, rt = _short_state["fn"]
     fn = fns[kind, _SHORT_DTYPES[lse.dtype]]
     assert all(t.shape[-1] <= 1 or t.stride(-1) == 1 for t in strided) and lse.is_contiguous()
     strides = [s for t in strided for s in (_stride(t, -3), _stride(t, -2))]
     geometry = torch.tensor(geo + strides, dtype=torch.int64)
     offsets = torch.cat([_batch_offsets(t, nbatch) for t in strided])
-    ptrs = torch.tensor([t.data_ptr() for t in (*strided, lse)], dtype=torch.int64)
-    rc = fn(ptrs.data_ptr(), geometry.data_ptr(), offsets.data_ptr(), float(scale),
-            torch.get_num_threads(), omp_parallel)
+    ptrs = torch.tensor([t.data_ptr() for t in (*strided, lse)] + [offsets.data_ptr()],
+                        dtype=torch.int64)
+    rc = fn(ptrs.data_ptr(), geometry.data_ptr(), float(scale), torch.get_num_threads(), rt)
     if rc != 0:
         raise MemoryError(f"attnkit short-sequence kernel ({kind}): out of memory")
 

@@ -450,31 +450,33 @@ static void FN(backward_items)(team_t *TM) {
   free(buf);
 }
 
-// ptr: q, k, v, out, lse (B x Hq x Lq, contiguous). geo: nb, Hq, Hkv, Lq, Lk, d, dv, then the
-// (head, row) strides of q, k, v, out. off: nb offsets (elements) of each sequence in q, k, v,
-// out. Scores are scale * q.k. One work item per sequence. Returns 0, or -1 when a buffer
-// could not be allocated.
-int FN(short_forward)(const int64_t *ptr, const int64_t *geo, const int64_t *off, double scale,
-                      int nthreads, void *omp_parallel) {
+// ptr: q, k, v, out, lse (B x Hq x Lq, contiguous), off. geo: nb, Hq, Hkv, Lq, Lk, d, dv, then
+// the (head, row) strides of q, k, v, out. off: nb offsets (elements) of each sequence in q, k,
+// v, out. Scores are scale * q.k. One work item per sequence. Returns 0, or -1 when a buffer
+// could not be allocated. (Calling convention: team.h.)
+int FN(short_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                      void *const *rt) {
+  const int64_t *off = (const int64_t *)ptr[5];
   FN(args_t) A;
   memset(&A, 0, sizeof A);
   A.q = (const R *)ptr[0]; A.k = (const R *)ptr[1]; A.v = (const R *)ptr[2];
   A.out = (R *)ptr[3]; A.lse_out = (R *)ptr[4];
   A.g = geo; A.off = off; A.scale = (R)scale;
-  return team_run(FN(forward_items), &A, geo[G_NB], nthreads, omp_parallel);
+  return team_run(FN(forward_items), &A, geo[G_NB], nthreads, rt[RT_OMP_PARALLEL]);
 }
 
-// ptr: q, k, v, dout, dq, dk, dv, lse. geo: nb, Hq, Hkv, Lq, Lk, d, dv, then the (head, row)
-// strides of q, k, v, dout, dq, dk, dv. off: nb offsets of each sequence in q, k, v, dout, dq,
-// dk, dv. Every element of dq, dk, dv is written.
-int FN(short_backward)(const int64_t *ptr, const int64_t *geo, const int64_t *off, double scale,
-                       int nthreads, void *omp_parallel) {
+// ptr: q, k, v, dout, dq, dk, dv, lse, off. geo: nb, Hq, Hkv, Lq, Lk, d, dv, then the (head,
+// row) strides of q, k, v, dout, dq, dk, dv. off: nb offsets of each sequence in q, k, v, dout,
+// dq, dk, dv. Every element of dq, dk, dv is written.
+int FN(short_backward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                       void *const *rt) {
+  const int64_t *off = (const int64_t *)ptr[8];
   FN(args_t) A;
   memset(&A, 0, sizeof A);
   A.q = (const R *)ptr[0]; A.k = (const R *)ptr[1]; A.v = (const R *)ptr[2];
   A.dout = (const R *)ptr[3]; A.dq = (R *)ptr[4]; A.dk = (R *)ptr[5]; A.dv = (R *)ptr[6];
   A.lse = (const R *)ptr[7];
   A.g = geo; A.off = off; A.scale = (R)scale;
-  return team_run(FN(backward_items), &A, geo[G_NB], nthreads, omp_parallel);
+  return team_run(FN(backward_items), &A, geo[G_NB], nthreads, rt[RT_OMP_PARALLEL]);
 }
 #endif
