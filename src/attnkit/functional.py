@@ -17,11 +17,11 @@ from torch import Tensor
 
 from .kernels import native
 from .kernels.components import AllKeys, MaskTerm
+from .kernels.enumerate import pair_weights
 from .kernels.short import short_attention, short_ok
 from .kernels.structured import (
     NEG_INF,
     Ctx,
-    edge_scores,
     finish_scores,
     lower,
     softmax_rows,
@@ -33,7 +33,6 @@ __all__ = ["attention", "SparseWeights", "dense_reference"]
 
 # enable_gqa arrived in torch 2.5; SDPA is a builtin without an inspectable signature.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-_EDGE_CHUNK = 1 << 22
 # Decoding steps (a few query rows per key/value head against a long cache) go to the native
 # split-K kernel instead of SDPA on CPU: SDPA's CPU kernel gives each thread whole heads, so
 # with one key/value head (multi-query) one thread reads the cache while the other idles, and its
@@ -339,11 +338,12 @@ def attention(
 
     comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
         [AllKeys()] if pattern is None else pattern.plan(lq, lk))
-    out, lse = structured_attention(qg, k, v, lower(comps, lq, lk), ctx)
+    comps = lower(comps, lq, lk)
+    out, lse = structured_attention(qg, k, v, comps, ctx)
     out = out.reshape(B, hq, lq, dv).to(q.dtype)
     if not return_weights:
         return out
-    return out, _sparse_weights(qg, k, pattern, ctx, lse)
+    return out, _sparse_weights(qg, k, comps, ctx, lse)
 
 
 def _empty_batch(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None,
@@ -449,25 +449,14 @@ def _dense_with_weights(qg, k, v, pattern, ctx: Ctx):
     return out, w.reshape(B, hkv * g, lq, lk).to(qg.dtype)
 
 
-def _sparse_weights(qg, k, pattern: Pattern, ctx: Ctx, lse: Tensor) -> SparseWeights:
-    """Weights of every allowed pair, ``exp(score - lse)``, in CSR order: O(nnz) memory."""
-    B, hkv, g, lq, d = qg.shape
-    lk = k.shape[2]
-    rows, cols = pattern.pairs(lq, lk, qg.device)
-    per = max(1, B * hkv * g * (d + 2))
-    step = max(1, _EDGE_CHUNK // per)
-    vals = []
-    for e0 in range(0, rows.numel(), step):
-        r, c = rows[e0:e0 + step], cols[e0:e0 + step]
-        s = edge_scores(qg, k, r, c, ctx).unsqueeze(-1)
-        valid = torch.ones_like(r, dtype=torch.bool).unsqueeze(-1)
-        s = finish_scores(s, r.unsqueeze(-1), c.unsqueeze(-1), valid, ctx).squeeze(-1)
-        vals.append(torch.exp(s - lse.index_select(-1, r)))
-    values = torch.cat(vals, -1) if vals else qg.new_zeros(B, hkv, g, 0)
-    counts = torch.bincount(rows, minlength=lq)
-    indptr = torch.zeros(lq + 1, dtype=torch.long, device=rows.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    return SparseWeights(indptr, cols, values.reshape(B, hkv * g, -1).to(qg.dtype), (lq, lk))
+def _sparse_weights(qg, k, comps, ctx: Ctx, lse: Tensor) -> SparseWeights:
+    """Weights of every allowed pair, ``exp(score - lse)``, in CSR order: O(nnz) memory, the
+    scores recomputed by each component's own kernel step (see
+    :func:`.kernels.enumerate.pair_weights`)."""
+    B, hkv, g, lq, _ = qg.shape
+    indptr, indices, values = pair_weights(qg, k, comps, ctx, lse)
+    return SparseWeights(indptr, indices, values.reshape(B, hkv * g, -1).to(qg.dtype),
+                         (lq, ctx.lk))
 
 
 def dense_reference(
