@@ -508,3 +508,52 @@ def test_low_rank_bias_broadcasts_like_the_reference(shape):
     bias = torch.randn(shape, generator=g, dtype=torch.float64)
     ref = dense_reference(q, k, v, bias=bias.expand(2, 2, 5, 7))[0]
     torch.testing.assert_close(attention(q, k, v, bias=bias), ref)
+
+
+# ------------------------------------------------------------------- what patterns tell others
+
+
+def test_patterns_tell_their_offsets_globals_and_halo():
+    n = 64
+    win_glob = P.sliding_window(3) | P.global_tokens([5, 40])
+    local, hubs = win_glob.split_global()
+    assert hubs == (5, 40) and win_glob.global_indices() == (5, 40)
+    assert torch.equal(local.offsets_within(n), torch.arange(-3, 4))
+    assert win_glob.halo(n) == (3, 3)
+    assert (P.sliding_window(4) & P.causal()).halo(n) == (4, 0)
+    assert P.dilated(3, 2).halo(n) == (6, 6)
+    assert torch.equal(P.dilated(3, 2).offsets_within(n), torch.arange(-6, 7, 2))
+    exp = P.exponential()
+    assert exp.halo(n) == (32, 32) and exp.offsets_within(n).tolist()[:3] == [-32, -16, -8]
+    # the offsets are a superset of the allowed pairs' offsets, checked on the dense mask
+    for pat in (P.sliding_window(2) | P.exponential(), P.dilated(5, 3) & P.sliding_window(7),
+                P.causal() & P.exponential(3)):
+        rows, cols = pat.pairs(n, n)
+        offs = pat.offsets_within(n)
+        assert torch.isin(cols - rows, offs).all(), pat
+        left, right = pat.halo(n)
+        assert int((cols - rows).min()) == -left and int((cols - rows).max()) == right
+    for index_based in (P.random_keys(2), P.block_diagonal([32, 32]),
+                        P.graph(_edges(n, n, 30), n) | P.sliding_window(1)):
+        assert index_based.split_global() is None and index_based.offsets_within(n) is None
+        with pytest.raises(ValueError, match="not made of offsets"):
+            index_based.halo(n)
+    assert (P.global_tokens([1]) & P.causal()).split_global() == (None, (1,))
+
+
+def test_one_input_check_for_attention_and_the_sequence_parallel_entry():
+    from attnkit.distributed.sequence import _local_error
+    from attnkit.functional import check_qkv
+
+    q, k, v = _qkv()
+    check_qkv(q, k, v)  # fine
+    k3, v3 = torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)  # 3 k/v heads
+    with pytest.raises(ValueError, match="q heads Hq=4 must be a multiple"):
+        check_qkv(q, k3, v3)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, H, L_local, D\)"):
+        check_qkv(q[None], k[None], v[None], sharded=True)
+    with pytest.raises(ValueError, match="same positions"):
+        check_qkv(q, k[:, :, :5], v[:, :, :5], sharded=True)
+    assert "scale must be finite" in _local_error(q, k, v, float("nan"))
+    assert "multiple of k/v heads" in _local_error(q, k3, v3, None)
+    assert _local_error(q, k, v, None) == ""

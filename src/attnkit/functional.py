@@ -140,13 +140,24 @@ def check_temperature(temperature: float | Tensor, num_heads: int) -> None:
         raise TypeError(f"temperature must be a float or tensor, got {type(temperature).__name__}")
 
 
-def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
+def check_qkv(q, k, v, *, scale=None, sharded: bool = False) -> None:
+    """The checks of ``q``, ``k``, ``v`` (and ``scale``) that every attention entry point
+    shares: :func:`attention` and :func:`attnkit.distributed.sequence_parallel_attention`.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument unless q ``(*batch, Hq, Lq, D)``,
+    k ``(*batch, Hkv, Lk, D)``, v ``(*batch, Hkv, Lk, Dv)`` are floating-point tensors of one
+    dtype and device with ``Hq % Hkv == 0``, ``D, Dv >= 1``, and ``scale`` is None or a finite
+    float. ``sharded=True`` is the sequence-parallel layout: exactly ``(B, H, L_local, D)``,
+    q, k and v holding the same positions.
+    """
+    shapes = ({name: "(B, H, L_local, D)" for name in "qkv"} if sharded else
+              {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"})
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 4:
-            exp = {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"}[name]
-            raise ValueError(f"{name} must have shape {exp} (or more leading batch dims), got "
+        if t.dim() < 4 or (sharded and t.dim() != 4):
+            more = "" if sharded else " (or more leading batch dims)"
+            raise ValueError(f"{name} must have shape {shapes[name]}{more}, got "
                              f"{t.dim()} dims {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -165,6 +176,9 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk, got {k.shape[-2]} and "
                          f"{v.shape[-2]}")
+    if sharded and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q, k, v must hold the same positions (self-attention shards), got "
+                         f"L_local {q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}")
     if k.shape[-1] != d:
         raise ValueError(f"k must have head dim D={d} like q, got {k.shape[-1]}")
     if d == 0 or v.shape[-1] == 0:  # no feature to score or to return: a mistake, not a case
@@ -174,6 +188,17 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
         raise ValueError(f"q and k/v need at least one head each, got Hq={hq} and Hkv={hkv}")
     if hq % hkv != 0:
         raise ValueError(f"q heads Hq={hq} must be a multiple of k/v heads Hkv={hkv}")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
+    check_qkv(q, k, v, scale=scale)
+    batch = tuple(q.shape[:-3])
+    hq, lq, _ = q.shape[-3:]
     lk = k.shape[-2]
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(
@@ -181,11 +206,6 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
         )
     if score_mod is not None and not callable(score_mod):
         raise TypeError("score_mod must be callable (score, b, h, q_idx, k_idx) -> score")
-    if scale is not None:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
     check_temperature(temperature, hq)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
