@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TEST_DEVICE, skip_unless_device_available
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,13 +17,31 @@ from attnkit import SparseWeights, attention, dense_reference
 from attnkit import patterns as P
 
 F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _on_test_device():
+    """Run this module on ``ATTNKIT_TEST_DEVICE`` (see conftest): with ``cuda`` every tensor a
+    test makes without a device lands on the GPU; seeded draws stay on the CPU (then move), so
+    both devices see the same numbers."""
+    skip_unless_device_available()
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    old = torch.get_default_device()
+    torch.set_default_device(TEST_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(old)
 
 
 def _qkv(b=2, hq=4, hkv=2, lq=37, lk=37, d=8, dv=5, dtype=F64, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype)
-    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=dtype)
+    q = torch.randn(b, hq, lq, d, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
+    k = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
+    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
@@ -30,8 +49,8 @@ def _qkv(b=2, hq=4, hkv=2, lq=37, lk=37, d=8, dv=5, dtype=F64, seed=0, requires_
 
 def _edges(n_src, n_dst, e, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, n_src, (e,), generator=g),
-                        torch.randint(0, n_dst, (e,), generator=g)])
+    return torch.stack([torch.randint(0, n_src, (e,), generator=g, device=CPU),
+                        torch.randint(0, n_dst, (e,), generator=g, device=CPU)])
 
 
 def patterns_for(lq: int, lk: int) -> dict[str, P.Pattern]:
@@ -67,7 +86,7 @@ def patterns_for(lq: int, lk: int) -> dict[str, P.Pattern]:
 
 def _check(q, k, v, pattern, tol=1e-10, **kw):
     lq, lk = q.shape[2], k.shape[2]
-    mask = None if pattern is None else pattern.to_dense(lq, lk)
+    mask = None if pattern is None else pattern.to_dense(lq, lk, q.device)
     ref_kw = {k_: kw[k_] for k_ in ("bias", "scale", "temperature") if k_ in kw}
     ref, w_ref = dense_reference(q, k, v, mask, **ref_kw)
     out, w = attention(q, k, v, pattern=pattern, return_weights=True, **kw)
@@ -503,9 +522,10 @@ def test_public_api_names():
 def test_low_rank_bias_broadcasts_like_the_reference(shape):
     """A bias of shape (Lk,) or a scalar broadcasts to (B, Hq, Lq, Lk) (SDPA needs 2-D masks)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(shape, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64, device=CPU)
+    k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64, device=CPU)
+            for _ in range(2))
+    bias = torch.randn(shape, generator=g, dtype=torch.float64, device=CPU)
     ref = dense_reference(q, k, v, bias=bias.expand(2, 2, 5, 7))[0]
     torch.testing.assert_close(attention(q, k, v, bias=bias), ref)
 
@@ -557,3 +577,16 @@ def test_one_input_check_for_attention_and_the_sequence_parallel_entry():
     assert "scale must be finite" in _local_error(q, k, v, float("nan"))
     assert "multiple of k/v heads" in _local_error(q, k3, v3, None)
     assert _local_error(q, k, v, None) == ""
+
+
+def test_weights_in_csr_order_across_chunks_for_every_pattern(monkeypatch):
+    """Weights come from each component's own score step, merged into CSR order chunk by
+    chunk: with tiny chunks they must still equal the dense reference, in pat.csr order."""
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 3000)
+    q, k, v = _qkv(b=1, hq=2, hkv=1, lq=130, lk=130, dv=4)
+    for name, pat in patterns_for(130, 130).items():
+        if pat.is_dense:
+            continue
+        _, w = _check(q, k, v, pat)
+        indptr, indices = pat.csr(130, 130, q.device)
+        assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices), name

@@ -48,6 +48,10 @@ __all__ = [
     "from_mask_mod",
 ]
 
+# Plans and CSR structures are host-side metadata (moved to the inputs' device by the kernels),
+# built on the CPU whatever torch's default device: a seeded pattern draws the same keys
+# everywhere.
+_HOST = torch.device("cpu")
 # Above this many offsets a dilated pattern is cheaper as a masked band than as a gather.
 _MAX_GATHER_OFFSETS = 96
 
@@ -397,7 +401,8 @@ class _CSRPattern(Pattern):
         cache = self.__dict__.setdefault("_key_cache", {})
         if key not in cache:
             indptr, indices = self._csr_for(lq, lk)
-            rows = torch.repeat_interleave(torch.arange(lq), indptr[1:] - indptr[:-1])
+            rows = torch.repeat_interleave(torch.arange(lq, device=indptr.device),
+                                           indptr[1:] - indptr[:-1])
             cache[key] = rows * max(lk, 1) + indices  # sorted: CSR rows then sorted cols
         return cache[key]
 
@@ -469,7 +474,7 @@ class Graph(_CSRPattern):
 
     def _csr_for(self, lq, lk):
         counts = torch.bincount(self._dst, minlength=lq)
-        indptr = torch.zeros(lq + 1, dtype=torch.long)
+        indptr = torch.zeros(lq + 1, dtype=torch.long, device=_HOST)
         indptr[1:] = torch.cumsum(counts, 0)
         return indptr, self._src
 
@@ -488,18 +493,18 @@ def _floyd(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor:
     ``t``, or ``j`` when ``t`` is already kept: exactly ``m`` draws, no rejection. Membership is
     a comparison with the kept picks (``m**2 / 2`` per row) or, when cheaper, a per-row table
     of ``n`` flags."""
-    picks = torch.empty(rows, m, dtype=torch.long)
+    picks = torch.empty(rows, m, dtype=torch.long, device=_HOST)
     if m == 0:
         return picks
     dense = m > 32 and n <= 4 * m * m
     step = max(1, _TAKEN_CELLS // n) if dense else max(1, _TAKEN_CELLS // m)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        base = torch.arange(r1 - r0) * n  # row starts in the flat table
-        taken = torch.zeros((r1 - r0) * n, dtype=torch.bool) if dense else None
+        base = torch.arange(r1 - r0, device=_HOST) * n  # row starts in the flat table
+        taken = torch.zeros((r1 - r0) * n, dtype=torch.bool, device=_HOST) if dense else None
         out = picks[r0:r1]
         for c, j in enumerate(range(n - m, n)):
-            t = torch.randint(0, j + 1, (r1 - r0,), generator=gen)
+            t = torch.randint(0, j + 1, (r1 - r0,), generator=gen, device=_HOST)
             seen = taken[base + t] if dense else (out[:, :c] == t.unsqueeze(1)).any(1)
             pick = torch.where(seen, j, t)
             out[:, c] = pick
@@ -515,12 +520,12 @@ def _distinct_per_row(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor
     ``O(rows * min(m, n - m))`` draws (plus the output)."""
     if 2 * m <= n:
         return _floyd(rows, n, m, gen).sort(1).values
-    out = torch.empty(rows, m, dtype=torch.long)
+    out = torch.empty(rows, m, dtype=torch.long, device=_HOST)
     step = max(1, _TAKEN_CELLS // max(n, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         left_out = _floyd(r1 - r0, n, n - m, gen)
-        keep = torch.ones(r1 - r0, n, dtype=torch.bool)
+        keep = torch.ones(r1 - r0, n, dtype=torch.bool, device=_HOST)
         keep.scatter_(1, left_out, False)
         out[r0:r1] = keep.nonzero()[:, 1].view(r1 - r0, m)  # row-major: sorted per row
     return out
@@ -541,7 +546,7 @@ class RandomKeys(_CSRPattern):
             gen = torch.Generator().manual_seed(self.seed)
             r = min(self.r, lk)
             cols = _distinct_per_row(lq, lk, r, gen)
-            indptr = torch.arange(lq + 1) * r
+            indptr = torch.arange(lq + 1, device=_HOST) * r
             self._cache[(lq, lk)] = (indptr, cols.reshape(-1))
         return self._cache[(lq, lk)]
 
