@@ -13,10 +13,14 @@ import math
 import torch
 from torch import Tensor
 
+from . import structured as _structured
 from .components import Component, Ranges, RowSet
 from .structured import BLOCK, Ctx, chunk_rows, component_scores, lower
 
 _CHUNK_CANDIDATES = 1 << 24
+# Elements of one chunk's score buffer in pair_weights: small enough that its few passes
+# (GEMM, gather, exp) stay in cache instead of streaming from memory.
+WEIGHTS_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunk_pairs(comp: Component, q0: int, q1: int, lq: int, lk: int, device):
@@ -133,10 +137,18 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     B, hkv, g, lq, d = qs.shape
     lk = ctx.lk
     device = qs.device
-    rows = min(chunk_rows(comps, ctx, d), max(lq, 1))
+    rows = min(chunk_rows(comps, ctx, d, min(WEIGHTS_CHUNK_ELEMENTS, _structured.CHUNK_ELEMENTS)),
+               max(lq, 1))
     dead = bool(torch.isneginf(lse).any())
     counts = torch.zeros(lq, dtype=torch.long, device=device)
-    cols, vals = [], []
+    # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
+    # into a list concatenated at the end (a second copy of every value).
+    bound = sum(c.cost(lq, lk) for c in comps)
+    indices = torch.empty(bound, dtype=torch.long, device=device)
+    values = lse.new_empty(B * hkv * g, bound)
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
+    nnz = 0
     for q0 in range(0, lq, rows):
         q1 = min(lq, q0 + rows)
         ck, cj, cv = [], [], []
@@ -152,12 +164,17 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
                 continue
             # gather, not index_select: along the last dim it is ~15x faster on CPU
             at = pick.expand(B * hkv * g, -1)
-            w = torch.gather(s.reshape(B * hkv * g, -1), 1, at).exp_()
+            direct = not grad and len(comps) == 1 and not dead
+            if direct:  # one component: straight into the output, no intermediate copy
+                w = values[:, nnz:nnz + pick.numel()]
+                torch.gather(s.reshape(B * hkv * g, -1), 1, at, out=w)
+                torch.exp(w, out=w)
+            else:
+                w = torch.gather(s.reshape(B * hkv * g, -1), 1, at).exp_()
             if dead:
                 lse_q = lse.index_select(3, qi.reshape(-1)).view(B, hkv, g, *qi.shape)
                 gone = torch.broadcast_to(torch.isneginf(lse_q), (B, hkv, g, *layout))
                 w = w.masked_fill(torch.gather(gone.reshape(B * hkv * g, -1), 1, at), 0.0)
-            w = w.view(B, hkv, g, -1)
             if qi.dim() == valid.dim() and qi.shape[-1] == 1:  # one row per line of valid
                 counts.index_add_(0, qi.reshape(-1), valid.sum(-1).reshape(-1))
                 qsel = None
@@ -175,19 +192,19 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
             continue
         if len(cj) == 1:
             # a component lists its pairs sorted (see component_scores): already CSR order
-            cols.append(cj[0])
-            vals.append(cv[0])
+            col, val = cj[0], cv[0]
         else:
             pos = _merge_positions(ck)
             total = sum(c_.numel() for c_ in cj)
-            cols.append(_place(cj, pos, total))
-            vals.append(_place(cv, pos, total))
-    if cols:
-        indices = torch.cat(cols) if len(cols) > 1 else cols[0]
-        values = torch.cat(vals, -1) if len(vals) > 1 else vals[0]
-    else:
-        indices = torch.zeros(0, dtype=torch.long, device=device)
-        values = lse.new_zeros(B, hkv, g, 0)
+            col, val = _place(cj, pos, total), _place(cv, pos, total)
+        n = col.numel()
+        indices[nnz:nnz + n] = col
+        if not direct:
+            values[:, nnz:nnz + n] = val
+        nnz += n
+    indices, values = indices[:nnz], values[:, :nnz]
+    if nnz < 0.75 * bound:  # masks cut many candidates: keep only the allowed pairs' memory
+        indices, values = indices.clone(), values.clone()
     indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
     indptr[1:] = torch.cumsum(counts, 0)
-    return indptr, indices, values
+    return indptr, indices, values.view(B, hkv, g, nnz)

@@ -287,11 +287,11 @@ def _band_scores(comp: Ranges, qs, k, q0, q1, ctx: Ctx, masked: bool = True,
     win = _BandWindows(comp, q0, q1, ctx, qs.device)
     nb, width = win.nb, win.width
     qc = qs[:, :, :, q0:q1]
+    kp = win.pad(k)  # the chunk's key span only
     if minus is not None:
-        k = torch.cat([k, k.new_ones(*k.shape[:-1], 1)], -1)
+        kp = torch.cat([kp, kp.new_ones(*kp.shape[:-1], 1)], -1)
         qc = torch.cat([qc, -minus[:, :, :, q0:q1].unsqueeze(-1).to(qc.dtype)], -1)
         d += 1
-    kp = win.pad(k)
     if nb * bq > q1 - q0:
         qc = F.pad(qc, (0, 0, 0, nb * bq - (q1 - q0)))
     qc = qc.reshape(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
@@ -574,12 +574,14 @@ def component_width(comp: Component, ctx: Ctx, d: int) -> float:
     return ctx.hq  # RowSet: its own few rows, sized separately
 
 
-def chunk_rows(comps: list[Component], ctx: Ctx, d: int) -> int:
+def chunk_rows(comps: list[Component], ctx: Ctx, d: int, budget: int | None = None) -> int:
     """Query rows per chunk so that one chunk's intermediates over all of ``comps`` stay within
-    :data:`CHUNK_ELEMENTS`: a multiple of ``ctx.block``, at least one block (not capped at
-    ``ctx.lq``). The kernels, the weights and the sequence-parallel code all chunk by it."""
+    ``budget`` elements (default :data:`CHUNK_ELEMENTS`): a multiple of ``ctx.block``, at least
+    one block (not capped at ``ctx.lq``). The kernels, the weights and the sequence-parallel
+    code all chunk by it."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
     width = sum(component_width(c, ctx, d) for c in comps) * ctx.batch
-    return max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)
+    return max(ctx.block, int(budget // max(width, 1)) // ctx.block * ctx.block)
 
 
 def component_scores(comp: Component, qs: Tensor, k: Tensor, q0: int, q1: int, ctx: Ctx,
