@@ -274,6 +274,9 @@ def fwd_bwd_case(args, length: int = 2**16, h: int = 4, d: int = 64) -> None:
         if DEVICE == "cuda":
             row[f"{name}_cuda_peak_gib"] = max(r["cuda_peak_gib"] for r in rs)
     row["fwd_bwd_vs_forward_time_per_pair"] = row["forward_backward_s"] / row["forward_s"]
+    # CPU seconds of the worker: what a busy shared machine changes least
+    row["fwd_bwd_vs_forward_cpu_per_pair"] = (row["forward_backward_cpu_s"]
+                                              / row["forward_cpu_s"])
     if len(runs["forward"]) > 1:
         ci = ratio_ci([r["seconds"] for r in runs["forward_backward"]],
                       [r["seconds"] for r in runs["forward"]])
