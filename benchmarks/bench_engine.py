@@ -185,6 +185,8 @@ def weights_case(args, lengths, h: int = 4, d: int = 64) -> None:
         q, k, v = qkv(1, h, length, d)
         rounds = 3 if args.quick or length > 2**13 else 7
         for name, pat in sparse_patterns(length).items():
+            if args.pattern and args.pattern not in name:
+                continue
             with torch.no_grad():
                 def fwd(pat=pat, q=q, k=k, v=v):
                     return attnkit.attention(q, k, v, pattern=pat)
@@ -294,6 +296,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--case", choices=["all", "core", "weights", "fwd_bwd_64k"], default="all",
                     help="core: gemm, dense, window, scaling, peak_memory")
+    ap.add_argument("--pattern", default="", help="weights case: only patterns whose name "
+                                                  "contains this text")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")

@@ -13,7 +13,6 @@ import math
 import torch
 from torch import Tensor
 
-from . import structured as _structured
 from .components import Component, Ranges, RowSet
 from .structured import BLOCK, Ctx, chunk_rows, component_scores, lower
 
@@ -137,8 +136,11 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     B, hkv, g, lq, d = qs.shape
     lk = ctx.lk
     device = qs.device
-    rows = min(chunk_rows(comps, ctx, d, min(WEIGHTS_CHUNK_ELEMENTS, _structured.CHUNK_ELEMENTS)),
-               max(lq, 1))
+    # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
+    # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
+    per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
+    rows = min(chunk_rows(comps, ctx, d),
+               max(BLOCK, WEIGHTS_CHUNK_ELEMENTS // per_row // BLOCK * BLOCK), max(lq, 1))
     dead = bool(torch.isneginf(lse).any())
     counts = torch.zeros(lq, dtype=torch.long, device=device)
     # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
