@@ -13,6 +13,16 @@ Cases (issue 2):
                allowed pairs (log-log slope <= 1.1), vs FlexAttention at 16k and 64k (>= 3x),
                peak memory of the 1M forward in a fresh process (< 8 GiB)
   gemm         the machine's GEMM GFLOP/s, beside GFLOP/s on allowed pairs
+  weights      (issue 26, target 1) every sparse pattern at L = 4096 and 65536, H=4, D=64:
+               return_weights=True time vs the plain forward, interleaved rounds (frame's
+               interleaved_times), ratio with a bootstrap CI (target <= 2)
+  fwd_bwd_64k  (issue 26, target 3) sliding_window(256) | global_tokens(16) at 65536 tokens,
+               forward and forward+backward, each in a fresh process (peak resident memory),
+               alternating rounds; time per allowed pair of fwd+bwd vs the forward's
+
+--case picks one group (default: all). --device cuda runs the engine, SDPA and FlexAttention
+on the GPU (timings synchronize the device). With --threads 1 the weights case times CPU
+seconds of this process (time.process_time), which a busy shared machine barely changes.
 """
 
 from __future__ import annotations
@@ -35,26 +45,36 @@ from attnkit import patterns as P
 from attnkit.experiment.stats import interleaved_times, median, ratio_ci, single_thread
 from attnkit.kernels import native
 
+# where tensors live: "cpu" or "cuda" (set by --device)
+DEVICE = "cpu"
+
 
 def emit(**row) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timeit(fn, repeat: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
+    _sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def qkv(b, h, length, d, requires_grad=False, seed=0):
+def qkv(b, h, length, d, requires_grad=False, seed=0, device=None):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(b, h, length, d, generator=g).requires_grad_(requires_grad)
-            for _ in range(3)]
+    return [torch.randn(b, h, length, d, generator=g).to(device or DEVICE)
+            .requires_grad_(requires_grad) for _ in range(3)]
 
 
 def hubs(length: int, n: int = 16) -> list[int]:
@@ -83,7 +103,8 @@ def flex_forward(length: int, pattern: str, h: int, d: int):
             m = m | is_hub[qi] | is_hub[kj]
         return m
 
-    block_mask = create_block_mask(mask_mod, None, None, length, length, device="cpu")
+    hub, is_hub = hub.to(DEVICE), is_hub.to(DEVICE)
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=DEVICE)
     compiled = torch.compile(flex_attention)
     q, k, v = qkv(1, h, length, d)
     t0 = time.perf_counter()
@@ -137,20 +158,168 @@ def peak_in_fresh_process(length: int, h: int, d: int, threads: int) -> dict:
 # ------------------------------------------------------------------------------ cases
 
 
+def sparse_patterns(length: int) -> dict[str, P.Pattern]:
+    """Every kind of sparse pattern (each plan component: band, masked band, offsets, key and
+    row sets, edges, segments) at ``length`` tokens, for the weights case."""
+    g = torch.Generator().manual_seed(0)
+    deg = 16  # in-edges per node of a random graph
+    src = torch.randint(0, length, (length * deg,), generator=g)
+    dst = torch.arange(length).repeat_interleave(deg)
+    return {
+        "sliding_window(128)": P.sliding_window(128),
+        "sliding_window(128)|global_tokens(16)": P.sliding_window(128)
+        | P.global_tokens(hubs(length)),
+        "sliding_window(128)&causal()": P.sliding_window(128) & P.causal(),
+        "dilated(32,4)": P.dilated(32, 4),  # 65 offsets: the offsets kernel
+        "dilated(128,2)": P.dilated(128, 2),  # 257 offsets: a masked band
+        "exponential()": P.exponential(),
+        "sliding_window(128)|exponential()": P.sliding_window(128) | P.exponential(),
+        "random_keys(32)": P.random_keys(32),
+        "block_diagonal(512)": P.block_diagonal([512] * (length // 512)),
+        f"graph({deg} in-edges)": P.graph(torch.stack([src, dst]), length),
+    }
+
+
+def weights_case(args, lengths, h: int = 4, d: int = 64) -> None:
+    """return_weights=True against the plain forward, per sparse pattern and length."""
+    clock = time.process_time if args.threads == 1 and DEVICE == "cpu" else time.perf_counter
+    for length in lengths:
+        q, k, v = qkv(1, h, length, d)
+        rounds = 3 if args.quick or length > 2**13 else 7
+        for name, pat in sparse_patterns(length).items():
+            if args.pattern and args.pattern not in name:
+                continue
+            with torch.no_grad():
+                def fwd(pat=pat, q=q, k=k, v=v):
+                    return attnkit.attention(q, k, v, pattern=pat)
+
+                def wts(pat=pat, q=q, k=k, v=v):
+                    return attnkit.attention(q, k, v, pattern=pat, return_weights=True)
+
+                t = interleaved_times({"forward": fwd, "weights": wts}, repeat=rounds,
+                                      warmup=1, clock=clock)
+                _, w = attnkit.attention(q, k, v, pattern=pat, return_weights=True)
+            ci = ratio_ci(t["weights"], t["forward"])
+            emit(case="weights", device=DEVICE, L=length, H=h, D=d, pattern=name, nnz=w.nnz,
+                 forward_s=statistics.median(t["forward"]),
+                 weights_s=statistics.median(t["weights"]),
+                 ratio_weights_vs_forward=statistics.median(t["weights"])
+                 / statistics.median(t["forward"]),
+                 ratio_ci=[ci.low, ci.high], rounds=rounds, target_max=2.0,
+                 clock="process_time" if clock is time.process_time else "wall",
+                 threads=args.threads, values_bytes_per_pair_head=w.values.element_size(),
+                 loadavg=_loadavg())
+            w = None
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        import os
+
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fwd_bwd_worker(length: int, h: int, d: int, threads: int, backward: bool, device: str,
+                    conn) -> None:
+    """One forward (or forward + backward) of window(256) | global(16) in a fresh process:
+    its time and the process's peak resident set (VmHWM) or peak CUDA memory."""
+    torch.set_num_threads(threads)
+    base = _vm_hwm_kib()
+    q, k, v = qkv(1, h, length, d, requires_grad=backward, device=device)
+    pat = P.sliding_window(256) | P.global_tokens(hubs(length))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    if backward:
+        attnkit.attention(q, k, v, pattern=pat).sum().backward()
+    else:
+        with torch.no_grad():
+            attnkit.attention(q, k, v, pattern=pat)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    peak = _vm_hwm_kib()
+    res = {"seconds": secs, "cpu_seconds": cpu, "peak_gib": peak / 2**20,
+           "above_imports_gib": (peak - base) / 2**20}
+    if device == "cuda":
+        res["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    conn.send(res)
+    conn.close()
+
+
+def fwd_bwd_case(args, length: int = 2**16, h: int = 4, d: int = 64) -> None:
+    """Target 3: window(256) | global(16) at 64k tokens, forward vs forward + backward, each
+    in a fresh process (alternating rounds, so load changes hit both alike)."""
+    pat = P.sliding_window(256) | P.global_tokens(hubs(length))
+    pairs = pat.nnz(length, length)
+    ctx = mp.get_context("spawn")
+    runs: dict[str, list[dict]] = {"forward": [], "forward_backward": []}
+    for _ in range(1 if args.quick else 3):
+        for name, backward in (("forward", False), ("forward_backward", True)):
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_fwd_bwd_worker,
+                               args=(length, h, d, args.threads, backward, DEVICE, child))
+            proc.start()
+            runs[name].append(parent.recv())
+            proc.join()
+    row = dict(case="fwd_bwd_64k", device=DEVICE, L=length, H=h, D=d,
+               pattern="sliding_window(256)|global_tokens(16)", pairs=pairs,
+               threads=args.threads, rounds=len(runs["forward"]), loadavg=_loadavg())
+    for name, rs in runs.items():
+        secs = statistics.median(r["seconds"] for r in rs)
+        cpu = statistics.median(r["cpu_seconds"] for r in rs)
+        row.update({f"{name}_s": secs, f"{name}_cpu_s": cpu,
+                    f"{name}_ns_per_pair_head": secs / (pairs * h) * 1e9,
+                    f"{name}_peak_gib": max(r["peak_gib"] for r in rs),
+                    f"{name}_above_imports_gib": max(r["above_imports_gib"] for r in rs)})
+        if DEVICE == "cuda":
+            row[f"{name}_cuda_peak_gib"] = max(r["cuda_peak_gib"] for r in rs)
+    row["fwd_bwd_vs_forward_time_per_pair"] = row["forward_backward_s"] / row["forward_s"]
+    # CPU seconds of the worker: what a busy shared machine changes least
+    row["fwd_bwd_vs_forward_cpu_per_pair"] = (row["forward_backward_cpu_s"]
+                                              / row["forward_cpu_s"])
+    if len(runs["forward"]) > 1:
+        ci = ratio_ci([r["seconds"] for r in runs["forward_backward"]],
+                      [r["seconds"] for r in runs["forward"]])
+        row["ratio_ci"] = [ci.low, ci.high]
+    emit(**row)
+
+
 def main(argv=None) -> int:
+    global DEVICE
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     ap.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--case", choices=("all", "window"), default="all",
-                    help="run only the window case (default: all)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--case", choices=["all", "core", "window", "weights", "fwd_bwd_64k"],
+                    default="all", help="core: gemm, dense, window, scaling, peak_memory; "
+                                        "window: only the window case")
+    ap.add_argument("--pattern", default="", help="weights case: only patterns whose name "
+                                                  "contains this text")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
+    if args.case in ("all", "weights"):
+        weights_case(args, [4096, 65536])
+    if args.case in ("all", "fwd_bwd_64k"):
+        fwd_bwd_case(args)
+    if args.case in ("all", "core", "window"):
+        core_cases(args)
+    return 0
+
+
+def core_cases(args) -> None:
     rep = 3 if args.quick else 7
 
     # GEMM roofline of this machine
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
     t = timeit(lambda: a @ b, repeat=rep)
     gemm = 2 * 2048**3 / t / 1e9
     emit(case="gemm", gflops=round(gemm, 1), threads=args.threads)
@@ -171,7 +340,7 @@ def main(argv=None) -> int:
     pairs = pat.nnz(length, length)
     fused = native.band_available()
     qg, kg, vg = qkv(1, h, length, d, requires_grad=True)
-    dout = torch.randn(1, h, length, d, generator=torch.Generator().manual_seed(1))
+    dout = torch.randn(1, h, length, d, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     cases = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "window": lambda: attnkit.attention(q, k, v, pattern=pat),
@@ -216,7 +385,7 @@ def main(argv=None) -> int:
             row.update(flex_error=f"{type(e).__name__}: {e}"[:300])
     emit(**row)
     if args.case == "window":
-        return 0
+        return
 
     # scaling of window(256) | global(16)
     h, d = 4, 64
@@ -254,11 +423,11 @@ def main(argv=None) -> int:
     emit(case="scaling_slope", slope_time_vs_pairs=slope, target_max=1.1,
          lengths=[p[0] for p in pts])
 
-    peak_len = 2**16 if args.quick else 2**20
-    res = peak_in_fresh_process(peak_len, h, d, args.threads)
-    emit(case="peak_memory", L=peak_len, H=h, D=d, pattern="sliding_window(256)|global(16)",
-         target_max_gib=8.0, **res)
-    return 0
+    if DEVICE == "cpu":  # the peak resident set of a CPU process
+        peak_len = 2**16 if args.quick else 2**20
+        res = peak_in_fresh_process(peak_len, h, d, args.threads)
+        emit(case="peak_memory", L=peak_len, H=h, D=d,
+             pattern="sliding_window(256)|global(16)", target_max_gib=8.0, **res)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,37 @@
 """Shared fixtures. Real data lives in ../shared/data beside the project root; tests that need
-it skip cleanly when it is absent."""
+it skip cleanly when it is absent.
+
+``ATTNKIT_TEST_DEVICE=cuda`` runs the engine tests (those taking the ``device`` fixture or
+using ``TEST_DEVICE``) on the GPU; without a CUDA device they skip, saying why. The default is
+the CPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+#: The device the engine tests run on: ``ATTNKIT_TEST_DEVICE`` (``cpu`` or ``cuda``).
+TEST_DEVICE = os.environ.get("ATTNKIT_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"ATTNKIT_TEST_DEVICE must be cpu or cuda, got {TEST_DEVICE!r}")
+
+
+def skip_unless_device_available() -> None:
+    """Skip the calling test when ``ATTNKIT_TEST_DEVICE=cuda`` but there is no CUDA device."""
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("ATTNKIT_TEST_DEVICE=cuda, but no CUDA device is available")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The engine tests' device (``ATTNKIT_TEST_DEVICE``), or skip when it is not there."""
+    skip_unless_device_available()
+    return torch.device(TEST_DEVICE)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TEST_DEVICE, skip_unless_device_available
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,13 +17,31 @@ from attnkit import SparseWeights, attention, dense_reference
 from attnkit import patterns as P
 
 F64 = torch.float64
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _on_test_device():
+    """Run this module on ``ATTNKIT_TEST_DEVICE`` (see conftest): with ``cuda`` every tensor a
+    test makes without a device lands on the GPU; seeded draws stay on the CPU (then move), so
+    both devices see the same numbers."""
+    skip_unless_device_available()
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    old = torch.get_default_device()
+    torch.set_default_device(TEST_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(old)
 
 
 def _qkv(b=2, hq=4, hkv=2, lq=37, lk=37, d=8, dv=5, dtype=F64, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, lq, d, generator=g, dtype=dtype)
-    k = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype)
-    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=dtype)
+    q = torch.randn(b, hq, lq, d, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
+    k = torch.randn(b, hkv, lk, d, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
+    v = torch.randn(b, hkv, lk, dv, generator=g, dtype=dtype, device=CPU).to(TEST_DEVICE)
     for t in (q, k, v):
         t.requires_grad_(requires_grad)
     return q, k, v
@@ -30,8 +49,8 @@ def _qkv(b=2, hq=4, hkv=2, lq=37, lk=37, d=8, dv=5, dtype=F64, seed=0, requires_
 
 def _edges(n_src, n_dst, e, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(0, n_src, (e,), generator=g),
-                        torch.randint(0, n_dst, (e,), generator=g)])
+    return torch.stack([torch.randint(0, n_src, (e,), generator=g, device=CPU),
+                        torch.randint(0, n_dst, (e,), generator=g, device=CPU)])
 
 
 def patterns_for(lq: int, lk: int) -> dict[str, P.Pattern]:
@@ -67,7 +86,7 @@ def patterns_for(lq: int, lk: int) -> dict[str, P.Pattern]:
 
 def _check(q, k, v, pattern, tol=1e-10, **kw):
     lq, lk = q.shape[2], k.shape[2]
-    mask = None if pattern is None else pattern.to_dense(lq, lk)
+    mask = None if pattern is None else pattern.to_dense(lq, lk, q.device)
     ref_kw = {k_: kw[k_] for k_ in ("bias", "scale", "temperature") if k_ in kw}
     ref, w_ref = dense_reference(q, k, v, mask, **ref_kw)
     out, w = attention(q, k, v, pattern=pattern, return_weights=True, **kw)
@@ -503,8 +522,71 @@ def test_public_api_names():
 def test_low_rank_bias_broadcasts_like_the_reference(shape):
     """A bias of shape (Lk,) or a scalar broadcasts to (B, Hq, Lq, Lk) (SDPA needs 2-D masks)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    bias = torch.randn(shape, generator=g, dtype=torch.float64)
+    q = torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64, device=CPU)
+    k, v = (torch.randn(2, 2, 7, 4, generator=g, dtype=torch.float64, device=CPU)
+            for _ in range(2))
+    bias = torch.randn(shape, generator=g, dtype=torch.float64, device=CPU)
     ref = dense_reference(q, k, v, bias=bias.expand(2, 2, 5, 7))[0]
     torch.testing.assert_close(attention(q, k, v, bias=bias), ref)
+
+
+# ------------------------------------------------------------------- what patterns tell others
+
+
+def test_patterns_tell_their_offsets_globals_and_halo():
+    n = 64
+    win_glob = P.sliding_window(3) | P.global_tokens([5, 40])
+    local, hubs = win_glob.split_global()
+    assert hubs == (5, 40) and win_glob.global_indices() == (5, 40)
+    assert torch.equal(local.offsets_within(n), torch.arange(-3, 4))
+    assert win_glob.halo(n) == (3, 3)
+    assert (P.sliding_window(4) & P.causal()).halo(n) == (4, 0)
+    assert P.dilated(3, 2).halo(n) == (6, 6)
+    assert torch.equal(P.dilated(3, 2).offsets_within(n), torch.arange(-6, 7, 2))
+    exp = P.exponential()
+    assert exp.halo(n) == (32, 32) and exp.offsets_within(n).tolist()[:3] == [-32, -16, -8]
+    # the offsets are a superset of the allowed pairs' offsets, checked on the dense mask
+    for pat in (P.sliding_window(2) | P.exponential(), P.dilated(5, 3) & P.sliding_window(7),
+                P.causal() & P.exponential(3)):
+        rows, cols = pat.pairs(n, n)
+        offs = pat.offsets_within(n)
+        assert torch.isin(cols - rows, offs).all(), pat
+        left, right = pat.halo(n)
+        assert int((cols - rows).min()) == -left and int((cols - rows).max()) == right
+    for index_based in (P.random_keys(2), P.block_diagonal([32, 32]),
+                        P.graph(_edges(n, n, 30), n) | P.sliding_window(1)):
+        assert index_based.split_global() is None and index_based.offsets_within(n) is None
+        with pytest.raises(ValueError, match="not made of offsets"):
+            index_based.halo(n)
+    assert (P.global_tokens([1]) & P.causal()).split_global() == (None, (1,))
+
+
+def test_one_input_check_for_attention_and_the_sequence_parallel_entry():
+    from attnkit.distributed.sequence import _local_error
+    from attnkit.functional import check_qkv
+
+    q, k, v = _qkv()
+    check_qkv(q, k, v)  # fine
+    k3, v3 = torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)  # 3 k/v heads
+    with pytest.raises(ValueError, match="q heads Hq=4 must be a multiple"):
+        check_qkv(q, k3, v3)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, H, L_local, D\)"):
+        check_qkv(q[None], k[None], v[None], sharded=True)
+    with pytest.raises(ValueError, match="same positions"):
+        check_qkv(q, k[:, :, :5], v[:, :, :5], sharded=True)
+    assert "scale must be finite" in _local_error(q, k, v, float("nan"))
+    assert "multiple of k/v heads" in _local_error(q, k3, v3, None)
+    assert _local_error(q, k, v, None) == ""
+
+
+def test_weights_in_csr_order_across_chunks_for_every_pattern(monkeypatch):
+    """Weights come from each component's own score step, merged into CSR order chunk by
+    chunk: with tiny chunks they must still equal the dense reference, in pat.csr order."""
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 3000)
+    q, k, v = _qkv(b=1, hq=2, hkv=1, lq=130, lk=130, dv=4)
+    for name, pat in patterns_for(130, 130).items():
+        if pat.is_dense:
+            continue
+        _, w = _check(q, k, v, pat)
+        indptr, indices = pat.csr(130, 130, q.device)
+        assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices), name

@@ -17,11 +17,11 @@ from torch import Tensor
 
 from .kernels import native
 from .kernels.components import AllKeys, MaskTerm
+from .kernels.enumerate import pair_weights
 from .kernels.short import short_attention, short_ok
 from .kernels.structured import (
     NEG_INF,
     Ctx,
-    edge_scores,
     finish_scores,
     lower,
     softmax_rows,
@@ -33,7 +33,6 @@ __all__ = ["attention", "SparseWeights", "dense_reference"]
 
 # enable_gqa arrived in torch 2.5; SDPA is a builtin without an inspectable signature.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-_EDGE_CHUNK = 1 << 22
 # Decoding steps (a few query rows per key/value head against a long cache) go to the native
 # split-K kernel instead of SDPA on CPU: SDPA's CPU kernel gives each thread whole heads, so
 # with one key/value head (multi-query) one thread reads the cache while the other idles, and its
@@ -141,13 +140,24 @@ def check_temperature(temperature: float | Tensor, num_heads: int) -> None:
         raise TypeError(f"temperature must be a float or tensor, got {type(temperature).__name__}")
 
 
-def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
+def check_qkv(q, k, v, *, scale=None, sharded: bool = False) -> None:
+    """The checks of ``q``, ``k``, ``v`` (and ``scale``) that every attention entry point
+    shares: :func:`attention` and :func:`attnkit.distributed.sequence_parallel_attention`.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument unless q ``(*batch, Hq, Lq, D)``,
+    k ``(*batch, Hkv, Lk, D)``, v ``(*batch, Hkv, Lk, Dv)`` are floating-point tensors of one
+    dtype and device with ``Hq % Hkv == 0``, ``D, Dv >= 1``, and ``scale`` is None or a finite
+    float. ``sharded=True`` is the sequence-parallel layout: exactly ``(B, H, L_local, D)``,
+    q, k and v holding the same positions.
+    """
+    shapes = ({name: "(B, H, L_local, D)" for name in "qkv"} if sharded else
+              {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"})
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 4:
-            exp = {"q": "(B, Hq, Lq, D)", "k": "(B, Hkv, Lk, D)", "v": "(B, Hkv, Lk, Dv)"}[name]
-            raise ValueError(f"{name} must have shape {exp} (or more leading batch dims), got "
+        if t.dim() < 4 or (sharded and t.dim() != 4):
+            more = "" if sharded else " (or more leading batch dims)"
+            raise ValueError(f"{name} must have shape {shapes[name]}{more}, got "
                              f"{t.dim()} dims {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -166,6 +176,9 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"k and v must have the same length Lk, got {k.shape[-2]} and "
                          f"{v.shape[-2]}")
+    if sharded and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"q, k, v must hold the same positions (self-attention shards), got "
+                         f"L_local {q.shape[-2]}, {k.shape[-2]}, {v.shape[-2]}")
     if k.shape[-1] != d:
         raise ValueError(f"k must have head dim D={d} like q, got {k.shape[-1]}")
     if d == 0 or v.shape[-1] == 0:  # no feature to score or to return: a mistake, not a case
@@ -175,6 +188,17 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
         raise ValueError(f"q and k/v need at least one head each, got Hq={hq} and Hkv={hkv}")
     if hq % hkv != 0:
         raise ValueError(f"q heads Hq={hq} must be a multiple of k/v heads Hkv={hkv}")
+    if scale is not None:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout_p, check_finite):
+    check_qkv(q, k, v, scale=scale)
+    batch = tuple(q.shape[:-3])
+    hq, lq, _ = q.shape[-3:]
     lk = k.shape[-2]
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(
@@ -182,11 +206,6 @@ def _check_inputs(q, k, v, pattern, bias, score_mod, scale, temperature, dropout
         )
     if score_mod is not None and not callable(score_mod):
         raise TypeError("score_mod must be callable (score, b, h, q_idx, k_idx) -> score")
-    if scale is not None:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
     check_temperature(temperature, hq)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -339,11 +358,12 @@ def attention(
 
     comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
         [AllKeys()] if pattern is None else pattern.plan(lq, lk))
-    out, lse = structured_attention(qg, k, v, lower(comps, lq, lk), ctx)
+    comps = lower(comps, lq, lk)
+    out, lse = structured_attention(qg, k, v, comps, ctx)
     out = out.reshape(B, hq, lq, dv).to(q.dtype)
     if not return_weights:
         return out
-    return out, _sparse_weights(qg, k, pattern, ctx, lse)
+    return out, _sparse_weights(qg, k, comps, ctx, lse)
 
 
 def _empty_batch(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None,
@@ -449,25 +469,14 @@ def _dense_with_weights(qg, k, v, pattern, ctx: Ctx):
     return out, w.reshape(B, hkv * g, lq, lk).to(qg.dtype)
 
 
-def _sparse_weights(qg, k, pattern: Pattern, ctx: Ctx, lse: Tensor) -> SparseWeights:
-    """Weights of every allowed pair, ``exp(score - lse)``, in CSR order: O(nnz) memory."""
-    B, hkv, g, lq, d = qg.shape
-    lk = k.shape[2]
-    rows, cols = pattern.pairs(lq, lk, qg.device)
-    per = max(1, B * hkv * g * (d + 2))
-    step = max(1, _EDGE_CHUNK // per)
-    vals = []
-    for e0 in range(0, rows.numel(), step):
-        r, c = rows[e0:e0 + step], cols[e0:e0 + step]
-        s = edge_scores(qg, k, r, c, ctx).unsqueeze(-1)
-        valid = torch.ones_like(r, dtype=torch.bool).unsqueeze(-1)
-        s = finish_scores(s, r.unsqueeze(-1), c.unsqueeze(-1), valid, ctx).squeeze(-1)
-        vals.append(torch.exp(s - lse.index_select(-1, r)))
-    values = torch.cat(vals, -1) if vals else qg.new_zeros(B, hkv, g, 0)
-    counts = torch.bincount(rows, minlength=lq)
-    indptr = torch.zeros(lq + 1, dtype=torch.long, device=rows.device)
-    indptr[1:] = torch.cumsum(counts, 0)
-    return SparseWeights(indptr, cols, values.reshape(B, hkv * g, -1).to(qg.dtype), (lq, lk))
+def _sparse_weights(qg, k, comps, ctx: Ctx, lse: Tensor) -> SparseWeights:
+    """Weights of every allowed pair, ``exp(score - lse)``, in CSR order: O(nnz) memory, the
+    scores recomputed by each component's own kernel step (see
+    :func:`.kernels.enumerate.pair_weights`)."""
+    B, hkv, g, lq, _ = qg.shape
+    indptr, indices, values = pair_weights(qg, k, comps, ctx, lse)
+    return SparseWeights(indptr, indices, values.reshape(B, hkv * g, -1).to(qg.dtype),
+                         (lq, ctx.lk))
 
 
 def dense_reference(

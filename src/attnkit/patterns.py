@@ -48,6 +48,10 @@ __all__ = [
     "from_mask_mod",
 ]
 
+# Plans and CSR structures are host-side metadata (moved to the inputs' device by the kernels),
+# built on the CPU whatever torch's default device: a seeded pattern draws the same keys
+# everywhere.
+_HOST = torch.device("cpu")
 # Above this many offsets a dilated pattern is cheaper as a masked band than as a gather.
 _MAX_GATHER_OFFSETS = 96
 
@@ -74,6 +78,20 @@ def _check_sizes(lq: int, lk: int) -> None:
     for name, n in (("Lq", lq), ("Lk", lk)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+
+
+def allowed_offsets(local: Pattern | None, length: int) -> Tensor:
+    """The sorted offsets ``j - i`` that the translation-invariant pattern ``local`` (the first
+    part of :meth:`Pattern.split_global`) allows on ``length`` positions; empty for None."""
+    if local is None or length <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    cand = local.offsets_within(length)
+    if cand is None:
+        cand = torch.arange(-(length - 1), length)
+    if cand.numel() == 0:
+        return cand
+    ok = local.allowed(torch.zeros((), dtype=torch.long), cand, length, length)
+    return cand[torch.broadcast_to(ok, cand.shape)]
 
 
 class Pattern:
@@ -105,6 +123,36 @@ class Pattern:
     def cost(self, lq: int, lk: int) -> int:
         """Candidate pairs the kernels will score (an upper bound on ``nnz``)."""
         return sum(c.cost(lq, lk) for c in self.plan(lq, lk))
+
+    # --- structure, for modules that shard or plan around a pattern -------------------
+    def offsets_within(self, length: int) -> Tensor | None:
+        """For self-attention on ``length`` positions: a sorted ``(n,)`` long tensor holding
+        every offset ``j - i`` this pattern may allow (a superset; :meth:`allowed` decides),
+        or None when the pattern is not made of offsets (index-based patterns)."""
+        return None
+
+    def global_indices(self) -> tuple[int, ...]:
+        """Sorted positions of the global tokens in this pattern (rows that see every key and
+        keys every row sees, before any intersection cuts them); ``()`` when none."""
+        return ()
+
+    def split_global(self) -> tuple[Pattern | None, tuple[int, ...]] | None:
+        """``(local, hubs)``: the translation-invariant part that rows other than the global
+        ones see (``None`` when empty) and :meth:`global_indices`; None when the pattern has a
+        part that is neither (graph, random keys, block diagonal, mask_mod)."""
+        return None
+
+    def halo(self, length: int) -> tuple[int, int]:
+        """``(left, right)``: how many positions before and after its own a non-global query
+        may reach in a sequence of ``length`` positions (the halo a shard of the sequence
+        needs from its neighbours). ``ValueError`` unless :meth:`split_global` is defined."""
+        split = self.split_global()
+        if split is None:
+            raise ValueError(f"{self!r} is not made of offsets and global tokens: no halo")
+        offs = allowed_offsets(split[0], length)
+        if offs.numel() == 0:
+            return 0, 0
+        return max(0, -int(offs[0])), max(0, int(offs[-1]))
 
     # --- composition ------------------------------------------------------------------
     def __or__(self, other: Pattern) -> Pattern:
@@ -167,6 +215,12 @@ class Causal(Pattern):
     def _plan(self, lq, lk):
         return [AllKeys(masks=(MaskTerm(self),))]
 
+    def offsets_within(self, length):
+        return torch.arange(-max(length - 1, 0), 1)
+
+    def split_global(self):
+        return self, ()
+
     def __repr__(self) -> str:
         return "causal()"
 
@@ -183,6 +237,13 @@ class SlidingWindow(Pattern):
     def _plan(self, lq, lk):
         band = _band_within(-self.w, self.w, lq, lk)
         return [] if band is None else [Band(*band)]
+
+    def offsets_within(self, length):
+        n = max(length - 1, 0)
+        return torch.arange(-min(self.w, n), min(self.w, n) + 1)
+
+    def split_global(self):
+        return self, ()
 
     def __repr__(self) -> str:
         return f"sliding_window({self.w})"
@@ -212,6 +273,14 @@ class Dilated(Pattern):
             return [Offsets(tuple(range(first, hi + 1, self.d)))]
         return [Band(lo, hi, masks=(MaskTerm(self),))]
 
+    def offsets_within(self, length):
+        n = max(length - 1, 0)
+        r = min(self.w * self.d, n) // self.d * self.d
+        return torch.arange(-r, r + 1, self.d)
+
+    def split_global(self):
+        return self, ()
+
     def __repr__(self) -> str:
         return f"dilated({self.w}, {self.d})"
 
@@ -235,6 +304,14 @@ class Exponential(Pattern):
 
     def _plan(self, lq, lk):
         return [Offsets(self.offsets(lq, lk))]
+
+    def offsets_within(self, length):
+        n = length - 1
+        return torch.tensor([o for o in self.offsets(length, length) if -n <= o <= n],
+                            dtype=torch.long)
+
+    def split_global(self):
+        return self, ()
 
     def __repr__(self) -> str:
         return f"exponential(base={self.base})"
@@ -290,6 +367,12 @@ class GlobalTokens(Pattern):
         row_term = _RowsOf(rows)
         return [RowSet(rows), KeySet(self.indices, masks=(MaskTerm(row_term, negate=True),))]
 
+    def global_indices(self):
+        return tuple(self.indices.tolist())
+
+    def split_global(self):
+        return None, self.global_indices()
+
     def __repr__(self) -> str:
         return f"global_tokens({self.indices.tolist()})"
 
@@ -318,7 +401,8 @@ class _CSRPattern(Pattern):
         cache = self.__dict__.setdefault("_key_cache", {})
         if key not in cache:
             indptr, indices = self._csr_for(lq, lk)
-            rows = torch.repeat_interleave(torch.arange(lq), indptr[1:] - indptr[:-1])
+            rows = torch.repeat_interleave(torch.arange(lq, device=indptr.device),
+                                           indptr[1:] - indptr[:-1])
             cache[key] = rows * max(lk, 1) + indices  # sorted: CSR rows then sorted cols
         return cache[key]
 
@@ -390,7 +474,7 @@ class Graph(_CSRPattern):
 
     def _csr_for(self, lq, lk):
         counts = torch.bincount(self._dst, minlength=lq)
-        indptr = torch.zeros(lq + 1, dtype=torch.long)
+        indptr = torch.zeros(lq + 1, dtype=torch.long, device=_HOST)
         indptr[1:] = torch.cumsum(counts, 0)
         return indptr, self._src
 
@@ -409,18 +493,18 @@ def _floyd(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor:
     ``t``, or ``j`` when ``t`` is already kept: exactly ``m`` draws, no rejection. Membership is
     a comparison with the kept picks (``m**2 / 2`` per row) or, when cheaper, a per-row table
     of ``n`` flags."""
-    picks = torch.empty(rows, m, dtype=torch.long)
+    picks = torch.empty(rows, m, dtype=torch.long, device=_HOST)
     if m == 0:
         return picks
     dense = m > 32 and n <= 4 * m * m
     step = max(1, _TAKEN_CELLS // n) if dense else max(1, _TAKEN_CELLS // m)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        base = torch.arange(r1 - r0) * n  # row starts in the flat table
-        taken = torch.zeros((r1 - r0) * n, dtype=torch.bool) if dense else None
+        base = torch.arange(r1 - r0, device=_HOST) * n  # row starts in the flat table
+        taken = torch.zeros((r1 - r0) * n, dtype=torch.bool, device=_HOST) if dense else None
         out = picks[r0:r1]
         for c, j in enumerate(range(n - m, n)):
-            t = torch.randint(0, j + 1, (r1 - r0,), generator=gen)
+            t = torch.randint(0, j + 1, (r1 - r0,), generator=gen, device=_HOST)
             seen = taken[base + t] if dense else (out[:, :c] == t.unsqueeze(1)).any(1)
             pick = torch.where(seen, j, t)
             out[:, c] = pick
@@ -436,12 +520,12 @@ def _distinct_per_row(rows: int, n: int, m: int, gen: torch.Generator) -> Tensor
     ``O(rows * min(m, n - m))`` draws (plus the output)."""
     if 2 * m <= n:
         return _floyd(rows, n, m, gen).sort(1).values
-    out = torch.empty(rows, m, dtype=torch.long)
+    out = torch.empty(rows, m, dtype=torch.long, device=_HOST)
     step = max(1, _TAKEN_CELLS // max(n, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         left_out = _floyd(r1 - r0, n, n - m, gen)
-        keep = torch.ones(r1 - r0, n, dtype=torch.bool)
+        keep = torch.ones(r1 - r0, n, dtype=torch.bool, device=_HOST)
         keep.scatter_(1, left_out, False)
         out[r0:r1] = keep.nonzero()[:, 1].view(r1 - r0, m)  # row-major: sorted per row
     return out
@@ -462,7 +546,7 @@ class RandomKeys(_CSRPattern):
             gen = torch.Generator().manual_seed(self.seed)
             r = min(self.r, lk)
             cols = _distinct_per_row(lq, lk, r, gen)
-            indptr = torch.arange(lq + 1) * r
+            indptr = torch.arange(lq + 1, device=_HOST) * r
             self._cache[(lq, lk)] = (indptr, cols.reshape(-1))
         return self._cache[(lq, lk)]
 
@@ -531,6 +615,21 @@ class Union(Pattern):
                 out.append(c.with_mask(not_a))
         return out
 
+    def offsets_within(self, length):
+        a, b = self.a.offsets_within(length), self.b.offsets_within(length)
+        return None if a is None or b is None else torch.unique(torch.cat([a, b]))
+
+    def global_indices(self):
+        return tuple(sorted(set(self.a.global_indices()) | set(self.b.global_indices())))
+
+    def split_global(self):
+        sa, sb = self.a.split_global(), self.b.split_global()
+        if sa is None or sb is None:
+            return None
+        (la, ha), (lb, hb) = sa, sb
+        local = la if lb is None else lb if la is None else Union(la, lb)
+        return local, tuple(sorted(set(ha) | set(hb)))
+
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
 
@@ -591,6 +690,23 @@ class Intersection(Pattern):
             else:
                 out.append(c.with_mask(MaskTerm(other)))
         return out
+
+    def offsets_within(self, length):
+        a, b = self.a.offsets_within(length), self.b.offsets_within(length)
+        if a is None or b is None:
+            return b if a is None else a
+        return a[torch.isin(a, b)]
+
+    def global_indices(self):
+        return tuple(sorted(set(self.a.global_indices()) | set(self.b.global_indices())))
+
+    def split_global(self):
+        sa, sb = self.a.split_global(), self.b.split_global()
+        if sa is None or sb is None:
+            return None
+        (la, ha), (lb, hb) = sa, sb
+        local = None if la is None or lb is None else Intersection(la, lb)
+        return local, tuple(sorted(set(ha) | set(hb)))
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"

@@ -51,19 +51,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..functional import check_qkv
 from ..kernels import structured as _structured
 from ..kernels.components import AllKeys, Band, KeySet, MaskTerm, Offsets
 from ..kernels.structured import Ctx, lower, structured_attention
-from ..patterns import (
-    Causal,
-    Dilated,
-    Exponential,
-    GlobalTokens,
-    Intersection,
-    Pattern,
-    SlidingWindow,
-    Union,
-)
+from ..patterns import Pattern, allowed_offsets
 
 __all__ = [
     "sequence_parallel_attention",
@@ -245,45 +237,16 @@ _SUPPORTED = (
 )
 
 
-def _split(p: Pattern) -> tuple[Pattern | None, set[int]]:
+def _split(p: Pattern) -> tuple[Pattern | None, tuple[int, ...]]:
     """``(band, hubs)``: the translation-invariant part seen by non-global rows (``None`` when
-    empty) and the global token positions."""
-    if isinstance(p, (SlidingWindow, Dilated, Exponential, Causal)):
-        return p, set()
-    if isinstance(p, GlobalTokens):
-        return None, set(p.indices.tolist())
-    if isinstance(p, (Union, Intersection)):
-        ba, ha = _split(p.a)
-        bb, hb = _split(p.b)
-        if isinstance(p, Union):
-            band = ba if bb is None else bb if ba is None else Union(ba, bb)
-        else:
-            band = None if ba is None or bb is None else Intersection(ba, bb)
-        return band, ha | hb
-    raise ValueError(
-        f"sequence_parallel_attention supports {_SUPPORTED}; got {p!r} "
-        f"(index-based patterns such as graph/random_keys/block_diagonal are not sharded)"
-    )
-
-
-def _candidate_offsets(p: Pattern, length: int) -> Tensor | None:
-    """A sorted superset of the offsets ``p`` can allow (``None``: every offset)."""
-    n = length - 1
-    if isinstance(p, SlidingWindow):
-        return torch.arange(-min(p.w, n), min(p.w, n) + 1)
-    if isinstance(p, Dilated):
-        r = min(p.w * p.d, n) // p.d * p.d
-        return torch.arange(-r, r + 1, p.d)
-    if isinstance(p, Exponential):
-        return torch.tensor([o for o in p.offsets(length, length) if -n <= o <= n])
-    if isinstance(p, Causal):
-        return torch.arange(-n, 1)
-    a, b = _candidate_offsets(p.a, length), _candidate_offsets(p.b, length)
-    if isinstance(p, Union):
-        return None if a is None or b is None else torch.unique(torch.cat([a, b]))
-    if a is None or b is None:
-        return b if a is None else a
-    return a[torch.isin(a, b)]
+    empty) and the global token positions, as the pattern itself tells them."""
+    split = p.split_global()
+    if split is None:
+        raise ValueError(
+            f"sequence_parallel_attention supports {_SUPPORTED}; got {p!r} "
+            f"(index-based patterns such as graph/random_keys/block_diagonal are not sharded)"
+        )
+    return split
 
 
 def _runs(offsets: Tensor) -> list[tuple[int, int]]:
@@ -381,18 +344,10 @@ def _need(length: int, start: int, stop: int, runs, hubs) -> _Need:
 @lru_cache(maxsize=64)
 def _plan_cached(key: str, pattern: Pattern, length: int, world: int) -> _Plan:
     del key  # the cache key: the pattern's repr (patterns compare by identity)
-    band, hubs = _split(pattern)
+    band, hub_t = _split(pattern)
     pattern.validate(length, length)
-    runs: list[tuple[int, int]] = []
-    if band is not None and length > 0:
-        cand = _candidate_offsets(band, length)
-        if cand is None:
-            cand = torch.arange(-(length - 1), length)
-        if cand.numel():
-            ok = band.allowed(torch.zeros((), dtype=torch.long), cand, length, length)
-            runs = _runs(cand[torch.broadcast_to(ok, cand.shape)])
+    runs = _runs(allowed_offsets(band, length))
     bounds = _all_bounds(length, world)
-    hub_t = tuple(sorted(hubs))
     needs = tuple(_need(length, s, e, runs, hub_t) for s, e in bounds)
     return _Plan(length, bounds, band, hub_t, tuple(runs), needs)
 
@@ -569,9 +524,7 @@ def _chunks(plan: _Plan, pattern: Pattern, r: int, ctx: Ctx, d: int, dv: int,
     if rows is None:
         comps, lk = _layout(plan, pattern, plan.needs[r], s, e, device)
         ctx.lk = lk
-        width = sum(_structured._width(c, ctx, d) for c in comps) * ctx.batch
-        rows = max(ctx.block, int(_structured.CHUNK_ELEMENTS // max(width, 1))
-                   // ctx.block * ctx.block)
+        rows = _structured.chunk_rows(comps, ctx, d)
     if _CHUNK_ROWS is None:
         # Far offsets (exponential) make a chunk's compact keys many times its rows: keep
         # that copy (and its gradient) to a quarter of the engine's chunk budget.
@@ -836,31 +789,12 @@ def _local_components(plan: _Plan, pattern: Pattern, s: int, e: int, need: _Need
 
 
 def _local_error(q, k, v, scale) -> str:
-    """A message for bad local input, or ``""`` (checked before any communication)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            return f"{name} must be a torch.Tensor, got {type(t).__name__}"
-        if t.dim() != 4:
-            return f"{name} must have shape (B, H, L_local, D), got {tuple(t.shape)}"
-        if not t.dtype.is_floating_point:
-            return f"{name} must be a floating-point tensor, got {t.dtype}"
-    if not (q.dtype == k.dtype == v.dtype):
-        return f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if not (q.device == k.device == v.device):
-        return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        return f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}"
-    if k.shape[1] != v.shape[1] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        return (f"k and v must have the same heads Hkv dividing q's heads, got q {q.shape[1]}, "
-                f"k {k.shape[1]}, v {v.shape[1]}")
-    if not (q.shape[2] == k.shape[2] == v.shape[2]):
-        return (f"q, k, v must hold the same positions (self-attention shards), got L_local "
-                f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
-    if k.shape[3] != q.shape[3]:
-        return f"k must have head dim D={q.shape[3]} like q, got {k.shape[3]}"
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-                              or not math.isfinite(scale)):
-        return f"scale must be a finite float, got {scale!r}"
+    """A message for bad local input, or ``""`` (checked before any communication, by the
+    engine's own input check, so every rank can raise it)."""
+    try:
+        check_qkv(q, k, v, scale=scale, sharded=True)
+    except (TypeError, ValueError) as e:
+        return str(e)
     return ""
 
 
@@ -997,7 +931,7 @@ def sequence_parallel_attention(
         )
     plan = _plan(pattern, length, comm.world)
     if neighbours_only and plan.offset_runs:
-        reach = max(abs(plan.offset_runs[0][0]), abs(plan.offset_runs[-1][1]))
+        reach = max(pattern.halo(length))
         smallest = min(b - a for a, b in plan.bounds)
         if reach > smallest:
             raise ValueError(

@@ -72,9 +72,10 @@ class Ctx:
 # ----------------------------------------------------------------------------- shared steps
 
 
-def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor, ctx: Ctx) -> Tensor:
+def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor | None, ctx: Ctx) -> Tensor:
     """Add bias, apply ``score_mod``, then mask. ``s`` is ``(B, Hkv, G, *S)``; ``qi``, ``kj``
-    and ``valid`` broadcast to ``S`` (last dim: candidates)."""
+    and ``valid`` broadcast to ``S`` (last dim: candidates); ``valid=None`` leaves the
+    disallowed candidates unmasked (for callers that only read the allowed ones)."""
     if ctx.bias is not None:
         qb, kb = torch.broadcast_tensors(qi, kj)
         b = ctx.bias[:, :, qb, kb]  # (B, Hq, *S)
@@ -94,7 +95,7 @@ def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor, ctx: Ctx) ->
                 "score_mod must return a tensor of the same shape as its `score` argument"
             )
         s = s4.reshape(shape)
-    return s.masked_fill(~valid, NEG_INF)
+    return s if valid is None else s.masked_fill(~valid, NEG_INF)
 
 
 def softmax_rows(s: Tensor, ctx: Ctx, training: bool) -> tuple[Tensor, Tensor]:
@@ -144,15 +145,17 @@ def _no_keys(qs: Tensor, nq: int, dv: int) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
-    """Blocked kernel for per-query contiguous key ranges (bands, segments)."""
+def _range_scores(comp: Ranges, qs, k, q0, q1, ctx: Ctx):
+    """Finished scores ``(B, Hkv, G, nb, bq, C)`` of a ranges component's query blocks over
+    each block's shared key window, with that window's gathered keys ``(B, Hkv, nb, C, D)``
+    and ``kj (nb, 1, C)``, ``valid (nb, bq, C)``; None when no query in ``[q0, q1)`` has a
+    key."""
     B, hkv, g, _, d = qs.shape
-    dv = v.shape[-1]
     bq = ctx.block
     nq = q1 - q0
     cand = comp.block_candidates(q0, q1, ctx.lq, ctx.lk, bq, qs.device)
     if cand is None:
-        return _no_keys(qs, nq, dv)
+        return None
     qi, kj, valid = cand
     nb, width = valid.shape[0], valid.shape[2]
     pad = nb * bq - nq
@@ -160,12 +163,24 @@ def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     if pad:
         qc = F.pad(qc, (0, 0, 0, pad))
     qc = qc.view(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
-    flat = kj.reshape(-1)
-    kc = k.index_select(2, flat).view(B, hkv, nb, width, d)
-    vc = v.index_select(2, flat).view(B, hkv, nb, width, dv)
+    kc = k.index_select(2, kj.reshape(-1)).view(B, hkv, nb, width, d)
     s = torch.matmul(qc, kc.transpose(-1, -2)).to(_compute_dtype(qs))  # (B,hkv,nb,g*bq,C)
     s = s.view(B, hkv, nb, g, bq, width).transpose(2, 3)  # (B,hkv,g,nb,bq,C)
-    s = finish_scores(s, qi, kj, valid, ctx)
+    return finish_scores(s, qi, kj, valid, ctx), qi, kj, valid
+
+
+def _ranges_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Blocked kernel for per-query contiguous key ranges (bands, segments)."""
+    B, hkv, g, _, _ = qs.shape
+    dv = v.shape[-1]
+    bq = ctx.block
+    nq = q1 - q0
+    scored = _range_scores(comp, qs, k, q0, q1, ctx)
+    if scored is None:
+        return _no_keys(qs, nq, dv)
+    s, _, kj, valid = scored
+    nb, width = valid.shape[0], valid.shape[2]
+    vc = v.index_select(2, kj.reshape(-1)).view(B, hkv, nb, width, dv)
     p, lse = softmax_rows(s, ctx, training)
     p = p.to(v.dtype).transpose(2, 3).reshape(B, hkv, nb, g * bq, width)
     out = torch.matmul(p, vc).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
@@ -223,6 +238,74 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
 
+class _BandWindows:
+    """The window layout of a band component on queries ``[q0, q1)``: block ``b`` (``bq``
+    rows) reads the ``width = bq + hi - lo`` keys from ``s0 + b * bq`` on, so the windows of a
+    zero-padded key slice are overlapping views at a fixed stride (``unfold``, no gather).
+    ``qi (nb, bq, 1)``, ``kj (nb, 1, C)`` (clamped into range) and ``ok (nb, bq, C)`` are its
+    candidates, masks applied; row ``r`` of a block sees window slots ``r .. r + hi - lo``."""
+
+    def __init__(self, comp: Ranges, q0: int, q1: int, ctx: Ctx, device):
+        bq = ctx.block
+        self.nb = nb = -(-(q1 - q0) // bq)
+        lo, hi = comp.band
+        self.width = width = bq + hi - lo  # window of a block: every row's band
+        # Key window of block b starts at q0 + b*bq + delta + lo; pad keys so all windows
+        # exist.
+        s0 = q0 + (ctx.lk - ctx.lq) + lo
+        span = (nb - 1) * bq + width
+        self.a, self.z = max(s0, 0), min(s0 + span, ctx.lk)
+        self.left = self.a - s0
+        self.right = span - self.left - max(self.z - self.a, 0)
+        offs = torch.arange(width, device=device)
+        rows = torch.arange(bq, device=device)
+        rel = offs.view(1, 1, -1) - rows.view(1, -1, 1)  # key slot - row = offset - lo
+        keyidx = s0 + torch.arange(nb, device=device).view(-1, 1, 1) * bq + offs.view(1, 1, -1)
+        qidx = q0 + torch.arange(nb, device=device).view(-1, 1, 1) * bq + rows.view(1, -1, 1)
+        # combined small (row, slot), (block, slot) and (block, row) masks first: two passes
+        # over the (nb, bq, C) layout instead of four
+        ok = ((rel >= 0) & (rel <= hi - lo)) & ((keyidx >= 0) & (keyidx < ctx.lk)) & (qidx < q1)
+        self.qi = qidx.clamp(max=max(ctx.lq - 1, 0))
+        self.kj = keyidx.clamp(0, max(ctx.lk - 1, 0))
+        self.ok = comp._apply_masks(self.qi, self.kj, ok, ctx.lq, ctx.lk)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """``x (B, H, Lk, D)`` cut to the windows' span and zero-padded at both ends."""
+        return F.pad(x[:, :, self.a:max(self.z, self.a)], (0, 0, self.left, self.right))
+
+
+def _band_scores(comp: Ranges, qs, k, q0, q1, ctx: Ctx, masked: bool = True,
+                 minus: Tensor | None = None):
+    """Finished scores ``(B, Hkv, G, nb, bq, C)`` of a band on queries ``[q0, q1)`` in the
+    window layout of :class:`_BandWindows` (one GEMM per (batch, kv-head) on strided views of
+    the keys), with ``qi``, ``kj``, ``valid``. ``minus (B, Hkv, G, Lq)`` (only without bias
+    and ``score_mod``) is subtracted from each row inside the GEMM: ``[q, -m] . [k, 1]``."""
+    B, hkv, g, _, d = qs.shape
+    bq = ctx.block
+    win = _BandWindows(comp, q0, q1, ctx, qs.device)
+    nb, width = win.nb, win.width
+    qc = qs[:, :, :, q0:q1]
+    kp = win.pad(k)  # the chunk's key span only
+    if minus is not None:
+        kp = torch.cat([kp, kp.new_ones(*kp.shape[:-1], 1)], -1)
+        qc = torch.cat([qc, -minus[:, :, :, q0:q1].unsqueeze(-1).to(qc.dtype)], -1)
+        d += 1
+    if nb * bq > q1 - q0:
+        qc = F.pad(qc, (0, 0, 0, nb * bq - (q1 - q0)))
+    qc = qc.reshape(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
+    if torch.is_grad_enabled() and (qc.requires_grad or kp.requires_grad):
+        s = torch.stack([torch.stack([torch.bmm(qc[b, h], kp[b, h].unfold(0, width, bq))
+                                      for h in range(hkv)]) for b in range(B)])
+    else:  # straight into one buffer (out= has no autograd)
+        s = qc.new_empty(B, hkv, nb, g * bq, width)
+        for b in range(B):
+            for h in range(hkv):
+                torch.bmm(qc[b, h], kp[b, h].unfold(0, width, bq), out=s[b, h])
+    s = s.to(_compute_dtype(qs)).view(B, hkv, nb, g, bq, width).transpose(2, 3)
+    return (finish_scores(s, win.qi, win.kj, win.ok if masked else None, ctx), win.qi, win.kj,
+            win.ok)
+
+
 def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Band kernel without bias or score_mod: keys are viewed as overlapping windows
     (``unfold``, no gather), the mask is fused into the score GEMM (``baddbmm``) and the softmax
@@ -231,27 +314,10 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
     dv = v.shape[-1]
     bq = ctx.block
     nq = q1 - q0
-    nb = -(-nq // bq)
-    lo, hi = comp.band
-    width = bq + hi - lo  # window of a block: every row's band
+    win = _BandWindows(comp, q0, q1, ctx, qs.device)
+    nb, width, ok = win.nb, win.width, win.ok
     pad = nb * bq - nq
-    # Key window of block b starts at q0 + b*bq + delta + lo; pad keys so all windows exist.
-    s0 = q0 + (ctx.lk - ctx.lq) + lo
-    span = (nb - 1) * bq + width
-    a, z = max(s0, 0), min(s0 + span, ctx.lk)
-    left = a - s0
-    right = span - left - max(z - a, 0)
-    kp = F.pad(k[:, :, a:max(z, a)], (0, 0, left, right))
-    vp = F.pad(v[:, :, a:max(z, a)], (0, 0, left, right))
-    # Validity in the window layout: row r of a block sees window slots r .. r + hi - lo.
-    offs = torch.arange(width, device=qs.device)
-    rows = torch.arange(bq, device=qs.device)
-    rel = offs.view(1, 1, -1) - rows.view(1, -1, 1)  # key slot - row = offset - lo
-    keyidx = s0 + torch.arange(nb, device=qs.device).view(-1, 1, 1) * bq + offs.view(1, 1, -1)
-    qidx = (q0 + torch.arange(nb, device=qs.device).view(-1, 1, 1) * bq + rows.view(1, -1, 1))
-    ok = (rel >= 0) & (rel <= hi - lo) & (keyidx >= 0) & (keyidx < ctx.lk) & (qidx < q1)
-    ok = comp._apply_masks(qidx.clamp(max=ctx.lq - 1), keyidx.clamp(0, max(ctx.lk - 1, 0)), ok,
-                           ctx.lq, ctx.lk)
+    kp, vp = win.pad(k), win.pad(v)
     empty = ~ok.any(-1)  # (nb, bq)
     dtype = _compute_dtype(qs)
     # filled with -inf after the score GEMM, not added to it: a NaN score of a key outside a
@@ -300,18 +366,14 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
     return out, lse
 
 
-def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
-    """Kernel for a short list of relative offsets (dilated, exponential).
-
-    For one offset ``o`` the keys of queries ``i`` are the rows ``i + delta + o``: a shifted
-    slice of ``k`` (and of ``v``), read in place. Each offset is one row-wise dot product for
-    its score column and one ``addcmul_`` into the output, so nothing of size
-    ``rows x offsets x d`` is gathered (a gather of far-apart rows was ~2/3 of the time of
-    ``window | exponential`` at 16k tokens)."""
+def _offset_scores(comp: Offsets, qs, k, q0, q1, ctx: Ctx):
+    """Finished scores ``(B, Hkv, G, nq, n)`` of an offsets component (one row-wise dot product
+    per offset on a shifted slice of ``k``, read in place), with ``qi (nq, 1)``,
+    ``kj (nq, n)``, ``valid (nq, n)`` and per offset the query rows ``(a, b)`` (relative to
+    ``q0``) whose key is in range."""
     B, hkv, g, _, d = qs.shape
-    dv = v.shape[-1]
     qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
-    nq, n = kj.shape
+    nq = kj.shape[0]
     delta = ctx.lk - ctx.lq
     dtype = _compute_dtype(qs)
     qc = qs[:, :, :, q0:q1]
@@ -330,7 +392,22 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
             col = qc.new_zeros(B, hkv, g, 0)
         cols.append(F.pad(col, (a, nq - b)) if (a, b) != (0, nq) else col)
     s = torch.stack(cols, -1)  # (B, hkv, g, nq, n); out-of-range entries are masked next
-    s = finish_scores(s, qi, kj, valid, ctx)
+    return finish_scores(s, qi, kj, valid, ctx), qi, kj, valid, spans
+
+
+def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Kernel for a short list of relative offsets (dilated, exponential).
+
+    For one offset ``o`` the keys of queries ``i`` are the rows ``i + delta + o``: a shifted
+    slice of ``k`` (and of ``v``), read in place. Each offset is one row-wise dot product for
+    its score column and one ``addcmul_`` into the output, so nothing of size
+    ``rows x offsets x d`` is gathered (a gather of far-apart rows was ~2/3 of the time of
+    ``window | exponential`` at 16k tokens)."""
+    B, hkv, g, _, _ = qs.shape
+    dv = v.shape[-1]
+    s, _, kj, _, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    nq = kj.shape[0]
+    delta = ctx.lk - ctx.lq
     p, lse = softmax_rows(s, ctx, training)
     p = p.to(v.dtype)
     out = v.new_zeros(B, hkv, g, nq, dv)
@@ -341,15 +418,21 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     return out, lse
 
 
+def _key_scores(qc, kc, qi, kj, valid, ctx: Ctx) -> Tensor:
+    """Finished scores ``(B, hkv, g, nr, nk)`` of query rows ``qc (B,hkv,g,nr,d)`` on the
+    keys ``kc (B,hkv,nk,d)``."""
+    B, hkv, g, nr, d = qc.shape
+    s = torch.matmul(qc.reshape(B, hkv, g * nr, d), kc.transpose(-1, -2))
+    s = s.to(_compute_dtype(qc)).view(B, hkv, g, nr, kc.shape[2])
+    return finish_scores(s, qi, kj, valid, ctx)
+
+
 def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool):
     """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set."""
     B, hkv, g, nr, d = qc.shape
-    nk = kc.shape[2]
-    s = torch.matmul(qc.reshape(B, hkv, g * nr, d), kc.transpose(-1, -2))
-    s = s.to(_compute_dtype(qc)).view(B, hkv, g, nr, nk)
-    s = finish_scores(s, qi, kj, valid, ctx)
+    s = _key_scores(qc, kc, qi, kj, valid, ctx)
     p, lse = softmax_rows(s, ctx, training)
-    out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, nk), vc)
+    out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, kc.shape[2]), vc)
     return out.view(B, hkv, g, nr, -1), lse
 
 
@@ -376,25 +459,17 @@ def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
 
 
-def edge_scores(qs, k, qi, kj, ctx: Ctx) -> Tensor:
-    """Scores ``(B, hkv, g, ne)`` of explicit pairs, before masking."""
-    kc = k.index_select(2, kj)  # (B,hkv,ne,d)
-    qc = qs.index_select(3, qi)  # (B,hkv,g,ne,d)
-    s = (qc * kc.unsqueeze(2)).sum(-1).to(_compute_dtype(qs))
-    return s
-
-
-def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
-    """Edge kernel on sparse-matrix products: scores by SDDMM, the weighted sum by SpMM (see
-    :mod:`.csr`); only ``(B, Hq, nnz)`` scalars per chunk are materialized, never a per-edge
-    copy of the key or value rows."""
+def _edge_scores(comp: Edges, qs, k, q0, q1, ctx: Ctx):
+    """Finished scores ``(B, hkv, g, ne)`` of an edge component's pairs for queries
+    ``[q0, q1)`` (sampled products, or per-pair gathers for a few features or dtypes the CSR
+    kernels lack), with ``qi``, ``kj``, ``valid`` ``(ne,)`` and the chunk's CSR structure."""
     B, hkv, g, _, _ = qs.shape
     nq = q1 - q0
     qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
     local = qi - q0
     indptr = comp.indptr.to(qs.device)
     st = csr.CSRStructure(indptr[q0:q1 + 1] - indptr[q0], kj, nq, ctx.lk)
-    if qs.shape[-1] <= 4:
+    if qs.shape[-1] <= 4 or not all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k)):
         # a few features per pair (e.g. GAT's [a_dst, 1] . [1, a_src]): gathering them is
         # cheaper than a sampled product per head
         B_, d = qs.shape[0], qs.shape[-1]
@@ -408,6 +483,17 @@ def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
         s = csr.sddmm(qs[:, :, :, q0:q1], k, st).to(_compute_dtype(qs))  # (B, hkv, g, ne)
     s = finish_scores(s.unsqueeze(-1), qi.unsqueeze(-1), kj.unsqueeze(-1), valid.unsqueeze(-1),
                       ctx).squeeze(-1)
+    return s, qi, kj, valid, st
+
+
+def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
+    """Edge kernel on sparse-matrix products: scores by SDDMM, the weighted sum by SpMM (see
+    :mod:`.csr`); only ``(B, Hq, nnz)`` scalars per chunk are materialized, never a per-edge
+    copy of the key or value rows."""
+    B, hkv, g, _, _ = qs.shape
+    nq = q1 - q0
+    s, qi, _, _, st = _edge_scores(comp, qs, k, q0, q1, ctx)
+    local = qi - q0
     # segment softmax on 2-D (rows, ne) views: torch's index ops are fastest there
     rows = B * hkv * g
     s2 = s.reshape(rows, -1)
@@ -467,8 +553,9 @@ def _edges_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     return out.permute(0, 2, 3, 1, 4), lse.permute(0, 2, 3, 1)
 
 
-def _width(comp: Component, ctx: Ctx, d: int) -> float:
-    """Elements of the largest intermediate per query row, for chunk sizing."""
+def component_width(comp: Component, ctx: Ctx, d: int) -> float:
+    """Elements of a component's largest intermediate per query row (all heads, one batch
+    item), for chunk sizing."""
     lq, lk = ctx.lq, ctx.lk
     if isinstance(comp, Ranges):
         avg = comp.cost(lq, lk) / max(lq, 1)
@@ -483,6 +570,59 @@ def _width(comp: Component, ctx: Ctx, d: int) -> float:
         per_edge = 2 if ctx.sparse_mm else (d + 1) * 2  # CSR path: a few scalars per edge
         return comp.cost(lq, lk) / max(lq, 1) * per_edge * ctx.hq
     return ctx.hq  # RowSet: its own few rows, sized separately
+
+
+def chunk_rows(comps: list[Component], ctx: Ctx, d: int, budget: int | None = None) -> int:
+    """Query rows per chunk so that one chunk's intermediates over all of ``comps`` stay within
+    ``budget`` elements (default :data:`CHUNK_ELEMENTS`): a multiple of ``ctx.block``, at least
+    one block (not capped at ``ctx.lq``). The kernels, the weights and the sequence-parallel
+    code all chunk by it."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
+    width = sum(component_width(c, ctx, d) for c in comps) * ctx.batch
+    return max(ctx.block, int(budget // max(width, 1)) // ctx.block * ctx.block)
+
+
+def component_scores(comp: Component, qs: Tensor, k: Tensor, q0: int, q1: int, ctx: Ctx,
+                     masked: bool = True, minus: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """Finished scores (bias, ``score_mod``, masks: ``-inf`` off the allowed pairs) of one
+    (lowered) component's candidates for queries ``[q0, q1)``, computed as its kernel computes
+    them: ``(s (B, Hkv, G, *S), qi, kj, valid)`` with ``qi``, ``kj`` broadcasting to ``S`` and
+    ``valid`` of shape ``S``. The allowed pairs, ``valid``'s entries in row-major order, are
+    sorted by query then key (as :func:`.enumerate.allowed_pairs` lists them). None when no
+    candidate exists. ``masked=False`` may leave scores off ``valid`` unmasked (for callers
+    that only read ``valid``'s entries). ``minus (B, Hkv, G, Lq)``, e.g. the rows'
+    log-sum-exp, is subtracted from each row's scores (folded into the band GEMM when no bias
+    or ``score_mod`` comes between)."""
+    if isinstance(comp, Ranges) and comp.band is not None and q1 > q0:
+        if (minus is not None and ctx.bias is None and ctx.score_mod is None
+                and qs.dtype in (torch.float32, torch.float64)):  # lse kept exact
+            return _band_scores(comp, qs, k, q0, q1, ctx, masked, minus)
+        res = _band_scores(comp, qs, k, q0, q1, ctx, masked)
+    elif isinstance(comp, Ranges):
+        res = _range_scores(comp, qs, k, q0, q1, ctx)
+    elif isinstance(comp, Offsets):
+        res = _offset_scores(comp, qs, k, q0, q1, ctx)[:4]
+    elif isinstance(comp, Edges):
+        res = _edge_scores(comp, qs, k, q0, q1, ctx)[:4]
+    elif isinstance(comp, RowSet):
+        rows = comp.rows_in(q0, q1, qs.device)
+        if rows.numel() == 0:
+            return None
+        qi, kj, valid = comp.candidates_for(rows, 0, ctx.lk, ctx.lq, ctx.lk)
+        res = _key_scores(qs.index_select(3, rows), k, qi, kj, valid, ctx), qi, kj, valid
+    elif isinstance(comp, (KeySet, AllKeys)):
+        qi, kj, valid = comp.candidates(q0, q1, ctx.lq, ctx.lk, qs.device)
+        kc = k if isinstance(comp, AllKeys) else k.index_select(2, kj[0])
+        res = _key_scores(qs[:, :, :, q0:q1], kc, qi, kj, valid, ctx), qi, kj, valid
+    else:
+        raise TypeError(f"no scores for component {type(comp).__name__} (lower() it first)")
+    if res is None or minus is None:
+        return res
+    s, qi, kj, valid = res
+    B, hkv, g = s.shape[:3]
+    row = minus.index_select(3, qi.reshape(-1)).view(B, hkv, g, *qi.shape)
+    return s - row, qi, kj, valid
 
 
 _KERNELS = {
@@ -536,9 +676,7 @@ def structured_attention(
     if not comps or lq == 0:
         return _no_keys(qs, lq, v.shape[-1])
     ctx.sparse_mm = all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k, v))
-    width = sum(_width(c, ctx, d) for c in comps) * B
-    rows = max(ctx.block, int(CHUNK_ELEMENTS // max(width, 1)) // ctx.block * ctx.block)
-    rows = min(rows, lq)
+    rows = min(chunk_rows(comps, ctx, d), lq)
     ctx.need_lse = ctx.need_lse or len(comps) > 1
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
