@@ -370,7 +370,8 @@ def _speed(cfg: DecodingConfig, vocab: int,
     for a in ARMS:
         metrics[f"kv_bytes_per_token_{a}"] = kv_bytes_per_token(models[a])
     metrics["kv_bytes_per_token_mqa_int8"] = kv_bytes_per_token(models["mqa"], torch.int8)
-    metrics["weight_bytes_mha"] = float(weight_bytes(models["mha"]))
+    for a in ("mha", "mqa"):
+        metrics[f"weight_bytes_{a}"] = float(weight_bytes(models[a]))
     log("decoding: int8 cache speed measured")
     return metrics, decisions, rows
 
@@ -507,7 +508,8 @@ def _notes(cfg: DecodingConfig, m: dict, per_seed: list[dict], corpus: Corpus,
         f"heads; GQA {cfg.gqa_heads} KV heads, MQA 1) trained from scratch for {cfg.steps} "
         f"steps of {cfg.batch}x{cfg.seq_len} characters on {corpus.name}, same batches and "
         f"initial seed per arm, seeds {seeds}; bits/char on the second half of the validation "
-        f"text (the first half draws the learning curves). How far from a plateau: over the "
+        f"text (the first half, other topics and harder for these models, draws the learning "
+        f"curves on {cfg.log_chars} characters). How far from a plateau: over the "
         f"last quarter of training validation bits/char still fell "
         f"{100 * m['val_bpc_rel_drop_last_quarter_mha']:.1f}% (MHA), "
         f"{100 * m['val_bpc_rel_drop_last_quarter_mqa']:.1f}% (MQA), "
@@ -525,7 +527,7 @@ def _notes(cfg: DecodingConfig, m: dict, per_seed: list[dict], corpus: Corpus,
         f"8-bit KV cache (KIVI-style, key groups of {cfg.int8_group_size} positions for these "
         f"{cfg.seq_len}-character windows): MQA bits/char decoded through it "
         f"{_ci(m, 'bits_per_char_mqa_int8')} vs {m['bits_per_char_mqa_cached_fp32']:.4f} "
-        f"through the fp32 cache, ratio {_ci(m, 'mqa_int8_bpc_ratio')} (claim: < "
+        f"through the fp32 cache, ratio {_ci(m, 'mqa_int8_bpc_ratio', '.5f')} (claim: < "
         f"{1 + MAX_RELATIVE_BPC_LOSS_INT8:g}).",
     ]
     if cfg.curve:
@@ -535,7 +537,8 @@ def _notes(cfg: DecodingConfig, m: dict, per_seed: list[dict], corpus: Corpus,
             f"Uptraining curve: MHA bases trained until validation improved < "
             f"{100 * cfg.base_min_rel_gain:g}% for {cfg.base_patience} evaluations in a row "
             f"(mean {m['base_steps']:.0f} steps, {100 * m['base_reached_plateau_fraction']:.0f}% "
-            f"stopped before the {cfg.base_max_steps}-step cap), base bits/char "
+            f"stopped before the {cfg.base_max_steps}-step cap; its cosine schedule spans the "
+            f"cap, so a base stopped earlier still had a high learning rate), base bits/char "
             f"{_ci(m, 'bits_per_char_mha_base')}; converted to MQA and uptrained for a share of "
             f"the base's steps: {pts}; from-scratch MQA {_ci(m, 'bits_per_char_mqa')}.")
     lines += [
@@ -562,9 +565,10 @@ def _notes(cfg: DecodingConfig, m: dict, per_seed: list[dict], corpus: Corpus,
         f"(key groups of 64, scales included).",
         f"MQA at context {c8}: {_ci(m, f'ms_per_token_mqa_{c8}_int8')} ms/token with the 8-bit "
         f"cache vs {_ci(m, f'ms_per_token_mqa_{c8}_fp32')} with fp32 (ratio "
-        f"{_ci(m, f'int8_over_fp32_ms_mqa_{c8}')}); at this width the weights "
-        f"({m['weight_bytes_mha'] / 1e6:.0f} MB) dominate the bytes of an MQA step, so a "
-        f"smaller cache changes little, and dequantising costs work.",
+        f"{_ci(m, f'int8_over_fp32_ms_mqa_{c8}')}): at this width the weights "
+        f"({m['weight_bytes_mqa'] / 1e6:.0f} MB) dominate the bytes of an MQA step (the fp32 "
+        f"cache adds {m['kv_bytes_per_token_mqa'] * c8 / 1e6:.0f} MB), so a smaller cache "
+        f"can save little, and dequantising it every step costs work.",
         "Decisions: " + "; ".join(d.explanation() for d in decisions) + ".",
     ]
     sample = per_seed[0].get("sample")
@@ -573,8 +577,8 @@ def _notes(cfg: DecodingConfig, m: dict, per_seed: list[dict], corpus: Corpus,
     return "\n".join(lines)
 
 
-def _ci(m: dict, name: str) -> str:
-    return f"{m[name]:.4g} [{m[name + '_ci_low']:.4g}, {m[name + '_ci_high']:.4g}]"
+def _ci(m: dict, name: str, fmt: str = ".4g") -> str:
+    return f"{m[name]:{fmt}} [{m[name + '_ci_low']:{fmt}}, {m[name + '_ci_high']:{fmt}}]"
 
 
 def _plot(ctx: RunContext, cfg: DecodingConfig, m: dict, per_seed: list[dict]) -> list[str]:
