@@ -221,6 +221,56 @@ def test_experiment_is_registered():
 
     assert "attnkit.lm.experiment" in MODULES
     assert EXPERIMENT.name == "decoding" and EXPERIMENT.options[0].dest == "text"
+    assert "from scratch" in EXPERIMENT.claim
+
+
+def test_decoding_experiment_structure_tiny(tmp_path):
+    """The whole experiment at tiny sizes: decisions, seeds and the contract metric names
+    (values are not checked: at these sizes they mean nothing)."""
+    from attnkit.experiment import RunContext
+    from attnkit.lm.experiment import DecodingConfig, run_decoding
+
+    cfg = DecodingConfig.tiny()
+    res = run_decoding(RunContext(quick=True, out_dir=tmp_path), cfg)
+    assert res.seeds == 3 and res.held is None
+    names = {d.name for d in res.decisions}
+    c = cfg.speed_context
+    assert names == {"mqa_bpc_ratio", "gqa_bpc_ratio", "mqa_int8_bpc_ratio",
+                     f"mqa_speedup_cached_{c}", f"kv_cache_speedup_mha_{c}"}
+    assert {d.direction for d in res.decisions if "bpc" in d.name} == {"<"}
+    assert res.verdict in ("held", "not held", "inconclusive")
+    m = res.all_metrics()
+    for name in ("bits_per_char_mha", "bits_per_char_gqa", "bits_per_char_mqa",
+                 "mqa_bpc_ratio", "bits_per_char_mqa_int8", f"roofline_ratio_mqa_{c}",
+                 f"tokens_per_s_cached_mqa_{c}", f"tokens_per_s_uncached_mha_{c}",
+                 f"ms_per_token_mqa_{cfg.int8_context}_int8",
+                 f"ms_per_token_mqa_{cfg.int8_context}_fp32",
+                 *(f"bits_per_char_mqa_uptrained_{p}" for p in ("0", "50"))):
+        assert name in m and f"{name}_ci_low" in m and f"{name}_ci_high" in m, name
+        assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"], name
+    for name in ("kv_bytes_per_token_mha", "kv_bytes_per_token_mqa",
+                 "kv_bytes_per_token_mqa_int8", f"bytes_read_per_token_mha_{c}"):
+        assert m[name] > 0, name
+    # MQA keeps one of num_heads K/V heads; the 8-bit cache about a quarter of its bytes
+    assert m["kv_bytes_per_token_mha"] == cfg.speed_heads * m["kv_bytes_per_token_mqa"]
+    assert m["kv_bytes_per_token_mqa_int8"] < 0.5 * m["kv_bytes_per_token_mqa"]
+    assert m["seeds"] == 3
+    if res.figures:  # matplotlib installed
+        assert all(tmp_path.joinpath(f).exists() for f in res.figures)
+
+
+def test_train_lm_callback_stops_early():
+    model = _model()
+    seen = []
+
+    def stop_at_3(step, loss):
+        seen.append((step, loss))
+        return step == 3
+
+    data = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(0))
+    losses = train_lm(model, data, 10, batch_size=2, seq_len=8, callback=stop_at_3)
+    assert len(losses) == 3 and [s for s, _ in seen] == [1, 2, 3]
+    assert [x for _, x in seen] == losses
 
 
 def test_model_head_mask():

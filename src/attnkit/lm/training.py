@@ -67,11 +67,15 @@ def train_lm(
     weight_decay: float = 0.01,
     seed: int = 0,
     progress: Callable | None = None,
+    callback: Callable[[int, float], bool] | None = None,
 ) -> list[float]:
     """Next-token training on random windows of the 1-D token stream ``data``.
 
     AdamW, linear warmup then cosine decay, gradient clipping at 1. Returns the loss (nats) of
-    each step. ``progress(iterable, desc)`` may wrap the step loop (e.g. a progress bar).
+    each step run. ``progress(iterable, desc)`` may wrap the step loop (e.g. a progress bar).
+    ``callback(steps_done, loss)`` runs after every step (e.g. to evaluate on validation data);
+    returning True stops training there (early stopping: the returned list is then shorter
+    than ``steps``). A callback that evaluates must put the model back in training mode.
 
     Under ``torchrun`` (see :mod:`attnkit.distributed.data_parallel`) every rank draws the same
     ``batch_size`` windows, trains a ``DistributedDataParallel`` copy on its share of them and
@@ -112,6 +116,8 @@ def train_lm(
         opt.step()
         sched.step()
         losses.append(all_reduce_mean(loss.detach()).item())
+        if callback is not None and callback(len(losses), losses[-1]):
+            break
     model.eval()
     return losses
 
