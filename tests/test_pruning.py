@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnkit.decoding import generate
-from attnkit.flops import count
+from attnkit.flops import attention_flop_share, count
 from attnkit.models import DecoderLM
 from attnkit.nn import SelfAttention
 from attnkit.pruning import (
     attention_layers,
+    gated_curve,
     head_gates,
     head_importance,
     iterative_prune,
@@ -24,6 +25,8 @@ from attnkit.pruning import (
     load_pruned,
     measure_latency,
     prune_heads,
+    random_prune_order,
+    replay_prune,
     save_pruned,
 )
 
@@ -272,3 +275,122 @@ def test_measure_latency_restores_training_mode():
     seconds = measure_latency(lm, torch.randint(0, VOCAB, (1, 8)), repeats=2)
     assert 0.0 < seconds < 10.0
     assert lm.training
+
+
+# ------------------------------------------------------------------------ the ViT, curves
+
+
+def _vit(seed=0, depth=2, heads=4, dim=16):
+    from attnkit.vision.model import ViT
+
+    torch.manual_seed(seed)
+    vit = ViT(8, 2, 1, 10, dim=dim, depth=depth, num_heads=heads)
+    with torch.no_grad():
+        for p in vit.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return vit.eval()
+
+
+def test_pruning_a_vit_removes_parameters_and_keeps_kept_heads_bit_identical():
+    # width 32: for a 16-wide input BLAS picks another kernel for the narrower q/k/v matrix
+    # and the last bit moves (the kept rows are the same dot products otherwise)
+    dim = 32
+    vit = _vit(dim=dim)
+    x = torch.rand(5, 1, 8, 8)
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def hook(module, args):
+            seen[name] = args[0].detach().clone()
+        return hook
+
+    h = attention_layers(vit)[0].out_proj.register_forward_pre_hook(grab("before"))
+    vit(x)
+    h.remove()
+    pruned = prune_heads(copy.deepcopy(vit), {0: [0, 2]})
+    h = attention_layers(pruned)[0].out_proj.register_forward_pre_hook(grab("after"))
+    pruned(x)
+    h.remove()
+    hd = dim // 4
+    kept = torch.cat([seen["before"][..., hd:2 * hd], seen["before"][..., 3 * hd:]], dim=-1)
+    assert torch.equal(seen["after"], kept)  # fp32, same inputs: the same bits
+    layer = attention_layers(pruned)[0]
+    assert (layer.num_heads, layer.q_proj.weight.shape, layer.out_proj.weight.shape) == (
+        2, (2 * hd, dim), (dim, 2 * hd))
+    removed = sum(p.numel() for p in vit.parameters()) - sum(
+        p.numel() for p in pruned.parameters())
+    assert removed == 2 * (4 * dim * hd + 3 * hd)  # q, k, v rows + out columns, q/k/v biases
+    with pytest.raises(ValueError, match="unknown head 2 in layer 0"):
+        prune_heads(pruned, {0: [2]})
+    with pytest.raises(ValueError, match="all 2 heads of layer 0"):
+        prune_heads(pruned, {0: [0, 1]})
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_random_prune_order_keeps_one_group_per_layer_and_is_seeded(kv_heads):
+    lm = _lm(kv_heads=kv_heads, depth=3, dtype=torch.float32)
+    order = random_prune_order(lm, torch.Generator().manual_seed(3))
+    group = 1 if kv_heads is None else 2
+    assert all(len(heads) == group and heads[0] % group == 0 for _, heads in order)
+    per_layer = {i: sum(len(h) for j, h in order if j == i) for i in range(3)}
+    assert per_layer == {i: 4 - group for i in range(3)}  # one group left in every layer
+    assert len({(i, tuple(h)) for i, h in order}) == len(order)
+    assert order == random_prune_order(lm, torch.Generator().manual_seed(3))
+    orders = {tuple((i, tuple(h)) for i, h in random_prune_order(lm, torch.Generator()
+                                                                   .manual_seed(s)))
+              for s in range(6)}
+    assert len(orders) > 1
+
+
+def test_gated_curve_matches_physical_pruning_and_checks_its_order():
+    vit = _vit(seed=1).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    order = random_prune_order(vit, torch.Generator().manual_seed(0))
+    curve = gated_curve(vit, order, lambda m: float(m(x).sum()), counts=[0, 2, 5])
+    assert [k for k, _ in curve] == [0, 2, 5]
+    with torch.no_grad():
+        assert curve[0][1] == float(vit(x).sum())
+    request: dict[int, list[int]] = {}
+    for layer, heads in order[:5]:
+        request.setdefault(layer, []).extend(heads)
+    pruned = prune_heads(copy.deepcopy(vit), request)
+    with torch.no_grad():
+        assert curve[2][1] == pytest.approx(float(pruned(x).sum()), rel=1e-12)
+    with pytest.raises(ValueError, match="counts must be ints"):
+        gated_curve(vit, order, lambda m: 0.0, counts=[len(order) + 1])
+    with pytest.raises(ValueError, match="remove every head of a layer"):
+        gated_curve(vit, [(0, [0]), (0, [1]), (0, [2]), (0, [3])], lambda m: 0.0, counts=[4])
+    with pytest.raises(ValueError, match="outside the model"):
+        gated_curve(vit, [(0, [7])], lambda m: 0.0)
+
+
+def test_replay_prune_rebuilds_the_recorded_step():
+    lm = _lm(depth=2, dtype=torch.float32)
+    data = [torch.randint(0, VOCAB, (2, 13)) for _ in range(2)]
+    ids = data[0][:, :-1]
+    work = copy.deepcopy(lm)
+    history = iterative_prune(work, data, lambda m: 0.0, 0.25, flop_inputs=(ids,))
+    for step in range(len(history)):
+        replayed = replay_prune(lm, history, step)
+        assert count(replayed, ids).total == history[step].flops
+        assert [m.num_heads for m in attention_layers(replayed)] == history[step].heads_per_layer
+    torch.testing.assert_close(replay_prune(lm, history, len(history) - 1)(ids), work(ids))
+    assert [m.num_heads for m in attention_layers(lm)] == [4, 4]  # the original is untouched
+    with pytest.raises(ValueError, match="upto_step"):
+        replay_prune(lm, history, len(history))
+
+
+def test_attention_flop_share_follows_the_formulas():
+    vit = _vit(depth=2, heads=4, dim=16)
+    x = torch.rand(3, 1, 8, 8)
+    whole, core = attention_flop_share(vit, x)
+    tokens, n, dim = 3 * 16, 16, 16
+    proj = 4 * 2 * dim * dim * tokens  # q, k, v, out per layer
+    cores = 2 * 3 * n * n * (2 * dim)  # q.k and weights @ v over all heads of one layer
+    mlp = 2 * 2 * dim * (2 * dim) * tokens
+    total = 2 * (proj + cores + mlp) + 2 * 4 * dim * tokens + 2 * dim * 10 * 3
+    assert whole == pytest.approx(2 * (proj + cores) / total, rel=1e-12)
+    assert core == pytest.approx(2 * cores / total, rel=1e-12)
+    with pytest.raises(ValueError, match="no attnkit.nn.SelfAttention"):
+        attention_flop_share(nn.Sequential(nn.Linear(4, 4)), torch.zeros(1, 4))

@@ -28,7 +28,7 @@ from torch import nn
 
 from .nn.attention import SelfAttention
 
-__all__ = ["FlopReport", "ModuleCount", "count", "attention_core_flops"]
+__all__ = ["FlopReport", "ModuleCount", "count", "attention_core_flops", "attention_flop_share"]
 
 
 @dataclass
@@ -150,3 +150,20 @@ def count(model: nn.Module, *inputs, **kwargs) -> FlopReport:
     return FlopReport(total=linear + attention, linear=linear, attention=attention,
                       params=_unique_params(model), by_module=by_module)
 
+
+
+def attention_flop_share(model: nn.Module, *inputs, **kwargs) -> tuple[float, float]:
+    """Share of ``model(*inputs, **kwargs)``'s counted FLOPs spent in attention:
+    ``(whole layers, cores)``. "Whole layers" is every :class:`~attnkit.nn.SelfAttention`
+    module (q/k/v/out projections plus the core): what removing every head could save at
+    most. "Cores" is ``q.k`` and ``weights @ v`` alone (:attr:`FlopReport.attention`)."""
+    report = count(model, *inputs, **kwargs)
+    if report.total == 0:
+        raise ValueError("the forward pass counted no FLOPs: no share to report")
+    layers = {n for n, m in model.named_modules() if isinstance(m, SelfAttention)}
+    if not layers:
+        raise ValueError(f"model {type(model).__name__} has no attnkit.nn.SelfAttention layers")
+    # by_module rolls FLOPs up to parents; a SelfAttention inside another is counted once.
+    top = [n for n in layers if not any(n.startswith(o + ".") for o in layers if o != n)]
+    whole = sum(report.by_module[n].flops for n in top)
+    return whole / report.total, report.attention / report.total

@@ -39,6 +39,9 @@ __all__ = [
     "prune_heads",
     "PruneStep",
     "iterative_prune",
+    "replay_prune",
+    "random_prune_order",
+    "gated_curve",
     "pruned_config",
     "save_pruned",
     "load_pruned",
@@ -372,6 +375,78 @@ def iterative_prune(
             finetune(model)
         history.append(record(step, removed))
     return history
+
+
+def replay_prune(model: nn.Module, history: Sequence[PruneStep], upto_step: int) -> nn.Module:
+    """A pruned copy of the unpruned ``model``: the heads that :func:`iterative_prune` removed
+    in ``history[1 : upto_step + 1]`` (``removed`` holds original head ids, mapped here to the
+    current numbering step by step). ``model`` itself is not changed."""
+    if isinstance(upto_step, bool) or not isinstance(upto_step, int) \
+            or not 0 <= upto_step < len(history):
+        raise ValueError(f"upto_step must be in 0..{len(history) - 1}, got {upto_step!r}")
+    pruned = copy.deepcopy(model)
+    original = [list(range(m.num_heads)) for m in attention_layers(pruned)]
+    for h in history[1:upto_step + 1]:
+        request = {i: [original[i].index(o) for o in ids] for i, ids in h.removed.items()}
+        prune_heads(pruned, request)
+        for i, ids in h.removed.items():
+            gone = set(ids)
+            original[i] = [o for o in original[i] if o not in gone]
+    return pruned
+
+
+def random_prune_order(model: nn.Module,
+                       generator: torch.Generator | None = None) -> list[tuple[int, list[int]]]:
+    """A uniformly random order in which heads could be removed, the baseline of importance
+    pruning: ``[(layer, [query heads]), ...]``, one key/value group per entry (one head for
+    multi-head attention), never the last group of a layer.
+
+    It is a random permutation of all groups with each layer's last-placed group dropped:
+    exactly what removing groups in permutation order while skipping any that would empty its
+    layer gives.
+    """
+    layers = attention_layers(model)
+    units = []
+    for i, m in enumerate(layers):
+        group = m.num_heads // m.num_kv_heads
+        units += [(i, list(range(g * group, (g + 1) * group))) for g in range(m.num_kv_heads)]
+    perm = torch.randperm(len(units), generator=generator).tolist()
+    order = [units[j] for j in perm]
+    last = {i: k for k, (i, _) in enumerate(order)}  # each layer's last-placed group stays
+    return [u for k, u in enumerate(order) if last[u[0]] != k]
+
+
+@torch.no_grad()
+def gated_curve(model: nn.Module, order: Sequence[tuple[int, Sequence[int]]],
+                evaluate: Callable[[nn.Module], float],
+                counts: Sequence[int] | None = None) -> list[tuple[int, float]]:
+    """``evaluate(model)`` with the first ``k`` entries of ``order`` gated off, for each ``k``
+    in ``counts`` (default ``0 .. len(order)``): ``[(query heads removed, metric), ...]``.
+
+    ``order`` is ``[(layer, [heads]), ...]`` as from :func:`random_prune_order`. Gating a head
+    to zero computes what :func:`prune_heads` would (tested), without copying the model.
+    """
+    layers = attention_layers(model)
+    counts = range(len(order) + 1) if counts is None else counts
+    for layer_idx, heads in order:
+        if not 0 <= layer_idx < len(layers) or \
+                not all(0 <= h < layers[layer_idx].num_heads for h in heads):
+            raise ValueError(f"order names layer {layer_idx} heads {list(heads)}, outside the "
+                             "model's attention layers / heads")
+    device = next(model.parameters()).device
+    out = []
+    for k in counts:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(order):
+            raise ValueError(f"counts must be ints in 0..{len(order)}, got {k!r}")
+        gates = [torch.ones(m.num_heads, device=device) for m in layers]
+        for layer_idx, heads in order[:k]:
+            gates[layer_idx][list(heads)] = 0.0
+        if any(bool((g == 0).all()) for g in gates):
+            raise ValueError(f"the first {k} entries of order remove every head of a layer")
+        with head_gates(model, gates):
+            metric = float(evaluate(model))
+        out.append((sum(len(h) for _, h in order[:k]), metric))
+    return out
 
 
 # ------------------------------------------------------------------------ save / load

@@ -12,7 +12,7 @@ from .types import Experiment
 MODULES: list[str] = [
     "attnkit.bench.experiment",  # the engine's own experiment (engine modules are math only)
     "attnkit.lm.experiment",
-    "attnkit.lm.pruning_experiment",
+    "attnkit.pruning_experiment",  # tools beside attnkit.pruning, on the ViT and the LM
     "attnkit.genome.experiment",
     "attnkit.vision.experiment",
     "attnkit.volume.experiment",

@@ -1,8 +1,9 @@
 """Language models on attnkit: the decoder-only model and its fused decoding step
 (:mod:`.model`), key/value caches including the 8-bit one (:mod:`.cache`), generation and
 decoding measurements (:mod:`.decoding`), training, uptraining and the MHA -> GQA/MQA
-conversion (:mod:`.training`), character text data (:mod:`.text`), and the ``decoding`` and
-``pruning`` experiments.
+conversion (:mod:`.training`), character text data (:mod:`.text`), and the ``decoding``
+experiment. (The ``pruning`` experiment studies the model-agnostic tools on this LM and on the
+ViT, so it lives beside them in :mod:`attnkit.pruning_experiment`.)
 
 ``attnkit.generate``, ``attnkit.models``, ``attnkit.cache`` and ``attnkit.decoding`` re-export
 the names that used to live there."""
