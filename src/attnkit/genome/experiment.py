@@ -5,6 +5,7 @@ validated Markov chain."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -61,7 +62,7 @@ class GenomeConfig:
     task_depth: int = 2
     task_heads: int = 2
     task_steps_per_stage: int = 300
-    task_batch: int = 8
+    task_batch: int = 16
     task_lr: float = 1e-2
     task_eval: int = 64
     dense_max: int = 16384
@@ -217,52 +218,75 @@ def task_length(cfg: GenomeConfig, distance: int) -> int:
     return distance + max(distance, cfg.task_margin)
 
 
-def task_seed(cfg: GenomeConfig, seed: int) -> dict[str, float]:
-    """Accuracy of every arm at every distance for one seed (module-level: it may run in a
-    worker process). Each arm trains one model on the same curriculum (the distances it can
-    hold, shortest first; dense only up to ``dense_max`` bases), from the same initialization
-    seed and the same batches, then is scored on the same held-out samples per distance."""
+def task_job(cfg: GenomeConfig, seed: int, arm: str) -> dict[str, float]:
+    """Accuracy of ``arm`` at every distance it can hold for one seed (module-level: it runs
+    in a worker process). Every arm trains one model on the same curriculum (the distances it
+    can hold, shortest first; dense only up to ``dense_max`` bases), from the same
+    initialization seed and the same batches, and is scored on the same held-out samples."""
+    ds = [d for d in cfg.task_distances
+          if arm != "dense" or task_length(cfg, d) <= cfg.dense_max]
+    if not ds:
+        return {}
+    tasks = [LongRangeTask(d, task_length(cfg, d), seed=seed) for d in ds]
     out = {}
-    tasks = {d: LongRangeTask(d, task_length(cfg, d), seed=seed) for d in cfg.task_distances}
-    evals = {d: t.sample(cfg.task_eval, torch.Generator().manual_seed(10_000 + seed))
-             for d, t in tasks.items()}
     with stats.single_thread():
-        for arm in ARMS:
-            ds = [d for d in cfg.task_distances
-                  if arm != "dense" or task_length(cfg, d) <= cfg.dense_max]
-            if not ds:
-                continue
-            curriculum = DistanceCurriculum([tasks[d] for d in ds], cfg.task_steps_per_stage)
-            torch.manual_seed(seed)  # identical initialization, data and steps for each arm
-            model = _task_model(cfg, arm)
-            train_labels(model, curriculum.sample, steps=curriculum.total_steps,
-                         batch_size=cfg.task_batch, lr=cfg.task_lr, seed=seed)
-            for d in ds:
-                out[f"hub_task_acc_{arm}_at_{d}"] = label_accuracy(model, *evals[d])
+        curriculum = DistanceCurriculum(tasks, cfg.task_steps_per_stage)
+        torch.manual_seed(seed)  # identical initialization, data and steps for each arm
+        model = _task_model(cfg, arm)
+        train_labels(model, curriculum.sample, steps=curriculum.total_steps,
+                     batch_size=cfg.task_batch, lr=cfg.task_lr, seed=seed)
+        for d, task in zip(ds, tasks):
+            ev = task.sample(cfg.task_eval, torch.Generator().manual_seed(10_000 + seed))
+            out[f"hub_task_acc_{arm}_at_{d}"] = label_accuracy(model, *ev)
     return out
 
 
-def _task_runs(ctx: RunContext, cfg: GenomeConfig, seeds: list[int]) -> list[dict]:
-    """:func:`task_seed` per seed; seeds in ``task_workers`` processes (each one thread) when
-    there are several and this is not a torchrun rank."""
-    workers = min(cfg.task_workers, len(seeds))
-    if workers <= 1 or world_size() > 1:
-        return stats.over_seeds(lambda s: task_seed(cfg, s), seeds, progress=ctx.progress,
-                                desc="long-range task seeds")
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+class _TaskRuns:
+    """The task's (seed, arm) jobs, started early in ``task_workers`` worker processes (one
+    thread each) so they use the cores the single-threaded genome and cost parts leave idle;
+    in this process when there is one worker or under torchrun."""
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(task_seed, cfg, s) for s in seeds]
-        for _ in ctx.progress(as_completed(futures), desc="long-range task seeds",
-                              total=len(futures)):
-            pass
-        return [f.result() for f in futures]
+    def __init__(self, cfg: GenomeConfig, seeds: list[int]):
+        self.cfg, self.seeds, self.pool, self.futures = cfg, seeds, None, {}
+        if cfg.task_workers > 1 and world_size() == 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(cfg.task_workers,
+                                            mp_context=mp.get_context("spawn"))
+            for arm in ARMS:
+                for seed in seeds:
+                    self.futures[seed, arm] = self.pool.submit(task_job, cfg, seed, arm)
+
+    def results(self, ctx: RunContext) -> list[dict[str, float]]:
+        """Per seed, ``{metric: accuracy}`` over every arm."""
+        per_seed: dict[int, dict[str, float]] = {s: {} for s in self.seeds}
+        if self.pool is None:
+            for seed in ctx.progress(self.seeds, desc="long-range task seeds",
+                                     total=len(self.seeds)):
+                for arm in ARMS:
+                    per_seed[seed].update(task_job(self.cfg, seed, arm))
+        else:
+            from concurrent.futures import as_completed
+
+            done = {f: key for key, f in self.futures.items()}
+            for f in ctx.progress(as_completed(done), desc="long-range task (seed, arm)",
+                                  total=len(done)):
+                per_seed[done[f][0]].update(f.result())
+            self.close()
+        # keys in a fixed order (arm, then distance), whatever order the jobs finished in
+        order = [f"hub_task_acc_{a}_at_{d}" for a in ARMS for d in self.cfg.task_distances]
+        return [{k: per_seed[s][k] for k in order if k in per_seed[s]} for s in self.seeds]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
-def _task_part(ctx: RunContext, cfg: GenomeConfig, seeds: list[int]
+def _task_part(ctx: RunContext, cfg: GenomeConfig, seeds: list[int], runs: _TaskRuns
                ) -> tuple[dict, list[dict], list[Decision], dict]:
-    acc = stats.stack_metrics(_task_runs(ctx, cfg, seeds))
+    acc = stats.stack_metrics(runs.results(ctx))
     metrics, rows = {}, []
     for name, vals in acc.items():
         metrics.update(stats.mean_ci(vals).metrics(name))
@@ -331,16 +355,19 @@ def _genome_part(ctx: RunContext, cfg: GenomeConfig, path: Path, seeds: list[int
                               GenomePattern(**pattern_cfg))
         history: list[tuple[int, float]] = []
         # one window per step per rank (under torchrun the batch is split over the ranks);
-        # full mode: early stopping on the validation slice, genome_steps is only a cap
-        losses = train_mlm(
-            model, train, steps=cfg.genome_steps, window_len=window_len,
-            batch_size=world_size(), seed=seed,
-            progress=None if ctx.quick else ctx.progress,
-            valid=valid_slice if cfg.genome_early_stopping else None,
-            eval_every=cfg.genome_eval_every, patience=cfg.genome_patience,
-            valid_stride=cfg.genome_eval_stride, history=history)
-        bpb = bits_per_base(model, held, stride=cfg.genome_eval_stride,
-                            passes=cfg.genome_eval_passes)
+        # full mode: early stopping on the validation slice, genome_steps is only a cap.
+        # Quick mode on one thread: several threads on a loaded machine (the report's) burn
+        # CPU waiting at barriers, and the task's workers use the other cores.
+        with stats.single_thread() if ctx.quick else contextlib.nullcontext():
+            losses = train_mlm(
+                model, train, steps=cfg.genome_steps, window_len=window_len,
+                batch_size=world_size(), seed=seed,
+                progress=None if ctx.quick else ctx.progress,
+                valid=valid_slice if cfg.genome_early_stopping else None,
+                eval_every=cfg.genome_eval_every, patience=cfg.genome_patience,
+                valid_stride=cfg.genome_eval_stride, history=history)
+            bpb = bits_per_base(model, held, stride=cfg.genome_eval_stride,
+                                passes=cfg.genome_eval_passes)
         if seed == seeds[0]:
             one_seed.state = {k: v.clone() for k, v in model.state_dict().items()}
             one_seed.config = dict(model.config, pattern=pattern_cfg)
@@ -435,20 +462,26 @@ def run_genome(ctx: RunContext, cfg: GenomeConfig) -> Result:
     fasta = ctx.options.get("fasta")
     path = Path(fasta) if fasta else embedded_genome_path()
     seeds = ctx.seed_list(quick=3, full=3)
+    if fasta:  # a bad --fasta fails in seconds, before any worker starts
+        _genome_tokens(path, cfg.genome_window)
     cpu0 = _cpu_now()
     metrics, table, decisions = {}, [], []
-    # the genome first: a bad --fasta fails in seconds, not after the other parts
-    g_metrics, g_rows, g_decisions, markov_decision = _genome_part(ctx, cfg, path, seeds)
-    cpu1 = _cpu_now()
-    c_metrics, c_rows, c_decisions = _cost_part(ctx, cfg)
-    cpu2 = _cpu_now()
-    t_metrics, t_rows, t_decisions, acc = _task_part(ctx, cfg, seeds)
-    cpu3 = _cpu_now()
+    runs = _TaskRuns(cfg, seeds)  # the task's workers start now, beside the other parts
+    try:
+        g_metrics, g_rows, g_decisions, markov_decision = _genome_part(ctx, cfg, path, seeds)
+        cpu1 = _cpu_now()
+        c_metrics, c_rows, c_decisions = _cost_part(ctx, cfg)
+        cpu2 = _cpu_now()
+        t_metrics, t_rows, t_decisions, acc = _task_part(ctx, cfg, seeds, runs)
+        cpu3 = _cpu_now()
+    finally:
+        runs.close()
     for m, rows, ds in ((c_metrics, c_rows, c_decisions), (t_metrics, t_rows, t_decisions),
                         (g_metrics, g_rows, g_decisions)):
         metrics.update(m)
         table += rows
         decisions += ds
+    # with task workers the task's CPU is counted when its workers end (cpu_seconds_task)
     metrics.update({"cpu_seconds": cpu3 - cpu0, "cpu_seconds_genome": cpu1 - cpu0,
                     "cpu_seconds_cost": cpu2 - cpu1, "cpu_seconds_task": cpu3 - cpu2})
     source = (f"--fasta {fasta}" if fasta else
