@@ -21,7 +21,9 @@ from attnkit.genome.experiment import (
     run_genome,
     split_genome,
 )
-from attnkit.genome.synthetic import IGNORE_INDEX, LongRangeTask
+from attnkit.genome.model import GenomeEncoder, GenomePattern
+from attnkit.genome.synthetic import IGNORE_INDEX, DistanceCurriculum, LongRangeTask
+from attnkit.genome.train import train_mlm
 
 
 def test_fit_slope():
@@ -84,6 +86,44 @@ def test_long_range_task_leaks_no_position():
     assert frac_at_hub < 0.05
 
 
+def test_curriculum_stages_shortest_first_and_no_position():
+    """Stage s draws only from the s+1 shortest distances, every stage's distance does get
+    drawn, the tasks share motifs, and the batches are plain LongRangeTask samples (bases
+    only, labels only on the query motif)."""
+    tasks = [LongRangeTask(d, d + max(d, 32), seed=3) for d in (100, 16, 40)]
+    cur = DistanceCurriculum(tasks, steps_per_stage=30)
+    assert [t.distance for t in cur.tasks] == [16, 40, 100] and cur.total_steps == 90
+    gen = torch.Generator().manual_seed(0)
+    lengths = [cur.sample(2, gen)[0].shape[1] for _ in range(90)]
+    assert set(lengths[:30]) == {48}
+    assert set(lengths[30:60]) == {48, 80}
+    assert set(lengths[60:]) == {48, 80, 200}
+    tokens, labels = cur.sample(4, gen)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) <= 3
+    assert int((labels != IGNORE_INDEX).sum(1).min()) == tasks[0].motif_len
+    with pytest.raises(ValueError, match="motifs"):
+        DistanceCurriculum([LongRangeTask(16, 48, seed=0), LongRangeTask(40, 80, seed=1)], 5)
+    with pytest.raises(ValueError, match="steps_per_stage"):
+        DistanceCurriculum(tasks, 0)
+    with pytest.raises(ValueError, match="empty"):
+        DistanceCurriculum([], 5)
+
+
+def test_train_mlm_early_stopping_stops_and_keeps_best():
+    """With lr 0 validation never improves: training stops after the first evaluation plus
+    `patience` more, far before the cap; history records every evaluation."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 4, (4096,), generator=gen)
+    model = GenomeEncoder(8, 1, 2, GenomePattern(4, exponential=False, hubs=0))
+    history: list = []
+    losses = train_mlm(model, tokens, steps=50, window_len=256, lr=0.0, valid=tokens[:512],
+                       eval_every=2, patience=2, valid_stride=8, history=history)
+    assert len(losses) == 6 and [h[0] for h in history] == [2, 4, 6]
+    assert history[0][1] == history[-1][1]
+    with pytest.raises(ValueError, match="patience"):
+        train_mlm(model, tokens, steps=5, window_len=256, valid=tokens[:512], patience=0)
+
+
 def test_split_genome_disjoint_and_covering():
     tokens = torch.arange(1003)
     train, valid, held = split_genome(tokens)
@@ -101,10 +141,12 @@ def test_run_tiny_on_embedded_genome(tmp_path):
     for key in ("slope_window", "slope_window_global", "slope_window_exp_global",
                 "slope_window_exp_global_ci_high", "hub_task_acc_local", "hub_task_acc_global",
                 "hub_task_acc_window_exp_at_40", "hub_task_acc_dense_at_40",
+                "hub_task_acc_window_at_16", "cpu_seconds_task", "genome_steps_run",
                 "bits_per_base_model", "bits_per_base_model_ci_low",
                 "bits_per_base_markov_best", "whole_genome_forward_s", "whole_genome_peak_gib",
                 "train_step_s"):
         assert key in m and math.isfinite(m[key]), key
+    assert "mem_slope_window_exp_global_ci_high" in m  # tiny forwards may add no pages: NaN
     assert m["whole_genome_length"] == 580_076  # the embedded genome by default
     assert 0 < m["whole_genome_peak_gib"] < 8
     assert 1.7 < m["bits_per_base_markov_best"] < 2.0
@@ -112,7 +154,9 @@ def test_run_tiny_on_embedded_genome(tmp_path):
     names = {d.name for d in res.decisions}
     assert {"slope_window", "slope_window_global", "slope_window_exp_global",
             "hub_task_gain_window_global", "hub_task_gain_window_exp_global",
-            "whole_genome_peak_gib"} <= names
+            "whole_genome_peak_gib", "mem_slope_window", "mem_slope_window_global",
+            "mem_slope_window_exp_global"} <= names
+    assert m["genome_steps_run"] <= 4  # tiny: early stopping with a cap of 4 steps
     assert "bits_per_base_gain_vs_markov" not in names  # its own decision, in the notes
     json.dumps(m)
 

@@ -127,10 +127,11 @@ def _forward(ns: argparse.Namespace) -> None:
     else:
         raise SystemExit("forward needs --fasta or --length")
     base = peak_rss_gib()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     hidden = model.embed_genome(tokens)
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     _emit({"length": int(tokens.numel()), "records": num_records, "seconds": secs,
+           "cpu_seconds": cpu, "threads": torch.get_num_threads(),
            "peak_gib": peak_rss_gib(), "peak_delta_gib": peak_rss_gib() - base,
            "finite": bool(torch.isfinite(hidden).all())})
 
@@ -149,14 +150,15 @@ def _train_step(ns: argparse.Namespace) -> None:
     tokens = markov_background(1, ns.length, random_markov_chain(3, gen), gen)
     inputs, targets = mask_tokens(tokens, 0.15, gen)
     base = peak_rss_gib()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     logits = model.mlm_logits(model(inputs))
     loss = F.cross_entropy(logits.reshape(-1, 4), targets.reshape(-1), ignore_index=IGNORE_INDEX)
     opt.zero_grad()
     loss.backward()
     opt.step()
-    secs = time.perf_counter() - t0
-    _emit({"length": ns.length, "seconds": secs, "loss": float(loss.detach()),
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+    _emit({"length": ns.length, "seconds": secs, "cpu_seconds": cpu,
+           "threads": torch.get_num_threads(), "loss": float(loss.detach()),
            "peak_gib": peak_rss_gib(), "peak_delta_gib": peak_rss_gib() - base})
 
 
@@ -178,7 +180,14 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train-step")
     t.add_argument("--length", type=int, required=True)
     t.add_argument("--config", required=True)
+    for p in (f, t):
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch threads (0: torch's default)")
     ns = ap.parse_args(argv)
+    if getattr(ns, "threads", 0) > 0:
+        import torch
+
+        torch.set_num_threads(ns.threads)
     {"cost": _cost, "forward": _forward, "train-step": _train_step}[ns.cmd](ns)
 
 

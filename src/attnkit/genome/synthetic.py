@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["HubTask", "LongRangeTask", "markov_background", "random_markov_chain", "IGNORE_INDEX"]
+__all__ = ["HubTask", "LongRangeTask", "DistanceCurriculum", "markov_background",
+           "random_markov_chain", "IGNORE_INDEX"]
 
 #: Label of positions that carry no gene (``torch.nn.functional.cross_entropy`` ignores it).
 IGNORE_INDEX = -100
@@ -208,3 +209,49 @@ class LongRangeTask:
             tokens[b, p + d : p + d + m] = self.query
             labels[b, p + d : p + d + m] = c
         return tokens, labels, sources
+
+
+@dataclass
+class DistanceCurriculum:
+    """Training batches over several :class:`LongRangeTask` distances, shortest first.
+
+    Training runs in ``len(tasks)`` stages of ``steps_per_stage`` calls to :meth:`sample`;
+    stage ``s`` draws each batch from one of the ``s + 1`` shortest distances (uniformly, from
+    the caller's generator), so what was learnt at short range keeps being trained while the
+    distance grows. Every arm of an experiment gets the same curriculum: it carries no
+    information about where a planted pair sits, only how far apart its two halves are, which
+    every sample of a :class:`LongRangeTask` fixes anyway.
+
+    Args:
+        tasks: the tasks, one per distance (same ``seed``: same motifs and background chain).
+        steps_per_stage: batches per stage (> 0).
+    """
+
+    tasks: list[LongRangeTask]
+    steps_per_stage: int
+    calls: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks is empty")
+        if isinstance(self.steps_per_stage, bool) or not isinstance(self.steps_per_stage, int) \
+                or self.steps_per_stage < 1:
+            raise ValueError(f"steps_per_stage must be a positive int, got "
+                             f"{self.steps_per_stage!r}")
+        self.tasks = sorted(self.tasks, key=lambda t: t.distance)
+        ref = self.tasks[0]
+        for t in self.tasks[1:]:
+            if not (torch.equal(t.marker, ref.marker) and torch.equal(t.query, ref.query)
+                    and torch.equal(t.classes, ref.classes)):
+                raise ValueError("every task must share its motifs (build them with one seed)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_stage * len(self.tasks)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(tokens (B, L_d), labels (B, L_d))`` of one distance ``d`` of the current stage."""
+        stage = min(self.calls // self.steps_per_stage, len(self.tasks) - 1)
+        self.calls += 1
+        pick = int(torch.randint(0, stage + 1, (1,), generator=generator))
+        return self.tasks[pick].sample(batch, generator)

@@ -117,6 +117,11 @@ def train_mlm(
     checkpoint_every: int = 100,
     resume: bool = False,
     progress: Progress | None = None,
+    valid: Tensor | None = None,
+    eval_every: int = 200,
+    patience: int = 5,
+    valid_stride: int = 8,
+    history: list[tuple[int, float]] | None = None,
 ) -> list[float]:
     """Masked-base training on random windows of one long sequence.
 
@@ -128,6 +133,11 @@ def train_mlm(
         checkpoint: file to save to every ``checkpoint_every`` steps and at the end;
             ``resume=True`` continues from it when it exists.
         progress: e.g. ``ctx.progress``; wraps the step iterator (a progress bar).
+        valid: ``(L_v,)`` int64 validation sequence: early stopping. Every ``eval_every``
+            steps its masked bits/base (:func:`bits_per_base`, one pass at ``valid_stride``)
+            is measured; training stops after ``patience`` evaluations without improvement
+            (``steps`` is then a cap) and the model is left at its best evaluated weights.
+            ``history`` (a list) receives ``(step, bits)`` per evaluation.
 
     Returns:
         The loss (nats per masked base) of every step run.
@@ -140,6 +150,10 @@ def train_mlm(
     _check_positive("window_len", window_len)
     _check_positive("batch_size", batch_size)
     _check_positive("checkpoint_every", checkpoint_every)
+    if valid is not None:
+        _check_positive("eval_every", eval_every)
+        _check_positive("patience", patience)
+        _check_positive("valid_stride", valid_stride)
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
         raise ValueError("tokens must be a 1-D int64 tensor (see attnkit.genome.encode)")
     if tokens.numel() < window_len:
@@ -166,6 +180,7 @@ def train_mlm(
     it: Iterable[int] = range(start, steps)
     if progress is not None:
         it = progress(it, "genome mlm")
+    best, best_state, stale = math.inf, None, 0
     for step in it:
         starts = torch.randint(0, tokens.numel() - window_len + 1, (batch_size,), generator=gen)
         batch = torch.stack([tokens[s : s + window_len] for s in starts.tolist()])
@@ -181,6 +196,20 @@ def train_mlm(
         if checkpoint is not None and is_main_process() and (
                 (step + 1) % checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(checkpoint, model, opt, step + 1)
+        if valid is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            bits = bits_per_base(model, valid, stride=valid_stride, passes=1)
+            model.train()
+            if history is not None:
+                history.append((step + 1, bits))
+            if bits < best:
+                best, stale = bits, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return losses
 
