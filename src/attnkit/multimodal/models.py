@@ -1,11 +1,12 @@
 """Four ways to fuse an audio stream with a text sequence, with matched parameter counts and no
 alignment prior in any of them.
 
-All four share the same encoders: audio frames ``(B, La, 13)`` go through two 1-D convolutions
-(local context, O(La)) plus a sinusoidal encoding of the *frame index*; text tokens ``(B, Lt)``
-get an embedding plus the same encoding of the *token index*. Each modality's positions are its
-own: nothing tells a model which frames belong to which token (the digits sit at random
-offsets), so alignment has to be found from content.
+All four share the same encoders: audio frames ``(B, La, 13)`` go through three 1-D
+convolutions (two of stride 2 by default: one position per 4 frames, a receptive field of 29
+frames, about one spoken digit; O(La)) plus a sinusoidal encoding of the *position index*;
+text tokens ``(B, Lt)`` get an embedding plus the same encoding of the *token index*. Each
+modality's positions are its own: nothing tells a model which frames belong to which token (the
+digits sit at random offsets), so alignment has to be found from content.
 
 - :class:`CrossModalFusion`: text queries attend over the audio frames (cross-attention, cost
   O(Lt * La)), then one self-attention layer over the text tokens (so tokens can compare what
