@@ -130,7 +130,10 @@ def _run(ctx: RunContext) -> Result:
     steps = ctx.options.get("steps") or (240 if quick else 3000)
     digit_counts = [1, 2] if quick else [1, 2, 4, 8]
     lengths = [1024, 2048, 4096, 8192] if quick else [512, 1024, 2048, 4096, 8192]
-    seeds = ctx.seed_list(quick=3, full=5)
+    n_seeds = ctx.options.get("seeds")
+    seeds = ctx.seed_list(quick=n_seeds or 3, full=n_seeds or 5)
+    if len(seeds) < 3:
+        raise ValueError(f"--seeds must be >= 3 (a CI over seeds needs them), got {len(seeds)}")
     batch = BATCH_QUICK if quick else BATCH_FULL
     rec = load_recordings(prefer_real=not ctx.options.get("synthetic"))
     train_idx, test_idx = split_speakers(rec)
@@ -273,6 +276,8 @@ EXPERIMENT = Experiment(
     run=_run,
     options=(
         Option("--steps", type=positive_int, default=None, help="training steps per model"),
+        Option("--seeds", type=positive_int, default=None,
+               help="seeds per model (default 3 quick, 5 full; at least 3)"),
         Option("--synthetic", type=nonnegative_int, default=0,
                help="1: use the synthetic stand-in instead of the FSDD MFCCs"),
     ),
