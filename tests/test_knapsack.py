@@ -4,6 +4,7 @@ feasibility, and bad input."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from attnkit.knapsack import (
     solve_exact,
     with_best_item,
 )
-from attnkit.knapsack.experiment import worst_point
+from attnkit.knapsack.experiment import _instance_seed, every_point, worst_point
 
 
 def _brute_force(w, v, c) -> int:
@@ -297,3 +298,41 @@ def test_worst_point_three_valued():
     failing = {**straddle, "d": CI(0.5, 0.2, 0.9, 5)}
     key, ci = worst_point(failing, 0.1, "<")
     assert key == "d" and ci.decide("x", 0.1, "<").outcome == "not held"
+
+
+def test_every_point_decision():
+    held = {"a": CI(0.0, -0.1, 0.05, 5), "b": CI(0.0, -0.2, 0.08, 5)}
+    dec, counts = every_point("x", held, 0.1, "<")
+    assert dec.outcome == "held" and counts == {"held": 2, "not_held": 0, "undecided": 0,
+                                                "nan": 0}
+    # per-point thresholds: "b" passes 0.1 but not its own 0.05 (straddles it)
+    dec, counts = every_point("x", held, {"a": 0.1, "b": 0.05}, "<")
+    assert dec.outcome == "inconclusive" and "undecided: b" in dec.note
+    assert dec.threshold == 0.05
+    # a NaN point (and no failing one) makes it inconclusive, named in the note
+    nan = {**held, "c": CI(math.nan, math.nan, math.nan, 5)}
+    dec, counts = every_point("x", nan, 0.1, "<")
+    assert dec.outcome == "inconclusive" and math.isnan(dec.value) and "NaN at c" in dec.note
+    assert counts["nan"] == 1
+    dec, _ = every_point("x", held, {"a": 0.1, "b": math.nan}, "<")  # NaN threshold too
+    assert dec.outcome == "inconclusive" and "NaN at b" in dec.note
+    # a point wholly on the wrong side decides "not held", even beside a NaN one
+    failing = {**nan, "d": CI(0.5, 0.2, 0.9, 5)}
+    dec, counts = every_point("x", failing, 0.1, "<")
+    assert dec.outcome == "not held" and "not held at: d" in dec.note and counts["not_held"] == 1
+    # identical choices (difference identically 0) against the tie floor: held
+    tie = {"t": CI(0.0, 0.0, 0.0, 40)}
+    assert every_point("x", tie, 1e-6, "<")[0].outcome == "held"
+
+
+def test_instance_seeds_distinct():
+    from attnkit.knapsack.instances import CLASSES
+
+    keys = [(k, n, h, i) for k in CLASSES for n in (20, 50, 100, 200, 500, 1000)
+            for h in (10, 25, 50, 75, 90) for i in range(60)]
+    seeds = {_instance_seed(0, *key) for key in keys}
+    assert len(seeds) == len(keys)
+    assert _instance_seed(0, "uncorrelated", 20, 25, 3) == _instance_seed(0, "uncorrelated", 20,
+                                                                          25, 3)
+    assert _instance_seed(1, "uncorrelated", 20, 25, 3) != _instance_seed(0, "uncorrelated",
+                                                                          20, 25, 3)

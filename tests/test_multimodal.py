@@ -141,8 +141,9 @@ def test_no_model_receives_alignment_positions(recordings):
     # the encoding of frame j does not depend on the text length
     model = models["cross"]
     audio = torch.randn(1, 40, 13)
-    a1, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool), torch.tensor([[1]]))
-    a2, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool), torch.tensor([[1, 2, 3]]))
+    _, a1, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool), torch.tensor([[1]]))
+    _, a2, _ = model.encode(audio, torch.ones(1, 40, dtype=torch.bool),
+                            torch.tensor([[1, 2, 3]]))
     torch.testing.assert_close(a1, a2)
 
 
@@ -174,9 +175,48 @@ def test_cross_attention_weights_respect_padding():
     mask = torch.ones(2, 60, dtype=torch.bool)
     mask[1, 45:] = False
     w = model.attention_weights(audio, torch.tensor([[1, 2, 3], [4, 5, 6]]), mask)
-    assert w.shape == (2, 2, 3, 60)
+    assert w.shape == (2, 2, 3, 15)  # one position per 4 frames (stride 4)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 3))
-    assert (w[1, :, :, 45:] == 0).all()
+    assert (w[1, :, :, 45 // 4 + 1:] == 0).all() and (w[1, :, :, 45 // 4] > 0).all()
+    full = CrossModalFusion(dim=16, heads=2, hidden=16, stride=1)
+    w1 = full.attention_weights(audio, torch.tensor([[1, 2, 3], [4, 5, 6]]), mask)
+    assert w1.shape == (2, 2, 3, 60) and (w1[1, :, :, 45:] == 0).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_encoder_stride_and_mask(stride):
+    model = EarlyFusion(dim=8, heads=2, hidden=8, stride=stride)
+    mask = torch.ones(1, 37, dtype=torch.bool)
+    mask[0, 21:] = False
+    m, a, t = model.encode(torch.randn(1, 37, 13), mask, torch.tensor([[1, 2]]))
+    assert a.shape == (1, -(-37 // stride), 8) and t.shape == (1, 2, 8)
+    assert m.shape == a.shape[:2] and int(m.sum()) == -(-21 // stride)
+    with pytest.raises(ValueError, match="stride"):
+        EarlyFusion(dim=8, stride=3)
+
+
+def test_curriculum_adds_lengths_in_stages():
+    """Stage s of the curriculum cycles through the s shortest tasks; without it, all."""
+
+    class Counting:
+        def __init__(self, k):
+            self.k, self.calls = k, []
+
+        def sample(self, batch, rng):
+            self.calls.append(len(self.calls))
+            return SpokenDigitTask(_REC_SMALL, n_digits=self.k, audio_len=8 * self.k).sample(
+                batch, rng)
+
+    tasks = [Counting(1), Counting(2)]
+    model = matched_models(dim=8, heads=2, hidden=8)["cross"]
+    train_model(model, tasks, steps=8, batch_size=2)
+    assert len(tasks[0].calls) == 6 and len(tasks[1].calls) == 2  # 4 + 2, 0 + 2
+    tasks = [Counting(1), Counting(2)]
+    train_model(model, tasks, steps=8, batch_size=2, curriculum=False)
+    assert len(tasks[0].calls) == 4 and len(tasks[1].calls) == 4
+
+
+_REC_SMALL = synthetic_recordings(per_digit=3)
 
 
 def test_slope_diff_ci():
@@ -269,3 +309,30 @@ def test_kmeans_uses_scikit_learn_and_falls_back_to_numpy(monkeypatch):
     assert calls == [3]
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # not installed
     np.testing.assert_array_equal(D._kmeans(x, 3, seed=0), expected)
+
+
+def test_gain_decision_gated_by_positive_control():
+    from attnkit.experiment.stats import CI
+    from attnkit.multimodal.experiment import gain_decision_of
+
+    def metrics(d1, d2):
+        m = {}
+        for n in MODEL_NAMES:
+            m[f"acc_{n}_d1_ci_low"] = d1.get(n, 0.7)
+            m[f"acc_{n}_d2_ci_low"] = d2.get(n, 0.6)
+        return m
+
+    gain = CI(0.03, 0.01, 0.05, 3)
+    ok = gain_decision_of(metrics({}, {}), gain, [1, 2], 3)
+    assert ok.outcome == "held" and ok.value == 0.03
+    m = metrics({"late_concat": 0.48}, {})
+    failed = gain_decision_of(m, gain, [1, 2], 3)
+    assert failed.outcome == "inconclusive" and "late_concat" in failed.note
+    assert m["positive_control_min_ci_low"] == 0.48
+    chance = gain_decision_of(metrics({}, {"cross": 0.45, "early_concat": 0.5}), gain, [1, 2], 3)
+    assert chance.outcome == "inconclusive" and "neither" in chance.note
+    # one compared arm above chance is enough: its lead is a real difference
+    one = gain_decision_of(metrics({}, {"cross": 0.55, "early_concat": 0.5}), gain, [1, 2], 3)
+    assert one.outcome == "held"
+    assert gain_decision_of(metrics({}, {}), CI(-0.04, -0.06, -0.01, 3), [1, 2],
+                            3).outcome == "not held"

@@ -4,6 +4,7 @@ the ratio rule (with and without the best-single-item fix), learned heads and a 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -11,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..argtypes import positive_int
-from ..experiment import Experiment, Option, Result, RunContext, stats
+from ..experiment import Decision, Experiment, Option, Result, RunContext, stats
 from ..experiment.stats import CI
 from .attention import AttentionKnapsack, KnapsackAttentionResult
 from .instances import CLASSES, KnapsackInstance, generate, pisinger_capacity_fraction
@@ -31,33 +32,91 @@ H = 100  # Pisinger (2005): c = h / (H + 1) * sum(w), h = 1..H
 HS_FULL = (10, 25, 50, 75, 90)
 HS_QUICK = (25, 50, 75)
 R = 1000  # data range: weights in [1, R] (Pisinger's R = 10^3 series)
-#: (a) attention "within the ratio rule's CI or better": the paired CI of (attention gap -
-#: ratio gap) must lie below this many percentage points of the optimum, at every point.
-TOLERANCE_PP = 0.1
+#: (a) attention "within the ratio rule's CI or better": at a point, the paired CI of (attention
+#: gap - ratio gap) must lie below the upper half-width of the ratio rule's own CI there (how far
+#: above the ratio rule's mean its interval reaches), floored at TIE_PP so that attention picking
+#: exactly the ratio rule's items (a difference identically 0) counts as "or better".
+TIE_PP = 1e-6
 #: (b) "effective": mean gap below this (percent of the optimum) for every class at n >= 200.
 EFFECTIVE_PCT = 1.0
 LARGE_N = 200
+#: Instances per (class, n, h) point, the same at every point and for every strategy (the
+#: issue asks for >= 20; 40 narrows the per-point intervals and fits the quick budget).
+INSTANCES_PER_POINT = 40
 N_BOOT_POINTS = 2_000  # bootstrap resamples for the many per-point intervals
 
 
-def worst_point(cis: dict[str, CI], threshold: float, direction: str) -> tuple[str, CI]:
-    """The one point that decides "the claim holds at every point" with three-valued logic:
-    a point wholly on the wrong side of ``threshold`` if there is one (-> not held), else the
-    point whose interval reaches nearest to / across the threshold (held only when even that
-    one is on the claim's side; inconclusive when it straddles)."""
-    def signed(x: float) -> float:  # how far x lies on the claim's side
-        return x - threshold if direction == ">" else threshold - x
+def _signed(x: float, threshold: float, direction: str) -> float:
+    """How far ``x`` lies on the claim's side of ``threshold`` (negative: the other side)."""
+    return x - threshold if direction == ">" else threshold - x
 
-    def near_far(ci: CI) -> tuple[float, float]:
-        a, b = sorted((signed(ci.low), signed(ci.high)))
+
+def worst_point(cis: dict[str, CI], threshold: float | dict[str, float], direction: str
+                ) -> tuple[str, CI]:
+    """The one point that decides "the claim holds at every point" with three-valued logic:
+    a point wholly on the wrong side of its threshold if there is one (-> not held), else the
+    point whose interval reaches nearest to / across its threshold (held only when even that
+    one is on the claim's side; inconclusive when it straddles). ``threshold`` is one number
+    or one per point. Points with a NaN bound are skipped here (see :func:`every_point`)."""
+    def th(k: str) -> float:
+        return threshold[k] if isinstance(threshold, dict) else threshold
+
+    def near_far(k: str) -> tuple[float, float]:
+        a, b = sorted((_signed(cis[k].low, th(k), direction),
+                       _signed(cis[k].high, th(k), direction)))
         return a, b
 
-    failing = [k for k, ci in cis.items() if near_far(ci)[1] <= 0]
+    finite = [k for k in cis if not any(map(math.isnan, near_far(k)))]
+    if not finite:
+        raise ValueError("worst_point needs at least one point with a finite interval")
+    failing = [k for k in finite if near_far(k)[1] <= 0]
     if failing:
-        key = min(failing, key=lambda k: near_far(cis[k])[1])
+        key = min(failing, key=lambda k: near_far(k)[1])
     else:
-        key = min(cis, key=lambda k: near_far(cis[k])[0])
+        key = min(finite, key=lambda k: near_far(k)[0])
     return key, cis[key]
+
+
+def _names(keys: list[str], most: int = 4) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def every_point(name: str, cis: dict[str, CI], threshold: float | dict[str, float],
+                direction: str, what: str = "") -> tuple[Decision, dict[str, int]]:
+    """One :class:`Decision` for "the claim holds at every point": ``"not held"`` from a point
+    whose interval lies wholly on the wrong side of its threshold; otherwise ``"inconclusive"``
+    with a NaN value when any point's interval or threshold is NaN (the note names those
+    points); otherwise the worst point decides (held only when every interval is on the claim's
+    side; the note names the points that straddle). Also returns the counts per outcome
+    (``held``, ``not_held``, ``undecided``, ``nan``)."""
+    if not cis:
+        raise ValueError("every_point needs at least one point")
+    th = threshold if isinstance(threshold, dict) else dict.fromkeys(cis, threshold)
+    outcome = {}
+    for k, ci in cis.items():
+        bounds = (ci.low, ci.high, ci.value, th[k])
+        if any(map(math.isnan, bounds)):
+            outcome[k] = "nan"
+            continue
+        a, b = sorted((_signed(ci.low, th[k], direction), _signed(ci.high, th[k], direction)))
+        outcome[k] = "held" if a > 0 else "not_held" if b <= 0 else "undecided"
+    counts = {o: sum(v == o for v in outcome.values())
+              for o in ("held", "not_held", "undecided", "nan")}
+    nan_keys = [k for k, o in outcome.items() if o == "nan"]
+    undecided = [k for k, o in outcome.items() if o == "undecided"]
+    summary = (f"{counts['held']} of {len(cis)} points held, {counts['not_held']} not held, "
+               f"{counts['undecided']} undecided, {counts['nan']} NaN")
+    if counts["not_held"] == 0 and nan_keys:
+        return Decision(name, math.nan, math.nan, math.nan, 0.0, direction,
+                        note=f"NaN at {_names(nan_keys)}; {summary}"), counts
+    key, ci = worst_point({k: cis[k] for k in cis if k not in nan_keys}, th, direction)
+    note = f"deciding point: {key}{what}; {summary}"
+    failing = [k for k, o in outcome.items() if o == "not_held"]
+    if failing:
+        note += f"; not held at: {_names(failing, 8)}"
+    if undecided:
+        note += f"; undecided: {_names(undecided)}"
+    return ci.decide(name, th[key], direction, note=note), counts
 
 
 def _strategies(designed: AttentionKnapsack, learned: AttentionKnapsack
@@ -76,8 +135,11 @@ def _strategies(designed: AttentionKnapsack, learned: AttentionKnapsack
 
 
 def _instance_seed(base: int, kind: str, n: int, h: int, i: int) -> int:
-    """A fixed seed per instance (class, size, capacity, index), disjoint from training's."""
-    return base * 1_000_003 + CLASSES.index(kind) * 100_000 + n * 100 + h + 1_000 * i
+    """A fixed seed per instance (run seed, class, size, capacity, index): distinct tuples give
+    independent streams (a linear formula made e.g. (n=20, i=3) and (n=50, i=0) collide, so
+    the small instance was a prefix of the larger one)."""
+    ss = np.random.SeedSequence([base, CLASSES.index(kind), n, h, i])
+    return int(ss.generate_state(1, np.uint32)[0])
 
 
 def _speed(designed: AttentionKnapsack, seed: int, repeat: int) -> dict[str, float]:
@@ -108,7 +170,7 @@ def _speed(designed: AttentionKnapsack, seed: int, repeat: int) -> dict[str, flo
 
 
 def _run(ctx: RunContext) -> Result:
-    per_point = ctx.options.get("instances") or 20
+    per_point = ctx.options.get("instances") or INSTANCES_PER_POINT
     sizes = SIZES_QUICK if ctx.quick else SIZES_FULL
     hs = HS_QUICK if ctx.quick else HS_FULL
     fit_steps = 40 if ctx.quick else 100
@@ -146,25 +208,26 @@ def _run(ctx: RunContext) -> Result:
         return np.concatenate([gaps[(kind, n, h, name)] for h in hs])
 
     boot = {"n_boot": N_BOOT_POINTS}
-    # (a) at every (class, n, h): attention gap - ratio gap, paired by instance
-    diff_cis = {f"{kind} n={n} h={h}": stats.paired_diff_ci(gaps[(kind, n, h, "attention")],
-                                                            gaps[(kind, n, h, "ratio")], **boot)
-                for kind, n, h in points}
-    key_a, ci_a = worst_point(diff_cis, TOLERANCE_PP, "<")
+    # (a) at every (class, n, h): attention gap - ratio gap, paired by instance, against the
+    # upper half-width of the ratio rule's CI at that point
+    diff_cis, ratio_hw = {}, {}
+    for kind, n, h in points:
+        key = f"{kind} n={n} h={h}"
+        diff_cis[key] = stats.paired_diff_ci(gaps[(kind, n, h, "attention")],
+                                             gaps[(kind, n, h, "ratio")], **boot)
+        r = stats.mean_ci(gaps[(kind, n, h, "ratio")], **boot)
+        ratio_hw[key] = max(r.high - r.value, TIE_PP) if not math.isnan(r.high) else math.nan
+    dec_a, counts_a = every_point(
+        "attention_minus_ratio_gap_pp_worst_point", diff_cis, ratio_hw, "<",
+        what=" (threshold: the ratio rule's CI upper half-width there)")
     # (b) every class at every n >= 200 (capacities pooled): mean attention gap
     large = [n for n in sizes if n >= LARGE_N]
     gap_cis = {(kind, n, name): stats.mean_ci(pooled(kind, n, name), **boot)
                for kind in CLASSES for n in sizes for name in STRATEGIES}
     eff = {f"{kind} n={n}": gap_cis[(kind, n, "attention")] for kind in CLASSES for n in large}
-    key_b, ci_b = worst_point(eff, EFFECTIVE_PCT, "<")
-    decisions = [
-        ci_a.decide("attention_minus_ratio_gap_pp_worst_point", TOLERANCE_PP, "<",
-                    note=f"deciding point: {key_a} (of {len(diff_cis)} points)"),
-        ci_b.decide("gap_pct_attention_worst_point_n_ge_200", EFFECTIVE_PCT, "<",
-                    note=f"deciding point: {key_b} (of {len(eff)})"),
-    ]
-    n_a_held = sum(ci.high < TOLERANCE_PP for ci in diff_cis.values())
-    n_a_failed = sum(ci.low >= TOLERANCE_PP for ci in diff_cis.values())
+    dec_b, counts_b = every_point("gap_pct_attention_worst_point_n_ge_200", eff, EFFECTIVE_PCT,
+                                  "<")
+    decisions = [dec_a, dec_b]
 
     metrics: dict[str, float] = {}
     table = []
@@ -209,11 +272,13 @@ def _run(ctx: RunContext) -> Result:
         f"(bisection to the LP multiplier, {designed.num_candidates} ratios around it, best "
         f"fill kept); learned = queries fitted on {len(train)} n=50 instances for {fit_steps} "
         f"steps ({fit_seconds:.1f}s). "
-        f"(a) attention gap - ratio gap, paired by instance, at each of {len(diff_cis)} (class, "
-        f"n, h) points: upper CI bound < {TOLERANCE_PP} pp at {n_a_held}, lower bound >= "
-        f"{TOLERANCE_PP} pp at {n_a_failed}; deciding point {key_a}: {ci_a}. "
-        f"(b) mean attention gap at n >= {LARGE_N} (capacities pooled): worst point {key_b}: "
-        f"{ci_b} % vs {EFFECTIVE_PCT}%; worst class overall {worst_large} at "
+        f"(a) attention gap - ratio gap (pp), paired by instance, at each of {len(diff_cis)} "
+        "(class, n, h) points, must lie below the upper half-width of the ratio rule's 95% CI "
+        f"at that point (attention within the ratio rule's CI or better; floor {TIE_PP} pp so "
+        f"identical choices count): {counts_a['held']} held, {counts_a['not_held']} not held, "
+        f"{counts_a['undecided']} undecided, {counts_a['nan']} NaN; {dec_a.explanation()} "
+        f"({dec_a.note}). (b) mean attention gap at n >= {LARGE_N} (capacities pooled): "
+        f"{dec_b.explanation()} ({dec_b.note}); worst class overall {worst_large} at "
         f"{metrics[f'gap_pct_attention_{worst_large}']:.3f}% (ratio "
         f"{metrics[f'gap_pct_ratio_{worst_large}']:.3f}%). Small n (reported, not part of (b)): "
         f"worst at n={small} is {worst_small}: {ws} %. Best-single-item fix on attention: "
@@ -232,7 +297,8 @@ def _run(ctx: RunContext) -> Result:
         metrics=metrics, decisions=decisions, seeds=1, table=table, figures=figures,
         params={"R": R, "H": H, "h": list(hs), "sizes": list(sizes),
                 "instances_per_point": per_point, "fit_steps": fit_steps,
-                "tolerance_pp": TOLERANCE_PP, "effective_pct": EFFECTIVE_PCT,
+                "mechanism_threshold": "ratio CI upper half-width per point",
+                "effective_pct": EFFECTIVE_PCT,
                 "strategies": list(STRATEGIES)},
         notes=notes,
     )
@@ -312,7 +378,7 @@ EXPERIMENT = Experiment(
     ),
     run=_run,
     options=(Option("--instances", type=positive_int, default=None,
-                    help="instances per (class, n, h) point (default 20)"),),
+                    help=f"instances per (class, n, h) point (default {INSTANCES_PER_POINT})"),),
     description="0-1 knapsack by two attention heads vs exact optimum and greedy rules, "
                 "across Pisinger's classes, sizes and capacities",
 )

@@ -11,14 +11,19 @@ import numpy as np
 import torch
 
 from ..argtypes import nonnegative_int, positive_int
-from ..experiment import Experiment, Option, Result, RunContext, stats
+from ..experiment import Decision, Experiment, Option, Result, RunContext, stats
 from ..experiment.stats import CI
 from .data import FRAMES_PER_DIGIT, SpokenDigitTask, load_recordings, split_speakers
 from .models import MODEL_NAMES, count_parameters, matched_models
 from .training import _saved_bytes, evaluate, train_model
 
 DIM, HEADS, HIDDEN = 32, 2, 64
-BATCH_QUICK, BATCH_FULL = 16, 32
+BATCH_QUICK, BATCH_FULL = 32, 32
+#: Held-out test examples per utterance length and seed.
+TEST_QUICK, TEST_FULL = 400, 1000
+#: Smallest difference of log-log slopes called "grows more slowly": a deterministic memory
+#: difference has a zero-width interval, so a threshold of 0 would call 0.01 a win.
+SLOPE_MARGIN = 0.1
 
 
 def slope_diff_ci(sizes: Sequence[float], repeats_a: Sequence[Sequence[float]],
@@ -44,6 +49,32 @@ def slope_diff_ci(sizes: Sequence[float], repeats_a: Sequence[Sequence[float]],
     return CI(float(est), float(low), float(high), len(ra))
 
 
+def gain_decision_of(metrics: dict[str, float], gain: CI, digit_counts: Sequence[int],
+                     n_seeds: int) -> Decision:
+    """The decision on cross minus early accuracy at the longest length, gated: a comparison
+    between models at chance means nothing. The positive control is every arm above chance
+    (lowest CI bound > 0.5) on the shortest utterances (one digit: no order, no search); at
+    the longest length at least one of the two compared arms must be above chance. A failed
+    gate gives a NaN decision (inconclusive) whose note names what failed. Sets
+    ``metrics["positive_control_min_ci_low"]``."""
+    K, k0 = max(digit_counts), min(digit_counts)
+    control = {n: metrics[f"acc_{n}_d{k0}_ci_low"] for n in MODEL_NAMES}
+    metrics["positive_control_min_ci_low"] = min(control.values())
+    at_k = {n: metrics[f"acc_{n}_d{K}_ci_low"] for n in ("cross", "early_concat")}
+    failed = [f"{n} at {k0} digit (CI low {v:.3f})" for n, v in control.items()
+              if not v > 0.5]
+    if not max(at_k.values()) > 0.5:
+        failed.append(f"neither cross nor early above chance at {K} digits (CI lows "
+                      + ", ".join(f"{v:.3f}" for v in at_k.values()) + ")")
+    name = f"acc_gain_cross_over_early_at_{K}_digits"
+    if failed:
+        return Decision(name, math.nan, math.nan, math.nan, 0.0, ">",
+                        note="NaN: models at chance, no comparison (" + "; ".join(failed)
+                             + f"); measured {gain}")
+    return gain.decide(name, 0.0, ">", note=f"paired by seed ({n_seeds} seeds), held-out "
+                                            "speakers")
+
+
 def _train_one_seed(seed: int, rec, train_idx, test_idx, digit_counts, steps, quick,
                     batch) -> dict[str, float]:
     """Train the four matched fusions on a mix of utterance lengths; test accuracy per
@@ -51,8 +82,9 @@ def _train_one_seed(seed: int, rec, train_idx, test_idx, digit_counts, steps, qu
     train_tasks = [SpokenDigitTask(rec, train_idx, n_digits=k) for k in digit_counts]
     norm = train_tasks[0].norm
     test_rng = np.random.default_rng(10_000 + seed)
+    n_test = TEST_QUICK if quick else TEST_FULL
     test_batches = {k: [SpokenDigitTask(rec, test_idx, n_digits=k, norm=norm).sample(
-        100, test_rng) for _ in range(2 if quick else 5)] for k in digit_counts}
+        100, test_rng) for _ in range(n_test // 100)] for k in digit_counts}
     models = matched_models(DIM, HEADS, HIDDEN, seed=seed)
     out: dict[str, float] = {}
     for name, model in models.items():
@@ -96,9 +128,12 @@ def _cost(lengths: Sequence[int], repeat: int) -> tuple[dict, dict]:
 def _run(ctx: RunContext) -> Result:
     quick = ctx.quick
     steps = ctx.options.get("steps") or (240 if quick else 3000)
-    digit_counts = [1, 2, 4] if quick else [1, 2, 4, 8]
-    lengths = [256, 512, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]
-    seeds = ctx.seed_list(quick=3, full=5)
+    digit_counts = [1, 2] if quick else [1, 2, 4, 8]
+    lengths = [1024, 2048, 4096, 8192] if quick else [512, 1024, 2048, 4096, 8192]
+    n_seeds = ctx.options.get("seeds")
+    seeds = ctx.seed_list(quick=n_seeds or 3, full=n_seeds or 5)
+    if len(seeds) < 3:
+        raise ValueError(f"--seeds must be >= 3 (a CI over seeds needs them), got {len(seeds)}")
     batch = BATCH_QUICK if quick else BATCH_FULL
     rec = load_recordings(prefer_real=not ctx.options.get("synthetic"))
     train_idx, test_idx = split_speakers(rec)
@@ -141,19 +176,15 @@ def _run(ctx: RunContext) -> Result:
     metrics.update(ratio.metrics("time_ratio_early_over_cross_at_max_len"))
     metrics["memory_ratio_early_over_cross_at_max_len"] = (mib["early_concat"][-1]
                                                           / mib["cross"][-1])
-    learned = stats.mean_ci(m[f"acc_cross_d{K}"])
+    gain_decision = gain_decision_of(metrics, gain, digit_counts, len(seeds))
     decisions = [
-        learned.decide(f"acc_cross_at_{K}_digits", 0.5, ">",
-                       note="above chance: a comparison between models at chance means "
-                            "nothing"),
-        gain.decide(f"acc_gain_cross_over_early_at_{K}_digits", 0.0, ">",
-                    note=f"paired by seed ({len(seeds)} seeds), held-out speakers"),
-        t_diff.decide("time_slope_early_minus_cross", 0.0, ">",
+        gain_decision,
+        t_diff.decide("time_slope_early_minus_cross", SLOPE_MARGIN, ">",
                       note=f"log-log slope of a training step's time vs audio frames {lengths}"),
-        m_diff.decide("memory_slope_early_minus_cross", 0.0, ">",
+        m_diff.decide("memory_slope_early_minus_cross", SLOPE_MARGIN, ">",
                       note="activation memory is deterministic: a zero-width interval"),
     ]
-    n_test = 100 * (2 if quick else 5)
+    n_test = TEST_QUICK if quick else TEST_FULL
     speaker_note = (
         "speakers inferred by k-means (k=6) on each recording's MFCC mean and std after "
         "removing the per-digit average (the shipped npz has no speaker labels); the clusters "
@@ -167,13 +198,19 @@ def _run(ctx: RunContext) -> Result:
         "gaps (a uniform random composition of the free frames), each digit time-stretched by "
         "a factor in [0.8, 1.25]; half the texts corrupted (swap of two different digits or "
         "one substitution). No model gets positions of the other modality or any alignment "
-        "prior: each modality only has its own index encoding. Models (parameters matched: "
+        "prior: each modality only has its own index encoding. Shared audio encoder: three "
+        "convolutions, two of stride 2 (one audio position = 4 frames, receptive field 29 "
+        "frames, about one spoken digit). Models (parameters matched: "
         + ", ".join(f"{n} {int(metrics[f'params_{n}'])}" for n in MODEL_NAMES)
         + f"): cross = text-over-audio cross-attention + text self-attention; early = two "
         "self-attention layers over the concatenation; late_attnpool = attention pooling "
         "(4 learned queries) per modality + MLP; late_concat = mean pooling + MLP. Each seed "
-        f"trains every model for {steps} steps x {batch} examples cycling through the lengths "
-        f"(same examples for every model); test accuracy on {n_test} examples per length. "
+        f"trains every model for {steps} steps x {batch} examples in a curriculum (stage s of "
+        f"{len(digit_counts)} cycles through the s shortest lengths; the same examples for every "
+        f"model); test accuracy on {n_test} examples per length. Positive control: every arm "
+        f"above chance at {min(digit_counts)} digit (lowest CI bound "
+        f"{metrics['positive_control_min_ci_low']:.3f}); without it, or with neither cross nor "
+        "early above chance at the longest length, the gain is NaN (inconclusive). "
         f"Seeds: {len(seeds)}; at k={K}: {acc_k}; cross - early (paired) {gain}. Cost: "
         f"training step, batch 2, 8 text tokens, audio {lengths} frames; time slopes cross "
         f"{metrics['time_loglog_slope_cross']:.2f}, early "
@@ -181,14 +218,17 @@ def _run(ctx: RunContext) -> Result:
         f"cross {metrics['memory_loglog_slope_cross']:.2f}, early "
         f"{metrics['memory_loglog_slope_early_concat']:.2f}; early/cross time at "
         f"{lengths[-1]} frames {ratio}. Timings are wall-clock on a shared CPU (noisy); memory "
-        "counts tensors saved for backward."
+        "counts tensors saved for backward (the engine's attention saves no L x L matrix, so "
+        f"early fusion's memory is near linear too). Slopes must differ by more than "
+        f"{SLOPE_MARGIN} to count as slower growth."
     )
     figures = _figures(ctx, digit_counts, metrics, lengths, secs, mib)
     return Result(
         metrics=metrics, decisions=decisions, seeds=len(seeds), table=table, figures=figures,
         params={"data": rec.source, "steps": steps, "batch": batch, "digit_counts": digit_counts,
                 "frames_per_digit": FRAMES_PER_DIGIT, "stretch": [0.8, 1.25],
-                "cost_lengths": lengths, "dim": DIM, "heads": HEADS, "seeds": seeds},
+                "cost_lengths": lengths, "curriculum": True, "encoder_stride": 4, "dim": DIM,
+                "heads": HEADS, "seeds": seeds},
         notes=notes,
     )
 
@@ -236,6 +276,8 @@ EXPERIMENT = Experiment(
     run=_run,
     options=(
         Option("--steps", type=positive_int, default=None, help="training steps per model"),
+        Option("--seeds", type=positive_int, default=None,
+               help="seeds per model (default 3 quick, 5 full; at least 3)"),
         Option("--synthetic", type=nonnegative_int, default=0,
                help="1: use the synthetic stand-in instead of the FSDD MFCCs"),
     ),

@@ -1,11 +1,12 @@
 """Four ways to fuse an audio stream with a text sequence, with matched parameter counts and no
 alignment prior in any of them.
 
-All four share the same encoders: audio frames ``(B, La, 13)`` go through two 1-D convolutions
-(local context, O(La)) plus a sinusoidal encoding of the *frame index*; text tokens ``(B, Lt)``
-get an embedding plus the same encoding of the *token index*. Each modality's positions are its
-own: nothing tells a model which frames belong to which token (the digits sit at random
-offsets), so alignment has to be found from content.
+All four share the same encoders: audio frames ``(B, La, 13)`` go through three 1-D
+convolutions (two of stride 2 by default: one position per 4 frames, a receptive field of 29
+frames, about one spoken digit; O(La)) plus a sinusoidal encoding of the *position index*;
+text tokens ``(B, Lt)`` get an embedding plus the same encoding of the *token index*. Each
+modality's positions are its own: nothing tells a model which frames belong to which token (the
+digits sit at random offsets), so alignment has to be found from content.
 
 - :class:`CrossModalFusion`: text queries attend over the audio frames (cross-attention, cost
   O(Lt * La)), then one self-attention layer over the text tokens (so tokens can compare what
@@ -66,15 +67,26 @@ class FusionModel(nn.Module):
     Args:
         dim: model width (even).
         max_audio_len, max_text_len: longest inputs accepted (longer raise ``ValueError``).
+        stride: the audio encoder's total downsampling (1, 2 or 4; two stride-2 convolutions
+            for 4): a fused audio position then covers ``stride`` frames and the encoder's
+            receptive field (29 frames at 4) spans a whole spoken digit, so each position can
+            say which digit it hears; the fusions see ``ceil(La / stride)`` audio positions.
     """
 
-    def __init__(self, dim: int = 32, max_audio_len: int = 8192, max_text_len: int = 16):
+    def __init__(self, dim: int = 32, max_audio_len: int = 8192, max_text_len: int = 16,
+                 stride: int = 4):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even int >= 2, got {dim!r}")
+        if stride not in (1, 2, 4):
+            raise ValueError(f"stride must be 1, 2 or 4, got {stride!r}")
         self.dim, self.max_audio_len, self.max_text_len = dim, max_audio_len, max_text_len
+        self.stride = stride
+        s1, s2 = (1, 1) if stride == 1 else (1, 2) if stride == 2 else (2, 2)
         self.audio_conv = nn.Sequential(
-            nn.Conv1d(N_MFCC, dim, 5, padding=2), nn.GELU(), nn.Conv1d(dim, dim, 5, padding=2)
+            nn.Conv1d(N_MFCC, dim, 5, padding=2), nn.GELU(),
+            nn.Conv1d(dim, dim, 5, stride=s1, padding=2), nn.GELU(),
+            nn.Conv1d(dim, dim, 5, stride=s2, padding=2),
         )
         self.token = nn.Embedding(N_DIGITS, dim)
 
@@ -112,20 +124,24 @@ class FusionModel(nn.Module):
             raise ValueError("every audio stream needs at least one unmasked frame")
         return audio_mask
 
-    def encode(self, audio: Tensor, mask: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, La, dim)`` audio and ``(B, Lt, dim)`` text features (each with its own index
-        encoding)."""
+    def encode(self, audio: Tensor, mask: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The audio mask at the encoder's rate ``(B, La')`` (``La' = ceil(La / stride)``; a
+        position is real when any of its frames is), ``(B, La', dim)`` audio and
+        ``(B, Lt, dim)`` text features (each with its own index encoding)."""
         a = self.audio_conv((audio * mask.unsqueeze(-1)).transpose(1, 2)).transpose(1, 2)
-        a = a + _sinusoid(audio.shape[1], self.dim, audio.device, a.dtype)
+        if self.stride > 1:
+            mask = nn.functional.max_pool1d(mask[:, None].to(a.dtype), self.stride,
+                                            self.stride, ceil_mode=True)[:, 0] > 0
+        a = a + _sinusoid(a.shape[1], self.dim, audio.device, a.dtype)
         t = self.token(text)
         t = t + _sinusoid(text.shape[1], self.dim, t.device, t.dtype)
-        return a, t
+        return mask, a, t
 
     def forward(self, audio: Tensor, text: Tensor, audio_mask: Tensor | None = None) -> Tensor:
         """``audio (B, La, 13)``, ``text (B, Lt)`` digit tokens, ``audio_mask (B, La)`` bool
         (True = real frame) -> ``(B,)`` logits that the text names the spoken digits in order."""
         mask = self.check_inputs(audio, audio_mask, text)
-        return self.fuse(mask, *self.encode(audio, mask, text))
+        return self.fuse(*self.encode(audio, mask, text))
 
     def fuse(self, mask: Tensor, a: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
@@ -184,9 +200,10 @@ class CrossModalFusion(FusionModel):
         return self.head(t, self.self_text(x))
 
     def attention_weights(self, audio: Tensor, text: Tensor, audio_mask: Tensor | None = None):
-        """``(B, H, Lt, La)`` cross-attention weights (which frames each text token reads)."""
+        """``(B, H, Lt, La')`` cross-attention weights (which audio positions, ``stride``
+        frames each, each text token reads)."""
         mask = self.check_inputs(audio, audio_mask, text)
-        a, t = self.encode(audio, mask, text)
+        mask, a, t = self.encode(audio, mask, text)
         blk = self.cross
         return blk.attn(blk.norm_q(t), blk.norm_kv(a), key_padding_mask=~mask,
                         return_weights=True)[1]

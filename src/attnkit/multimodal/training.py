@@ -22,10 +22,15 @@ def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def train_model(
     model: FusionModel, task: SpokenDigitTask | Sequence[SpokenDigitTask], steps: int,
-    batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+    batch_size: int = 32, lr: float = 3e-3, seed: int = 0, curriculum: bool = True,
 ) -> list[float]:
-    """Adam on fresh batches from ``task`` (the same seed gives every model the same examples);
-    with several tasks (e.g. utterances of 1, 2, 4 and 8 digits) step ``i`` draws from task
+    """Adam on fresh batches from ``task`` (the same seed gives every model the same examples).
+
+    With several tasks (e.g. utterances of 1, 2, 4 and 8 digits, shortest first) and
+    ``curriculum`` the steps run in ``len(tasks)`` equal stages and stage ``s`` cycles through
+    tasks ``0..s`` (new lengths are added, earlier ones replayed): every model must first learn
+    what a digit sounds like, which the one-digit task teaches with the least confusion, before
+    it can find several in a stream. Without ``curriculum`` step ``i`` draws from task
     ``i % len(tasks)``. Returns the loss per step. Under ``torchrun`` every rank draws the same
     batch and trains a ``DistributedDataParallel`` copy on its share of it."""
     tasks = [task] if isinstance(task, SpokenDigitTask) or hasattr(task, "sample") else list(task)
@@ -39,7 +44,8 @@ def train_model(
     model.train()
     losses = []
     for step in range(steps):
-        batch = tasks[step % len(tasks)].sample(batch_size, rng)
+        stage = (step * len(tasks)) // steps + 1 if curriculum else len(tasks)
+        batch = tasks[step % stage].sample(batch_size, rng)
         b = {k: shard(v) for k, v in to_tensors(batch).items()}
         logit = net(b["audio"], b["text"], b["audio_mask"])
         loss = nn.functional.binary_cross_entropy_with_logits(logit, b["label"])
