@@ -71,9 +71,9 @@ QUICK_SPARSE = (65536, 262144)
 QUICK_DENSE = (512, 1024, 2048)
 FULL_SPARSE = tuple(2**p for p in range(13, 20))  # 8k .. 512k
 FULL_DENSE = tuple(2**p for p in range(10, 14))  # 1k .. 8k
-# Timed rounds per size: each quick round costs ~5.5 s of CPU (mostly 256k), so 5 rounds (plus
-# one warm-up) keep the quick run near a minute; full mode buys narrower intervals.
-QUICK_REPEATS, FULL_REPEATS = 5, 15
+# Timed rounds per size: each quick round costs ~5.5 s of CPU (mostly 256k); 9 rounds keep the
+# quick run under ~90 s with the memory sweep (5 rounds left intervals +-0.15 wide under load).
+QUICK_REPEATS, FULL_REPEATS = 9, 15
 QUICK_MEM_REPEATS, FULL_MEM_REPEATS = 2, 3
 #: The per-call fixed cost is estimated as the time of a forward at this tiny length.
 FIXED_COST_LEN = 256
@@ -267,14 +267,19 @@ def _lengths(ctx: RunContext, config: str, max_len: int | None) -> list[int]:
 
 def time_sweep(ctx: RunContext, max_len: int | None) -> dict[str, dict[int, list[float]]]:
     """``{config: {L: [seconds per round]}}``: one thread, the sizes of a configuration
-    interleaved round by round (:func:`stats.interleaved_times`), one warm-up round."""
+    interleaved round by round (:func:`stats.interleaved_times`), after one warm-up call at
+    the smallest size."""
     repeat = QUICK_REPEATS if ctx.quick else FULL_REPEATS
     times: dict[str, dict[int, list[float]]] = {}
     with stats.single_thread():
         for config in ctx.progress(CONFIGS, desc="time vs L"):
             lens = _lengths(ctx, config, max_len)
             cases = {str(n): partial(forward, *make_inputs(config, n, ctx.seed)) for n in lens}
-            got = (stats.interleaved_times(cases, repeat=repeat, warmup=1,
+            if cases:  # one-time costs (lazy init, first kernel calls) do not grow with L, so
+                # one call at the smallest size warms up; a round of warm-ups at every size
+                # cost as much as a timed round (large buffers are fresh mmaps on every call)
+                cases[str(min(lens))]()
+            got = (stats.interleaved_times(cases, repeat=repeat, warmup=0,
                                            clock=time.process_time) if cases else {})
             times[config] = {int(n): ts for n, ts in got.items()}
             del cases, got
@@ -457,7 +462,7 @@ def run(ctx: RunContext) -> Result:
         f"Scaling: CPU time of the forward pass (time.process_time, one thread: the work, "
         f"which other processes' load barely changes), fp32, H={HEADS}, D={HEAD_DIM}, sparse L = "
         f"{lens_text}; {QUICK_REPEATS if ctx.quick else FULL_REPEATS} interleaved rounds per "
-        "size (all sizes of a pattern in each round, after one warm-up round), slope of the "
+        "size (all sizes of a pattern in each round, after one warm-up call), slope of the "
         "per-size median time vs allowed pairs with a 95% bootstrap CI over the rounds, "
         f"fitted on L >= {FIT_MIN_LEN} only: there the working set (q, k, v: "
         f"{3 * HEADS * HEAD_DIM * 4} bytes per token, {_mib(FIT_MIN_LEN):.0f} MiB at "
