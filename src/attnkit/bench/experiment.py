@@ -346,6 +346,18 @@ def _slope(units: list[float], repeats: list[list[float]]) -> stats.CI:
     return stats.slope_ci(units, repeats)
 
 
+def _paired_slope(units: list[float], repeats: list[list[float]]) -> stats.CI:
+    """Median over interleaved rounds of each round's log-log slope, with a bootstrap CI over
+    rounds. The sizes of one round ran back to back, so a load change between rounds moves
+    every size of that round alike and cancels in its slope; :func:`_slope` resamples each
+    size on its own and counts such changes as noise. NaN with fewer than two sizes."""
+    if len(units) < 2:
+        return stats.CI(math.nan, math.nan, math.nan, len(units))
+    rounds = min(len(r) for r in repeats)
+    per_round = [stats.loglog_slope(units, [r[i] for r in repeats]) for i in range(rounds)]
+    return stats.bootstrap_ci(np.asarray(per_round), np.median)
+
+
 def _figure(ctx: RunContext, times: dict, mem: dict, slopes: dict[str, stats.CI]) -> list[str]:
     plt = ctx.pyplot()
     if plt is None:
@@ -424,8 +436,9 @@ def run(ctx: RunContext) -> Result:
         slopes["slope_" + config] = _slope([float(n) for n in lens], secs)
         slopes["mem_slope_" + config] = _slope([float(n) for n in mem_lens], mibs)
         if config != "dense":  # the claim: cost linear in allowed pairs
-            slopes["slope_pairs_" + config] = _slope([float(_pairs(config, n)) for n in lens],
-                                                     secs)
+            units = [float(_pairs(config, n)) for n in lens]
+            slopes["slope_pairs_" + config] = _paired_slope(units, secs)
+            slopes["slope_pairs_unpaired_" + config] = _slope(units, secs)  # for comparison
             slopes["mem_slope_pairs_" + config] = _slope(
                 [float(_pairs(config, n)) for n in mem_lens], mibs)
         if lens:
@@ -462,8 +475,11 @@ def run(ctx: RunContext) -> Result:
         f"Scaling: CPU time of the forward pass (time.process_time, one thread: the work, "
         f"which other processes' load barely changes), fp32, H={HEADS}, D={HEAD_DIM}, sparse L = "
         f"{lens_text}; {QUICK_REPEATS if ctx.quick else FULL_REPEATS} interleaved rounds per "
-        "size (all sizes of a pattern in each round, after one warm-up call), slope of the "
-        "per-size median time vs allowed pairs with a 95% bootstrap CI over the rounds, "
+        "size (all sizes of a pattern in each round, after one warm-up call); the slope vs "
+        "allowed pairs is the median of the rounds' slopes (each round's sizes ran back to "
+        "back, so a load change between rounds cancels) with a 95% bootstrap CI over the "
+        "rounds (slope_pairs_unpaired_*: per-size medians resampled independently, shown for "
+        "comparison), "
         f"fitted on L >= {FIT_MIN_LEN} only: there the working set (q, k, v: "
         f"{3 * HEADS * HEAD_DIM * 4} bytes per token, {_mib(FIT_MIN_LEN):.0f} MiB at "
         f"{FIT_MIN_LEN}) is several times the last-level cache ({_llc_text()}) and the "
