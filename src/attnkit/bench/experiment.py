@@ -8,11 +8,12 @@ Decided by the largest error of each kind (< 1e-10; deterministic, so no interva
 
 Part (b) times the forward pass (H=2, D=64, fp32, one thread) of three sparse patterns and
 dense SDPA against sequence length, the sizes of each configuration interleaved round by round
-(so a change of the machine's load hits every size alike), and fits the log-log slope of the
-median time against the allowed pairs with a bootstrap CI over the repeats
-(:func:`attnkit.experiment.stats.slope_ci`). The claim (near-linear cost) holds for a pattern
-when the slope's CI lies below 1.15; peak memory (a fresh subprocess, repeated) is decided the
-same way.
+(so a change of the machine's load hits every size alike), and takes the log-log slope of time
+against the allowed pairs in each round, the median over rounds with a bootstrap CI over rounds
+(the per-size fit of :func:`attnkit.experiment.stats.slope_ci` is reported beside it). The
+claim (near-linear cost) holds for a pattern when the slope's CI lies below 1.15; peak memory (a
+fresh subprocess, repeated; :func:`~attnkit.experiment.stats.slope_ci`) is decided the same
+way.
 
 Which sizes decide is fixed in advance by the claim's own regime, an asymptotic cost: slopes
 are fitted only on ``L >= FIT_MIN_LEN`` (64k), where (1) the per-call fixed cost is under 1%
