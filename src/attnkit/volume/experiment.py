@@ -3,7 +3,7 @@ segmenter against a matched 3D U-Net on real brain anatomy.
 
 Scaling: one layer's forward+backward on ``side^3`` voxels. Memory is the peak resident memory
 the call adds, measured in a fresh subprocess (:func:`attnkit.experiment.profiling.
-peak_rss_sweep`), repeated in rounds; time is wall time in this process, one thread, measured
+peak_rss_sweep`), repeated in rounds; time is the CPU time of one thread in this process, measured
 in interleaved rounds (:func:`attnkit.experiment.stats.interleaved_times`). Log-log slopes come
 with bootstrap CIs over the repeats (:func:`~attnkit.experiment.stats.slope_ci`). "Full"
 attention over all ``N`` voxels is measured twice: materialised (``return_weights=True``, the
@@ -270,11 +270,15 @@ def evaluate(model: nn.Module, data: _SegData, tile: int) -> tuple[list[float], 
 
 # ------------------------------------------------------------------------------ scaling
 
-QUICK_SIDES = {"axial": (12, 16, 24, 32), "full_fused": (10, 12, 14, 16), "full": (8, 10, 12)}
+# Slopes are fitted on each method's FIT_POINTS largest sizes, chosen where per-call fixed
+# costs (and, for full attention, the linear projections) are small against the term the claim
+# is about: axial below side 24 still ran at slope < 1 (side 12 -> 16: 0.43, CPU time), and
+# fused full attention at sides <= 12 spends a quarter of its time outside the N^2 term.
+QUICK_SIDES = {"axial": (16, 24, 32, 48), "full_fused": (10, 14, 16, 20), "full": (8, 10, 12)}
 FULL_SIDES = {"axial": (16, 24, 32, 48, 64), "full_fused": (8, 12, 16, 20, 24),
               "full": (8, 10, 12, 14, 16, 20)}
-QUICK_MEM_SIDES = {"axial": (16, 24, 32), "full_fused": (8, 10, 12, 14), "full": (8, 10, 12)}
-FIT_POINTS = 3  # slopes are fitted on each method's largest sizes (overheads flatten the rest)
+QUICK_MEM_SIDES = {"axial": (24, 32, 48), "full_fused": (8, 10, 12, 14), "full": (8, 10, 12)}
+FIT_POINTS = 3
 
 
 def _slope_from(sizes_reps: dict[int, list[float]]) -> stats.CI:
@@ -286,10 +290,13 @@ def measure_scaling(ctx: RunContext, sides: dict, mem_sides: dict, repeat: int,
                     mem_repeat: int) -> tuple[dict, dict]:
     """``(times, mems)``: ``{method: {side: [seconds or bytes per repeat]}}``."""
     cases = {f"{m}:{s}": setup_case(m, s) for m, ss in sides.items() for s in ss}
+    # CPU time of the one thread, not wall time: the claim is about the work a call does, and
+    # on a shared machine wall time also measures the other processes (a loaded 2-core machine
+    # gave wall-clock axial slopes of 0.94 [0.74, 1.21], below the linear floor).
     with stats.single_thread():
         raw = stats.interleaved_times(
             {k: (lambda lx=lx: forward_backward(*lx)) for k, lx in cases.items()},
-            repeat=repeat, warmup=1)
+            repeat=repeat, warmup=1, clock=time.process_time)
     del cases
     times: dict = {m: {} for m in sides}
     for k, v in raw.items():
@@ -413,7 +420,9 @@ def run(ctx: RunContext) -> Result:
         task_text = (f"Segmentation task: embedded 3D phantoms {patch}^3 (nilearn not "
                      "installed: fallback), held-out phantoms of another seed.")
     notes = (
-        "Scaling: one layer (dim 32, 2 heads), forward+backward, 1 thread, interleaved rounds; "
+        "Scaling: one layer (dim 32, 2 heads), forward+backward, CPU time of 1 thread "
+        "(time.process_time: the work, which other processes' load barely changes), "
+        "interleaved rounds; "
         f"memory: peak RSS rise in a subprocess, repeated rounds. Slopes fitted on each "
         f"method's {FIT_POINTS} largest sizes, 95% CIs by resampling repeats. 'full' "
         "materialises the N x N weights; 'full_fused' is the engine's exact dense attention "
@@ -485,7 +494,7 @@ def _figures(ctx: RunContext, times: dict, mems: dict, data: _SegData, saved: di
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {"axial": "C0", "full": "C3", "full_fused": "C1"}
-    for ax, src, label, scale in ((axes[0], times, "fwd+bwd time (s)", 1.0),
+    for ax, src, label, scale in ((axes[0], times, "fwd+bwd CPU time (s)", 1.0),
                                   (axes[1], mems, "peak memory (MB)", 2.0**-20)):
         for m, per in src.items():
             sides = sorted(per)
