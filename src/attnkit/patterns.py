@@ -591,6 +591,11 @@ class BlockDiagonal(Pattern):
 # ------------------------------------------------------------------------------ composition
 
 
+def _merged_globals(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The global indices a union or an intersection reports: those of either part, sorted."""
+    return tuple(sorted(set(a) | set(b)))
+
+
 class Union(Pattern):
     def __init__(self, a: Pattern, b: Pattern):
         self.a, self.b = a, b
@@ -620,7 +625,7 @@ class Union(Pattern):
         return None if a is None or b is None else torch.unique(torch.cat([a, b]))
 
     def global_indices(self):
-        return tuple(sorted(set(self.a.global_indices()) | set(self.b.global_indices())))
+        return _merged_globals(self.a.global_indices(), self.b.global_indices())
 
     def split_global(self):
         sa, sb = self.a.split_global(), self.b.split_global()
@@ -628,7 +633,7 @@ class Union(Pattern):
             return None
         (la, ha), (lb, hb) = sa, sb
         local = la if lb is None else lb if la is None else Union(la, lb)
-        return local, tuple(sorted(set(ha) | set(hb)))
+        return local, _merged_globals(ha, hb)
 
     def __repr__(self) -> str:
         return f"({self.a!r} | {self.b!r})"
@@ -698,7 +703,7 @@ class Intersection(Pattern):
         return a[torch.isin(a, b)]
 
     def global_indices(self):
-        return tuple(sorted(set(self.a.global_indices()) | set(self.b.global_indices())))
+        return _merged_globals(self.a.global_indices(), self.b.global_indices())
 
     def split_global(self):
         sa, sb = self.a.split_global(), self.b.split_global()
@@ -706,7 +711,7 @@ class Intersection(Pattern):
             return None
         (la, ha), (lb, hb) = sa, sb
         local = None if la is None or lb is None else Intersection(la, lb)
-        return local, tuple(sorted(set(ha) | set(hb)))
+        return local, _merged_globals(ha, hb)
 
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 #include "team.h"
+#include "vecmath.h"
 
 // Up to MAX_SEG weights share one x and one output row: segment s writes columns
 // [off[s], off[s] + O[s]) of y (row stride ldy). One call, one wake-up of the thread team, for
@@ -27,15 +28,6 @@ typedef struct {
   const float *W[MAX_SEG], *bias[MAX_SEG];
   int64_t O[MAX_SEG], off[MAX_SEG], quad0[MAX_SEG + 1];  // quad0: first 4-row group of s
 } gemv_t;
-
-#ifdef __AVX2__
-static inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
-  return _mm_cvtss_f32(a);
-}
-#endif
 
 // y[r, off + o] for rows o in [o0, o1) of segment s's W and every row r of x. Each group of four
 // rows of W is used for all rows of x while it sits in L1, so W is read from memory once.

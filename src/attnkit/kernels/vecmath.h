@@ -1,4 +1,4 @@
-// AVX2 helpers shared by band_cpu.c and decode_cpu.c: exp of 8 floats (the polynomial of
+// AVX2 helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: exp of 8 floats (the polynomial of
 // PyTorch's exp_u20, relative error ~1e-7) and horizontal max / sum. Empty without AVX2 (the
 // kernels then take their scalar loops). native.py's build cache key covers this header.
 #ifndef ATTNKIT_VECMATH_H
