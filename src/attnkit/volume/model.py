@@ -186,7 +186,9 @@ class UNet3D(nn.Module):
     training patch over its own voxels and so discard its mean and scale: with 12^3 patches
     the instance-norm U-Net could not tell a patch of white matter from one of grey (Dice
     0.18 against 0.41-0.53 without it, 200 steps); nnU-Net's instance norm is used on
-    128^3-sized patches.
+    128^3-sized patches. Batch norm against no norm (MNI task, width 6, seeds 0-2): after 50
+    steps batch norm led on test Dice in every seed (0.26 vs 0.21 mean), after 400 steps no
+    norm did (0.60 vs 0.49) while batch norm fit the training slab as well or better.
 
     Channels last like :class:`AxialVolumeTransformer`: ``x (B, *spatial, C)`` (or ``(B,
     *spatial)`` for one channel) -> logits ``(B, *spatial, num_classes)``; spatial sizes that
