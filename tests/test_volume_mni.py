@@ -99,6 +99,74 @@ def test_unet_shapes_and_matched_parameters():
         unet(torch.randn(2, 1, 8, 8, 8, 3))
 
 
+def test_unet_odd_sizes_align_and_bad_design_rejected():
+    torch.manual_seed(0)
+    for levels in (1, 2):
+        unet = UNet3D(1, 4, 4, levels).eval()
+        x = torch.randn(1, 9, 6, 11)
+        out = unet(x)
+        assert out.shape == (1, 9, 6, 11, 4)
+        # cropping keeps voxel (i, j, k) at (i, j, k): the same as predicting the padded volume
+        m = 2**levels
+        pad = (0, -11 % m, 0, -6 % m, 0, -9 % m)
+        full = torch.nn.functional.pad(x[:, None], pad, mode="replicate")[:, 0]
+        with torch.no_grad():
+            assert torch.allclose(out, unet(full)[:, :9, :6, :11], atol=1e-5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNet3D(1, 4, 4, norm="layer")
+    with pytest.raises(ValueError, match="levels"):
+        UNet3D(1, 4, 4, levels=0)
+
+
+def test_instance_norm_unet_cannot_see_patch_brightness():
+    """Why the baseline has no per-sample norm: with instance norm a patch and a brighter copy
+    (bright white matter vs darker grey) give the same output, whatever the weights."""
+    torch.manual_seed(0)
+    x = 0.5 + 0.2 * torch.randn(1, 12, 12, 12)
+    inst = UNet3D(1, 4, 6, norm="instance").eval()
+    with torch.no_grad():
+        for p in inst.parameters():
+            if p.dim() == 1:  # non-trivial norm affine parameters
+                p.add_(0.3 * torch.randn_like(p))
+        assert torch.allclose(inst(x), inst(2.5 * x), atol=1e-3)
+
+
+def _train_on_intensity_bands(norm: str, steps: int = 150) -> list[float]:
+    from scipy.ndimage import gaussian_filter
+
+    from attnkit.volume.experiment import predict_tiled
+
+    rng = np.random.default_rng(0)
+    vol = gaussian_filter(rng.normal(size=(40, 40, 40)), 3.0)
+    vol = (vol - vol.mean()) / vol.std()
+    lab = np.digitize(vol, np.quantile(vol, [0.25, 0.5, 0.75]))
+    x_all, y_all = torch.from_numpy(vol).float(), torch.from_numpy(lab)
+    torch.manual_seed(0)
+    unet = UNet3D(1, 4, 6, norm=norm)
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    for _ in range(steps):
+        c = rng.integers(0, 32, (4, 3))
+        xb = torch.stack([x_all[a:a + 8, b:b + 8, d:d + 8] for a, b, d in c])
+        yb = torch.stack([y_all[a:a + 8, b:b + 8, d:d + 8] for a, b, d in c])
+        loss = torch.nn.functional.cross_entropy(unet(xb).reshape(-1, 4), yb.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    pred = predict_tiled(unet, x_all[None, :32, :32, :32], 8)[0]  # 8^3 tiles, as trained
+    return dice_per_class(pred, y_all[:32, :32, :32], 4)
+
+
+def test_unet_learns_intensity_tissue_task():
+    """A competent baseline segments a smooth volume whose labels are intensity bands (what T1
+    tissue labels mostly are) from small patches; the instance-norm variant, blind to each
+    patch's brightness, does clearly worse (the cause of the old baseline's failure)."""
+    dice = _train_on_intensity_bands("batch")
+    assert min(dice) > 0.6 and np.mean(dice) > 0.75, dice
+    inst = _train_on_intensity_bands("instance")
+    assert np.mean(inst) < np.mean(dice) - 0.1, (inst, dice)
+
+
 def test_nifti_round_trip_keeps_data_and_affine(tmp_path):
     nib = pytest.importorskip("nibabel")
     affine = np.array([[-2.0, 0.1, 0, 90], [0, 2.5, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])

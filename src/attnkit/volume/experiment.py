@@ -346,6 +346,7 @@ def run(ctx: RunContext) -> Result:
     steps = 50 if quick else 800
     dim = 16 if quick else 32
     saved: dict = {}
+    unet_design = make_segmenters(K, dim, patch)[1]
 
     def one(seed: int) -> dict[str, float]:
         out = {}
@@ -432,8 +433,12 @@ def run(ctx: RunContext) -> Result:
         + ", ".join(f"{k} {v}" for k, v in slopes.items()) + ".\n"
         + task_text + f" Both models: {steps} steps, batch 2, AdamW lr 3e-3 one-cycle, "
         f"class-weighted CE; axial dim {dim}, depth 2, 4 heads, relative positions up to "
-        f"{patch} ({int(m['params_axial'])} parameters) vs a 2-level plain-conv U-Net "
-        f"({int(m['params_unet'])} parameters); {len(seeds)} seeds. Dice (95% CI over seeds): "
+        f"{patch} ({int(m['params_axial'])} parameters) vs a plain-conv 3D U-Net with "
+        f"{unet_design.levels} pooling level(s), widths "
+        f"{[unet_design.width * 2**i for i in range(unet_design.levels + 1)]}, "
+        f"{unet_design.norm} norm ({int(m['params_unet'])} parameters; batch norm keeps a "
+        "patch's absolute intensity, which per-patch instance norm on small patches removes); "
+        f"{len(seeds)} seeds. Dice (95% CI over seeds): "
         + seg_lines + f". Mean: axial {m['dice_axial']:.3f}, U-Net {m['dice_unet']:.3f}, "
         f"paired gap {m['dice_gap_axial_minus_unet']:.3f} "
         f"[{m['dice_gap_axial_minus_unet_ci_low']:.3f}, "

@@ -148,41 +148,71 @@ def pad_volumes(volumes: list[Tensor], value: float = 0.0) -> tuple[Tensor, Tens
     return out, mask
 
 
-class _ConvStage(nn.Sequential):
-    """Two ``3x3x3`` convolutions, each followed by instance norm and LeakyReLU."""
+UNET_NORMS = ("batch", "instance", "group", "none")
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":  # groups of up to 8 channels (a divisor of ``channels``)
+        groups = max(g for g in range(1, channels + 1) if channels % g == 0
+                     and channels // g <= 8)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+class _ConvStage(nn.Sequential):
+    """Two ``3x3x3`` convolutions, each followed by the normalisation and LeakyReLU."""
+
+    def __init__(self, c_in: int, c_out: int, norm: str) -> None:
         layers: list[nn.Module] = []
         for a, b in ((c_in, c_out), (c_out, c_out)):
-            layers += [nn.Conv3d(a, b, 3, padding=1), nn.InstanceNorm3d(b, affine=True),
+            # A bias before a normalisation with its own shift is redundant.
+            layers += [nn.Conv3d(a, b, 3, padding=1, bias=(norm == "none")), _norm(norm, b),
                        nn.LeakyReLU(0.01)]
         super().__init__(*layers)
 
 
 class UNet3D(nn.Module):
-    """A plain-convolution 3D U-Net (two poolings, widths ``w, 2w, 4w``), the baseline the
-    axial segmenter is compared with.
+    """A plain-convolution 3D U-Net (Cicek et al. 2016 layout: two ``3^3`` convolutions per
+    level, max pooling, transposed-convolution upsampling, skip concatenation), the baseline the
+    axial segmenter is compared with. Widths ``w, 2w, ..., 2^levels w``.
+
+    ``norm`` defaults to batch norm: its inference statistics are the training set's, so the
+    network keeps each patch's absolute (volume-z-scored) intensity, which is what tells grey
+    from white matter. Per-sample norms (``"instance"``, ``"group"``) normalise every small
+    training patch over its own voxels and so discard its mean and scale: with 12^3 patches
+    the instance-norm U-Net could not tell a patch of white matter from one of grey (Dice
+    0.18 against 0.41-0.53 without it, 200 steps); nnU-Net's instance norm is used on
+    128^3-sized patches. Batch norm against no norm (MNI task, width 6, seeds 0-2): after 50
+    steps batch norm led on test Dice in every seed (0.26 vs 0.21 mean), after 400 steps no
+    norm did (0.60 vs 0.49) while batch norm fit the training slab as well or better.
 
     Channels last like :class:`AxialVolumeTransformer`: ``x (B, *spatial, C)`` (or ``(B,
     *spatial)`` for one channel) -> logits ``(B, *spatial, num_classes)``; spatial sizes that
-    are not multiples of 4 are padded (replicating the border) and cropped back.
+    are not multiples of ``2^levels`` are padded (replicating the border) and cropped back.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 8) -> None:
+    def __init__(self, in_channels: int = 1, num_classes: int = 4, width: int = 8,
+                 levels: int = 1, norm: str = "batch") -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("width", width)):
+                            ("width", width), ("levels", levels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        w = width
-        self.in_channels = in_channels
-        self.enc1, self.enc2 = _ConvStage(in_channels, w), _ConvStage(w, 2 * w)
-        self.bottom = _ConvStage(2 * w, 4 * w)
-        self.up2 = nn.ConvTranspose3d(4 * w, 2 * w, 2, stride=2)
-        self.dec2 = _ConvStage(4 * w, 2 * w)
-        self.up1 = nn.ConvTranspose3d(2 * w, w, 2, stride=2)
-        self.dec1 = _ConvStage(2 * w, w)
-        self.head = nn.Conv3d(w, num_classes, 1)
+        if norm not in UNET_NORMS:
+            raise ValueError(f"norm must be one of {UNET_NORMS}, got {norm!r}")
+        ws = [width * 2**i for i in range(levels + 1)]
+        self.in_channels, self.levels, self.width, self.norm = in_channels, levels, width, norm
+        self.enc = nn.ModuleList(_ConvStage(in_channels if i == 0 else ws[i - 1], ws[i], norm)
+                                 for i in range(levels))
+        self.bottom = _ConvStage(ws[levels - 1], ws[levels], norm)
+        self.up = nn.ModuleList(nn.ConvTranspose3d(ws[i + 1], ws[i], 2, stride=2)
+                                for i in range(levels))
+        self.dec = nn.ModuleList(_ConvStage(2 * ws[i], ws[i], norm) for i in range(levels))
+        self.head = nn.Conv3d(ws[0], num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -194,15 +224,19 @@ class UNet3D(nn.Module):
                              f"(channels last), got {tuple(x.shape)}")
         spatial = x.shape[1:4]
         h = x.movedim(-1, 1)
-        pad = [p for s in reversed(spatial) for p in (0, -s % 4)]
+        m = 2**self.levels
+        pad = [p for s in reversed(spatial) for p in (0, -s % m)]
         if any(pad):
             h = nn.functional.pad(h, pad, mode="replicate")
-        e1 = self.enc1(h)
-        e2 = self.enc2(nn.functional.max_pool3d(e1, 2))
-        b = self.bottom(nn.functional.max_pool3d(e2, 2))
-        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
-        out = self.head(d1)[:, :, :spatial[0], :spatial[1], :spatial[2]]
+        skips = []
+        for enc in self.enc:
+            h = enc(h)
+            skips.append(h)
+            h = nn.functional.max_pool3d(h, 2)
+        h = self.bottom(h)
+        for i in reversed(range(self.levels)):
+            h = self.dec[i](torch.cat([self.up[i](h), skips[i]], 1))
+        out = self.head(h)[:, :, :spatial[0], :spatial[1], :spatial[2]]
         return out.movedim(1, -1)
 
 
@@ -210,8 +244,13 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def matched_unet(target_params: int, in_channels: int = 1, num_classes: int = 4) -> UNet3D:
-    """The :class:`UNet3D` whose parameter count is closest to ``target_params``."""
-    best = min(range(1, 65), key=lambda w: abs(
-        count_parameters(UNet3D(in_channels, num_classes, w)) - target_params))
-    return UNet3D(in_channels, num_classes, best)
+def matched_unet(target_params: int, in_channels: int = 1, num_classes: int = 4,
+                 norm: str = "batch", min_width: int = 4) -> UNet3D:
+    """The :class:`UNet3D` (1 or 2 poolings, base width >= ``min_width``) whose parameter count
+    is closest to ``target_params``. A floor on the width keeps the design non-degenerate: a
+    2-level U-Net squeezed to width 3 to fit ~10k parameters learned far less than a 1-level one
+    of width 6."""
+    designs = [(lv, w) for lv in (1, 2) for w in range(min_width, 65)]
+    lv, w = min(designs, key=lambda d: abs(
+        count_parameters(UNet3D(in_channels, num_classes, d[1], d[0], norm)) - target_params))
+    return UNet3D(in_channels, num_classes, w, lv, norm)
