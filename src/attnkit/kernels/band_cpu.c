@@ -41,7 +41,8 @@ typedef void (*dgemm_t)(const char *, const char *, const int *, const int *, co
 
 // geometry slots: sizes, band, row range, block size, then batch / head strides
 enum { B_B, B_HQ, B_HKV, B_L, B_LK, B_D, B_DV, B_LO, B_HI, B_Q0, B_Q1, B_BQ, B_QSB, B_QSH, B_KSB,
-       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_NGEO };
+       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0,
+       B_NGEO };
 
 // The key window [*j0, *j1) of query rows [i0, i1) and, for row i, its band [a, e) in window
 // coordinates.
@@ -146,6 +147,17 @@ static R FN(row_softmax)(R *s, int64_t W, int64_t a, int64_t b) {
   return m + LOG(sum);
 }
 
+// Row i's run of n probabilities p (first key j) into the CSR buffer at offs[i] (and the keys,
+// from the first head only); a run outside the buffer is skipped and flagged.
+static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, int64_t n,
+                        int64_t j) {
+  int64_t off = J->offs[i];
+  if (off < 0 || off > J->g[B_WCOLS] - n) { __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED); return; }
+  memcpy(J->wout + bh * J->g[B_WSTR] + off, p, n * sizeof(R));
+  if (J->idx && bh == 0)
+    for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
+}
+
 static void FN(forward_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
@@ -179,6 +191,7 @@ static void FN(forward_worker)(team_t *TM) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);
         lp[r] = FN(row_softmax)(S + r * W, W, a, e);
+        if (J->wout && e > a) FN(put_run)(J, bh, i0 + r - q0, S + r * W + a, e - a, j0 + a);
       }
       // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
       J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
@@ -189,21 +202,28 @@ static void FN(forward_worker)(team_t *TM) {
   if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
 }
 
-// ptr: q, k, v, out, lse. geo: B_* slots up to B_VSH. Computes rows [q0, q1).
+// ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
+// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0; row i's probabilities go to
+// values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to indices. geo: every B_* slot.
+// Computes rows [q0, q1). Returns 0, -1 (out of memory) or -2 (a run outside the buffer).
 int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                  void *const *rt) {
   (void)scale;  // q arrives pre-scaled
   FN(job_t) J;
   memset(&J, 0, sizeof J);
+  int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
   J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
+  J.wout = (R *)ptr[5]; J.offs = (const int64_t *)ptr[6]; J.idx = (int64_t *)ptr[7];
+  J.bad = &bad;
   J.g = geo;
   J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];
   J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
   // blocks are independent (each reads its own rows and key window): small chunks, so a
   // preempted thread's rest goes to the others
-  return team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads, 4,
-                         rt[RT_OMP_PARALLEL]);
+  int err = team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
+                            4, rt[RT_OMP_PARALLEL]);
+  return err ? -1 : (__atomic_load_n(&bad, __ATOMIC_RELAXED) ? -2 : 0);
 }
 
 // w[t] = exp(s[t] - l), t < n (0 for a row without mass: l = -inf)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import native
 from .components import Component, Ranges, RowSet
-from .structured import BLOCK, Ctx, chunk_rows, component_scores, lower
+from .structured import BLOCK, Ctx, WeightsSink, chunk_rows, component_scores, lower
 
 _CHUNK_CANDIDATES = 1 << 24
 # Elements of one chunk's score buffer in pair_weights: small enough that its few passes
@@ -139,6 +139,13 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     device = qs.device
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
+    sink = ctx.weights_sink
+    if sink is not None and len(comps) == 1 and sink.comp is comps[0] and not grad:
+        if sink.rows != lq:  # the forward did not write them all (it took another kernel)
+            lo, hi = sink.comp.band
+            native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
+        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
+        return indptr, sink.indices, sink.values.view(B, hkv, g, -1)
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
                 None)
     if fast is not None:
@@ -227,6 +234,28 @@ def _native_weights_ok(c: Component, qs: Tensor, k: Tensor, ctx: Ctx, lse: Tenso
             and all(t.device.type == "cpu" and t.dtype == qs.dtype for t in (k, lse))
             and qs.device.type == "cpu" and qs.dtype in (torch.float32, torch.float64)
             and native.band_available())
+
+
+def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx
+                 ) -> WeightsSink | None:
+    """CSR buffers for the compiled band forward to write the weights of a plan of one
+    unmasked band as it computes them (its probabilities are the weights: the band's
+    log-sum-exp is the row's), or None where :func:`pair_weights` computes them afterwards
+    (unions, whose rows' log-sum-exp spans other components too; autograd; other kernels).
+
+    Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
+    if len(comps) != 1 or not _native_weights_ok(comps[0], qs, k, ctx, qs, grad):
+        return None
+    B, hkv, g, lq, _ = qs.shape
+    lk = ctx.lk
+    lo, hi = comps[0].band
+    rows = torch.arange(lq, device=qs.device) + (lk - lq)
+    n = ((rows + hi + 1).clamp(0, lk) - (rows + lo).clamp(0, lk)).clamp_min(0)
+    ends = torch.cumsum(n, 0)
+    nnz = int(ends[-1]) if lq else 0
+    return WeightsSink(comps[0], qs.new_empty(B * hkv * g, nnz), ends - n,
+                       torch.empty(nnz, dtype=torch.long, device=qs.device))
 
 
 def _pair_weights_native(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,

@@ -395,6 +395,9 @@ def _band_weights_self_check(q: Tensor, k: Tensor, v: Tensor) -> None:
         vals = torch.full((bh, ncols), 7.0, dtype=q.dtype)
         idx = torch.full((ncols,), -1, dtype=torch.long)
         _band_weights_call(q, k, lse.reshape(bh, lq), lo, hi, vals, offs, idx, block=8)
+        # the forward writing its probabilities, rows [5, 30) of the same runs
+        fvals, fidx = torch.full_like(vals, 7.0), torch.full_like(idx, -1)
+        _call(q, k, v, lo, hi, 5, 30, block=8, weights=(fvals, offs[5:30], fidx, 0))
         _, ref_lse, s = _reference(q, k, v, 1.0, mask)
         want = torch.exp(s - ref_lse.unsqueeze(-1)).reshape(bh, lq, lk)
         pos = offs.view(-1, 1) + torch.arange(lk).view(1, -1) - (rows + (lk - lq) + lo).clamp(0)
@@ -409,6 +412,16 @@ def _band_weights_self_check(q: Tensor, k: Tensor, v: Tensor) -> None:
         tol = 4 * _tolerance(torch.finfo(q.dtype).eps, q.shape[-1], smax, 1 + hi - lo, 1.0)
         _compare(f"band weights lo={lo} hi={hi} ({q.dtype})", vals[:, at],
                  want[:, mask], tol)
+        part = torch.zeros(lq, 1, dtype=torch.bool)
+        part[5:30] = True
+        at_f = pos[mask & part]
+        done = torch.zeros(ncols, dtype=torch.bool)
+        done[at_f] = True
+        if not (torch.equal(fidx[at_f], cols.expand(lq, lk)[mask & part])
+                and bool((fvals[:, ~done] == 7.0).all()) and bool((fidx[~done] == -1).all())):
+            raise _Mismatch(f"band forward's weights ({q.dtype}): wrong keys or places")
+        _compare(f"band forward's weights lo={lo} hi={hi} ({q.dtype})", fvals[:, at_f],
+                 want[:, mask & part], tol)
 
 
 def _decode_self_check() -> None:
@@ -555,9 +568,10 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
-          block: int | None = None) -> tuple[Tensor, Tensor]:
+          block: int | None = None, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
-    (see :func:`_rows_ok`; batch and head strides are free), already checked."""
+    (see :func:`_rows_ok`; batch and head strides are free), already checked; ``weights``:
+    ``(values, offsets, indices or None, key0)`` checked by :func:`_check_runs`."""
     fns = _state["fn"]
     block = BLOCK if block is None else block  # read at call time: tests shrink it
     B, hq = q.shape[:2]
@@ -567,10 +581,15 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
     lse = q.new_empty(B, hq, q1 - q0)
     if out.numel() == 0:
         return out, lse
-    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block)
-    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    vals, offs, idx, key0 = (None, None, None, 0) if weights is None else weights
+    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0)
+    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                0 if vals is None else vals.data_ptr(), 0 if offs is None else offs.data_ptr(),
+                0 if idx is None else idx.data_ptr())
     rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
                                                       fns["rt"])
+    if rc == -2:
+        raise RuntimeError("attnkit fused band kernel: a row's weights fell outside the buffer")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
@@ -595,14 +614,14 @@ def _band_inputs(qs: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
                    block: int, dout: Tensor | None = None, nseg: int = 1,
-                   weights: Tensor | None = None):
+                   weights: Tensor | None = None, key0: int = 0):
     """band_cpu.c's ``geo`` (its ``B_*`` slots) for ``q (B, Hq, Lq, d)``, ``k``, ``v`` (and
     ``dout (B, Hq, Lq, dv)`` for backward, the ``(B * Hq, ncols)`` values buffer for
-    weights), rows contiguous."""
+    weights and the key index of ``k``'s first row), rows contiguous."""
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     do_strides = (0, 0) if dout is None else (_stride(dout, 0), _stride(dout, 1))
-    w_slots = (0, 0) if weights is None else (weights.shape[1], _stride(weights, 0))
+    w_slots = (0, 0, 0) if weights is None else (weights.shape[1], _stride(weights, 0), key0)
     return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
                  _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg,
                  *w_slots)
@@ -663,6 +682,34 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
         raise MemoryError("attnkit fused band kernel (weights): out of memory for its buffers")
 
 
+def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, bh: int,
+                lq: int, lk: int, lo: int, hi: int, q0: int, q1: int) -> None:
+    """A CSR weights buffer for the band ``[lo, hi]`` rows ``[q0, q1)``: ``values (bh, ncols)``
+    of ``dtype`` with contiguous rows, ``offsets (q1 - q0,)`` int64 contiguous with every row's
+    run of keys inside ``[0, ncols)``, ``indices (ncols,)`` int64 contiguous or None; else
+    TypeError / ValueError (the kernels check each run again)."""
+    _need(values, "values", 2, (dtype,))
+    ncols = values.shape[1]
+    if values.shape[0] != bh:
+        raise ValueError(f"values must have B * Hq = {bh} rows, got {values.shape[0]}")
+    if ncols > 1 and values.stride(1) != 1:
+        raise ValueError("values must have contiguous rows (stride 1 along dim 1)")
+    _need(offsets, "offsets", 1, (torch.int64,))
+    if offsets.numel() != q1 - q0 or not offsets.is_contiguous():
+        raise ValueError(f"offsets must be a contiguous ({q1 - q0},) tensor, got "
+                         f"{tuple(offsets.shape)}")
+    if indices is not None:
+        _need(indices, "indices", 1, (torch.int64,))
+        if indices.numel() != ncols or not indices.is_contiguous():
+            raise ValueError(f"indices must be a contiguous ({ncols},) tensor, got "
+                             f"{tuple(indices.shape)}")
+    pos = torch.arange(q0, q1) + (lk - lq)
+    n = ((pos + hi + 1).clamp(0, lk) - (pos + lo).clamp(0, lk)).clamp_min(0)
+    if bool(((n > 0) & ((offsets < 0) | (offsets > ncols - n))).any()):
+        raise ValueError(f"offsets: some row's run of keys falls outside values' {ncols} "
+                         "columns")
+
+
 def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,
                  offsets: Tensor, indices: Tensor | None = None) -> None:
     """Write the band's attention weights ``exp(score - lse)`` straight into a CSR buffer: row
@@ -692,43 +739,24 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
     _need(lse, "lse", 4, (qs.dtype,))
     if lse.shape != (B, hkv, g, lq):
         raise ValueError(f"lse must have shape {(B, hkv, g, lq)}, got {tuple(lse.shape)}")
-    _need(values, "values", 2, (qs.dtype,))
-    bh, ncols = values.shape
-    if bh != B * hkv * g:
-        raise ValueError(f"values must have B * Hq = {B * hkv * g} rows, got {bh}")
-    if ncols > 1 and values.stride(1) != 1:
-        raise ValueError("values must have contiguous rows (stride 1 along dim 1)")
-    _need(offsets, "offsets", 1, (torch.int64,))
-    if offsets.numel() != lq or not offsets.is_contiguous():
-        raise ValueError(f"offsets must be a contiguous (Lq,) = ({lq},) tensor, got "
-                         f"{tuple(offsets.shape)}")
-    if indices is not None:
-        _need(indices, "indices", 1, (torch.int64,))
-        if indices.numel() != ncols or not indices.is_contiguous():
-            raise ValueError(f"indices must be a contiguous ({ncols},) tensor, got "
-                             f"{tuple(indices.shape)}")
     lo, hi = _int(lo, "lo"), _int(hi, "hi")
     if not (lo <= hi and hi - lo + 1 <= BAND_MAX_WIDTH):
         raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
                          f"hi={hi}")
-    if bh * lq == 0 or lk == 0:
+    _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, 0, lq)
+    if B * hkv * g * lq == 0 or lk == 0:
         return
-    pos = torch.arange(lq) + (lk - lq)
-    n = ((pos + hi + 1).clamp(0, lk) - (pos + lo).clamp(0, lk)).clamp_min(0)
-    if bool(((n > 0) & ((offsets < 0) | (offsets > ncols - n))).any()):
-        raise ValueError(f"offsets: some row's run of keys falls outside values' {ncols} "
-                         "columns")
     if d == 0:  # every score is 0
         raise ValueError("qs and k need D >= 1 for the compiled kernel")
     _check_sizes(D=d, Lk=lk, Lq=lq)
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     _band_weights_call(q, _rows_contiguous(k.detach()),
-                       lse.detach().reshape(bh, lq).contiguous(), lo, hi, values, offsets,
+                       lse.detach().reshape(-1, lq).contiguous(), lo, hi, values, offsets,
                        indices)
 
 
 def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
-                 q1: int) -> tuple[Tensor, Tensor]:
+                 q1: int, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Band attention of query rows ``[q0, q1)``: key ``j`` is allowed for query ``i`` iff
     ``lo <= j - i - (Lk - Lq) <= hi``.
 
@@ -738,6 +766,11 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
             contiguous are copied; batch and head strides, including 0, are read in place).
         lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
+        weights: optional ``(values, offsets, indices, key0)``: the probabilities of row
+            ``q0 + r`` (its allowed keys ``j`` in order) are also written to
+            ``values[h, offsets[r] + j - start]`` for every head ``h`` (as
+            :func:`band_weights`, with ``offsets (q1 - q0,)``), and ``key0 + j`` to
+            ``indices`` (or None); nothing else of the buffers is written.
     Returns:
         ``out (B, Hkv, G, q1 - q0, Dv)`` and ``lse (B, Hkv, G, q1 - q0)`` (``-inf`` and zeros
         for rows without keys). Not differentiable by itself.
@@ -753,6 +786,11 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
                          f"hi={hi}")
     if not 0 <= q0 <= q1 <= lq:
         raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
+    if weights is not None:
+        values, offsets, indices, key0 = weights
+        _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, q0, q1)
+        if not isinstance(key0, int) or key0 < 0:
+            raise TypeError(f"weights' key0 must be an int >= 0, got {key0!r}")
     if B * hkv * g * (q1 - q0) * dv == 0:
         return qs.new_zeros(B, hkv, g, q1 - q0, dv), qs.new_full((B, hkv, g, q1 - q0), -math.inf)
     _check_sizes(D=d, Dv=dv, Lk=max(lk, 1), Lq=lq)
@@ -762,7 +800,7 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     # longer tensors are read in place instead of copied
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     out, lse = _call(q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), lo, hi, q0,
-                     q1)
+                     q1, weights=weights)
     return (out.view(B, hkv, g, q1 - q0, dv), lse.view(B, hkv, g, q1 - q0))
 
 
