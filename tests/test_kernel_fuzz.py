@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from attnkit import attention, dense_reference
 from attnkit import patterns as P
 from attnkit.kernels import native
+from attnkit.kernels.structured import lower
 from attnkit.nn.attention import split_linear
 
 HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
@@ -224,6 +225,50 @@ def test_band_backward(data, b, hkv, g, lq, extra, d, dv, w, kind, block, n, lim
     with natives_off():
         for name, a, w_ in zip("qkv", got, grads()):
             _close(a, w_.double(), 1e-4 * (1 + float(w_.abs().max())), f"d{name} vs PyTorch")
+
+
+@child_only
+@fuzz
+@given(data=st.data(), b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3),
+       lq=st.integers(1, 80), extra=st.integers(-10, 10), d=st.integers(1, 17),
+       w=st.integers(0, 20),
+       kind=st.sampled_from(["window", "causal window", "window|global", "window|exponential"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), block=st.sampled_from([4, 64]),
+       n=threads, limit=team_limits)
+def test_band_weights(data, b, hkv, g, lq, extra, d, w, kind, dtype, block, n, limit):
+    """return_weights=True with the band's weights written by the compiled kernel into CSR
+    order (q/k as views; Lk below or above Lq: empty rows), against to_dense() of the fp64
+    dense reference and against the engine with the compiled kernels off."""
+    _ensure_all()
+    lk = max(1, lq + extra)
+    q, q64 = data.draw(views((b, hkv * g, lq, d), dtype))
+    k, k64 = data.draw(views((b, hkv, lk, d), dtype))
+    v, v64 = data.draw(views((b, hkv, lk, 3), dtype))
+    pattern = {"window": P.sliding_window(w), "causal window": P.sliding_window(w) & P.causal(),
+               "window|global": P.sliding_window(w) | P.global_tokens([0, lk // 2]),
+               "window|exponential": P.sliding_window(w) | P.exponential()}[kind]
+    ref = dense_reference(q64, k64, v64, pattern.to_dense(lq, lk))[1]
+    atol = 1e-5 if dtype == torch.float32 else 1e-10
+    old_block, real_forward, fused = native.BLOCK, native.band_forward, []
+
+    def forward(*a, **kw):  # the forward writing the weights as it computes them
+        fused.append(kw.get("weights") is not None)
+        return real_forward(*a, **kw)
+
+    native.BLOCK, native.band_forward = block, forward
+    try:
+        with team(n, limit), torch.no_grad(), spy("band_weights") as calls:
+            _, wt = attention(q, k, v, pattern=pattern, return_weights=True)
+    finally:
+        native.BLOCK, native.band_forward = old_block, real_forward
+    plan = lower(pattern.plan(lq, lk), lq, lk)  # small problems may plan without a band
+    assert calls or any(fused) or not any(getattr(c, "band", None) and not c.masks
+                                          for c in plan), kind
+    _close(wt.to_dense(), ref, atol, f"{kind} weights vs fp64")
+    with natives_off(), torch.no_grad():
+        _, slow = attention(q, k, v, pattern=pattern, return_weights=True)
+    assert torch.equal(slow.indptr, wt.indptr) and torch.equal(slow.indices, wt.indices), kind
+    _close(wt.values, slow.values.double(), atol, f"{kind} weights vs PyTorch")
 
 
 @child_only

@@ -6,6 +6,7 @@ kernels (tested in test_engine.py). Here each test checks the native path was re
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -408,3 +409,190 @@ def test_band_backward_validates_its_inputs():
         native.band_backward(qs, k, v, out, lse, None, 3, -3)
     dq, dk, dv = native.band_backward(qs, k, v, torch.zeros_like(out), lse, None, -3, 3)
     assert dq.abs().max() == 0 and dk.abs().max() == 0 and dv.abs().max() == 0
+
+
+# ------------------------------------------------------------------------ weights
+
+
+def _weights_cases():
+    """(pattern, b, hq, hkv, lq, lk, layout): every band pattern and union with the band
+    written by the compiled kernel; GQA / MQA, batch > 1, Lk != Lq, empty rows. (Unions with
+    edges mask their band, so they keep the PyTorch path: see test_engine.)"""
+    return {
+        "window, GQA 2:1, batch 2": (P.sliding_window(5), 2, 4, 2, 37, 37, "plain"),
+        "window & causal, MQA": (P.sliding_window(6) & P.causal(), 1, 4, 1, 41, 41, "plain"),
+        "window | global, transposed": (
+            P.sliding_window(4) | P.global_tokens([0, 17, 39]), 2, 2, 2, 40, 40, "transposed"),
+        "window | exponential, sliced": (
+            P.sliding_window(3) | P.exponential(), 1, 4, 2, 50, 50, "sliced"),
+        "window | exp | global, batch 3": (
+            P.sliding_window(2) | P.exponential() | P.global_tokens([3]), 3, 2, 1, 33, 33,
+            "plain"),
+        "fewer queries than keys": (P.sliding_window(3), 1, 2, 2, 9, 30, "plain"),
+        "more queries than keys: empty rows": (P.sliding_window(2) & P.causal(), 2, 2, 2, 30, 9,
+                                               "plain"),
+        "window | global, empty rows": (
+            (P.sliding_window(3) | P.global_tokens([1, 12])) & P.causal(), 1, 2, 1, 60, 40,
+            "transposed"),
+    }
+
+
+def _weights_inputs(b, hq, hkv, lq, lk, layout, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":  # (B, L, H, D) storage read as (B, H, L, D)
+        q = torch.randn(b, lq, hq, 8, generator=g, dtype=dtype).transpose(1, 2)
+        k = torch.randn(b, lk, hkv, 8, generator=g, dtype=dtype).transpose(1, 2)
+        v = torch.randn(b, lk, hkv, 5, generator=g, dtype=dtype).transpose(1, 2)
+    elif layout == "sliced":  # slices of longer tensors, every other head
+        q = torch.randn(b, 2 * hq, lq + 3, 8, generator=g, dtype=dtype)[:, ::2, 3:]
+        k = torch.randn(b, 2 * hkv, lk + 2, 8, generator=g, dtype=dtype)[:, ::2, 1:-1]
+        v = torch.randn(b, 2 * hkv, lk + 2, 5, generator=g, dtype=dtype)[:, ::2, 1:-1]
+    else:
+        q = torch.randn(b, hq, lq, 8, generator=g, dtype=dtype)
+        k = torch.randn(b, hkv, lk, 8, generator=g, dtype=dtype)
+        v = torch.randn(b, hkv, lk, 5, generator=g, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(_weights_cases()))
+def test_weights_written_by_the_band_kernel(name, dtype, monkeypatch):
+    """The band's weights come from the compiled kernel, straight into CSR order: equal to
+    to_dense() of the dense reference and to the PyTorch path (same indptr and indices)."""
+    import attnkit.kernels.enumerate as enumerate_
+
+    pat, b, hq, hkv, lq, lk, layout = _weights_cases()[name]
+    q, k, v = _weights_inputs(b, hq, hkv, lq, lk, layout, dtype)
+    assert native.band_available()
+    seen = []
+    real, real_fwd = native.band_weights, native.band_forward
+    monkeypatch.setattr(native, "band_weights", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    fused = []
+
+    def forward_spy(*a, **kw):
+        fused.append(kw.get("weights") is not None)
+        return real_fwd(*a, **kw)
+
+    monkeypatch.setattr(native, "band_forward", forward_spy)
+    with torch.no_grad():
+        out, w = attention(q, k, v, pattern=pat, return_weights=True)
+    assert seen or any(fused), "the compiled band kernel wrote no weights"
+    # one band in fp32: the forward writes them and no second pass runs; else the second pass
+    one_band = "|" not in name
+    assert (any(fused) and not seen) == (one_band and dtype == torch.float32), (fused, seen)
+    mask = pat.to_dense(lq, lk)
+    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), mask)
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
+    indptr, indices = pat.csr(lq, lk, q.device)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+    assert w.values.shape == (b, hq, indices.numel())
+    monkeypatch.setattr(enumerate_, "_native_weights_ok", lambda *a: False)
+    n_fast, n_fused = len(seen), sum(fused)
+    with torch.no_grad():
+        _, slow = attention(q, k, v, pattern=pat, return_weights=True)
+    assert len(seen) == n_fast and sum(fused) == n_fused  # the PyTorch path really ran
+    assert torch.equal(slow.indptr, w.indptr) and torch.equal(slow.indices, w.indices)
+    torch.testing.assert_close(w.values, slow.values, atol=tol, rtol=0)
+
+
+def test_weights_with_autograd_keep_the_pytorch_path(monkeypatch):
+    """Weights that need a gradient are not written by the kernels (they have no backward)."""
+    seen = []
+    real, real_fwd = native.band_weights, native.band_forward
+    monkeypatch.setattr(native, "band_weights", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    monkeypatch.setattr(native, "band_forward", lambda *a, **kw: seen.extend(
+        [1] if kw.get("weights") is not None else []) or real_fwd(*a, **kw))
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 20, 20, 8, 4))
+    _, w = attention(q, k, v, pattern=P.sliding_window(3), return_weights=True)
+    w.values.sum().backward()
+    assert not seen and q.grad is not None
+
+
+def test_forward_writes_weights_across_chunks(monkeypatch):
+    """Chunks of rows (each a sub-problem with its own key slice) write their runs at the
+    plan-wide offsets and keys: equal to the dense reference."""
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 2000)
+    q, k, v = _qkv(2, 4, 2, 150, 160, 8, 5)
+    pat = P.sliding_window(7) & P.causal()
+    fused = []
+    real_fwd = native.band_forward
+
+    def forward_spy(*a, **kw):
+        fused.append(kw.get("weights") is not None)
+        return real_fwd(*a, **kw)
+
+    monkeypatch.setattr(native, "band_forward", forward_spy)
+    with torch.no_grad():
+        _, w = attention(q, k, v, pattern=pat, return_weights=True)
+    assert len(fused) > 2 and all(fused)
+    ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(150, 160))[1]
+    torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
+    indptr, indices = pat.csr(150, 160, q.device)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+
+
+def test_band_forward_validates_its_weights_buffers():
+    q, k, v = _qkv(1, 2, 2, 10, 10, 4, 3)
+    qs = q.view(1, 2, 1, 10, 4)
+    vals = torch.zeros(2, 30)
+    offs = torch.arange(10) * 3
+    with pytest.raises(ValueError, match="offsets"):  # the last row's 2 keys at 30, 31
+        native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs + 3, None, 0))
+    with pytest.raises(ValueError, match="offsets"):  # rows [2, 10) need 8 offsets
+        native.band_forward(qs, k, v, -1, 1, 2, 10, weights=(vals, offs, None, 0))
+    with pytest.raises(TypeError, match="key0"):
+        native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs, None, -1))
+    native.band_forward(qs, k, v, -1, 1, 2, 10, weights=(vals, offs[2:], None, 0))
+    # rows 2..8 write 3 keys at 3 * i, row 9 its 2 keys at 27: nothing before 6 nor at 29
+    assert bool((vals[:, :6] == 0).all()) and bool((vals[:, 29] == 0).all())
+    assert bool((vals[:, 6:29] > 0).all())
+
+
+def test_band_weights_writes_only_the_rows_runs_and_validates():
+    """Runs with gaps between them: the gaps keep their contents; a run past the buffer, a
+    wrong dtype or layout is refused before the kernel runs."""
+    g = torch.Generator().manual_seed(3)
+    qs = torch.randn(1, 2, 2, 12, 8, generator=g)
+    k = torch.randn(1, 2, 12, 8, generator=g)
+    lo, hi = -2, 1
+    lse = torch.randn(1, 2, 2, 12, generator=g) + 3.0
+    lse[0, 0, 1, 5] = -math.inf  # a row without mass: zeros
+    rows = torch.arange(12)
+    start = (rows + lo).clamp(0, 12)
+    n = (rows + hi + 1).clamp(0, 12) - start
+    offs = torch.cumsum(n + 2, 0) - n - 2 + 1
+    ncols = int(offs[-1] + n[-1] + 2)
+    vals = torch.full((4, ncols), 9.0)
+    idx = torch.full((ncols,), -7, dtype=torch.long)
+    native.band_weights(qs, k, lse, lo, hi, vals, offs, idx)
+    s = (qs @ k.unsqueeze(2).transpose(-1, -2)).reshape(4, 12, 12)
+    want = torch.exp(s - lse.reshape(4, 12, 1))
+    written = torch.zeros(ncols, dtype=torch.bool)
+    for i in range(12):
+        cols = torch.arange(int(start[i]), int(start[i] + n[i]))
+        at = int(offs[i]) + torch.arange(int(n[i]))
+        written[at] = True
+        assert torch.equal(idx[at], cols)
+        expect = want[:, i, cols]
+        expect[1, :] = 0.0 if i == 5 else expect[1, :]
+        torch.testing.assert_close(vals[:, at], expect, atol=1e-5, rtol=1e-5)
+    assert bool((vals[:, ~written] == 9.0).all()) and bool((idx[~written] == -7).all())
+    bad = offs.clone()
+    bad[-1] = ncols - int(n[-1]) + 1  # last run one past the end
+    with pytest.raises(ValueError, match="offsets"):
+        native.band_weights(qs, k, lse, lo, hi, vals, bad, idx)
+    bad[-1] = -1
+    with pytest.raises(ValueError, match="offsets"):
+        native.band_weights(qs, k, lse, lo, hi, vals, bad, idx)
+    with pytest.raises(TypeError, match="values"):
+        native.band_weights(qs, k, lse, lo, hi, vals.double(), offs, idx)
+    with pytest.raises(ValueError, match="values"):
+        native.band_weights(qs, k, lse, lo, hi, vals.t().contiguous().t(), offs, idx)
+    with pytest.raises(ValueError, match="indices"):
+        native.band_weights(qs, k, lse, lo, hi, vals, offs, idx[:-1])
+    with pytest.raises(TypeError, match="offsets"):
+        native.band_weights(qs, k, lse, lo, hi, vals, offs.int(), idx)
+    with pytest.raises(ValueError, match="lse"):
+        native.band_weights(qs, k, lse[..., :-1], lo, hi, vals, offs, idx)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .kernels import native
 from .kernels.components import AllKeys, MaskTerm
-from .kernels.enumerate import pair_weights
+from .kernels.enumerate import pair_weights, weights_sink
 from .kernels.short import short_attention, short_ok
 from .kernels.structured import (
     NEG_INF,
@@ -359,6 +359,8 @@ def attention(
     comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
         [AllKeys()] if pattern is None else pattern.plan(lq, lk))
     comps = lower(comps, lq, lk)
+    if return_weights:  # a band's weights written by the compiled forward, where it can
+        ctx.weights_sink = weights_sink(qg, k, v, comps, ctx)
     out, lse = structured_attention(qg, k, v, comps, ctx)
     out = out.reshape(B, hq, lq, dv).to(q.dtype)
     if not return_weights:

@@ -21,6 +21,11 @@
 // dk / dv are summed in the item's own buffer without atomics; the item stores the keys it owns
 // and leaves the few keys its band reaches beyond them (at most hi - lo) in a halo buffer that
 // is added once every item is done.
+//
+// Weights (band_weights) recompute each block's scores with the forward's GEMM and write row
+// i's probabilities exp(s - lse_i) (lse: the final log-sum-exp, which may span other
+// components too) as one contiguous run at values[bh, offs[i] .. offs[i] + n_i) of a caller's
+// CSR buffer (optionally the keys at indices[offs[i] ..]); every run is bounds-checked.
 #ifndef BAND_BODY
 #include <math.h>
 #include <stdint.h>
@@ -36,7 +41,8 @@ typedef void (*dgemm_t)(const char *, const char *, const int *, const int *, co
 
 // geometry slots: sizes, band, row range, block size, then batch / head strides
 enum { B_B, B_HQ, B_HKV, B_L, B_LK, B_D, B_DV, B_LO, B_HI, B_Q0, B_Q1, B_BQ, B_QSB, B_QSH, B_KSB,
-       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_NGEO };
+       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0,
+       B_NGEO };
 
 // The key window [*j0, *j1) of query rows [i0, i1) and, for row i, its band [a, e) in window
 // coordinates.
@@ -104,6 +110,7 @@ typedef struct {
   const R *q, *k, *v, *dout, *lse, *dlse;
   R *out, *lse_out, *dq, *dk, *dv, *halo;
   const int64_t *g;
+  const int64_t *offs; int64_t *idx; R *wout; int *bad;  // weights: CSR runs and a bounds flag
   int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
   GEMM_T gemm; setthreads_t setthreads;
 } FN(job_t);
@@ -140,6 +147,17 @@ static R FN(row_softmax)(R *s, int64_t W, int64_t a, int64_t b) {
   return m + LOG(sum);
 }
 
+// Row i's run of n probabilities p (first key j) into the CSR buffer at offs[i] (and the keys,
+// from the first head only); a run outside the buffer is skipped and flagged.
+static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, int64_t n,
+                        int64_t j) {
+  int64_t off = J->offs[i];
+  if (off < 0 || off > J->g[B_WCOLS] - n) { __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED); return; }
+  memcpy(J->wout + bh * J->g[B_WSTR] + off, p, n * sizeof(R));
+  if (J->idx && bh == 0)
+    for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
+}
+
 static void FN(forward_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
@@ -173,6 +191,7 @@ static void FN(forward_worker)(team_t *TM) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);
         lp[r] = FN(row_softmax)(S + r * W, W, a, e);
+        if (J->wout && e > a) FN(put_run)(J, bh, i0 + r - q0, S + r * W + a, e - a, j0 + a);
       }
       // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
       J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
@@ -183,21 +202,101 @@ static void FN(forward_worker)(team_t *TM) {
   if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
 }
 
-// ptr: q, k, v, out, lse. geo: B_* slots up to B_VSH. Computes rows [q0, q1).
+// ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
+// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0; row i's probabilities go to
+// values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to indices. geo: every B_* slot.
+// Computes rows [q0, q1). Returns 0, -1 (out of memory) or -2 (a run outside the buffer).
 int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                  void *const *rt) {
   (void)scale;  // q arrives pre-scaled
   FN(job_t) J;
   memset(&J, 0, sizeof J);
+  int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
   J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
+  J.wout = (R *)ptr[5]; J.offs = (const int64_t *)ptr[6]; J.idx = (int64_t *)ptr[7];
+  J.bad = &bad;
   J.g = geo;
   J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];
   J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
   // blocks are independent (each reads its own rows and key window): small chunks, so a
   // preempted thread's rest goes to the others
-  return team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads, 4,
-                         rt[RT_OMP_PARALLEL]);
+  int err = team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
+                            4, rt[RT_OMP_PARALLEL]);
+  return err ? -1 : (__atomic_load_n(&bad, __ATOMIC_RELAXED) ? -2 : 0);
+}
+
+// w[t] = exp(s[t] - l), t < n (0 for a row without mass: l = -inf)
+static void FN(row_exp)(R *w, const R *s, int64_t n, R l) {
+  if (l == -INFINITY) { memset(w, 0, n * sizeof(R)); return; }
+  int64_t t = 0;
+#if VEC
+  __m256 vl = _mm256_set1_ps(l);
+  for (; t + 8 <= n; t += 8)
+    _mm256_storeu_ps(w + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vl)));
+#endif
+  for (; t < n; t++) w[t] = EXP(s[t] - l);
+}
+
+static void FN(weights_worker)(team_t *TM) {
+  const FN(job_t) *J = (const FN(job_t) *)TM->arg;
+  const int64_t *g = J->g;
+  int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], wmax = bq + g[B_HI] - g[B_LO];
+  int64_t L = g[B_L], d = g[B_D], ncol = g[B_WCOLS], wstr = g[B_WSTR];
+  R *S = (R *)malloc(sizeof(R) * bq * (wmax > 0 ? wmax : 1));
+  if (!S) return;  // items left to the other threads (team_run reports any not done)
+  if (J->setthreads) J->setthreads(1);
+  const R one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t it = start; it < stop; it++) {
+      int64_t blk = it % J->nblocks, bh = it / J->nblocks;
+      int64_t b = bh / Hq, h = bh % Hq, hk = h / grp;
+      int64_t i0 = blk * bq, i1 = i0 + bq < L ? i0 + bq : L, j0, j1;
+      window(g, i0, i1, &j0, &j1);
+      if (j1 <= j0) continue;  // no key for any row of the block: nothing to write
+      int W = (int)(j1 - j0), M = (int)(i1 - i0), D = (int)d;
+      const R *qp = J->q + b * g[B_QSB] + h * g[B_QSH] + i0 * d;
+      const R *kp = J->k + b * g[B_KSB] + hk * g[B_KSH] + j0 * d;
+      const R *lp = J->lse + bh * L + i0;
+      R *wrow = J->wout + bh * wstr;
+      int64_t *ix = bh == 0 ? J->idx : NULL;  // the keys once, from the first head
+      J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+      for (int64_t r = 0; r < M; r++) {
+        int64_t a, e;
+        row_band(g, i0 + r, j0, W, &a, &e);
+        if (a >= e) continue;
+        int64_t off = J->offs[i0 + r], n = e - a;
+        if (off < 0 || off > ncol - n) { __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED); continue; }
+        FN(row_exp)(wrow + off, S + r * W + a, n, lp[r]);
+        if (ix) for (int64_t t = 0; t < n; t++) ix[off + t] = j0 + a + t;
+      }
+    }
+    team_done(TM, stop - start);
+  }
+  free(S);
+  if (J->setthreads) J->setthreads(0);
+}
+
+// ptr: q, k, lse (B * Hq, L) contiguous, values (B * Hq rows B_WSTR apart, B_WCOLS columns),
+// offs (L,), indices (B_WCOLS,) or 0. geo: the B_* slots of the forward (q0 = 0, q1 = L) plus
+// B_WCOLS, B_WSTR. Returns 0, -1 (out of memory) or -2 (a row's run out of the buffer; that
+// row was skipped).
+int FN(band_weights)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                     void *const *rt) {
+  (void)scale;  // q arrives pre-scaled
+  FN(job_t) J;
+  memset(&J, 0, sizeof J);
+  int bad = 0;
+  J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.lse = (const R *)ptr[2];
+  J.wout = (R *)ptr[3]; J.offs = (const int64_t *)ptr[4]; J.idx = (int64_t *)ptr[5];
+  J.bad = &bad;
+  J.g = geo;
+  J.nblocks = (geo[B_L] + geo[B_BQ] - 1) / geo[B_BQ];
+  J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
+  int err = team_run_shares(FN(weights_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
+                            4, rt[RT_OMP_PARALLEL]);
+  return err ? -1 : (__atomic_load_n(&bad, __ATOMIC_RELAXED) ? -2 : 0);
 }
 
 // P = exp(S - lse) over [a, e) of each row (zeros elsewhere); D = rowsum(P * dP) - dlse;

@@ -13,8 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import native
 from .components import Component, Ranges, RowSet
-from .structured import BLOCK, Ctx, chunk_rows, component_scores, lower
+from .structured import BLOCK, Ctx, WeightsSink, chunk_rows, component_scores, lower
 
 _CHUNK_CANDIDATES = 1 << 24
 # Elements of one chunk's score buffer in pair_weights: small enough that its few passes
@@ -136,6 +137,19 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     B, hkv, g, lq, d = qs.shape
     lk = ctx.lk
     device = qs.device
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
+    sink = ctx.weights_sink
+    if sink is not None and len(comps) == 1 and sink.comp is comps[0] and not grad:
+        if sink.rows != lq:  # the forward did not write them all (it took another kernel)
+            lo, hi = sink.comp.band
+            native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
+        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
+        return indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+    fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
+                None)
+    if fast is not None:
+        return _pair_weights_native(qs, k, comps, ctx, lse, fast)
     # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
     # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
     per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
@@ -148,8 +162,6 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     bound = sum(c.cost(lq, lk) for c in comps)
     indices = torch.empty(bound, dtype=torch.long, device=device)
     values = lse.new_empty(B * hkv * g, bound)
-    grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
     nnz = 0
     for q0 in range(0, lq, rows):
         q1 = min(lq, q0 + rows)
@@ -209,4 +221,80 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         indices, values = indices.clone(), values.clone()
     indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
     indptr[1:] = torch.cumsum(counts, 0)
+    return indptr, indices, values.view(B, hkv, g, nnz)
+
+
+def _native_weights_ok(c: Component, qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor,
+                       grad: bool) -> bool:
+    """Whether the compiled band kernel can write component ``c``'s weights exactly: an
+    unmasked band without bias or ``score_mod``, fp32/fp64 on the CPU, no autograd."""
+    return (isinstance(c, Ranges) and c.band is not None and not c.masks and not grad
+            and ctx.bias is None and ctx.score_mod is None and qs.shape[-1] > 0
+            and c.band[1] - c.band[0] + 1 <= native.BAND_MAX_WIDTH
+            and all(t.device.type == "cpu" and t.dtype == qs.dtype for t in (k, lse))
+            and qs.device.type == "cpu" and qs.dtype in (torch.float32, torch.float64)
+            and native.band_available())
+
+
+def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx
+                 ) -> WeightsSink | None:
+    """CSR buffers for the compiled band forward to write the weights of a plan of one
+    unmasked band as it computes them (its probabilities are the weights: the band's
+    log-sum-exp is the row's), or None where :func:`pair_weights` computes them afterwards
+    (unions, whose rows' log-sum-exp spans other components too; autograd; other kernels).
+
+    Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
+    if len(comps) != 1 or not _native_weights_ok(comps[0], qs, k, ctx, qs, grad):
+        return None
+    B, hkv, g, lq, _ = qs.shape
+    lk = ctx.lk
+    lo, hi = comps[0].band
+    rows = torch.arange(lq, device=qs.device) + (lk - lq)
+    n = ((rows + hi + 1).clamp(0, lk) - (rows + lo).clamp(0, lk)).clamp_min(0)
+    ends = torch.cumsum(n, 0)
+    nnz = int(ends[-1]) if lq else 0
+    return WeightsSink(comps[0], qs.new_empty(B * hkv * g, nnz), ends - n,
+                       torch.empty(nnz, dtype=torch.long, device=qs.device))
+
+
+def _pair_weights_native(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,
+                         fast: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pair_weights` with component ``fast`` (an unmasked band) written by the compiled
+    band kernel straight into the CSR buffers: its keys of row ``i`` are one contiguous run
+    (the components are disjoint and a band is contiguous), placed after the other
+    components' keys of the row below the band's start. The other components (few pairs:
+    global rows and keys, offsets) go through :func:`pair_weights` and are scattered to their
+    places; every position is computed in closed form or by binary search, no sort."""
+    B, hkv, g, lq, _ = qs.shape
+    lk, device = ctx.lk, qs.device
+    lo, hi = comps[fast].band
+    rows = torch.arange(lq, device=device)
+    start = (rows + (lk - lq) + lo).clamp(0, lk)
+    n_band = ((rows + (lk - lq) + hi + 1).clamp(0, lk) - start).clamp_min(0)
+    others = comps[:fast] + comps[fast + 1:]
+    if others:
+        o_ptr, o_idx, o_val = pair_weights(qs, k, others, ctx, lse)
+        o_rows = torch.repeat_interleave(rows, o_ptr.diff())
+        o_key = o_rows * max(lk, 1) + o_idx  # sorted: CSR order
+        o_below = torch.searchsorted(o_key, rows * max(lk, 1) + start) - o_ptr[:-1]
+    else:
+        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+        o_below = torch.zeros(lq, dtype=torch.long, device=device)
+    indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+    indptr[1:] = torch.cumsum(n_band + o_ptr.diff(), 0)
+    nnz = int(indptr[-1])
+    values = lse.new_empty(B * hkv * g, nnz)
+    indices = torch.empty(nnz, dtype=torch.long, device=device)
+    native.band_weights(qs, k, lse, lo, hi, values, indptr[:-1] + o_below, indices)
+    if others and o_idx.numel():
+        # a pair's place: its row's start, the other components' pairs of the row before it,
+        # and the band's keys of the row below its key
+        first = indptr[:-1].index_select(0, o_rows)
+        own = torch.arange(o_idx.numel(), device=device) - o_ptr[:-1].index_select(0, o_rows)
+        band_below = (o_idx - start.index_select(0, o_rows)).clamp(0).minimum(
+            n_band.index_select(0, o_rows))
+        pos = first + own + band_below
+        indices[pos] = o_idx
+        values.index_copy_(1, pos, o_val.reshape(B * hkv * g, -1))
     return indptr, indices, values.view(B, hkv, g, nnz)

@@ -65,10 +65,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["band_available", "band_backward", "band_forward", "BAND_MAX_WIDTH", "decode_available",
-           "decode_forward", "empty_grads_like", "empty_in_layout", "gemv_available",
-           "gemv_multi", "gemv_rows", "kernel_status", "set_team_limit", "short_available",
-           "short_backward", "short_forward"]
+__all__ = ["band_available", "band_backward", "band_forward", "band_weights", "BAND_MAX_WIDTH",
+           "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
+           "gemv_available", "gemv_multi", "gemv_rows", "kernel_status", "set_team_limit",
+           "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _DECODE_SOURCE = Path(__file__).with_name("decode_cpu.c")
@@ -233,7 +233,8 @@ def _load():
     rt = _runtime()
     if not rt[3]:
         raise RuntimeError("torch's library exports no dgemm_")
-    return _load_with_sgemm(_SOURCE, *(f"band_{kind}_{suffix}" for kind in ("forward", "backward")
+    return _load_with_sgemm(_SOURCE, *(f"band_{kind}_{suffix}"
+                                       for kind in ("forward", "backward", "weights")
                                        for suffix in ("f32", "f64")))
 
 
@@ -347,6 +348,7 @@ def _self_check() -> None:
             _check_attention(f"band rows [{q0}, {q1}) ({dtype})", out, lse, q[:, :, q0:q1],
                              k[:, :, 3:], v[:, :, 3:], 1.0, mask[q0:q1])
         _band_backward_self_check(q, k, v, g)
+        _band_weights_self_check(q, k, v)
 
 
 def _band_backward_self_check(q: Tensor, k: Tensor, v: Tensor, g: torch.Generator) -> None:
@@ -372,6 +374,54 @@ def _band_backward_self_check(q: Tensor, k: Tensor, v: Tensor, g: torch.Generato
         for name, a, b in zip(("dq", "dk", "dv"), got, want):
             _compare(f"band backward {name} ({nseg} segments, {q.dtype})", a, b,
                      tol * float(b.abs().max()))
+
+
+def _band_weights_self_check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Band weights written into a CSR buffer with a gap after every row's run (which must stay
+    untouched), against fp64 ``exp(s - lse)``; bands of 7 and 13 keys (the vector loop and its
+    tail), Lk > Lq, GQA 2:1."""
+    q, k, v = q.detach(), k.detach(), v.detach()  # the backward check may have marked them
+    lq, lk = q.shape[2], k.shape[2]
+    rows = torch.arange(lq).view(-1, 1)
+    cols = torch.arange(lk).view(1, -1)
+    for lo, hi in ((-4, 2), (-9, 3)):
+        mask = (cols - rows - (lk - lq) >= lo) & (cols - rows - (lk - lq) <= hi)
+        _, lse = _call(q, k, v, lo, hi, 0, lq, block=8)
+        n = mask.sum(1)
+        offs = torch.zeros(lq, dtype=torch.long)
+        offs[1:] = torch.cumsum(n + 1, 0)[:-1]
+        ncols = int(offs[-1] + n[-1] + 1)
+        bh = q.shape[0] * q.shape[1]
+        vals = torch.full((bh, ncols), 7.0, dtype=q.dtype)
+        idx = torch.full((ncols,), -1, dtype=torch.long)
+        _band_weights_call(q, k, lse.reshape(bh, lq), lo, hi, vals, offs, idx, block=8)
+        # the forward writing its probabilities, rows [5, 30) of the same runs
+        fvals, fidx = torch.full_like(vals, 7.0), torch.full_like(idx, -1)
+        _call(q, k, v, lo, hi, 5, 30, block=8, weights=(fvals, offs[5:30], fidx, 0))
+        _, ref_lse, s = _reference(q, k, v, 1.0, mask)
+        want = torch.exp(s - ref_lse.unsqueeze(-1)).reshape(bh, lq, lk)
+        pos = offs.view(-1, 1) + torch.arange(lk).view(1, -1) - (rows + (lk - lq) + lo).clamp(0)
+        at = pos[mask]
+        if not torch.equal(idx[at], cols.expand(lq, lk)[mask]):
+            raise _Mismatch(f"band weights ({q.dtype}): wrong key indices")
+        gap = torch.ones(ncols, dtype=torch.bool)
+        gap[at] = False
+        if not (bool((vals[:, gap] == 7.0).all()) and bool((idx[gap] == -1).all())):
+            raise _Mismatch(f"band weights ({q.dtype}): wrote outside the rows' runs")
+        smax = float(s[mask.expand_as(s)].abs().max())
+        tol = 4 * _tolerance(torch.finfo(q.dtype).eps, q.shape[-1], smax, 1 + hi - lo, 1.0)
+        _compare(f"band weights lo={lo} hi={hi} ({q.dtype})", vals[:, at],
+                 want[:, mask], tol)
+        part = torch.zeros(lq, 1, dtype=torch.bool)
+        part[5:30] = True
+        at_f = pos[mask & part]
+        done = torch.zeros(ncols, dtype=torch.bool)
+        done[at_f] = True
+        if not (torch.equal(fidx[at_f], cols.expand(lq, lk)[mask & part])
+                and bool((fvals[:, ~done] == 7.0).all()) and bool((fidx[~done] == -1).all())):
+            raise _Mismatch(f"band forward's weights ({q.dtype}): wrong keys or places")
+        _compare(f"band forward's weights lo={lo} hi={hi} ({q.dtype})", fvals[:, at_f],
+                 want[:, mask & part], tol)
 
 
 def _decode_self_check() -> None:
@@ -518,9 +568,10 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
-          block: int | None = None) -> tuple[Tensor, Tensor]:
+          block: int | None = None, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
-    (see :func:`_rows_ok`; batch and head strides are free), already checked."""
+    (see :func:`_rows_ok`; batch and head strides are free), already checked; ``weights``:
+    ``(values, offsets, indices or None, key0)`` checked by :func:`_check_runs`."""
     fns = _state["fn"]
     block = BLOCK if block is None else block  # read at call time: tests shrink it
     B, hq = q.shape[:2]
@@ -530,10 +581,15 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
     lse = q.new_empty(B, hq, q1 - q0)
     if out.numel() == 0:
         return out, lse
-    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block)
-    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
+    vals, offs, idx, key0 = (None, None, None, 0) if weights is None else weights
+    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0)
+    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                0 if vals is None else vals.data_ptr(), 0 if offs is None else offs.data_ptr(),
+                0 if idx is None else idx.data_ptr())
     rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
                                                       fns["rt"])
+    if rc == -2:
+        raise RuntimeError("attnkit fused band kernel: a row's weights fell outside the buffer")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
@@ -557,14 +613,18 @@ def _band_inputs(qs: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
-                   block: int, dout: Tensor | None = None, nseg: int = 1):
+                   block: int, dout: Tensor | None = None, nseg: int = 1,
+                   weights: Tensor | None = None, key0: int = 0):
     """band_cpu.c's ``geo`` (its ``B_*`` slots) for ``q (B, Hq, Lq, d)``, ``k``, ``v`` (and
-    ``dout (B, Hq, Lq, dv)`` for backward), rows contiguous."""
+    ``dout (B, Hq, Lq, dv)`` for backward, the ``(B * Hq, ncols)`` values buffer for
+    weights and the key index of ``k``'s first row), rows contiguous."""
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     do_strides = (0, 0) if dout is None else (_stride(dout, 0), _stride(dout, 1))
+    w_slots = (0, 0, 0) if weights is None else (weights.shape[1], _stride(weights, 0), key0)
     return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
-                 _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg)
+                 _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg,
+                 *w_slots)
 
 
 def _band_segments(heads: int, lq: int, threads: int) -> int:
@@ -601,8 +661,102 @@ def _band_backward_call(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tens
     return dq, dk, dvv
 
 
+def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,
+                       offsets: Tensor, indices: Tensor | None, block: int | None = None) -> None:
+    """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)`` rows contiguous, lse ``(B * Hq, Lq)``
+    contiguous, values ``(B * Hq, ncols)`` with contiguous rows, offsets ``(Lq,)`` and indices
+    ``(ncols,)`` contiguous int64; already checked (the kernel checks each run again)."""
+    fns = _state["fn"]
+    block = BLOCK if block is None else block
+    assert _rows_ok(q) and _rows_ok(k) and lse.is_contiguous() and offsets.is_contiguous()
+    assert values.shape[1] <= 1 or values.stride(1) == 1
+    geo = _band_geometry(q, k, k, lo, hi, 0, q.shape[2], block, weights=values)
+    ptr = _i64s(q.data_ptr(), k.data_ptr(), lse.data_ptr(), values.data_ptr(),
+                offsets.data_ptr(), 0 if indices is None else indices.data_ptr())
+    rc = fns[f"band_weights_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
+                                                      fns["rt"])
+    if rc == -2:
+        raise RuntimeError("attnkit fused band kernel (weights): a row's run fell outside the "
+                           "values buffer")
+    if rc != 0:
+        raise MemoryError("attnkit fused band kernel (weights): out of memory for its buffers")
+
+
+def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, bh: int,
+                lq: int, lk: int, lo: int, hi: int, q0: int, q1: int) -> None:
+    """A CSR weights buffer for the band ``[lo, hi]`` rows ``[q0, q1)``: ``values (bh, ncols)``
+    of ``dtype`` with contiguous rows, ``offsets (q1 - q0,)`` int64 contiguous with every row's
+    run of keys inside ``[0, ncols)``, ``indices (ncols,)`` int64 contiguous or None; else
+    TypeError / ValueError (the kernels check each run again)."""
+    _need(values, "values", 2, (dtype,))
+    ncols = values.shape[1]
+    if values.shape[0] != bh:
+        raise ValueError(f"values must have B * Hq = {bh} rows, got {values.shape[0]}")
+    if ncols > 1 and values.stride(1) != 1:
+        raise ValueError("values must have contiguous rows (stride 1 along dim 1)")
+    _need(offsets, "offsets", 1, (torch.int64,))
+    if offsets.numel() != q1 - q0 or not offsets.is_contiguous():
+        raise ValueError(f"offsets must be a contiguous ({q1 - q0},) tensor, got "
+                         f"{tuple(offsets.shape)}")
+    if indices is not None:
+        _need(indices, "indices", 1, (torch.int64,))
+        if indices.numel() != ncols or not indices.is_contiguous():
+            raise ValueError(f"indices must be a contiguous ({ncols},) tensor, got "
+                             f"{tuple(indices.shape)}")
+    pos = torch.arange(q0, q1) + (lk - lq)
+    n = ((pos + hi + 1).clamp(0, lk) - (pos + lo).clamp(0, lk)).clamp_min(0)
+    if bool(((n > 0) & ((offsets < 0) | (offsets > ncols - n))).any()):
+        raise ValueError(f"offsets: some row's run of keys falls outside values' {ncols} "
+                         "columns")
+
+
+def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,
+                 offsets: Tensor, indices: Tensor | None = None) -> None:
+    """Write the band's attention weights ``exp(score - lse)`` straight into a CSR buffer: row
+    ``i``'s allowed keys ``j`` (``lo <= j - i - (Lk - Lq) <= hi``, clipped to ``[0, Lk)``) go
+    to ``values[h, offsets[i] + j - start_i]`` for every head ``h`` (``start_i``: the row's
+    first key), and ``j`` to ``indices[offsets[i] + j - start_i]``. Nothing else is written.
+
+    Args:
+        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)``, fp32 or fp64, CPU; k ``(B, Hkv, Lk, D)``.
+        lse: ``(B, Hkv, G, Lq)``, the rows' log-sum-exp (it may span other components too;
+            rows with ``-inf`` get weight 0).
+        lo, hi: the band, ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``.
+        values: ``(B * Hkv * G, ncols)`` of qs's dtype, contiguous rows (any row stride).
+        offsets: ``(Lq,)`` int64, where each row's run starts; every run must lie in
+            ``[0, ncols)``.
+        indices: ``(ncols,)`` int64 contiguous, or None.
+    """
+    if not band_available():
+        raise RuntimeError("the fused band kernel is not available here (see band_available)")
+    _need(qs, "qs", 5, tuple(_BAND_DTYPES))
+    _need(k, "k", 4, (qs.dtype,))
+    B, hkv, g, lq, d = qs.shape
+    lk = k.shape[2]
+    if k.shape[:2] != (B, hkv) or k.shape[3] != d:
+        raise ValueError(f"k must be (B, Hkv, Lk, D) = ({B}, {hkv}, Lk, {d}), got "
+                         f"{tuple(k.shape)}")
+    _need(lse, "lse", 4, (qs.dtype,))
+    if lse.shape != (B, hkv, g, lq):
+        raise ValueError(f"lse must have shape {(B, hkv, g, lq)}, got {tuple(lse.shape)}")
+    lo, hi = _int(lo, "lo"), _int(hi, "hi")
+    if not (lo <= hi and hi - lo + 1 <= BAND_MAX_WIDTH):
+        raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
+                         f"hi={hi}")
+    _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, 0, lq)
+    if B * hkv * g * lq == 0 or lk == 0:
+        return
+    if d == 0:  # every score is 0
+        raise ValueError("qs and k need D >= 1 for the compiled kernel")
+    _check_sizes(D=d, Lk=lk, Lq=lq)
+    q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
+    _band_weights_call(q, _rows_contiguous(k.detach()),
+                       lse.detach().reshape(-1, lq).contiguous(), lo, hi, values, offsets,
+                       indices)
+
+
 def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
-                 q1: int) -> tuple[Tensor, Tensor]:
+                 q1: int, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
     """Band attention of query rows ``[q0, q1)``: key ``j`` is allowed for query ``i`` iff
     ``lo <= j - i - (Lk - Lq) <= hi``.
 
@@ -612,6 +766,11 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
             contiguous are copied; batch and head strides, including 0, are read in place).
         lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
+        weights: optional ``(values, offsets, indices, key0)``: the probabilities of row
+            ``q0 + r`` (its allowed keys ``j`` in order) are also written to
+            ``values[h, offsets[r] + j - start]`` for every head ``h`` (as
+            :func:`band_weights`, with ``offsets (q1 - q0,)``), and ``key0 + j`` to
+            ``indices`` (or None); nothing else of the buffers is written.
     Returns:
         ``out (B, Hkv, G, q1 - q0, Dv)`` and ``lse (B, Hkv, G, q1 - q0)`` (``-inf`` and zeros
         for rows without keys). Not differentiable by itself.
@@ -627,6 +786,11 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
                          f"hi={hi}")
     if not 0 <= q0 <= q1 <= lq:
         raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
+    if weights is not None:
+        values, offsets, indices, key0 = weights
+        _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, q0, q1)
+        if not isinstance(key0, int) or key0 < 0:
+            raise TypeError(f"weights' key0 must be an int >= 0, got {key0!r}")
     if B * hkv * g * (q1 - q0) * dv == 0:
         return qs.new_zeros(B, hkv, g, q1 - q0, dv), qs.new_full((B, hkv, g, q1 - q0), -math.inf)
     _check_sizes(D=d, Dv=dv, Lk=max(lk, 1), Lq=lq)
@@ -636,7 +800,7 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     # longer tensors are read in place instead of copied
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     out, lse = _call(q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), lo, hi, q0,
-                     q1)
+                     q1, weights=weights)
     return (out.view(B, hkv, g, q1 - q0, dv), lse.view(B, hkv, g, q1 - q0))
 
 

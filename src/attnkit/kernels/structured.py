@@ -44,6 +44,19 @@ BLOCK = 32
 
 
 @dataclass
+class WeightsSink:
+    """Where the compiled band forward writes component ``comp``'s probabilities in CSR order:
+    row ``i``'s run at ``values[:, offsets[i]:]`` and its keys in ``indices``; ``rows`` counts
+    the query rows done (all ``Lq`` of them, or the buffers are filled afterwards)."""
+
+    comp: Component
+    values: Tensor  # (B * Hq, nnz)
+    offsets: Tensor  # (Lq,) int64
+    indices: Tensor  # (nnz,) int64
+    rows: int = 0
+
+
+@dataclass
 class Ctx:
     lq: int
     lk: int
@@ -56,6 +69,9 @@ class Ctx:
     block: int = field(default_factory=lambda: BLOCK)
     need_lse: bool = True
     sparse_mm: bool = False  # edge components use the CSR kernels (fp32/fp64 inputs)
+    #: CSR buffers for the weights of one band component, filled by the compiled forward
+    #: (see :func:`.enumerate.weights_sink`)
+    weights_sink: WeightsSink | None = None
     _rows: tuple[Tensor, Tensor] | None = None
 
     def rows(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,9 +212,9 @@ class _NativeBand(torch.autograd.Function):
     chunk's slices, so gradients stay chunk-sized (the slicing's own backward places them)."""
 
     @staticmethod
-    def forward(c, qs, k, v, comp: Ranges, ctx: Ctx):
+    def forward(c, qs, k, v, comp: Ranges, ctx: Ctx, weights=None):
         lo, hi = comp.band
-        out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3])
+        out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3], weights=weights)
         c.save_for_backward(qs, k, v, lse)
         c.band = (lo, hi)
         return out, lse
@@ -208,7 +224,7 @@ class _NativeBand(torch.autograd.Function):
     def backward(c, g_out, g_lse):
         qs, k, v, lse = c.saved_tensors
         grads = native.band_backward(qs, k, v, g_out, lse, g_lse, *c.band)
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
@@ -227,13 +243,20 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
         lo, hi = comp.band
         delta = ctx.lk - ctx.lq
         a, z = max(0, q0 + delta + lo), min(ctx.lk, q1 + delta + hi)
+        sink = ctx.weights_sink
+        sink = sink if sink is not None and sink.comp is comp else None
         if z <= a:  # no key for any row of the chunk
+            if sink is not None:
+                sink.rows += q1 - q0  # no weight to write
             return _no_keys(qs, q1 - q0, v.shape[-1])
         sub_lq, sub_lk = q1 - q0, z - a
         shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
         sub = replace(comp, band=(lo + shift, hi + shift))
+        w = None if sink is None else (sink.values, sink.offsets[q0:q1], sink.indices, a)
         out, lse = _NativeBand.apply(qs[:, :, :, q0:q1], k[:, :, a:z], v[:, :, a:z], sub,
-                                     replace(ctx, lq=sub_lq, lk=sub_lk))
+                                     replace(ctx, lq=sub_lq, lk=sub_lk), w)
+        if sink is not None:
+            sink.rows += q1 - q0
         return out, (lse if ctx.need_lse else None)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
