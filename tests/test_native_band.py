@@ -596,3 +596,25 @@ def test_band_weights_writes_only_the_rows_runs_and_validates():
         native.band_weights(qs, k, lse, lo, hi, vals, offs.int(), idx)
     with pytest.raises(ValueError, match="lse"):
         native.band_weights(qs, k, lse[..., :-1], lo, hi, vals, offs, idx)
+
+
+@pytest.mark.parametrize("call", [
+    "attnkit.attention(q, k, v, pattern=P.sliding_window(8) | P.global_tokens([0]))",
+    "attnkit.attention(q, k, v)",  # dense over short sequences: the short kernel
+])
+def test_first_kernel_use_inside_activation_checkpointing(call):
+    """A kernel's first call (which builds and self-checks it, with an autograd reference) may
+    come from inside torch.utils.checkpoint: the check must not add saved tensors that the
+    recomputation then misses (CheckpointError: a different number of tensors was saved)."""
+    code = ("import torch, attnkit; from attnkit import patterns as P; "
+            "from torch.utils.checkpoint import checkpoint; torch.manual_seed(0); "
+            "q, k, v = (torch.randn(2, 2, 64, 16, requires_grad=True) for _ in range(3)); "
+            f"f = lambda q, k, v: {call}; "
+            "out = checkpoint(f, q, k, v, use_reentrant=False); out.sum().backward(); "
+            "q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v)); "
+            "f(q2, k2, v2).sum().backward(); "
+            "print(torch.allclose(q.grad, q2.grad, atol=1e-5))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "True"

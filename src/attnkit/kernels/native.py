@@ -439,6 +439,18 @@ def _native_disabled() -> bool:
     return os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
+def _isolated(self_check) -> None:
+    """Run a self-check unseen by the caller's autograd context: the first kernel call may come
+    from inside activation checkpointing, whose saved-tensor hooks would otherwise count the
+    check's own autograd reference (and then find fewer tensors on recomputation)."""
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        self_check()
+
+
 def _available(state: dict, load, self_check, what: str) -> bool:
     """Build, load and check a kernel once; any failure means: use the PyTorch path. A failed
     self-check is retried once (a transient failure must not change results and speed for the
@@ -452,10 +464,10 @@ def _available(state: dict, load, self_check, what: str) -> bool:
         try:
             state["fn"] = load()
             try:
-                self_check()
+                _isolated(self_check)
             except Exception as first:  # noqa: BLE001 - retried once, then reported
                 try:
-                    self_check()
+                    _isolated(self_check)
                 except Exception as second:  # noqa: BLE001
                     raise RuntimeError(f"self-check failed twice: {first}; then: {second}") \
                         from second
