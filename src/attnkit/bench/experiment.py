@@ -72,9 +72,12 @@ QUICK_SPARSE = (65536, 262144)
 QUICK_DENSE = (512, 1024, 2048)
 FULL_SPARSE = tuple(2**p for p in range(13, 20))  # 8k .. 512k
 FULL_DENSE = tuple(2**p for p in range(10, 14))  # 1k .. 8k
-# Timed rounds per size: each quick round costs ~5.5 s of CPU (mostly 256k); 9 rounds keep the
-# quick run under ~90 s with the memory sweep (5 rounds left intervals +-0.15 wide under load).
-QUICK_REPEATS, FULL_REPEATS = 9, 15
+# Timed rounds per size: each quick round costs ~11 s of CPU (mostly 256k, two calls). A round
+# keeps the faster of two back-to-back interleaved calls per size: single calls have an upper
+# tail (page faults on fresh buffers, interruptions) that, with 9 one-call rounds, left slope
+# intervals ~0.2 wide even on an idle machine (a fresh-clone report: [0.97, 1.18]).
+QUICK_REPEATS, FULL_REPEATS = 7, 15
+CALLS_PER_ROUND = 2
 QUICK_MEM_REPEATS, FULL_MEM_REPEATS = 2, 3
 #: The per-call fixed cost is estimated as the time of a forward at this tiny length.
 FIXED_COST_LEN = 256
@@ -268,8 +271,9 @@ def _lengths(ctx: RunContext, config: str, max_len: int | None) -> list[int]:
 
 def time_sweep(ctx: RunContext, max_len: int | None) -> dict[str, dict[int, list[float]]]:
     """``{config: {L: [seconds per round]}}``: one thread, the sizes of a configuration
-    interleaved round by round (:func:`stats.interleaved_times`), after one warm-up call at
-    the smallest size."""
+    interleaved call by call (:func:`stats.interleaved_times`), after one warm-up call at the
+    smallest size; a round is ``CALLS_PER_ROUND`` consecutive interleaved calls per size, of
+    which it keeps the fastest."""
     repeat = QUICK_REPEATS if ctx.quick else FULL_REPEATS
     times: dict[str, dict[int, list[float]]] = {}
     with stats.single_thread():
@@ -280,9 +284,11 @@ def time_sweep(ctx: RunContext, max_len: int | None) -> dict[str, dict[int, list
                 # one call at the smallest size warms up; a round of warm-ups at every size
                 # cost as much as a timed round (large buffers are fresh mmaps on every call)
                 cases[str(min(lens))]()
-            got = (stats.interleaved_times(cases, repeat=repeat, warmup=0,
+            got = (stats.interleaved_times(cases, repeat=repeat * CALLS_PER_ROUND, warmup=0,
                                            clock=time.process_time) if cases else {})
-            times[config] = {int(n): ts for n, ts in got.items()}
+            times[config] = {int(n): [min(ts[i:i + CALLS_PER_ROUND])
+                                      for i in range(0, len(ts), CALLS_PER_ROUND)]
+                             for n, ts in got.items()}
             del cases, got
     return times
 
@@ -476,7 +482,9 @@ def run(ctx: RunContext) -> Result:
         f"Scaling: CPU time of the forward pass (time.process_time, one thread: the work, "
         f"which other processes' load barely changes), fp32, H={HEADS}, D={HEAD_DIM}, sparse L = "
         f"{lens_text}; {QUICK_REPEATS if ctx.quick else FULL_REPEATS} interleaved rounds per "
-        "size (all sizes of a pattern in each round, after one warm-up call); the slope vs "
+        f"size (all sizes of a pattern in each round, after one warm-up call; a round keeps "
+        f"the faster of {CALLS_PER_ROUND} back-to-back calls per size, a change made after a "
+        "fresh-clone run with one call per round gave intervals ~0.2 wide); the slope vs "
         "allowed pairs is the median of the rounds' slopes (each round's sizes ran back to "
         "back, so a load change between rounds cancels) with a 95% bootstrap CI over the "
         "rounds (slope_pairs_unpaired_*: per-size medians resampled independently, shown for "
