@@ -316,6 +316,19 @@ def _native_band_fn(lo: int, hi: int):
     return lambda qs, k, v: structured._NativeBand.apply(qs, k, v, comp, None)
 
 
+def _count_band_backward_calls(monkeypatch) -> list:
+    """Wrap ``native.band_backward`` so a test can assert the compiled backward ran: the
+    returned list gains one entry per call."""
+    calls = []
+    real = native.band_backward
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(native, "band_backward", spy)
+    return calls
+
 @pytest.mark.parametrize("lq, lk, lo, hi, groups, block, nseg", [
     (13, 13, -3, 2, 1, 64, 1),   # one block, one segment
     (21, 25, -2, 1, 2, 4, 3),    # Lk > Lq, GQA 2:1, several blocks and segments (halos)
@@ -336,14 +349,7 @@ def test_backward_gradcheck_fp64(lq, lk, lo, hi, groups, block, nseg, monkeypatc
     i = torch.arange(lq)
     assert ((i + delta + lo <= lk - 1) & (i + delta + hi >= 0)).all()  # no empty row (lse -inf)
     leaves = [t.requires_grad_() for t in (qs, k, v)]
-    calls = []
-    real = native.band_backward
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(native, "band_backward", spy)
+    calls = _count_band_backward_calls(monkeypatch)
     assert torch.autograd.gradcheck(_native_band_fn(lo, hi), leaves, eps=1e-6, atol=1e-7)
     assert calls, "the compiled backward was not used"
 
@@ -360,14 +366,7 @@ def test_backward_matches_dense_autograd_fp32(name, monkeypatch):
     the dense reference, for every case of the forward tests (empty rows included)."""
     pattern, b, hq, hkv, lq, lk, d, dv = CASES[name]
     assert native.band_available()
-    calls = []
-    real = native.band_backward
-
-    def spy(*a, **kw):
-        calls.append(1)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(native, "band_backward", spy)
+    calls = _count_band_backward_calls(monkeypatch)
     q, k, v = _qkv(b, hq, hkv, lq, lk, d, dv, seed=2)
     dout = torch.randn(b, hq, lq, dv, generator=torch.Generator().manual_seed(9))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
