@@ -3,7 +3,7 @@
 // y (R, O) = x (R, I) @ W (O, I)^T + bias (O,), for the few rows R of a decoding step, fp32,
 // all contiguous. A step is bound by reading W from memory; a BLAS gemv reads it on one thread,
 // here each thread of torch's OpenMP team streams its own contiguous block of W's rows, so the
-// whole memory bandwidth is used. Four rows of W at a time share each load of x. With gelu set,
+// whole memory bandwidth is used, each row of W read as one sequential stream. With gelu set,
 // y = GELU(y) (the exact erf form, as torch.nn.functional.gelu) is applied in the same pass.
 // Several weights that multiply the same x can go in one call (segments of one output row).
 #include <math.h>
@@ -29,33 +29,34 @@ typedef struct {
   int64_t O[MAX_SEG], off[MAX_SEG], quad0[MAX_SEG + 1];  // quad0: first 4-row group of s
 } gemv_t;
 
-// y[r, off + o] for rows o in [o0, o1) of segment s's W and every row r of x. Each group of four
-// rows of W is used for all rows of x while it sits in L1, so W is read from memory once.
+// y[r, off + o] for rows o in [o0, o1) of segment s's W and every row r of x. Each row of W
+// is read as one sequential stream (four independent accumulators hide the FMA latency): on
+// the machines measured, interleaving four rows' streams reached only ~2/3 of the read bandwidth
+// a single stream gets. The row stays in L1 for the other rows of x, so W is read from memory
+// once.
 static void gemv_block(const gemv_t *G, int s, int64_t o0, int64_t o1) {
   const int64_t I = G->I, ldy = G->ldy;
   const float *W = G->W[s], *bias = G->bias[s];
   float *Y = G->y + G->off[s];
   int64_t o = o0;
 #ifdef __AVX2__
-  for (; o + 4 <= o1; o += 4) {
-    const float *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;
+  for (; o < o1; o++) {
+    const float *w = W + o * I;
     for (int64_t r = 0; r < G->R; r++) {
       const float *x = G->x + r * I;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       int64_t i = 0;
-      for (; i + 8 <= I; i += 8) {
-        __m256 xv = _mm256_loadu_ps(x + i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + i), xv, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + i), xv, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + i), xv, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + i), xv, a3);
+      for (; i + 32 <= I; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
       }
-      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-      for (; i < I; i++) {
-        s0 += w0[i] * x[i]; s1 += w1[i] * x[i]; s2 += w2[i] * x[i]; s3 += w3[i] * x[i];
-      }
-      float *y = Y + r * ldy + o;
-      y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
+      for (; i + 8 <= I; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+      float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (; i < I; i++) acc += w[i] * x[i];
+      Y[r * ldy + o] = acc;
     }
   }
 #endif
