@@ -198,3 +198,19 @@ def test_result_dict_json_shape():
     assert obj["decisions"][0]["name"] == "slope" and obj["decisions"][0]["margin"] is None
     assert "slope" in obj["notes"] and "NaN" in obj["notes"]
     assert obj["metrics"]["slope"] is None
+
+
+def test_slope_diff_ci():
+    sizes = [100, 200, 400, 800]
+    rng = np.random.default_rng(0)
+    quad = [[(n / 100) ** 2 * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
+    lin = [[(n / 100) * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
+    ci = stats.slope_diff_ci(sizes, quad, lin, n_boot=300)
+    assert 0.8 < ci.low <= ci.value <= ci.high < 1.2
+    same = stats.slope_diff_ci(sizes, [[float(n)] for n in sizes], [[2.0 * n] for n in sizes],
+                               n_boot=200)
+    assert abs(same.value) < 1e-9 and same.low == same.high
+    a, b = stats.slope_ci(sizes, quad, n_boot=300), stats.slope_ci(sizes, lin, n_boot=300)
+    assert ci.value == pytest.approx(a.value - b.value)
+    with pytest.raises(ValueError, match="one sequence per size"):
+        stats.slope_diff_ci(sizes, quad, lin[:2])

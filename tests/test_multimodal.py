@@ -219,20 +219,6 @@ def test_curriculum_adds_lengths_in_stages():
 _REC_SMALL = synthetic_recordings(per_digit=3)
 
 
-def test_slope_diff_ci():
-    from attnkit.multimodal.experiment import slope_diff_ci
-
-    sizes = [100, 200, 400, 800]
-    rng = np.random.default_rng(0)
-    quad = [[(n / 100) ** 2 * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
-    lin = [[(n / 100) * (1 + 0.05 * rng.standard_normal()) for _ in range(5)] for n in sizes]
-    ci = slope_diff_ci(sizes, quad, lin, n_boot=300)
-    assert 0.8 < ci.low <= ci.value <= ci.high < 1.2
-    same = slope_diff_ci(sizes, [[float(n)] for n in sizes], [[2.0 * n] for n in sizes],
-                         n_boot=200)
-    assert abs(same.value) < 1e-9 and same.low == same.high
-
-
 @pytest.mark.parametrize("cls", [CrossModalFusion, EarlyFusion, LateFusion,
                                  lambda **kw: LateFusion(pool="attention", **kw)])
 def test_bad_input(cls):

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
+
 __all__ = [
     "init_from_env",
     "shutdown",
@@ -236,8 +238,7 @@ def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> r
     _check_count("n", n)
     world = world_size() if world is None else world
     rank_ = rank() if rank_ is None else rank_
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be a positive int, got {world!r}")
+    check_positive_int("world", world)
     if isinstance(rank_, bool) or not isinstance(rank_, int) or not 0 <= rank_ < world:
         raise ValueError(f"rank must be an int in [0, {world}), got {rank_!r}")
     if 0 < n < world:

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..checks import check_positive_int
 from ..functional import check_qkv
 from ..kernels import structured as _structured
 from ..kernels.components import AllKeys, Band, KeySet, MaskTerm, Offsets
@@ -1028,8 +1029,7 @@ def communication_volume(
         raise TypeError(f"pattern must be an attnkit.patterns pattern, got {type(pattern)}")
     for name, val in (("seq_len", seq_len), ("world", world), ("batch", batch),
                       ("q_heads", q_heads), ("head_dim", head_dim)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_int(name, val)
     hkv = q_heads if kv_heads is None else kv_heads
     dv = head_dim if v_head_dim is None else v_head_dim
     size = torch.empty((), dtype=dtype).element_size()

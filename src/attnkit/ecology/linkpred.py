@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..checks import check_positive_int
 from ..distributed.data_parallel import rescale_mean, shard_slice, wrap_ddp
 from .model import BatchedTrophicAttention, TrophicAttention
 from .trophic import trophic_levels
@@ -218,8 +219,7 @@ def low_rank_scores(train_flows: np.ndarray, rank: int = 4) -> np.ndarray:
     factorisation) of the binary training adjacency, ``(S, S)`` scores ``[prey, predator]``.
     It sees links only, no trait."""
     a = (np.asarray(train_flows) > 0).astype(np.float64)
-    if not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank}")
+    check_positive_int("rank", rank)
     u, sv, vt = np.linalg.svd(a)
     r = min(int(rank), sv.size)
     return (u[:, :r] * sv[:r]) @ vt[:r]

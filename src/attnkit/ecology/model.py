@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from attnkit import attention
+from attnkit.checks import check_positive_int
 
 BIASES = ("trophic", None)
 
@@ -81,8 +82,7 @@ class TrophicAttention(nn.Module):
         super().__init__()
         if not isinstance(num_species, int) or num_species < 2:
             raise ValueError(f"num_species must be an int >= 2, got {num_species}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim}")
+        check_positive_int("dim", dim)
         if bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES}, got {bias!r}")
         self.num_species = num_species
@@ -146,12 +146,10 @@ class BatchedTrophicAttention(nn.Module):
     def __init__(self, num_models: int, num_species: int, dim: int, *, num_knots: int = 17,
                  max_distance: float = 4.0) -> None:
         super().__init__()
-        if not isinstance(num_models, int) or num_models < 1:
-            raise ValueError(f"num_models must be a positive int, got {num_models}")
+        check_positive_int("num_models", num_models)
         if not isinstance(num_species, int) or num_species < 2:
             raise ValueError(f"num_species must be an int >= 2, got {num_species}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim}")
+        check_positive_int("dim", dim)
         if not max_distance > 0:
             raise ValueError(f"max_distance must be > 0, got {max_distance}")
         b, s, d = num_models, num_species, dim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import check_positive_int
 from .io import FoodWeb
 
 
@@ -58,8 +59,7 @@ def niche_model(
         raise ValueError(f"num_species must be >= 2, got {num_species}")
     if not 0.0 < float(connectance) < 0.5:
         raise ValueError(f"connectance must be in (0, 0.5) (Beta(1, 1/(2C)-1)), got {connectance}")
-    if not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be a positive int, got {max_tries}")
+    check_positive_int("max_tries", max_tries)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     for _ in range(max_tries):
         links, niche = _niche_links(rng, int(num_species), float(connectance))

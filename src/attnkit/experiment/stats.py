@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..checks import check_positive_int
 from .profiling import sync_device
 from .types import Decision
 
@@ -36,6 +37,7 @@ __all__ = [
     "ratio_ci",
     "loglog_slope",
     "slope_ci",
+    "slope_diff_ci",
     "theil_sen_slope",
     "cost_per_unit_ci",
     "over_seeds",
@@ -220,6 +222,29 @@ def _repeats_matrix(sizes: Sequence[float], repeats: Sequence[Sequence[float]]) 
     return rows
 
 
+def _bootstrap_slopes(sizes: Sequence[float], rows: list[np.ndarray], n_boot: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """``n_boot`` log-log slopes, each refitted to medians of every size's repeats resampled
+    with replacement (independently per size); NaN where a replicate cannot be fitted."""
+    # Resampled medians, one column per size (vectorized: the bootstrap is 2000 refits).
+    meds = np.stack([np.median(r[rng.integers(0, r.size, (n_boot, r.size))], axis=1)
+                     for r in rows], axis=1)
+    xs = np.asarray(sizes, dtype=np.float64)
+    ok = np.isfinite(meds).all(axis=1) & (meds > 0).all(axis=1)
+    if not (np.isfinite(xs).all() and (xs > 0).all()):
+        ok[:] = False  # some sizes unusable: the scalar rule below drops them per row
+    boots = np.full(n_boot, math.nan)
+    if ok.any():
+        lx = np.log(xs)
+        ly = np.log(np.where(ok[:, None], meds, 1.0))
+        xc = lx - lx.mean()
+        if xc @ xc > 0:
+            boots[ok] = ((ly - ly.mean(axis=1, keepdims=True)) @ xc / (xc @ xc))[ok]
+    for b in np.flatnonzero(~ok):  # rows with a non-positive median: the scalar NaN rule
+        boots[b] = loglog_slope(sizes, meds[b])
+    return boots
+
+
 def slope_ci(
     sizes: Sequence[float],
     repeats: Sequence[Sequence[float]],
@@ -242,22 +267,33 @@ def slope_ci(
     if not math.isfinite(est):
         return CI(est, math.nan, math.nan, len(rows))
     rng = np.random.default_rng(seed)
-    # Resampled medians, one column per size (vectorized: the bootstrap is 2000 refits).
-    meds = np.stack([np.median(r[rng.integers(0, r.size, (n_boot, r.size))], axis=1)
-                     for r in rows], axis=1)
-    xs = np.asarray(sizes, dtype=np.float64)
-    ok = np.isfinite(meds).all(axis=1) & (meds > 0).all(axis=1)
-    if not (np.isfinite(xs).all() and (xs > 0).all()):
-        ok[:] = False  # some sizes unusable: the scalar rule below drops them per row
-    boots = np.full(n_boot, math.nan)
-    if ok.any():
-        lx = np.log(xs)
-        ly = np.log(np.where(ok[:, None], meds, 1.0))
-        xc = lx - lx.mean()  # est is finite, so the sizes are not all equal
-        boots[ok] = ((ly - ly.mean(axis=1, keepdims=True)) @ xc / (xc @ xc))[ok]
-    for b in np.flatnonzero(~ok):  # rows with a non-positive median: the scalar NaN rule
-        boots[b] = loglog_slope(sizes, meds[b])
+    boots = _bootstrap_slopes(sizes, rows, n_boot, rng)
     return _percentile_ci(est, boots, len(rows), level)
+
+
+def slope_diff_ci(
+    sizes: Sequence[float],
+    repeats_a: Sequence[Sequence[float]],
+    repeats_b: Sequence[Sequence[float]],
+    *,
+    level: float = LEVEL,
+    n_boot: int = 2_000,
+    seed: int = BOOT_SEED,
+) -> CI:
+    """Log-log slope of ``a``'s cost minus ``b``'s (vs size), from repeats at each size: the
+    estimate fits per-size medians; the interval resamples every size's repeats of both
+    independently, as :func:`slope_ci` does, and refits both."""
+    _check_level(level, n_boot)
+    ra, rb = _repeats_matrix(sizes, repeats_a), _repeats_matrix(sizes, repeats_b)
+    if any(np.isnan(r).any() for r in (*ra, *rb)):
+        return CI(*_NAN_CI, len(ra))
+    est = (loglog_slope(sizes, [float(np.median(r)) for r in ra])
+           - loglog_slope(sizes, [float(np.median(r)) for r in rb]))
+    if not math.isfinite(est):
+        return CI(est, math.nan, math.nan, len(ra))
+    rng = np.random.default_rng(seed)
+    boots = _bootstrap_slopes(sizes, ra, n_boot, rng) - _bootstrap_slopes(sizes, rb, n_boot, rng)
+    return _percentile_ci(est, boots, len(ra), level)
 
 
 def cost_per_unit_ci(units: Sequence[float], repeats: Sequence[Sequence[float]],
@@ -361,8 +397,7 @@ def threads(n: int) -> Iterator[None]:
     """Run the block with torch using ``n`` intra-op threads; restores the old count."""
     import torch
 
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads: n must be a positive int, got {n!r}")
+    check_positive_int("threads: n", n)
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_int
+
 __all__ = [
     "GraphData",
     "load_ppi",
@@ -446,8 +448,7 @@ def load_planetoid(directory: str | Path, name: str, *,
     declare (a CSR matrix's dense form, the node count ``test.index`` implies): sizes are
     checked against it before anything is allocated, and ``ValueError`` names it.
     """
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+    check_positive_int("max_bytes", max_bytes)
     name = name.lower()
     if name not in PLANETOID_NAMES:
         raise ValueError(f"dataset must be one of {PLANETOID_NAMES}, got {name!r}")

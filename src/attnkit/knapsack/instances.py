@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_positive_int
+
 __all__ = [
     "CLASSES", "KnapsackInstance", "generate", "check_instance", "pisinger_capacity_fraction",
 ]
@@ -63,8 +65,7 @@ def generate(
         seed: random seed.
         capacity_fraction: capacity as a fraction of the total weight, in ``(0, 1)``.
     """
-    if not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_int("n", n)
     if kind not in CLASSES:
         raise ValueError(f"kind must be one of {CLASSES}, got {kind!r}")
     if not isinstance(R, (int, np.integer)) or R < 10:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_int
 from ..patterns import Causal, Pattern, causal, sliding_window
 
 __all__ = ["KVCache", "DynamicCache", "StaticCache", "SlidingWindowCache", "QuantizedCache"]
@@ -169,8 +170,7 @@ class StaticCache(_BufferCache):
     """Preallocates ``max_len`` positions per layer on first use; overflowing raises."""
 
     def __init__(self, max_len: int):
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        check_positive_int("max_len", max_len)
         super().__init__()
         self.max_len = max_len
 
@@ -194,8 +194,7 @@ class SlidingWindowCache(KVCache):
     """
 
     def __init__(self, window: int):
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
+        check_positive_int("window", window)
         super().__init__()
         self.window = window
 
@@ -265,8 +264,7 @@ class QuantizedCache(KVCache):
     """
 
     def __init__(self, group_size: int = 64):
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        check_positive_int("group_size", group_size)
         self.group_size = group_size
         self._work: list[Tensor | None] = [None, None]
         super().__init__()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..nn.attention import attention_layers
 from .cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
 
@@ -195,8 +196,7 @@ def generate(
         raise TypeError(f"do_sample must be a bool or None, got {do_sample!r}")
     if do_sample and temperature == 0:
         raise ValueError("do_sample=True needs temperature > 0 (temperature=0 is greedy)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    check_positive_int("top_k", top_k, optional=True)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or a float in (0, 1], got {top_p!r}")
@@ -288,8 +288,7 @@ def kv_cache_bytes(model: nn.Module, context_len: int, batch: int = 1,
     layers = attention_layers(model)
     model_item = torch.empty((), dtype=_model_dtype(model)).element_size()
     if dtype == torch.int8:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        check_positive_int("group_size", group_size)
         full, rest = divmod(context_len, group_size)
         total = 0
         for a in layers:
@@ -325,8 +324,7 @@ def bits_per_char_cached(model: nn.Module, ids: Tensor, seq_len: int, max_chars:
     if not isinstance(ids, Tensor) or ids.dim() != 1:
         raise ValueError("ids must be a 1-D tensor of token ids")
     for name, val in (("seq_len", seq_len), ("max_chars", max_chars)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_int(name, val)
     windows = min(max_chars // seq_len, (ids.numel() - 1) // seq_len)
     if windows < 1:
         raise ValueError(f"ids ({ids.numel()}) and max_chars ({max_chars}) hold no window of "

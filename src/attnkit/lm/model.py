@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
+from ..checks import check_positive_int
 from ..kernels import native
 from ..nn.attention import SelfAttention, SplitLinear, split_linear
 from ..patterns import causal, sliding_window
@@ -186,11 +187,8 @@ class DecoderLM(nn.Module):
         super().__init__()
         for name, val in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth),
                           ("num_heads", num_heads), ("max_seq_len", max_seq_len)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or window < 1):
-            raise ValueError(f"window must be None or a positive int, got {window!r}")
+            check_positive_int(name, val)
+        check_positive_int("window", window, optional=True)
         self.vocab_size, self.dim, self.depth = vocab_size, dim, depth
         self.num_heads = num_heads
         self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..distributed.data_parallel import all_reduce_mean, rescale_mean, shard, wrap_ddp
 from ..nn.attention import attention_layers
 
@@ -27,8 +28,7 @@ def convert_kv_heads(model: nn.Module, num_kv_heads: int) -> nn.Module:
     ``num_kv_heads`` equal to the current count the copy computes exactly what ``model`` does.
     The input model is not modified; quality recovers with :func:`uptrain`.
     """
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    check_positive_int("num_kv_heads", num_kv_heads)
     for layer in attention_layers(model):
         if layer.num_heads % num_kv_heads or layer.num_kv_heads % num_kv_heads:
             raise ValueError(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import check_positive_int
+
 __all__ = [
     "Recordings",
     "SpokenDigitTask",
@@ -209,9 +211,7 @@ class SpokenDigitTask:
         stretch: tuple[float, float] = (0.8, 1.25),
         norm: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        if isinstance(n_digits, bool) or not isinstance(n_digits, (int, np.integer)) \
-                or n_digits < 1:
-            raise ValueError(f"n_digits must be an int >= 1, got {n_digits!r}")
+        check_positive_int("n_digits", n_digits)
         if audio_len is None:
             audio_len = FRAMES_PER_DIGIT * n_digits
         if audio_len < 4 * n_digits:

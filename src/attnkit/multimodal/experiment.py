@@ -26,29 +26,6 @@ TEST_QUICK, TEST_FULL = 400, 1000
 SLOPE_MARGIN = 0.1
 
 
-def slope_diff_ci(sizes: Sequence[float], repeats_a: Sequence[Sequence[float]],
-                  repeats_b: Sequence[Sequence[float]], *, n_boot: int = 2_000,
-                  seed: int = stats.BOOT_SEED) -> CI:
-    """Log-log slope of ``a`` minus that of ``b`` (cost vs size), from repeats at each size:
-    the estimate fits per-size medians; the interval resamples every size's repeats of both
-    (independently, as :func:`stats.slope_ci` does) and refits (95% percentile bootstrap)."""
-    ra = [np.asarray(r, dtype=np.float64) for r in repeats_a]
-    rb = [np.asarray(r, dtype=np.float64) for r in repeats_b]
-    est = (stats.loglog_slope(sizes, [np.median(r) for r in ra])
-           - stats.loglog_slope(sizes, [np.median(r) for r in rb]))
-    rng = np.random.default_rng(seed)
-    boots = np.empty(n_boot)
-    for i in range(n_boot):
-        ma = [np.median(r[rng.integers(0, r.size, r.size)]) for r in ra]
-        mb = [np.median(r[rng.integers(0, r.size, r.size)]) for r in rb]
-        boots[i] = stats.loglog_slope(sizes, ma) - stats.loglog_slope(sizes, mb)
-    boots = boots[np.isfinite(boots)]
-    if boots.size == 0 or not math.isfinite(est):
-        return CI(est, math.nan, math.nan, len(ra))
-    low, high = np.quantile(boots, [0.025, 0.975])
-    return CI(float(est), float(low), float(high), len(ra))
-
-
 def gain_decision_of(metrics: dict[str, float], gain: CI, digit_counts: Sequence[int],
                      n_seeds: int) -> Decision:
     """The decision on cross minus early accuracy at the longest length, gated: a comparison
@@ -169,8 +146,8 @@ def _run(ctx: RunContext) -> Result:
         for L, reps, mb in zip(lengths, secs[name], mib[name]):
             metrics[f"ms_step_{name}_L{L}"] = 1000 * float(np.median(reps))
             metrics[f"mib_{name}_L{L}"] = float(mb)
-    t_diff = slope_diff_ci(lengths, secs["early_concat"], secs["cross"])
-    m_diff = slope_diff_ci(lengths, [[x] for x in mib["early_concat"]],
+    t_diff = stats.slope_diff_ci(lengths, secs["early_concat"], secs["cross"])
+    m_diff = stats.slope_diff_ci(lengths, [[x] for x in mib["early_concat"]],
                            [[x] for x in mib["cross"]])
     ratio = stats.ratio_ci(secs["early_concat"][-1], secs["cross"][-1])
     metrics.update(ratio.metrics("time_ratio_early_over_cross_at_max_len"))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..functional import SparseWeights, attention
 from ..kernels import native
 from ..patterns import Pattern
@@ -138,8 +139,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0, *, rotary_dims: int | None = None):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+        check_positive_int("head_dim", head_dim)
         r = head_dim if rotary_dims is None else rotary_dims
         if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r > head_dim:
             raise ValueError(f"rotary_dims must be an even int in [2, head_dim={head_dim}] "
@@ -241,13 +241,11 @@ class SelfAttention(nn.Module):
     ):
         super().__init__()
         for name, val in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}"

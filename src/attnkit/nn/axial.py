@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..functional import attention
 from ..kernels.short import short_shape_ok
 
@@ -142,13 +143,10 @@ class AxialAttention(nn.Module):
             raise TypeError(f"channels_first must be a bool, got {type(channels_first).__name__}")
         self.channels_first = channels_first
         for name, value in (("dim", dim), ("num_heads", num_heads), ("num_axes", num_axes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
-        if chunk_size is not None and (isinstance(chunk_size, bool)
-                                       or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        check_positive_int("chunk_size", chunk_size, optional=True)
         if rel_pos_max_distance is not None and (
             not isinstance(rel_pos_max_distance, int) or rel_pos_max_distance < 0
         ):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..functional import attention
 
 __all__ = ["CrossAttention"]
@@ -50,8 +51,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         for name, val in (("query_dim", query_dim), ("context_dim", context_dim),
                           ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if head_dim is None:
             if query_dim % num_heads:
                 raise ValueError(
@@ -61,8 +61,7 @@ class CrossAttention(nn.Module):
             head_dim = query_dim // num_heads
         for name, val in (("head_dim", head_dim), ("out_dim", out_dim),
                           ("max_query_len", max_query_len), ("max_context_len", max_context_len)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val <= 0):
-                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
+            check_positive_int(name, val, optional=True)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
                 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import patterns
+from ..checks import check_positive_int
 from ..functional import attention, check_temperature
 from ..patterns import _is_pyg_data, _require_integer, edge_index_of
 
@@ -230,8 +231,7 @@ class GraphAttention(nn.Module):
     ):
         super().__init__()
         for name, val in (("in_dim", in_dim), ("out_dim", out_dim), ("heads", heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+            check_positive_int(name, val)
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         if score == "constant" and edge_dim is not None:

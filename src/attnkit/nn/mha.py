@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..functional import SparseWeights, attention
 from ..patterns import Pattern, causal
 
@@ -83,15 +84,13 @@ class MultiheadAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
         for name, val in (("kdim", kdim), ("vdim", vdim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be None or a positive int, got {val!r}")
+            check_positive_int(name, val, optional=True)
         hkv = num_heads if num_kv_heads is None else num_kv_heads
         if isinstance(hkv, bool) or not isinstance(hkv, int) or hkv < 1 or num_heads % hkv:
             raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..nn.attention import SelfAttention
 
 __all__ = ["ViT", "Block", "standardize_images"]
@@ -90,8 +91,7 @@ class ViT(nn.Module):
         for name, value in (("image_size", image_size), ("patch_size", patch_size),
                             ("in_channels", in_channels), ("num_classes", num_classes),
                             ("dim", dim), ("depth", depth), ("num_heads", num_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if image_size % patch_size:
             raise ValueError(
                 f"image_size={image_size} is not divisible by patch_size={patch_size}"

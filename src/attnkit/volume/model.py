@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..nn.axial import AxialAttention, AxialMaps
 
 __all__ = ["AxialVolumeTransformer", "UNet3D", "matched_unet", "count_parameters", "pad_volumes",
@@ -58,8 +59,7 @@ class AxialVolumeTransformer(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
                             ("depth", depth)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.in_channels, self.num_axes = in_channels, num_axes
         self.embed = nn.Linear(in_channels, dim)
         self.blocks = nn.ModuleList(
@@ -200,8 +200,7 @@ class UNet3D(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
                             ("width", width), ("levels", levels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if norm not in UNET_NORMS:
             raise ValueError(f"norm must be one of {UNET_NORMS}, got {norm!r}")
         ws = [width * 2**i for i in range(levels + 1)]

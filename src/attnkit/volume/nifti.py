@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_positive_int
+
 __all__ = ["load_nifti", "save_nifti", "NiftiVolume", "example_nifti_path"]
 
 
@@ -93,8 +95,7 @@ def load_nifti(path: str | Path | Any, *, nan_policy: str = "raise",
     """
     if nan_policy not in ("raise", "zero"):
         raise ValueError(f"nan_policy must be 'raise' or 'zero', got {nan_policy!r}")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
+    check_positive_int("max_bytes", max_bytes)
     if not isinstance(path, (str, os.PathLike)):
         if not (hasattr(path, "header") and hasattr(path, "get_fdata")
                 and hasattr(path, "affine")):
