@@ -219,6 +219,96 @@ def test_gemv_multi_bad_input(kwargs, match):
         native.gemv_multi(args.pop("x"), args.pop("weights"), args.pop("biases"), **args)
 
 
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 4), sizes=st.lists(st.integers(1, 70), min_size=1, max_size=3),
+       in_f=st.integers(1, 90), bias=st.booleans(), gelu=st.booleans(), residual=st.booleans(),
+       norm=st.booleans(), strided_bias=st.booleans())
+def test_prepared_gemv_equals_gemv_multi(rows, sizes, in_f, bias, gelu, residual, norm,
+                                         strided_bias):
+    """A prepared product gives gemv_multi's result for every call, with the addresses that
+    change (x, out, residual) written per call; strided vectors are bound as copies."""
+    g = torch.Generator().manual_seed(rows * 7 + in_f)
+    ws = tuple(torch.randn(o, in_f, generator=g) for o in sizes)
+    if bias:
+        bs = tuple(torch.randn(2 * o, generator=g)[::2] if strided_bias
+                   else torch.randn(o, generator=g) for o in sizes)
+    else:
+        bs = (None,) * len(sizes)
+    ln = (torch.randn(in_f, generator=g), torch.randn(in_f, generator=g), 1e-5) if norm else None
+    prepared = native.PreparedGemv(ws, bs, gelu=gelu, layer_norm=ln)
+    for _ in range(2):  # a second call with other tensors: no address is left from the first
+        x = torch.randn(rows, in_f, generator=g)
+        res = torch.randn(rows, sum(sizes), generator=g) if residual else None
+        out = prepared(x, torch.empty(rows, sum(sizes)), residual=res)
+        ref = native.gemv_multi(x, ws, bs, gelu=gelu, residual=res, layer_norm=ln)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_gemv_rope_and_bad_input():
+    torch.manual_seed(0)
+    hd, heads = 16, 3
+    x, w = torch.randn(2, 40), torch.randn(heads * hd, 40)
+    from attnkit.nn.attention import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(hd).cos_sin(7, 8, x.device, x.dtype)
+    prepared = native.PreparedGemv((w,), rope_cols=heads * hd, rope_dim=hd)
+    got = prepared(x, torch.empty(2, heads * hd), rope=(cos, sin))
+    torch.testing.assert_close(got, native.gemv_multi(x.view(2, 1, 40), (w,),
+                                                      rope=(cos, sin, heads * hd)).view(2, -1))
+    with pytest.raises(ValueError, match="rope tables are needed"):
+        prepared(x, torch.empty(2, heads * hd))
+    with pytest.raises(ValueError, match="rope tables"):
+        prepared(x, torch.empty(2, heads * hd), rope=(cos[:, :8], sin[:, :8]))
+    with pytest.raises(ValueError, match="x must be"):
+        prepared(torch.randn(2, 41), torch.empty(2, heads * hd), rope=(cos, sin))
+    with pytest.raises(ValueError, match="x must be"):  # too many rows for a GEMV
+        prepared(torch.randn(5, 40), torch.empty(5, heads * hd), rope=(cos, sin))
+    with pytest.raises(ValueError, match="x must be"):  # out of the wrong size
+        prepared(x, torch.empty(2, heads * hd - 1), rope=(cos, sin))
+    with pytest.raises(ValueError, match="residual"):
+        prepared(x, torch.empty(2, heads * hd), residual=torch.randn(2, 3), rope=(cos, sin))
+    with pytest.raises(ValueError, match="rope cos"):
+        native.PreparedGemv((w,), rope_cols=heads * hd, rope_dim=3)
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        native.PreparedGemv((w, torch.randn(4, 39)))
+
+
+def test_decoding_step_sees_replaced_and_updated_weights():
+    """The prepared decoding step follows the model: a parameter updated in place and one
+    whose .data is replaced both change the next step's logits as the module path does; a
+    model that has decoded still deep-copies and pickles."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = DecoderLM(64, 64, 2, 4, 1, max_seq_len=64).eval()
+    ids = torch.randint(0, 64, (1, 12))
+
+    def step_and_full():
+        with torch.no_grad():
+            cache = StaticCache(20)
+            model(ids[:, :-1], cache=cache)
+            return model(ids[:, -1:], cache=cache)[:, -1], model(ids)[:, -1]
+
+    step, full = step_and_full()
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    fc1 = model.blocks[1].mlp[0]
+    with torch.no_grad():
+        fc1.weight.mul_(3.0)  # in place: same memory
+    step2, full2 = step_and_full()
+    torch.testing.assert_close(step2, full2, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(step2, step)
+    fc1.weight.data = torch.randn_like(fc1.weight)  # new memory: the step must rebind
+    model.blocks[0].norm1.eps = 1e-2
+    step3, full3 = step_and_full()
+    torch.testing.assert_close(step3, full3, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(step3, step2)
+    clone = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids), model(ids))
+
+
 def test_decoder_block_native_step_equals_module_path():
     """The fused decoding step of a block (norms, projections, rotary, residuals in native
     GEMV calls) gives what the modules compute one by one; hooks, autograd and swapped layers

@@ -67,7 +67,8 @@ from torch import Tensor
 
 __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "BAND_MAX_WIDTH",
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
-           "gemv_available", "gemv_multi", "gemv_rows", "kernel_status", "set_team_limit",
+           "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
+           "set_team_limit",
            "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
@@ -1163,6 +1164,111 @@ def _check_gemv(x: Tensor, weights, biases, residual, layer_norm, rope) -> None:
                 or cols % d:
             raise ValueError(f"rope cols must be a multiple of D = {d} in [0, {total}], "
                              f"got {cols!r}")
+
+
+class PreparedGemv:
+    """:func:`gemv_multi` with its weights, biases, LayerNorm and GELU bound once, for a call
+    made every decoding step: the kernel's argument arrays are built here, and a call only
+    writes the addresses that change (``x``, the output, the residual, the rotary rows). It
+    saves the ~15 us of argument handling a :func:`gemv_multi` call costs, ~25 times a step.
+
+    The bound tensors' memory is read at every call (in-place updates are seen); a parameter
+    whose ``.data`` is replaced afterwards is not (the caller rebinds: see
+    :mod:`attnkit.lm.model`). Strided bias and LayerNorm vectors are bound as contiguous
+    copies.
+
+    Args:
+        weights, biases, gelu, layer_norm: as in :func:`gemv_multi` (checked here).
+        rope_cols, rope_dim: rotate the first ``rope_cols`` output columns in heads of
+            ``rope_dim`` channels (0: no rotary embedding); the tables come with each call.
+    """
+
+    def __init__(self, weights, biases=None, *, gelu: bool = False, layer_norm=None,
+                 rope_cols: int = 0, rope_dim: int = 0) -> None:
+        if not gemv_available():
+            raise RuntimeError("the native GEMV kernel is not available here (see "
+                               "gemv_available)")
+        weights = tuple(weights)
+        biases = (None,) * len(weights) if biases is None else tuple(biases)
+        if not weights:
+            raise ValueError("weights must hold at least one tensor")
+        in_f = weights[0].shape[-1] if isinstance(weights[0], Tensor) and weights[0].dim() else 0
+        if in_f < 1:
+            raise ValueError("weights[0] must be a (out, in) tensor with in >= 1")
+        table = torch.zeros(1, rope_dim) if rope_cols else None
+        rope = (table, table, rope_cols) if rope_cols else None
+        _check_gemv(torch.empty(1, in_f), weights, biases, None, layer_norm, rope)
+        self.in_features = in_f
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.rope_dim = rope_dim if rope_cols else 0
+        ln_w, ln_b, eps = (None, None, 0.0) if layer_norm is None else layer_norm
+        # the kernel reads these addresses at every call: keep the tensors (and contiguous
+        # copies of strided vectors) alive as long as this object
+        self._keep: list[Tensor] = list(weights)
+
+        def address(t: Tensor | None) -> int:
+            if t is None:
+                return 0
+            t = t.contiguous()
+            self._keep.append(t)
+            return t.data_ptr()
+
+        n = len(weights)
+        w = [t.data_ptr() for t in weights] + [0] * (3 - n)
+        b = [address(t) for t in biases] + [0] * (3 - n)
+        o = [t.shape[0] for t in weights] + [0] * (3 - n)
+        # ptr / geo as gemv_cpu.c's gemv_rows reads them; x, y, residual and the rotary tables
+        # (slots 0, 1, 8, 11, 12) and the row counts (geo 0, 10) are written per call
+        self._ptrs = _i64s(0, 0, *w, *b, 0, address(ln_w), address(ln_b), 0, 0)
+        self._geo = _i64s(0, in_f, n, *o, int(gelu), int(layer_norm is not None), rope_cols,
+                          self.rope_dim, 0)
+        self._eps = float(eps)
+
+    def __call__(self, x: Tensor, out: Tensor, residual: Tensor | None = None,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Write the product of ``x (rows, in)`` into ``out (rows, out_features)`` (then add
+        ``residual``, of ``out``'s shape) and return ``out``. ``x``, ``out`` and ``residual``
+        are contiguous fp32 CPU tensors; ``rope``: ``(cos, signed_sin)`` contiguous
+        ``(L, rope_dim)`` tables for the positions of the rows (row ``r`` at position
+        ``r % L``: ``L`` new tokens of each sequence), when bound with ``rope_cols``."""
+        rows = x.shape[0] if x.dim() == 2 else 0
+        if (x.dim() != 2 or x.shape[1] != self.in_features or not 1 <= rows <= GEMV_MAX_ROWS
+                or out.shape != (rows, self.out_features) or not x.is_contiguous()
+                or not out.is_contiguous() or x.dtype != torch.float32
+                or out.dtype != torch.float32 or not x.is_cpu or not out.is_cpu):
+            raise ValueError(f"x must be a contiguous fp32 CPU (rows <= {GEMV_MAX_ROWS}, "
+                             f"{self.in_features}) tensor and out (rows, {self.out_features}); "
+                             f"got {tuple(x.shape)} and {tuple(out.shape)}")
+        # copies of the bound arrays: concurrent calls (two threads decoding with one model)
+        # must not see each other's addresses
+        ptrs = type(self._ptrs).from_buffer_copy(self._ptrs)
+        geo = type(self._geo).from_buffer_copy(self._geo)
+        ptrs[0], ptrs[1] = x.data_ptr(), out.data_ptr()
+        if residual is not None:
+            if (residual.shape != out.shape or not residual.is_contiguous()
+                    or residual.dtype != torch.float32 or not residual.is_cpu):
+                raise ValueError(f"residual must be a contiguous fp32 CPU {tuple(out.shape)} "
+                                 f"tensor, got {tuple(residual.shape)}")
+            ptrs[8] = residual.data_ptr()
+        if self.rope_dim:
+            if rope is None:
+                raise ValueError("rope tables are needed: this product was bound with rope_cols")
+            cos, sin = rope
+            length = cos.shape[0] if cos.dim() == 2 else 0
+            for t in (cos, sin):
+                if (t.dim() != 2 or t.shape != (length, self.rope_dim) or length < 1
+                        or rows % length or not t.is_contiguous() or t.dtype != torch.float32
+                        or not t.is_cpu):
+                    raise ValueError(f"rope tables must be contiguous fp32 CPU (L, "
+                                     f"{self.rope_dim}) tensors with L dividing the {rows} "
+                                     f"rows, got {tuple(t.shape)}")
+            ptrs[11], ptrs[12] = cos.data_ptr(), sin.data_ptr()
+            geo[10] = length
+        geo[0] = rows
+        fn, rt = _gemv_state["fn"]
+        if fn(ptrs, geo, self._eps, torch.get_num_threads(), rt) != 0:
+            raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
+        return out
 
 
 # ------------------------------------------------------------- many short sequences

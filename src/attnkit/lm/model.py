@@ -10,6 +10,7 @@ head mask) takes the modules' own path, with the same results up to rounding.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -39,33 +40,65 @@ def _has_hooks(*modules: nn.Module) -> bool:
     return False
 
 
-def _qkv_native(attn: SelfAttention, x: Tensor, offset: int, layer_norm=None) -> Tensor:
-    """``cat(q, k, v)`` projections of ``x (B, L, dim)`` (of ``layer_norm(x)`` if given) from
-    one native GEMV call, queries and keys rotated for positions ``offset..``. The caller
-    checks that the native path applies (see :meth:`DecoderBlock._decode_ready`)."""
-    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+class _PreparedStep:
+    """A block's four decoding-step products bound once (:class:`native.PreparedGemv`): the
+    LayerNorm + q/k/v projections + rotary embedding, the output projection (+ residual),
+    the LayerNorm + first MLP layer + GELU, the second MLP layer (+ residual). Kept per
+    block in :data:`_PREPARED` and rebuilt when an operand changed (another tensor object, or
+    the same parameter with new memory after ``.data`` was replaced)."""
+
+    def __init__(self, block: DecoderBlock, operands: tuple) -> None:
+        qw, kw, vw, qb, kb, vb, n1w, n1b, ow, ob, n2w, n2b, f1w, f1b, f2w, f2b, eps1, eps2 = \
+            operands
+        attn = block.attn
+        heads = attn.num_heads + attn.num_kv_heads  # queries and keys are rotated
+        rope_cols = 0 if attn.rotary is None else heads * attn.head_dim
+        self.operands = operands
+        self.ptrs = tuple(t.data_ptr() if isinstance(t, Tensor) else t for t in operands)
+        self.qkv = native.PreparedGemv((qw, kw, vw), (qb, kb, vb), layer_norm=(n1w, n1b, eps1),
+                                       rope_cols=rope_cols, rope_dim=attn.head_dim)
+        self.out = native.PreparedGemv((ow,), (ob,))
+        self.fc1 = native.PreparedGemv((f1w,), (f1b,), gelu=True, layer_norm=(n2w, n2b, eps2))
+        self.fc2 = native.PreparedGemv((f2w,), (f2b,))
+
+    def matches(self, operands: tuple) -> bool:
+        for new, old, ptr in zip(operands, self.operands, self.ptrs):
+            if isinstance(new, Tensor):
+                if new is not old or new.data_ptr() != ptr:
+                    return False
+            elif new != old:
+                return False
+        return True
+
+
+# Per block, weakly (a block dropped drops its entry; the bound argument arrays are never
+# pickled or copied with the model).
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_block(block: DecoderBlock, operands: tuple, x: Tensor, cache: KVCache | None,
+                  key_padding_mask: Tensor | None) -> Tensor:
+    """A pre-LN block on ``x (B, L, dim)`` during decoding: four prepared native GEMV calls
+    (LayerNorms, rotary embedding, GELU and residuals fused in) around the engine's attention.
+    ``operands``: from :meth:`DecoderBlock._decode_operands` (the native path applies)."""
+    step = _PREPARED.get(block)
+    if step is None or not step.matches(operands):
+        step = _PREPARED[block] = _PreparedStep(block, operands)
+    attn = block.attn
+    b, length, dim = x.shape
+    rows = b * length
+    x2 = x.reshape(rows, dim).contiguous()
     rope = None
     if attn.rotary is not None:
-        length = x.shape[1]
-        cos, sin = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
-        rope = (cos, sin, (attn.num_heads + attn.num_kv_heads) * attn.head_dim)
-    return native.gemv_multi(x, tuple(p.weight for p in projs), tuple(p.bias for p in projs),
-                             layer_norm=layer_norm, rope=rope, check=False)
-
-
-def _attention_step(attn: SelfAttention, x: Tensor, norm: nn.LayerNorm, cache: KVCache | None,
-                    key_padding_mask: Tensor | None) -> Tensor:
-    """``x + attn(norm(x), cache=cache)`` with the LayerNorm, the three projections and the
-    rotary embedding in one native GEMV call, the output projection and the residual in
-    another: a pre-LN block's attention half during decoding."""
-    offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
-    qkv = _qkv_native(attn, x, offset, (norm.weight, norm.bias, norm.eps))
-    b, length, _ = x.shape
+        offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
+        rope = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
+    qkv = step.qkv(x2, x2.new_empty(rows, step.qkv.out_features), rope=rope)
     h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split((h, hkv, hkv), dim=1)
     heads, _ = attn.attend(q, k, v, cache=cache, key_padding_mask=key_padding_mask)
-    out = attn.out_proj
-    return native.gemv_multi(heads, (out.weight,), (out.bias,), residual=x, check=False)
+    x2 = step.out(heads.reshape(rows, -1).contiguous(), x2.new_empty(rows, dim), residual=x2)
+    hidden = step.fc1(x2, x2.new_empty(rows, step.fc1.out_features))
+    return step.fc2(hidden, x2.new_empty(rows, dim), residual=x2).view(b, length, dim)
 
 
 class GeluMLP(nn.Sequential):
@@ -75,14 +108,6 @@ class GeluMLP(nn.Sequential):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__(SplitLinear(dim, hidden), nn.GELU(), SplitLinear(hidden, dim))
-
-    def _decode_step(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
-        """``x + self(norm(x))`` in two native GEMV calls (LayerNorm fused into the first,
-        the residual into the second). The caller checks that the native path applies."""
-        fc1, _, fc2 = self
-        h = native.gemv_multi(x, (fc1.weight,), (fc1.bias,), gelu=True,
-                              layer_norm=(norm.weight, norm.bias, norm.eps), check=False)
-        return native.gemv_multi(h, (fc2.weight,), (fc2.bias,), residual=x, check=False)
 
     def forward(self, x: Tensor) -> Tensor:
         fc1, act, fc2 = self
@@ -111,50 +136,64 @@ class DecoderBlock(nn.Module):
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """``x (B, L, dim)`` -> ``(B, L, dim)``; ``cache``, ``head_mask`` and
         ``key_padding_mask`` as in :meth:`SelfAttention.forward`."""
-        if head_mask is None and self._decode_ready(x):
+        operands = None if head_mask is not None else self._decode_operands(x)
+        if operands is not None:
             # a decoding step: four native GEMV calls (norms and residuals fused in) around
             # the engine's attention; same results, a fraction of the per-step overhead
-            x = _attention_step(self.attn, x, self.norm1, cache, key_padding_mask)
-            return self.mlp._decode_step(x, self.norm2)
+            return _decode_block(self, operands, x, cache, key_padding_mask)
         drop = self.drop if self.training and self.drop.p > 0 else _identity
         x = x + drop(self.attn(self.norm1(x), cache=cache, head_mask=head_mask,
                                key_padding_mask=key_padding_mask))
         return x + drop(self.mlp(self.norm2(x)))
 
     def _decode_ready(self, x: Tensor) -> bool:
-        """Whether this call can take the native decoding path: inference without autograd,
-        fp32 on CPU, at most ``GEMV_MAX_ROWS`` rows, the block's own layer types (nothing
-        swapped in, no hooks to run) with contiguous fp32 CPU weights.
+        """Whether this call can take the native decoding path (see :meth:`_decode_operands`)."""
+        return self._decode_operands(x) is not None
+
+    def _decode_operands(self, x: Tensor) -> tuple | None:
+        """The tensors of the native decoding path when this call can take it, else None:
+        inference without autograd, fp32 on CPU, at most ``GEMV_MAX_ROWS`` rows, the block's
+        own layer types (nothing swapped in, no hooks to run) with contiguous fp32 CPU
+        weights. Returns the q/k/v weights and biases, the first LayerNorm's weight and bias,
+        the output projection's weight and bias, the second LayerNorm's, the MLP layers', and
+        the two LayerNorm eps.
 
         Runs on every decoding step of every block, so it reads the module dictionaries
         directly (``nn.Module.__getattr__`` alone would cost more than the step it saves)."""
         if (self.training or torch.is_grad_enabled() or x.dtype != torch.float32
                 or not x.is_cpu or x.shape[0] * x.shape[1] > native.GEMV_MAX_ROWS):
-            return False
+            return None
         mods = self._modules
         attn, mlp, norm1, norm2 = mods["attn"], mods["mlp"], mods["norm1"], mods["norm2"]
         if (type(attn) is not SelfAttention or type(mlp) is not GeluMLP
                 or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm):
-            return False
+            return None
         am, mm = attn._modules, mlp._modules
         rot = am.get("rotary")
         if len(mm) != 3 or (rot is not None and rot.rotary_dims != rot.head_dim):
-            return False
+            return None
         fc1, act, fc2 = mm.values()
         if type(act) is not nn.GELU or act.approximate != "none":
-            return False
-        linears = (am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"], fc1, fc2)
+            return None
+        q, k, v, o = am["q_proj"], am["k_proj"], am["v_proj"], am["out_proj"]
+        linears = (q, k, v, o, fc1, fc2)
         for m in linears:
             if type(m) is not SplitLinear and type(m) is not nn.Linear:
-                return False
+                return None
         if _has_hooks(norm1, norm2, attn, mlp, act, *linears):
-            return False
-        for m in (*linears, norm1, norm2):
-            for t in m._parameters.values():
-                if t is not None and (t.dtype != torch.float32 or not t.is_cpu
-                                      or not t.is_contiguous()):
-                    return False
-        return native.gemv_available()
+            return None
+        p = [m._parameters for m in (q, k, v, norm1, o, norm2, fc1, fc2)]
+        tensors = (p[0]["weight"], p[1]["weight"], p[2]["weight"], p[0]["bias"], p[1]["bias"],
+                   p[2]["bias"], p[3]["weight"], p[3]["bias"], p[4]["weight"], p[4]["bias"],
+                   p[5]["weight"], p[5]["bias"], p[6]["weight"], p[6]["bias"], p[7]["weight"],
+                   p[7]["bias"])
+        for t in tensors:
+            if t is not None and (t.dtype != torch.float32 or not t.is_cpu
+                                  or not t.is_contiguous()):
+                return None
+        if not native.gemv_available():
+            return None
+        return (*tensors, norm1.eps, norm2.eps)
 
 
 class DecoderLM(nn.Module):
