@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import attnkit.functional as functional
 from attnkit import attention, dense_reference
 from attnkit import patterns as P
-from attnkit.cache import StaticCache
+from attnkit.cache import DynamicCache, StaticCache
 from attnkit.kernels import native
 from attnkit.models import DecoderLM, GeluMLP
 from attnkit.nn.attention import split_linear
@@ -141,20 +141,46 @@ def test_gelu_mlp_equals_the_plain_sequential():
     assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch):
-    """A cached multi-query step (native GEMV + decoding kernel) gives the logits of the full
-    uncached forward pass at that position."""
+@pytest.mark.parametrize("whole_block", [True, False])
+@pytest.mark.parametrize("cache_cls,kv_heads,batch", [
+    (StaticCache, 1, 1), (StaticCache, 2, 2), (DynamicCache, 4, 3)])
+def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch, whole_block,
+                                                                cache_cls, kv_heads, batch):
+    """Cached steps (the whole block in one native call, or native GEMV + the decoding kernel)
+    give the logits of the full uncached forward pass, for several steps in a row (the cache's
+    positions advance), MQA, GQA and MHA, one or several sequences."""
+    if not whole_block:
+        monkeypatch.setattr(native, "step_available", lambda: False)
     seen = _spy(monkeypatch, "decode_forward")
+    steps_seen = []
+    real_call = native.PreparedDecodeBlock.__call__
+
+    def spy_call(self, *a, **kw):
+        steps_seen.append(a[0].shape)
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(native.PreparedDecodeBlock, "__call__", spy_call)
     torch.manual_seed(0)
-    model = DecoderLM(64, 128, 2, 4, 1, max_seq_len=700).eval()
-    ids = torch.randint(0, 64, (1, 600))
+    model = DecoderLM(64, 128, 2, 4, kv_heads, max_seq_len=700).eval()
+    for p in model.parameters():  # non-trivial norms and biases
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 64, (batch, 600))
     with torch.no_grad():
-        cache = StaticCache(700)
-        model(ids[:, :-1], cache=cache)
-        step = model(ids[:, -1:], cache=cache)[:, -1]
-        full = model(ids)[:, -1]
-    assert seen
-    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+        cache = cache_cls(700) if cache_cls is StaticCache else cache_cls()
+        model(ids[:, :-3], cache=cache)
+        for t in (3, 2, 1):
+            step = model(ids[:, -t:ids.shape[1] - t + 1], cache=cache)[:, -1]
+            full = model(ids[:, :ids.shape[1] - t + 1])[:, -1]
+            torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+        assert cache.seq_length(0) == cache.seq_length(1) == 600
+    if whole_block:
+        # (the kernel's self-check may run here too, on its own small block); a dynamic
+        # cache is full after the prompt: its first step grows it through the module path
+        fused = 3 if cache_cls is StaticCache else 2
+        assert steps_seen.count((batch, 128)) == fused * model.depth
+        assert bool(seen) == (fused < 3)
+    else:
+        assert seen and not steps_seen
 
 
 @settings(max_examples=25, deadline=None)

@@ -68,14 +68,17 @@ from torch import Tensor
 __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "BAND_MAX_WIDTH",
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
-           "set_team_limit",
+           "set_team_limit", "step_available", "PreparedDecodeBlock", "decode_block_reference",
            "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
 _DECODE_SOURCE = Path(__file__).with_name("decode_cpu.c")
 _GEMV_SOURCE = Path(__file__).with_name("gemv_cpu.c")
+_STEP_SOURCE = Path(__file__).with_name("step_cpu.c")
 #: Headers the kernels include; their content is part of the build cache key.
 _HEADERS = (Path(__file__).with_name("team.h"), Path(__file__).with_name("vecmath.h"))
+#: Sources a kernel source compiles into its own unit (also part of its cache key).
+_INCLUDED = {_STEP_SOURCE.name: (_GEMV_SOURCE, _DECODE_SOURCE)}
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99"]
 _LIBS = ["-lm", "-lpthread"]
 #: Widest band (``hi - lo + 1`` keys) the fused kernel takes; its per-thread score buffer is
@@ -117,7 +120,8 @@ def _build(source: Path = _SOURCE) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = source.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS)
+    deps = (*_HEADERS, *_INCLUDED.get(source.name, ()))
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in deps)
     key = hashlib.sha256(src + repr((_FLAGS, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
@@ -494,11 +498,12 @@ def decode_available() -> bool:
 
 def kernel_status() -> dict[str, dict]:
     """Each compiled kernel's state, for a report's provenance: ``{"band" | "decode" | "short"
-    | "gemv": {"available": bool, "reason": str | None}}``, ``reason`` saying why an unavailable
-    kernel is off (no compiler, ``ATTNKIT_NATIVE=0``, a failed self-check with its mismatch).
-    Builds and checks the kernels not tried yet (so it reports what a call would get)."""
+    | "gemv" | "step": {"available": bool, "reason": str | None}}``, ``reason`` saying why an
+    unavailable kernel is off (no compiler, ``ATTNKIT_NATIVE=0``, a failed self-check with its
+    mismatch). Builds and checks the kernels not tried yet (so it reports what a call would get)."""
     checks = {"band": (band_available, _state), "decode": (decode_available, _decode_state),
-              "short": (short_available, _short_state), "gemv": (gemv_available, _gemv_state)}
+              "short": (short_available, _short_state), "gemv": (gemv_available, _gemv_state),
+              "step": (step_available, _step_state)}
     status = {}
     for name, (available, state) in checks.items():
         with warnings.catch_warnings():
@@ -1268,6 +1273,192 @@ class PreparedGemv:
         fn, rt = _gemv_state["fn"]
         if fn(ptrs, geo, self._eps, torch.get_num_threads(), rt) != 0:
             raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
+        return out
+
+
+# ------------------------------------------------------------ a decoder block's step
+
+_step_state: dict = {}
+
+
+def _load_step():
+    # one library, one pool: step_cpu.c compiles the GEMV and decoding kernels into its unit
+    return _load_with_sgemm(_STEP_SOURCE, "block_step", pool=True)
+
+
+def decode_block_reference(x: Tensor, operands, k_cache: Tensor, v_cache: Tensor, pos: int,
+                           num_heads: int, rope=None) -> tuple[Tensor, Tensor, Tensor]:
+    """What :class:`PreparedDecodeBlock` computes, in fp64 with plain torch ops (for
+    self-checks and tests): ``(out, k_cache, v_cache)``, the caches copied with row ``pos``
+    written. ``operands`` as :class:`PreparedDecodeBlock` takes them; ``rope``: ``(cos,
+    signed_sin)`` ``(1, head_dim)`` rows of the position, or None."""
+    import torch.nn.functional as F
+
+    (qw, kw, vw, qb, kb, vb, n1w, n1b, ow, ob, n2w, n2b, f1w, f1b, f2w, f2b, eps1, eps2) = operands
+    def dd(t):
+        return None if t is None else t.double()
+
+    x = x.double()
+    r, dim = x.shape
+    hkv, cap, hd = k_cache.shape[1:]
+    h, g = num_heads, num_heads // hkv
+    xn = F.layer_norm(x, (dim,), dd(n1w), dd(n1b), eps1)
+    q = F.linear(xn, dd(qw), dd(qb)).view(r, h, hd)
+    k = F.linear(xn, dd(kw), dd(kb)).view(r, hkv, hd)
+    v = F.linear(xn, dd(vw), dd(vb)).view(r, hkv, hd)
+    if rope is not None:
+        cos, sin = rope[0].double().view(hd), rope[1].double().view(hd)
+
+        def rot(t):
+            return t * cos + torch.cat([t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+
+        q, k = rot(q), rot(k)
+    kc, vc = k_cache.double().clone(), v_cache.double().clone()
+    kc[:, :, pos], vc[:, :, pos] = k, v
+    keys, values = kc[:, :, :pos + 1], vc[:, :, :pos + 1]  # (r, hkv, lk, hd)
+    qg = q.view(r, hkv, g, hd)
+    p = torch.softmax(qg @ keys.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+    heads = (p @ values).reshape(r, h * hd)
+    x1 = x + F.linear(heads, dd(ow), dd(ob))
+    hid = F.gelu(F.linear(F.layer_norm(x1, (dim,), dd(n2w), dd(n2b), eps2), dd(f1w), dd(f1b)))
+    return x1 + F.linear(hid, dd(f2w), dd(f2b)), kc, vc
+
+
+def _step_self_check() -> None:
+    """A block with GQA 2:1, odd widths, rotary, two sequences, at a position past the first
+    key chunk, against the fp64 reference."""
+    g = torch.Generator().manual_seed(3)
+    dim, h, hkv, hd, hidden, cap, pos, rows = 20, 4, 2, 6, 33, 300, 290, 2
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    operands = (rand(h * hd, dim), rand(hkv * hd, dim), rand(hkv * hd, dim), rand(h * hd),
+                rand(hkv * hd), None, 1 + rand(dim), rand(dim), rand(dim, h * hd), rand(dim),
+                1 + rand(dim), None, rand(hidden, dim), rand(hidden), rand(dim, hidden), rand(dim),
+                1e-5, 1e-3)
+    angles = rand(1, hd // 2) * 10
+    rope = (torch.cat([angles, angles], -1).cos(), torch.cat([-angles.sin(), angles.sin()], -1))
+    x, kc, vc = rand(rows, dim), rand(rows, hkv, cap, hd), rand(rows, hkv, cap, hd)
+    ref, ref_k, ref_v = decode_block_reference(x, operands, kc, vc, pos, h, rope)
+    block = PreparedDecodeBlock(operands, num_heads=h, num_kv_heads=hkv, rotary=True)
+    out = block(x, torch.empty_like(x), kc, vc, pos, rope)
+    tol = 64 * _EPS32 * max(dim, hidden) * float(ref.abs().max())
+    _compare("decoder block step output", out, ref, tol)
+    _compare("decoder block step keys", kc, ref_k, tol)
+    _compare("decoder block step values", vc, ref_v, tol)
+
+
+def step_available() -> bool:
+    """Whether the whole-block decoding step (``step_cpu.c``) is built, loaded and checked."""
+    return _available(_step_state, _load_step, _step_self_check, "native decoder block step")
+
+
+class PreparedDecodeBlock:
+    """A pre-LN decoder block's cached decoding step as one native call (``step_cpu.c``):
+    LayerNorm + q/k/v projections + rotary embedding, the new keys and values written into
+    the caller's cache buffers, attention of each new row to every cached position, output
+    projection + residual, LayerNorm + GELU MLP + residual. The weights are bound once; a call
+    passes the rows, the cache buffers and the position. Inference only, fp32 on CPU.
+
+    Args:
+        operands: ``(q_w, k_w, v_w, q_b, k_b, v_b, norm1_w, norm1_b, out_w, out_b, norm2_w,
+            norm2_b, fc1_w, fc1_b, fc2_w, fc2_b, eps1, eps2)``: projection weights ``(out,
+            in)`` and biases (or None), LayerNorm weights and biases (or None) and eps; all
+            contiguous fp32 CPU.
+        num_heads, num_kv_heads: query and key/value heads (``num_heads % num_kv_heads == 0``).
+        rotary: rotate queries and keys (rotate-half layout; tables come with each call).
+    """
+
+    def __init__(self, operands, *, num_heads: int, num_kv_heads: int, rotary: bool) -> None:
+        if "fn" not in _step_state and not step_available():  # (loaded: its self-check)
+            raise RuntimeError("the native decoder block step is not available here (see "
+                               "step_available)")
+        if len(operands) != 18:
+            raise ValueError(f"operands must hold 18 entries, got {len(operands)}")
+        (qw, kw, vw, qb, kb, vb, n1w, n1b, ow, ob, n2w, n2b, f1w, f1b, f2w, f2b, eps1, eps2) = \
+            operands
+        if (isinstance(num_heads, bool) or isinstance(num_kv_heads, bool)
+                or not isinstance(num_heads, int) or not isinstance(num_kv_heads, int)
+                or num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads):
+            raise ValueError(f"num_heads and num_kv_heads must be positive ints, num_heads a "
+                             f"multiple of num_kv_heads; got {num_heads!r}, {num_kv_heads!r}")
+        dim = qw.shape[1] if isinstance(qw, Tensor) and qw.dim() == 2 else 0
+        nq = qw.shape[0] if dim else 0
+        if not dim or nq % num_heads:
+            raise ValueError(f"q_w must be a (num_heads * head_dim, dim) tensor, got "
+                             f"{tuple(qw.shape) if isinstance(qw, Tensor) else type(qw)}")
+        hd = nq // num_heads
+        if rotary and hd % 2:
+            raise ValueError(f"rotary needs an even head_dim, got {hd}")
+        hidden = f1w.shape[0] if isinstance(f1w, Tensor) and f1w.dim() == 2 else 0
+        # every product checked as the GEMV checks it (shapes, dtypes, contiguity, vectors)
+        _check_gemv(torch.empty(1, dim), (qw, kw, vw), (qb, kb, vb), None, (n1w, n1b, eps1),
+                    None)
+        if kw.shape[0] != num_kv_heads * hd or vw.shape[0] != num_kv_heads * hd:
+            raise ValueError(f"k_w and v_w must be (num_kv_heads * head_dim, dim) = "
+                             f"({num_kv_heads * hd}, {dim})")
+        _check_gemv(torch.empty(1, nq), (ow,), (ob,), torch.empty(1, dim), None, None)
+        if ow.shape[0] != dim or not hidden:
+            raise ValueError(f"out_w must be ({dim}, {nq}) and fc1_w (hidden, {dim})")
+        _check_gemv(torch.empty(1, dim), (f1w,), (f1b,), None, (n2w, n2b, eps2), None)
+        _check_gemv(torch.empty(1, hidden), (f2w,), (f2b,), torch.empty(1, dim), None, None)
+        for name, t in (("q_w", qw), ("k_w", kw), ("v_w", vw), ("out_w", ow), ("fc1_w", f1w),
+                        ("fc2_w", f2w)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        # the kernel reads these addresses at every call: keep the tensors alive here
+        self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in operands[:16]]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, hd
+        self.dim, self.hidden, self.rotary = dim, hidden, bool(rotary)
+        self._eps = (ctypes.c_double * 2)(float(eps1), float(eps2))
+        addr = [0 if t is None else t.data_ptr() for t in self._keep]
+        # ptr slots as step_cpu.c's block_step reads them: x, out, the 16 operands, the two
+        # caches, the rotary rows (x, out, caches and rotary rows are written per call)
+        self._ptrs = _i64s(0, 0, *addr, 0, 0, 0, 0, ctypes.addressof(self._eps))
+
+    def __call__(self, x: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``x (R, dim)``: the new token of each of ``R`` sequences at position ``pos``;
+        ``k_cache``, ``v_cache``: ``(R, num_kv_heads, capacity, head_dim)`` contiguous
+        buffers holding positions ``0 .. pos - 1``, row ``pos`` is written; ``rope``: ``(cos,
+        signed_sin)`` contiguous ``(1, head_dim)`` rows for ``pos`` when bound with rotary.
+        Writes ``out (R, dim)`` (not ``x``) and returns it."""
+        rows = x.shape[0] if x.dim() == 2 else 0
+        cache_shape = (rows, self.num_kv_heads, k_cache.shape[2] if k_cache.dim() == 4 else 0,
+                       self.head_dim)
+        for name, t, shape in (("x", x, (rows, self.dim)), ("out", out, (rows, self.dim)),
+                               ("k_cache", k_cache, cache_shape),
+                               ("v_cache", v_cache, cache_shape)):
+            if (t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32
+                    or not t.is_cpu):
+                raise ValueError(f"{name} must be a contiguous fp32 CPU {shape} tensor, got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+        if not rows or out.data_ptr() == x.data_ptr():
+            raise ValueError("x must hold at least one row, and out must not be x")
+        cap = cache_shape[2]
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < cap:
+            raise ValueError(f"pos must be an int in [0, {cap}) (the cache's capacity), got "
+                             f"{pos!r}")
+        ptrs = type(self._ptrs).from_buffer_copy(self._ptrs)  # concurrent calls stay apart
+        ptrs[0], ptrs[1] = x.data_ptr(), out.data_ptr()
+        ptrs[18], ptrs[19] = k_cache.data_ptr(), v_cache.data_ptr()
+        if self.rotary:
+            if rope is None or len(rope) != 2:
+                raise ValueError("rope (cos, signed_sin) rows are needed: bound with rotary")
+            for t in rope:
+                if (t.shape != (1, self.head_dim) or not t.is_contiguous()
+                        or t.dtype != torch.float32 or not t.is_cpu):
+                    raise ValueError(f"rope rows must be contiguous fp32 CPU (1, "
+                                     f"{self.head_dim}) tensors, got {tuple(t.shape)}")
+            ptrs[20], ptrs[21] = rope[0].data_ptr(), rope[1].data_ptr()
+        geo = _i64s(rows, self.dim, self.num_heads, self.num_kv_heads, self.head_dim,
+                    self.hidden, cap, pos, int(self.rotary))
+        fns = _step_state["fn"]
+        rc = fns["block_step"](ptrs, geo, 1.0 / math.sqrt(self.head_dim),
+                               torch.get_num_threads(), fns["rt"])
+        if rc != 0:
+            raise MemoryError("attnkit decoder block step: out of memory for its buffers")
         return out
 
 

@@ -21,7 +21,7 @@ from ..checks import check_positive_int
 from ..kernels import native
 from ..nn.attention import SelfAttention, SplitLinear, split_linear
 from ..patterns import causal, sliding_window
-from .cache import KVCache
+from .cache import KVCache, _BufferCache
 
 __all__ = ["DecoderLM", "DecoderBlock", "GeluMLP"]
 
@@ -60,6 +60,11 @@ class _PreparedStep:
         self.out = native.PreparedGemv((ow,), (ob,))
         self.fc1 = native.PreparedGemv((f1w,), (f1b,), gelu=True, layer_norm=(n2w, n2b, eps2))
         self.fc2 = native.PreparedGemv((f2w,), (f2b,))
+        # the whole step as one native call, for one new token per sequence with a buffer cache
+        self.block = (native.PreparedDecodeBlock(operands, num_heads=attn.num_heads,
+                                                 num_kv_heads=attn.num_kv_heads,
+                                                 rotary=attn.rotary is not None)
+                      if native.step_available() else None)
 
     def matches(self, operands: tuple) -> bool:
         for new, old, ptr in zip(operands, self.operands, self.ptrs):
@@ -88,10 +93,20 @@ def _decode_block(block: DecoderBlock, operands: tuple, x: Tensor, cache: KVCach
     b, length, dim = x.shape
     rows = b * length
     x2 = x.reshape(rows, dim).contiguous()
+    offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
     rope = None
     if attn.rotary is not None:
-        offset = 0 if cache is None else cache.seq_length(attn.layer_idx)
         rope = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
+    if (step.block is not None and length == 1 and key_padding_mask is None
+            and isinstance(cache, _BufferCache)
+            and cache.attention_pattern(attn.pattern, 1, offset + 1) is None):
+        # one new token per sequence, every cached position visible: the whole block in one
+        # native call that writes the new keys/values into the cache's buffers itself
+        slot = cache._decode_slot(attn.layer_idx, b, attn.num_kv_heads, attn.head_dim)
+        if slot is not None:
+            out = step.block(x2, x2.new_empty(rows, dim), *slot, rope=rope)
+            cache._advance(attn.layer_idx, 1)
+            return out.view(b, length, dim)
     qkv = step.qkv(x2, x2.new_empty(rows, step.qkv.out_features), rope=rope)
     h, hkv, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
     q, k, v = qkv.view(b, length, h + 2 * hkv, hd).transpose(1, 2).split((h, hkv, hkv), dim=1)

@@ -1,0 +1,84 @@
+// A pre-LN decoder block's cached decoding step in one call (loaded by attnkit/kernels/native.py
+// via ctypes; calling convention in team.h). The step is the decoding kernels in sequence, with
+// nothing between them that Python would have to run: LayerNorm + q/k/v projections + rotary
+// embedding (gemv_cpu.c), the new keys and values written into the cache, attention of the new
+// rows to every cached position (decode_cpu.c), output projection + residual, LayerNorm +
+// first MLP layer + GELU, second MLP layer + residual. This file compiles both kernel sources
+// into its own unit, so the steps share one thread pool and one team limit.
+#include "gemv_cpu.c"
+#include "decode_cpu.c"
+
+// geometry slots: rows (sequences, one new token each), width, query heads, key/value heads,
+// head dim, MLP hidden width, cache capacity, position of the new token, rotary on/off
+enum { BS_R, BS_DIM, BS_H, BS_HKV, BS_HD, BS_HIDDEN, BS_CAP, BS_POS, BS_ROPE, BS_NGEO };
+// ptr slots; eps points to the two LayerNorms' eps (double[2]); cos / sin: (1, hd) rotary rows
+enum { BP_X, BP_OUT, BP_WQ, BP_WK, BP_WV, BP_BQ, BP_BK, BP_BV, BP_LN1W, BP_LN1B, BP_WO, BP_BO,
+       BP_LN2W, BP_LN2B, BP_W1, BP_B1, BP_W2, BP_B2, BP_KBUF, BP_VBUF, BP_COS, BP_SIN, BP_EPS,
+       BP_N };
+
+// x (R, dim) -> out (R, dim); the caches (R, hkv, cap, hd) get row `pos` of every head written.
+// Scores are scale * q.k. Returns -1 for bad sizes or a failed allocation, else 0.
+int block_step(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+               void *const *rt) {
+  const int64_t R = geo[BS_R], dim = geo[BS_DIM], h = geo[BS_H], hkv = geo[BS_HKV],
+                hd = geo[BS_HD], hidden = geo[BS_HIDDEN], cap = geo[BS_CAP], pos = geo[BS_POS];
+  const int rope = geo[BS_ROPE] != 0;
+  if (R < 1 || dim < 1 || h < 1 || hkv < 1 || h % hkv || hd < 1 || hidden < 1 || pos < 0
+      || pos >= cap || (rope && hd % 2))
+    return -1;
+  const double *eps = (const double *)ptr[BP_EPS];
+  const int64_t nq = h * hd, nkv = hkv * hd, row = nq + 2 * nkv, g = h / hkv;
+  float *qkv = (float *)malloc(sizeof(float) * R * row);
+  float *q = (float *)malloc(sizeof(float) * R * nq);
+  float *heads = (float *)malloc(sizeof(float) * R * nq);
+  float *lse = (float *)malloc(sizeof(float) * R * h);
+  float *x1 = (float *)malloc(sizeof(float) * R * dim);
+  float *hid = (float *)malloc(sizeof(float) * R * hidden);
+  int err = !qkv || !q || !heads || !lse || !x1 || !hid;
+  if (!err) {  // LayerNorm + q, k, v (+ rotary on q and k)
+    int64_t p[13] = {ptr[BP_X], (int64_t)qkv, ptr[BP_WQ], ptr[BP_WK], ptr[BP_WV], ptr[BP_BQ],
+                     ptr[BP_BK], ptr[BP_BV], 0, ptr[BP_LN1W], ptr[BP_LN1B],
+                     rope ? ptr[BP_COS] : 0, rope ? ptr[BP_SIN] : 0};
+    int64_t gv[GV_NGEO] = {R, dim, 3, nq, nkv, nkv, 0, 1, rope ? nq + nkv : 0, hd, 1};
+    err = gemv_rows(p, gv, eps[0], nthreads, rt) != 0;
+  }
+  if (!err) {  // new keys and values into the cache; queries gathered (R * hkv, g, hd)
+    float *kbuf = (float *)ptr[BP_KBUF], *vbuf = (float *)ptr[BP_VBUF];
+    for (int64_t r = 0; r < R; r++) {
+      const float *src = qkv + r * row;
+      memcpy(q + r * nq, src, sizeof(float) * nq);
+      for (int64_t j = 0; j < hkv; j++) {
+        int64_t at = ((r * hkv + j) * cap + pos) * hd;
+        memcpy(kbuf + at, src + nq + j * hd, sizeof(float) * hd);
+        memcpy(vbuf + at, src + nq + nkv + j * hd, sizeof(float) * hd);
+      }
+    }
+    // keys split so every thread works, no chunk under DECODE_MIN_CHUNK (as native.py splits)
+    int64_t lk = pos + 1, want = (nthreads + R * hkv - 1) / (R * hkv), most = lk / 256;
+    int64_t nsplit = want < most ? want : most;
+    if (nsplit < 1) nsplit = 1;
+    int64_t p[5] = {(int64_t)q, ptr[BP_KBUF], ptr[BP_VBUF], (int64_t)heads, (int64_t)lse};
+    int64_t gd[D_NGEO] = {R * hkv, g, lk, hd, hd, cap * hd, cap * hd, nsplit};
+    err = decode_forward(p, gd, scale, nthreads, rt) != 0;
+  }
+  if (!err) {  // x1 = x + heads @ Wo^T + bo
+    int64_t p[13] = {(int64_t)heads, (int64_t)x1, ptr[BP_WO], 0, 0, ptr[BP_BO], 0, 0, ptr[BP_X],
+                     0, 0, 0, 0};
+    int64_t gv[GV_NGEO] = {R, nq, 1, dim, 0, 0, 0, 0, 0, 0, 0};
+    err = gemv_rows(p, gv, 0.0, nthreads, rt) != 0;
+  }
+  if (!err) {  // hid = GELU(LayerNorm(x1) @ W1^T + b1)
+    int64_t p[13] = {(int64_t)x1, (int64_t)hid, ptr[BP_W1], 0, 0, ptr[BP_B1], 0, 0, 0,
+                     ptr[BP_LN2W], ptr[BP_LN2B], 0, 0};
+    int64_t gv[GV_NGEO] = {R, dim, 1, hidden, 0, 0, 1, 1, 0, 0, 0};
+    err = gemv_rows(p, gv, eps[1], nthreads, rt) != 0;
+  }
+  if (!err) {  // out = x1 + hid @ W2^T + b2
+    int64_t p[13] = {(int64_t)hid, ptr[BP_OUT], ptr[BP_W2], 0, 0, ptr[BP_B2], 0, 0, (int64_t)x1,
+                     0, 0, 0, 0};
+    int64_t gv[GV_NGEO] = {R, hidden, 1, dim, 0, 0, 0, 0, 0, 0, 0};
+    err = gemv_rows(p, gv, 0.0, nthreads, rt) != 0;
+  }
+  free(qkv); free(q); free(heads); free(lse); free(x1); free(hid);
+  return err ? -1 : 0;
+}
