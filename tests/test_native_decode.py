@@ -299,6 +299,78 @@ def test_prepared_gemv_rope_and_bad_input():
         native.PreparedGemv((w, torch.randn(4, 39)))
 
 
+def _block_operands(g, dim, h, hkv, hd, hidden, bias):
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    def b(n):
+        return rand(n) if bias else None
+
+    return (rand(h * hd, dim), rand(hkv * hd, dim), rand(hkv * hd, dim), b(h * hd), b(hkv * hd),
+            b(hkv * hd), 1 + rand(dim), b(dim), rand(dim, h * hd), b(dim), 1 + rand(dim), b(dim),
+            rand(hidden, dim), b(hidden), rand(dim, hidden), b(dim), 1e-5, 1e-3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 3]),
+       hd=st.sampled_from([2, 6, 8, 64]), dim=st.integers(1, 40), hidden=st.integers(1, 50),
+       pos=st.integers(0, 600), extra=st.integers(1, 5), bias=st.booleans(),
+       rotary=st.booleans())
+def test_prepared_decode_block_matches_reference(rows, hkv, group, hd, dim, hidden, pos, extra,
+                                                 bias, rotary):
+    """The whole-block step against its fp64 reference: GQA/MQA/MHA, one to four sequences,
+    odd widths, head dims off the register-blocked sizes, positions from the first to past
+    several key chunks; only row ``pos`` of the caches changes."""
+    g = torch.Generator().manual_seed(rows * 1000 + pos)
+    h = hkv * group
+    operands = _block_operands(g, dim, h, hkv, hd, hidden, bias)
+    rope = None
+    if rotary:
+        angles = torch.randn(1, hd // 2, generator=g) * 5
+        rope = (torch.cat([angles, angles], -1).cos(),
+                torch.cat([-angles.sin(), angles.sin()], -1))
+    x = torch.randn(rows, dim, generator=g)
+    kc = torch.randn(rows, hkv, pos + extra, hd, generator=g)
+    vc = torch.randn(rows, hkv, pos + extra, hd, generator=g)
+    ref, ref_k, ref_v = native.decode_block_reference(x, operands, kc, vc, pos, h, rope)
+    block = native.PreparedDecodeBlock(operands, num_heads=h, num_kv_heads=hkv, rotary=rotary)
+    out = block(x, torch.empty_like(x), kc, vc, pos, rope)
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(kc.double(), ref_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc.double(), ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_decode_block_bad_input():
+    g = torch.Generator().manual_seed(0)
+    operands = _block_operands(g, 16, 4, 2, 8, 24, True)
+    block = native.PreparedDecodeBlock(operands, num_heads=4, num_kv_heads=2, rotary=True)
+    x, kc, vc = torch.randn(2, 16), torch.zeros(2, 2, 10, 8), torch.zeros(2, 2, 10, 8)
+    rope = (torch.ones(1, 8), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="pos must be"):
+        block(x, torch.empty_like(x), kc, vc, 10, rope)
+    with pytest.raises(ValueError, match="pos must be"):
+        block(x, torch.empty_like(x), kc, vc, -1, rope)
+    with pytest.raises(ValueError, match="out must not be x"):
+        block(x, x, kc, vc, 3, rope)
+    with pytest.raises(ValueError, match="k_cache"):
+        block(x, torch.empty_like(x), kc[:1], vc, 3, rope)
+    with pytest.raises(ValueError, match="v_cache"):
+        block(x, torch.empty_like(x), kc, vc.transpose(2, 3).contiguous().transpose(2, 3), 3,
+              rope)
+    with pytest.raises(ValueError, match="rope"):
+        block(x, torch.empty_like(x), kc, vc, 3)
+    with pytest.raises(ValueError, match="x must be"):
+        block(torch.randn(2, 15), torch.empty(2, 16), kc, vc, 3, rope)
+    with pytest.raises(ValueError, match="num_heads"):
+        native.PreparedDecodeBlock(operands, num_heads=3, num_kv_heads=2, rotary=True)
+    with pytest.raises(ValueError, match="operands"):
+        native.PreparedDecodeBlock(operands[:5], num_heads=4, num_kv_heads=2, rotary=True)
+    with pytest.raises(ValueError, match="weights"):
+        bad = (operands[0][:, :15], *operands[1:])
+        native.PreparedDecodeBlock(bad, num_heads=4, num_kv_heads=2, rotary=True)
+    assert torch.equal(kc, torch.zeros_like(kc))  # nothing written by a refused call
+
+
 def test_decoding_step_sees_replaced_and_updated_weights():
     """The prepared decoding step follows the model: a parameter updated in place and one
     whose .data is replaced both change the next step's logits as the module path does; a
