@@ -50,7 +50,7 @@ def test_run_engine_quick_json_subprocess(tmp_path):
     # no sparse size <= 1024: the slopes cannot be fitted, so the verdict is inconclusive
     assert obj["verdict"] == "inconclusive"
     assert obj["env"]["attnkit"] and obj["env"]["torch"] and obj["env"]["threads"] >= 1
-    assert set(obj["env"]["kernels"]) == {"band", "decode", "short", "gemv"}
+    assert set(obj["env"]["kernels"]) == {"band", "decode", "short", "gemv", "step"}
     assert json.loads((tmp_path / "result.json").read_text()) == obj
     assert isinstance(obj["seconds"], (int, float)) and obj["seconds"] > 0
     for name, value in obj["metrics"].items():

@@ -197,7 +197,7 @@ def test_disabled_by_environment_variable():
     first, status = res.stdout.strip().splitlines()
     assert first == "False False False"
     off = "disabled by ATTNKIT_NATIVE"
-    assert status == str([(k, False, off) for k in ("band", "decode", "gemv", "short")])
+    assert status == str([(k, False, off) for k in ("band", "decode", "gemv", "short", "step")])
 
 
 def test_failed_self_check_falls_back_with_a_warning(monkeypatch):

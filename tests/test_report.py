@@ -152,7 +152,7 @@ def test_results_json_carries_provenance(tmp_path):
     assert ENV_KEYS <= set(env)
     assert env["attnkit"] == attnkit.__version__ and env["torch"] == torch.__version__
     assert env["threads"] == torch.get_num_threads() and env["cpu"]
-    assert set(env["kernels"]) == {"band", "decode", "short", "gemv"}
+    assert set(env["kernels"]) == {"band", "decode", "short", "gemv", "step"}
     for state in env["kernels"].values():
         assert isinstance(state["available"], bool)
         assert state["reason"] is None if state["available"] else isinstance(state["reason"], str)
