@@ -114,6 +114,34 @@ static inline vf_t v_select_pos(vf_t cond, vf_t a, vf_t b) {  // a where cond > 
 static inline vf_t v_zero_if_neginf(vf_t m) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, V_SET1(-INFINITY), _CMP_EQ_OQ), m, V_ZERO());
 }
+// dst (16 x 16, rows ldd apart) = the transpose of src (rows lds apart): the query block into
+// lanes and the output tile back into rows without 512 scalar loads and stores each
+#define HAVE_TR16 1
+static inline void tr16(const float *src, int64_t lds, float *dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // r[4i + k], 128-bit lane m: column 4m + k of rows 4i..4i+3
+    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int k = 0; k < 4; k++) {
+    __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    __m512 u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
 typedef __m256 vf_t;
@@ -145,6 +173,12 @@ static inline vf_t v_zero_if_neginf(vf_t m) {
 }
 #else
 #define LANES 0
+#endif
+#ifndef HAVE_TR16
+#define HAVE_TR16 0
+static inline void tr16(const float *s, int64_t a, float *d, int64_t b) {  // never called
+  (void)s; (void)a; (void)d; (void)b;
+}
 #endif
 
 #define BAND_BODY
@@ -337,8 +371,10 @@ static inline __attribute__((always_inline)) void pv_run(const float *vr, int64_
     if (c0 + PV_CB <= dv) { cb = PV_CB; pv_tile(vr + c0, dv, p, n, PV_CB, scale, ot); }
     else if (c0 + 4 <= dv) { cb = 4; pv_tile(vr + c0, dv, p, n, 4, scale, ot); }
     else { cb = 1; pv_tile(vr + c0, dv, p, n, 1, scale, ot); }
-    for (int64_t l = 0; l < nl; l++)
-      for (int c = 0; c < cb; c++) op[l * dv + c0 + c] = ot[c * LANES + l];
+    if (HAVE_TR16 && cb == LANES && nl == LANES) tr16(ot, LANES, op + c0, dv);
+    else
+      for (int64_t l = 0; l < nl; l++)
+        for (int c = 0; c < cb; c++) op[l * dv + c0 + c] = ot[c * LANES + l];
     c0 += cb;
   }
 }
@@ -374,10 +410,13 @@ static void FN(lanes_worker)(team_t *TM) {
           continue;
         }
         int64_t n = kb - ka;
+        int64_t c16 = 0;
+        if (HAVE_TR16 && nl == LANES)
+          for (; c16 + LANES <= d; c16 += LANES) tr16(qh + gi * d + c16, d, QT + c16 * LANES, LANES);
         if (nl < LANES) memset(QT, 0, sizeof(float) * d * LANES);
         for (int64_t l = 0; l < nl; l++) {
           const float *qr = qh + (gi + l) * d;
-          for (int64_t c = 0; c < d; c++) QT[c * LANES + l] = qr[c];
+          for (int64_t c = c16; c < d; c++) QT[c * LANES + l] = qr[c];
         }
         vf_t vmax = V_SET1(-INFINITY);
         int64_t jrel = ka - delta - gi;  // first key's offset from lane 0's query
