@@ -8,11 +8,14 @@
 // d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv); head h reads kv head h / (Hq / Hkv).
 // Products are the sgemm / dgemm of torch's own BLAS (passed in), run with one thread per team member.
 //
-// Forward, per (batch, head, block of bq query rows): one GEMM for the scores of the block's key
-// window, a softmax over each row's contiguous key range in place (AVX2 exp; other entries of
-// the row zeroed), one GEMM for the output; the log-sum-exp of each row is written for merging
-// and backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row
-// with no key gives zeros and -inf.
+// Forward, per (batch, head, block of bq query rows). fp32 with AVX2 + FMA or AVX-512F: the
+// block's rows in groups of LANES queries, one per vector lane (see "the fp32 forward's own
+// loops" below). Otherwise (fp64, or no AVX2): one GEMM for the scores of the block's key
+// window, a softmax over each row's contiguous key range in place (other entries of the row
+// zeroed), one GEMM for the output. The log-sum-exp of each row is written for merging and
+// backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row with
+// no key gives zeros and -inf. The build is -march=native (native.py), so the lane width is the
+// compiling machine's.
 //
 // Backward recomputes the probabilities from q, k and the saved log-sum-exp (nothing of size
 // L x window is kept between the passes), with dS = P * (dP - rowsum(P * dP) + dlse) (dlse: the
@@ -22,7 +25,7 @@
 // and leaves the few keys its band reaches beyond them (at most hi - lo) in a halo buffer that
 // is added once every item is done.
 //
-// Weights (band_weights) recompute each block's scores with the forward's GEMM and write row
+// Weights (band_weights) recompute each block's scores with the GEMM path's product and write row
 // i's probabilities exp(s - lse_i) (lse: the final log-sum-exp, which may span other
 // components too) as one contiguous run at values[bh, offs[i] .. offs[i] + n_i) of a caller's
 // CSR buffer (optionally the keys at indices[offs[i] ..]); every run is bounds-checked.
