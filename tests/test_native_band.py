@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -617,3 +618,63 @@ def test_first_kernel_use_inside_activation_checkpointing(call):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "True"
+
+
+# ------------------------------------------------ the fp32 forward's vector lanes (issue 26)
+
+# (lq, lk, lo, hi, d, dv, block, q0, q1): the forward runs LANES (16 with AVX-512F, 8 with
+# AVX2) consecutive queries per vector, with tiles of 16 / 12 keys and output columns and
+# tails of 4 and 1; a specialised D = 64 / Dv = 64 path and a generic one.
+LANE_GEOMETRIES = [
+    (300, 300, -128, 128, 64, 64, 64, 0, 300),   # the benchmark's shape, L not a block multiple
+    (70, 70, -20, 20, 128, 64, 64, 0, 70),       # D = 128 (generic D), Dv = 64
+    (53, 53, -7, 9, 17, 21, 5, 0, 53),           # odd D and Dv (tiles 16 + 4 + 1), block 5
+    (40, 40, -2, 1, 3, 1, 64, 0, 40),            # window narrower than the lanes, Dv = 1
+    (33, 33, 0, 0, 1, 5, 7, 3, 30),              # one key per row, D = 1, a row range
+    (25, 60, 3, 40, 64, 70, 16, 0, 25),          # keys ahead only, Lk > Lq, Dv = 70
+    (45, 20, -60, -30, 8, 64, 9, 0, 45),         # keys behind only, Lq > Lk: rows without keys
+    (19, 19, -200, 200, 9, 13, 64, 0, 19),       # band wider than the sequence
+]
+
+
+@pytest.mark.parametrize("lq, lk, lo, hi, d, dv, block, q0, q1", LANE_GEOMETRIES)
+def test_forward_lanes_match_fp64(lq, lk, lo, hi, d, dv, block, q0, q1, monkeypatch):
+    """Output and log-sum-exp of the fp32 forward against the dense fp64 reference, for D and
+    Dv off the vector widths, windows narrower than the lanes, blocks and rows that are not a
+    multiple of them, and rows without any key (zeros, -inf)."""
+    assert native.band_available()
+    monkeypatch.setattr(native, "BLOCK", block)
+    q, k, v = _qkv(2, 4, 2, lq, lk, d, dv, seed=lq + d)
+    qs = (q / d**0.5).view(2, 2, 2, lq, d)
+    out, lse = native.band_forward(qs, k, v, lo, hi, q0, q1)
+    i, j = torch.arange(lq).view(-1, 1), torch.arange(lk).view(1, -1)
+    rel = j - i - (lk - lq)
+    mask = (rel >= lo) & (rel <= hi)
+    kr, vr = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
+    s = (q.double() / d**0.5) @ kr.transpose(-1, -2)
+    s = s.masked_fill(~mask, -math.inf)[:, :, q0:q1]
+    ref_lse = torch.logsumexp(s, -1)
+    ref = torch.softmax(s, -1).nan_to_num(0.0) @ vr
+    assert out.shape == (2, 2, 2, q1 - q0, dv)
+    torch.testing.assert_close(out.reshape(2, 4, q1 - q0, dv).double(), ref, atol=2e-6, rtol=0)
+    empty = ~mask[q0:q1].any(-1)
+    got = lse.reshape(2, 4, q1 - q0).double()
+    assert torch.isneginf(got[..., empty]).all() and (out.reshape(2, 4, q1 - q0, dv)[..., empty, :]
+                                                     == 0).all()
+    torch.testing.assert_close(got[..., ~empty], ref_lse[..., ~empty], atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma"]])
+def test_forward_lanes_on_narrower_instruction_sets(flags):
+    """The same checks with the library built for AVX2 only (8 lanes) and for neither AVX2 nor
+    FMA (the GEMM path): a machine without AVX-512 compiles these (-march=native there)."""
+    code = (f"import sys, pytest, attnkit.kernels.native as n; n._FLAGS = n._FLAGS + {flags!r}; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r} + "
+            f"'::test_forward_lanes_match_fp64', {__file__!r} + "
+            f"'::test_weights_written_by_the_band_kernel']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
+    assert set(marks) == {"."} and len(marks) > len(LANE_GEOMETRIES), res.stdout[-3000:]

@@ -8,11 +8,14 @@
 // d) pre-scaled, k (B, Hkv, Lk, d), v (B, Hkv, Lk, dv); head h reads kv head h / (Hq / Hkv).
 // Products are the sgemm / dgemm of torch's own BLAS (passed in), run with one thread per team member.
 //
-// Forward, per (batch, head, block of bq query rows): one GEMM for the scores of the block's key
-// window, a softmax over each row's contiguous key range in place (AVX2 exp; other entries of
-// the row zeroed), one GEMM for the output; the log-sum-exp of each row is written for merging
-// and backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row
-// with no key gives zeros and -inf.
+// Forward, per (batch, head, block of bq query rows). fp32 with AVX2 + FMA or AVX-512F: the
+// block's rows in groups of LANES queries, one per vector lane (see "the fp32 forward's own
+// loops" below). Otherwise (fp64, or no AVX2): one GEMM for the scores of the block's key
+// window, a softmax over each row's contiguous key range in place (other entries of the row
+// zeroed), one GEMM for the output. The log-sum-exp of each row is written for merging and
+// backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row with
+// no key gives zeros and -inf. The build is -march=native (native.py), so the lane width is the
+// compiling machine's.
 //
 // Backward recomputes the probabilities from q, k and the saved log-sum-exp (nothing of size
 // L x window is kept between the passes), with dS = P * (dP - rowsum(P * dP) + dlse) (dlse: the
@@ -22,7 +25,7 @@
 // and leaves the few keys its band reaches beyond them (at most hi - lo) in a halo buffer that
 // is added once every item is done.
 //
-// Weights (band_weights) recompute each block's scores with the forward's GEMM and write row
+// Weights (band_weights) recompute each block's scores with the GEMM path's product and write row
 // i's probabilities exp(s - lse_i) (lse: the final log-sum-exp, which may span other
 // components too) as one contiguous run at values[bh, offs[i] .. offs[i] + n_i) of a caller's
 // CSR buffer (optionally the keys at indices[offs[i] ..]); every run is bounds-checked.
@@ -75,7 +78,114 @@ static void segment_keys(const int64_t *g, int64_t s, int64_t nseg, int64_t r0, 
   if (*t1 < *t0) *t1 = *t0;
 }
 
+// ---- the fp32 forward's own loops (AVX-512F: 16 lanes, AVX2 + FMA: 8; else the GEMM path)
+//
+// Measured on a Zen4 core (sliding_window(128), L = 2048, D = 64): the GEMM path spent ~85% of
+// its time in sgemm calls too small for BLAS (packing and beta scaling ~20% of that), and a
+// 64-row block's 320-key window computes 25% more pairs than the band has. Here one vector's
+// lanes are LANES consecutive queries: the scores of the keys their bands reach (LANES - 1
+// more than one band) come from broadcasting each key's entries against the queries'
+// transposed block, the softmax runs down the lanes (max, exp, sum as vector ops), and the
+// output is the probabilities broadcast against V's rows, so no operand but the LANES x D
+// query block is repacked and any D works.
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vf_t;
+#define V_LOAD _mm512_loadu_ps
+#define V_STORE _mm512_storeu_ps
+#define V_SET1 _mm512_set1_ps
+#define V_FMA _mm512_fmadd_ps
+#define V_MAX _mm512_max_ps
+#define V_ADD _mm512_add_ps
+#define V_SUB _mm512_sub_ps
+#define V_MUL _mm512_mul_ps
+#define V_DIV _mm512_div_ps
+#define V_ZERO _mm512_setzero_ps
+#define V_EXP exp512
+#define QK_RJ 16  // keys (accumulators) per score tile
+#define PV_CB 16  // output columns per tile
+// x in lanes [l0, l1], -inf elsewhere
+static inline vf_t v_keep(vf_t x, int64_t l0, int64_t l1) {
+  if (l1 < 0 || l0 > LANES - 1 || l1 < l0) return V_SET1(-INFINITY);
+  uint32_t hi = l1 >= LANES - 1 ? 0xFFFFu : (1u << (l1 + 1)) - 1u;
+  uint32_t lo = l0 <= 0 ? 0xFFFFu : ~((1u << l0) - 1u);
+  return _mm512_mask_blend_ps((__mmask16)(hi & lo), V_SET1(-INFINITY), x);
+}
+static inline vf_t v_select_pos(vf_t cond, vf_t a, vf_t b) {  // a where cond > 0, else b
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(cond, V_ZERO(), _CMP_GT_OQ), b, a);
+}
+static inline vf_t v_zero_if_neginf(vf_t m) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, V_SET1(-INFINITY), _CMP_EQ_OQ), m, V_ZERO());
+}
+// dst (16 x 16, rows ldd apart) = the transpose of src (rows lds apart): the query block into
+// lanes and the output tile back into rows without 512 scalar loads and stores each
+#define HAVE_TR16 1
+static inline void tr16(const float *src, int64_t lds, float *dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  // r[4i + k], 128-bit lane m: column 4m + k of rows 4i..4i+3
+    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int k = 0; k < 4; k++) {
+    __m512 u0 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), u1 = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    __m512 u2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88);
+    __m512 u3 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(u0, u2, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(u1, u3, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(u0, u2, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(u1, u3, 0xDD));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vf_t;
+#define V_LOAD _mm256_loadu_ps
+#define V_STORE _mm256_storeu_ps
+#define V_SET1 _mm256_set1_ps
+#define V_FMA _mm256_fmadd_ps
+#define V_MAX _mm256_max_ps
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_ZERO _mm256_setzero_ps
+#define V_EXP exp256
+#define QK_RJ 12  // 16 ymm registers: 12 accumulators, the query vector, a broadcast
+#define PV_CB 12
+static inline vf_t v_keep(vf_t x, int64_t l0, int64_t l1) {
+  if (l1 < 0 || l0 > LANES - 1 || l1 < l0) return V_SET1(-INFINITY);
+  const __m256 iota = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  __m256 a = _mm256_set1_ps((float)(l0 < 0 ? 0 : l0)), z = _mm256_set1_ps((float)(l1 > 7 ? 7 : l1));
+  __m256 ok = _mm256_and_ps(_mm256_cmp_ps(iota, a, _CMP_GE_OQ), _mm256_cmp_ps(iota, z, _CMP_LE_OQ));
+  return _mm256_blendv_ps(V_SET1(-INFINITY), x, ok);
+}
+static inline vf_t v_select_pos(vf_t cond, vf_t a, vf_t b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(cond, V_ZERO(), _CMP_GT_OQ));
+}
+static inline vf_t v_zero_if_neginf(vf_t m) {
+  return _mm256_blendv_ps(m, V_ZERO(), _mm256_cmp_ps(m, V_SET1(-INFINITY), _CMP_EQ_OQ));
+}
+#else
+#define LANES 0
+#endif
+#ifndef HAVE_TR16
+#define HAVE_TR16 0
+static inline void tr16(const float *s, int64_t a, float *d, int64_t b) {  // never called
+  (void)s; (void)a; (void)d; (void)b;
+}
+#endif
+
 #define BAND_BODY
+#define LANE LANES
 #define R float
 #define GEMM_T sgemm_t
 #define RT_GEMM RT_SGEMM
@@ -95,6 +205,8 @@ static void segment_keys(const int64_t *g, int64_t s, int64_t nseg, int64_t r0, 
 #undef LOG
 #undef FN
 #undef VEC
+#undef LANE
+#define LANE 0
 #define R double
 #define GEMM_T dgemm_t
 #define RT_GEMM RT_DGEMM
@@ -158,7 +270,7 @@ static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, i
     for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
 }
 
-static void FN(forward_worker)(team_t *TM) {
+__attribute__((unused)) static void FN(forward_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
   int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], wmax = bq + g[B_HI] - g[B_LO];
@@ -202,6 +314,155 @@ static void FN(forward_worker)(team_t *TM) {
   if (J->setthreads) J->setthreads(0);  // back to the global MKL thread count
 }
 
+#if LANE
+// Scores of the n keys from kr (rows d apart) against the transposed query block qt (d x LANES)
+// into s (n x LANES), -inf where a lane's band excludes the key (key t of the run is allowed for
+// lanes [jrel + t - hi, jrel + t - lo]); the lanes' running max in *vmax. d and the tile sizes
+// are constants once inlined into the callers below (immediate offsets for the key rows).
+static inline __attribute__((always_inline)) void qk_tile(const float *kr, int64_t d,
+    const float *qt, float *s, int rj, int64_t jrel, int64_t lo, int64_t hi, vf_t *vmax) {
+  vf_t acc[QK_RJ];
+#pragma GCC unroll 16
+  for (int r = 0; r < rj; r++) acc[r] = V_ZERO();
+#pragma GCC unroll 2
+  for (int64_t c = 0; c < d; c++) {
+    vf_t qv = V_LOAD(qt + c * LANES);
+#pragma GCC unroll 16
+    for (int r = 0; r < rj; r++) acc[r] = V_FMA(V_SET1(kr[r * d + c]), qv, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < rj; r++) {
+    int64_t t = jrel + r;
+    vf_t x = acc[r];
+    if (t - hi > 0 || t - lo < LANES - 1) x = v_keep(x, t - hi, t - lo);
+    *vmax = V_MAX(*vmax, x);
+    V_STORE(s + r * LANES, x);
+  }
+}
+
+static inline __attribute__((always_inline)) void qk_run(const float *kr, int64_t d,
+    const float *qt, float *s, int64_t n, int64_t jrel, int64_t lo, int64_t hi, vf_t *vmax) {
+  int64_t j = 0;
+  for (; j + QK_RJ <= n; j += QK_RJ)
+    qk_tile(kr + j * d, d, qt, s + j * LANES, QK_RJ, jrel + j, lo, hi, vmax);
+  for (; j + 4 <= n; j += 4) qk_tile(kr + j * d, d, qt, s + j * LANES, 4, jrel + j, lo, hi, vmax);
+  for (; j < n; j++) qk_tile(kr + j * d, d, qt, s + j * LANES, 1, jrel + j, lo, hi, vmax);
+}
+
+// ot (cb x LANES) = columns [0, cb) of V's n rows from vr (dv apart) against p (n x LANES)
+static inline __attribute__((always_inline)) void pv_tile(const float *vr, int64_t dv,
+    const float *p, int64_t n, int cb, vf_t scale, float *ot) {
+  vf_t acc[PV_CB];
+#pragma GCC unroll 16
+  for (int c = 0; c < cb; c++) acc[c] = V_ZERO();
+#pragma GCC unroll 2
+  for (int64_t j = 0; j < n; j++) {
+    vf_t pv = V_LOAD(p + j * LANES);
+    const float *x = vr + j * dv;
+#pragma GCC unroll 16
+    for (int c = 0; c < cb; c++) acc[c] = V_FMA(V_SET1(x[c]), pv, acc[c]);
+  }
+#pragma GCC unroll 16
+  for (int c = 0; c < cb; c++) V_STORE(ot + c * LANES, V_MUL(acc[c], scale));
+}
+
+static inline __attribute__((always_inline)) void pv_run(const float *vr, int64_t dv,
+    const float *p, int64_t n, vf_t scale, float *ot, float *op, int64_t nl) {
+  int64_t c0 = 0;
+  while (c0 < dv) {
+    int cb;
+    if (c0 + PV_CB <= dv) { cb = PV_CB; pv_tile(vr + c0, dv, p, n, PV_CB, scale, ot); }
+    else if (c0 + 4 <= dv) { cb = 4; pv_tile(vr + c0, dv, p, n, 4, scale, ot); }
+    else { cb = 1; pv_tile(vr + c0, dv, p, n, 1, scale, ot); }
+    if (HAVE_TR16 && cb == LANES && nl == LANES) tr16(ot, LANES, op + c0, dv);
+    else
+      for (int64_t l = 0; l < nl; l++)
+        for (int c = 0; c < cb; c++) op[l * dv + c0 + c] = ot[c * LANES + l];
+    c0 += cb;
+  }
+}
+
+static void FN(lanes_worker)(team_t *TM) {
+  const FN(job_t) *J = (const FN(job_t) *)TM->arg;
+  const int64_t *g = J->g;
+  int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], lo = g[B_LO], hi = g[B_HI];
+  int64_t q0 = g[B_Q0], q1 = g[B_Q1], d = g[B_D], dv = g[B_DV], nrows = q1 - q0;
+  int64_t lk = g[B_LK], delta = lk - g[B_L], nmax = LANES + hi - lo;
+  float *S = NULL;  // scores / probabilities (nmax x LANES), then Q^T (d x LANES), out tile
+  if (posix_memalign((void **)&S, 64, sizeof(float) * LANES * (nmax + d + PV_CB + 2))) return;
+  float *QT = S + nmax * LANES, *OT = QT + d * LANES, *mx = OT + PV_CB * LANES, *sm = mx + LANES;
+  int64_t start, stop;
+  while (team_next(TM, &start, &stop)) {
+    for (int64_t it = start; it < stop; it++) {
+      int64_t blk = it % J->nblocks, bh = it / J->nblocks;
+      int64_t b = bh / Hq, h = bh % Hq, hk = h / grp;
+      int64_t i0 = q0 + blk * bq, i1 = i0 + bq < q1 ? i0 + bq : q1;
+      const float *qh = J->q + b * g[B_QSB] + h * g[B_QSH];
+      const float *kh = J->k + b * g[B_KSB] + hk * g[B_KSH];
+      const float *vh = J->v + b * g[B_VSB] + hk * g[B_VSH];
+      float *oh = J->out + (b * Hq + h) * nrows * dv, *lh = J->lse_out + (b * Hq + h) * nrows;
+      for (int64_t gi = i0; gi < i1; gi += LANES) {
+        int64_t nl = i1 - gi < LANES ? i1 - gi : LANES;
+        int64_t ka = gi + delta + lo, kb = gi + nl - 1 + delta + hi + 1;
+        if (ka < 0) ka = 0;
+        if (kb > lk) kb = lk;
+        float *op = oh + (gi - q0) * dv;
+        if (kb <= ka) {  // no key for any of these rows
+          memset(op, 0, sizeof(float) * nl * dv);
+          for (int64_t l = 0; l < nl; l++) lh[gi - q0 + l] = -INFINITY;
+          continue;
+        }
+        int64_t n = kb - ka;
+        int64_t c16 = 0;
+        if (HAVE_TR16 && nl == LANES)
+          for (; c16 + LANES <= d; c16 += LANES) tr16(qh + gi * d + c16, d, QT + c16 * LANES, LANES);
+        if (nl < LANES) memset(QT, 0, sizeof(float) * d * LANES);
+        for (int64_t l = 0; l < nl; l++) {
+          const float *qr = qh + (gi + l) * d;
+          for (int64_t c = c16; c < d; c++) QT[c * LANES + l] = qr[c];
+        }
+        vf_t vmax = V_SET1(-INFINITY);
+        int64_t jrel = ka - delta - gi;  // first key's offset from lane 0's query
+        if (d == 64) qk_run(kh + ka * 64, 64, QT, S, n, jrel, lo, hi, &vmax);
+        else qk_run(kh + ka * d, d, QT, S, n, jrel, lo, hi, &vmax);
+        vf_t m = v_zero_if_neginf(vmax), vsum = V_ZERO();
+        for (int64_t j = 0; j < n; j++) {
+          vf_t p = V_EXP(V_SUB(V_LOAD(S + j * LANES), m));
+          V_STORE(S + j * LANES, p);
+          vsum = V_ADD(vsum, p);
+        }
+        vf_t inv = v_select_pos(vsum, V_DIV(V_SET1(1.f), vsum), V_ZERO());
+        if (dv == 64) pv_run(vh + ka * 64, 64, S, n, inv, OT, op, nl);
+        else pv_run(vh + ka * dv, dv, S, n, inv, OT, op, nl);
+        V_STORE(mx, vmax);
+        V_STORE(sm, vsum);
+        V_STORE(OT, inv);
+        for (int64_t l = 0; l < nl; l++)
+          lh[gi - q0 + l] = sm[l] > 0.f ? mx[l] + logf(sm[l]) : -INFINITY;
+        if (!J->wout) continue;
+        for (int64_t l = 0; l < nl; l++) {  // row gi + l's probabilities as one CSR run
+          int64_t i = gi + l, a = i + delta + lo, e = i + delta + hi + 1;
+          if (a < 0) a = 0;
+          if (e > lk) e = lk;
+          if (e <= a) continue;
+          int64_t off = J->offs[i - q0], cnt = e - a;
+          if (off < 0 || off > g[B_WCOLS] - cnt) {
+            __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED);
+            continue;
+          }
+          float *w = J->wout + bh * g[B_WSTR] + off, il = OT[l];
+          for (int64_t j = a; j < e; j++) w[j - a] = S[(j - ka) * LANES + l] * il;
+          if (J->idx && bh == 0)
+            for (int64_t t = 0; t < cnt; t++) J->idx[off + t] = g[B_WKEY0] + a + t;
+        }
+      }
+    }
+    team_done(TM, stop - start);
+  }
+  free(S);
+}
+#endif
+
 // ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
 // B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0; row i's probabilities go to
 // values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to indices. geo: every B_* slot.
@@ -221,8 +482,13 @@ int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int n
   J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
   // blocks are independent (each reads its own rows and key window): small chunks, so a
   // preempted thread's rest goes to the others
-  int err = team_run_shares(FN(forward_worker), &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads,
-                            4, rt[RT_OMP_PARALLEL]);
+#if LANE
+  void (*worker)(team_t *) = FN(lanes_worker);
+#else
+  void (*worker)(team_t *) = FN(forward_worker);
+#endif
+  int err = team_run_shares(worker, &J, geo[B_B] * geo[B_HQ] * J.nblocks, nthreads, 4,
+                            rt[RT_OMP_PARALLEL]);
   return err ? -1 : (__atomic_load_n(&bad, __ATOMIC_RELAXED) ? -2 : 0);
 }
 

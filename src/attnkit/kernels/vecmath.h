@@ -1,5 +1,6 @@
 // AVX2 helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: exp of 8 floats (the polynomial of
-// PyTorch's exp_u20, relative error ~1e-7) and horizontal max / sum. Empty without AVX2 (the
+// PyTorch's exp_u20, relative error ~1e-7; exp512: 16 floats where AVX-512F is there) and
+// horizontal max / sum. Empty without AVX2 (the
 // kernels then take their scalar loops). native.py's build cache key covers this header.
 #ifndef ATTNKIT_VECMATH_H
 #define ATTNKIT_VECMATH_H
@@ -26,6 +27,28 @@ static inline __m256 exp256(__m256 x) {
   pow2 = _mm256_blendv_ps(pow2, _mm256_setzero_ps(), small);
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2), _mm256_set1_ps(2.f));
 }
+
+#ifdef __AVX512F__
+// exp of 16 floats: exp256's polynomial, 2^n applied by scalef; 0 below -87.3 (and for -inf)
+static inline __m512 exp512(__m512 x) {
+  const __m512 c1 = _mm512_set1_ps(0.999999701f), c2 = _mm512_set1_ps(0.499991506f),
+               c3 = _mm512_set1_ps(0.166676521f), c4 = _mm512_set1_ps(0.0418978221f),
+               c5 = _mm512_set1_ps(0.00828929059f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.693147181f);
+  const __m512 lo = _mm512_set1_ps(-87.3365447f), hi = _mm512_set1_ps(88.7228394f);
+  __mmask16 small = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OS);
+  x = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, log2e, _mm512_set1_ps(0.5f)),
+                                   _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, ln2, x);
+  __m512 p = _mm512_fmadd_ps(r, c5, c4);
+  p = _mm512_fmadd_ps(r, p, c3);
+  p = _mm512_fmadd_ps(r, p, c2);
+  p = _mm512_fmadd_ps(r, p, c1);
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps((__mmask16)~small, p, fx);
+}
+#endif
 
 static inline float hmax(__m256 v) {
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
