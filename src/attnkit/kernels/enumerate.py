@@ -8,6 +8,7 @@ are disjoint, so a chunk's CSR order is a merge of sorted lists, placed by binar
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -140,16 +141,12 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
     sink = ctx.weights_sink
-    if sink is not None and len(comps) == 1 and sink.comp is comps[0] and not grad:
-        if sink.rows != lq:  # the forward did not write them all (it took another kernel)
-            lo, hi = sink.comp.band
-            native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
-        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
-        return indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+    if sink is not None and not grad and any(c is sink.comp for c in comps):
+        return _weights_from_sink(qs, k, ctx, lse, sink)
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
                 None)
-    if fast is not None:
-        return _pair_weights_native(qs, k, comps, ctx, lse, fast)
+    if fast is not None:  # no forward wrote them: the compiled band kernel, afterwards
+        return _weights_from_sink(qs, k, ctx, lse, _band_sink(qs, comps, ctx, fast))
     # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
     # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
     per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
@@ -238,63 +235,104 @@ def _native_weights_ok(c: Component, qs: Tensor, k: Tensor, ctx: Ctx, lse: Tenso
 
 def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx
                  ) -> WeightsSink | None:
-    """CSR buffers for the compiled band forward to write the weights of a plan of one
-    unmasked band as it computes them (its probabilities are the weights: the band's
-    log-sum-exp is the row's), or None where :func:`pair_weights` computes them afterwards
-    (unions, whose rows' log-sum-exp spans other components too; autograd; other kernels).
+    """CSR buffers for the compiled band forward to write the weights of a plan's unmasked
+    band as it computes them, or None where :func:`pair_weights` computes them afterwards
+    (autograd; no such band). In a union the band's probabilities are normalized by its own
+    log-sum-exp, which the sink keeps, and rescaled to the row's afterwards (one pass over the
+    values instead of a second score GEMM); the other components' pairs get their places now.
 
     Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
-    if len(comps) != 1 or not _native_weights_ok(comps[0], qs, k, ctx, qs, grad):
-        return None
-    B, hkv, g, lq, _ = qs.shape
-    lk = ctx.lk
-    lo, hi = comps[0].band
-    rows = torch.arange(lq, device=qs.device) + (lk - lq)
-    n = ((rows + hi + 1).clamp(0, lk) - (rows + lo).clamp(0, lk)).clamp_min(0)
-    ends = torch.cumsum(n, 0)
-    nnz = int(ends[-1]) if lq else 0
-    return WeightsSink(comps[0], qs.new_empty(B * hkv * g, nnz), ends - n,
-                       torch.empty(nnz, dtype=torch.long, device=qs.device))
+    fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, qs, grad)),
+                None)
+    return None if fast is None else _band_sink(qs, comps, ctx, fast)
 
 
-def _pair_weights_native(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,
-                         fast: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`pair_weights` with component ``fast`` (an unmasked band) written by the compiled
-    band kernel straight into the CSR buffers: its keys of row ``i`` are one contiguous run
-    (the components are disjoint and a band is contiguous), placed after the other
-    components' keys of the row below the band's start. The other components (few pairs:
-    global rows and keys, offsets) go through :func:`pair_weights` and are scattered to their
-    places; every position is computed in closed form or by binary search, no sort."""
+def _band_sink(qs: Tensor, comps: list[Component], ctx: Ctx, fast: int) -> WeightsSink:
+    """The CSR layout of a plan whose component ``fast`` is an unmasked band, with buffers:
+    the band's keys of row ``i`` are one contiguous run (the components are disjoint and a band
+    is contiguous), placed after the other components' keys of the row below the band's start.
+    The other components' pairs (few: global rows and keys, offsets) are listed now (their
+    keys written to ``indices``), and their places found in closed form or by binary search,
+    no sort."""
     B, hkv, g, lq, _ = qs.shape
     lk, device = ctx.lk, qs.device
-    lo, hi = comps[fast].band
+    band = comps[fast]
+    lo, hi = band.band
     rows = torch.arange(lq, device=device)
     start = (rows + (lk - lq) + lo).clamp(0, lk)
     n_band = ((rows + (lk - lq) + hi + 1).clamp(0, lk) - start).clamp_min(0)
     others = comps[:fast] + comps[fast + 1:]
+    o_rows = o_idx = None
     if others:
-        o_ptr, o_idx, o_val = pair_weights(qs, k, others, ctx, lse)
-        o_rows = torch.repeat_interleave(rows, o_ptr.diff())
+        o_rows, o_idx = allowed_pairs(others, lq, lk, device)
+        o_count = torch.bincount(o_rows, minlength=lq)
+        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+        o_ptr[1:] = torch.cumsum(o_count, 0)
         o_key = o_rows * max(lk, 1) + o_idx  # sorted: CSR order
         o_below = torch.searchsorted(o_key, rows * max(lk, 1) + start) - o_ptr[:-1]
     else:
-        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-        o_below = torch.zeros(lq, dtype=torch.long, device=device)
+        o_count = o_below = torch.zeros(lq, dtype=torch.long, device=device)
     indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-    indptr[1:] = torch.cumsum(n_band + o_ptr.diff(), 0)
+    indptr[1:] = torch.cumsum(n_band + o_count, 0)
     nnz = int(indptr[-1])
-    values = lse.new_empty(B * hkv * g, nnz)
+    values = qs.new_empty(B * hkv * g, nnz)
     indices = torch.empty(nnz, dtype=torch.long, device=device)
-    native.band_weights(qs, k, lse, lo, hi, values, indptr[:-1] + o_below, indices)
-    if others and o_idx.numel():
+    sink = WeightsSink(band, values, indptr[:-1] + o_below, indices, indptr=indptr,
+                       others=others)
+    if others:
         # a pair's place: its row's start, the other components' pairs of the row before it,
         # and the band's keys of the row below its key
         first = indptr[:-1].index_select(0, o_rows)
         own = torch.arange(o_idx.numel(), device=device) - o_ptr[:-1].index_select(0, o_rows)
         band_below = (o_idx - start.index_select(0, o_rows)).clamp(0).minimum(
             n_band.index_select(0, o_rows))
-        pos = first + own + band_below
-        indices[pos] = o_idx
-        values.index_copy_(1, pos, o_val.reshape(B * hkv * g, -1))
-    return indptr, indices, values.view(B, hkv, g, nnz)
+        sink.other_pos = first + own + band_below
+        indices[sink.other_pos] = o_idx
+        sink.lse = qs.new_full((B, hkv, g, lq), float("-inf"))
+    return sink
+
+
+def _scale_rows(values: Tensor, indptr: Tensor, factor: Tensor) -> None:
+    """``values[:, indptr[i]:indptr[i + 1]] *= factor[:, i]`` in place, a cache-sized block of
+    rows at a time (one expanded factor per block, not one of the size of ``values``)."""
+    heads, lq = factor.shape
+    bounds = indptr.tolist()
+    lens = indptr.diff()
+    step = max(1, WEIGHTS_CHUNK_ELEMENTS // max(heads, 1))
+    r0 = 0
+    while r0 < lq:
+        r1 = min(lq, max(r0 + 1, bisect.bisect_right(bounds, bounds[r0] + step) - 1))
+        a, b = bounds[r0], bounds[r1]
+        if b > a:
+            f = factor[:, r0:r1].repeat_interleave(lens[r0:r1], dim=1, output_size=b - a)
+            values[:, a:b].mul_(f)
+        r0 = r1
+
+
+def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: WeightsSink
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pair_weights` from a sink (:func:`_band_sink`): the band's run of each row as the
+    forward wrote it (rescaled from the band's log-sum-exp to the row's in a union), or written
+    now by the compiled band kernel where the forward took another kernel; the other
+    components' weights from :func:`pair_weights`, copied to their places."""
+    B, hkv, g, lq, _ = qs.shape
+    values = sink.values
+    if sink.rows != lq:  # the forward did not write them all (it took another kernel)
+        lo, hi = sink.comp.band
+        native.band_weights(qs, k, lse, lo, hi, values, sink.offsets, sink.indices)
+    elif sink.lse is not None:
+        # p = exp(s - lse_band) -> exp(s - lse); rows without any weight (lse = -inf) get 0
+        factor = torch.where(torch.isneginf(lse), 0.0, torch.exp(sink.lse - lse))
+        _scale_rows(values, sink.indptr, factor.reshape(B * hkv * g, lq))
+    if sink.other_pos is not None and sink.other_pos.numel():
+        # every other slot of a row was scaled above too: overwritten here
+        _, o_idx, o_val = pair_weights(qs, k, sink.others, ctx, lse)
+        if o_idx.numel() != sink.other_pos.numel():
+            raise RuntimeError("the other components listed a different number of pairs "
+                               "than their layout")
+        values.index_copy_(1, sink.other_pos, o_val.reshape(B * hkv * g, -1))
+    indptr = sink.indptr
+    if indptr is None:
+        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
+    return indptr, sink.indices, values.view(B, hkv, g, -1)

@@ -54,6 +54,14 @@ class WeightsSink:
     offsets: Tensor  # (Lq,) int64
     indices: Tensor  # (nnz,) int64
     rows: int = 0
+    #: a union: the plan's ``indptr (Lq + 1,)``, its other components, where their pairs go
+    #: (``(n_other,)`` positions in CSR order) and the band's own log-sum-exp
+    #: ``(B, Hkv, G, Lq)`` as the forward computed it (its probabilities are normalized by it,
+    #: not by the row's; :func:`.enumerate.pair_weights` rescales them)
+    indptr: Tensor | None = None
+    others: list[Component] = field(default_factory=list)
+    other_pos: Tensor | None = None
+    lse: Tensor | None = None
 
 
 @dataclass
@@ -248,6 +256,8 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
         if z <= a:  # no key for any row of the chunk
             if sink is not None:
                 sink.rows += q1 - q0  # no weight to write
+                if sink.lse is not None:
+                    sink.lse[:, :, :, q0:q1] = NEG_INF
             return _no_keys(qs, q1 - q0, v.shape[-1])
         sub_lq, sub_lk = q1 - q0, z - a
         shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
@@ -257,6 +267,8 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
                                      replace(ctx, lq=sub_lq, lk=sub_lk), w)
         if sink is not None:
             sink.rows += q1 - q0
+            if sink.lse is not None:
+                sink.lse[:, :, :, q0:q1] = lse
         return out, (lse if ctx.need_lse else None)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
