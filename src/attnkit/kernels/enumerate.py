@@ -117,8 +117,8 @@ def count_pairs(comps: list[Component], lq: int, lk: int) -> int:
     return total
 
 
-def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,
+                 scores: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The attention weights of every allowed pair in CSR order, ``exp(score - lse)``.
 
     Args:
@@ -126,6 +126,7 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         comps: the plan's (lowered) components, as the forward ran them.
         ctx: the forward's context (bias, ``score_mod``).
         lse: the forward's log-sum-exp ``(B, Hkv, G, Lq)`` over all components.
+        scores: return the finished scores instead (``lse`` unused but for its dtype).
 
     Returns:
         ``indptr (Lq + 1,)``, ``indices (nnz,)`` (the pattern's :meth:`csr`) and
@@ -141,18 +142,18 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
     sink = ctx.weights_sink
-    if sink is not None and not grad and any(c is sink.comp for c in comps):
+    if sink is not None and not grad and not scores and any(c is sink.comp for c in comps):
         return _weights_from_sink(qs, k, ctx, lse, sink)
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
                 None)
-    if fast is not None:  # no forward wrote them: the compiled band kernel, afterwards
-        return _weights_from_sink(qs, k, ctx, lse, _band_sink(qs, comps, ctx, fast))
+    if fast is not None and not scores:  # no forward wrote them: the band kernel, afterwards
+        return _weights_from_sink(qs, k, ctx, lse, _band_sink(qs, k, comps, ctx, fast))
     # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
     # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
     per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
     rows = min(chunk_rows(comps, ctx, d),
                max(BLOCK, WEIGHTS_CHUNK_ELEMENTS // per_row // BLOCK * BLOCK), max(lq, 1))
-    dead = bool(torch.isneginf(lse).any())
+    dead = not scores and bool(torch.isneginf(lse).any())
     counts = torch.zeros(lq, dtype=torch.long, device=device)
     # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
     # into a list concatenated at the end (a second copy of every value).
@@ -164,7 +165,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         q1 = min(lq, q0 + rows)
         ck, cj, cv = [], [], []
         for c in comps:
-            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False, minus=lse)
+            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False,
+                                      minus=None if scores else lse)
             if scored is None:
                 continue
             s, qi, kj, valid = scored  # s: log-weights, score - lse of the row
@@ -179,9 +181,12 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
             if direct:  # one component: straight into the output, no intermediate copy
                 w = values[:, nnz:nnz + pick.numel()]
                 torch.gather(s.reshape(B * hkv * g, -1), 1, at, out=w)
-                torch.exp(w, out=w)
+                if not scores:
+                    torch.exp(w, out=w)
             else:
-                w = torch.gather(s.reshape(B * hkv * g, -1), 1, at).exp_()
+                w = torch.gather(s.reshape(B * hkv * g, -1), 1, at)
+                if not scores:
+                    w = w.exp_()
             if dead:
                 lse_q = lse.index_select(3, qi.reshape(-1)).view(B, hkv, g, *qi.shape)
                 gone = torch.broadcast_to(torch.isneginf(lse_q), (B, hkv, g, *layout))
@@ -245,16 +250,18 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, qs, grad)),
                 None)
-    return None if fast is None else _band_sink(qs, comps, ctx, fast)
+    return None if fast is None else _band_sink(qs, k, comps, ctx, fast)
 
 
-def _band_sink(qs: Tensor, comps: list[Component], ctx: Ctx, fast: int) -> WeightsSink:
+def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: int
+               ) -> WeightsSink:
     """The CSR layout of a plan whose component ``fast`` is an unmasked band, with buffers:
     the band's keys of row ``i`` are one contiguous run (the components are disjoint and a band
     is contiguous), placed after the other components' keys of the row below the band's start.
-    The other components' pairs (few: global rows and keys, offsets) are listed now (their
-    keys written to ``indices``), and their places found in closed form or by binary search,
-    no sort."""
+    The other components' pairs (few: global rows and keys, offsets) are listed and scored now,
+    in one pass (their keys written to ``indices``; their weights need the row's log-sum-exp,
+    known after the forward), and their places found in closed form or by binary search, no
+    sort."""
     B, hkv, g, lq, _ = qs.shape
     lk, device = ctx.lk, qs.device
     band = comps[fast]
@@ -265,10 +272,9 @@ def _band_sink(qs: Tensor, comps: list[Component], ctx: Ctx, fast: int) -> Weigh
     others = comps[:fast] + comps[fast + 1:]
     o_rows = o_idx = None
     if others:
-        o_rows, o_idx = allowed_pairs(others, lq, lk, device)
-        o_count = torch.bincount(o_rows, minlength=lq)
-        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-        o_ptr[1:] = torch.cumsum(o_count, 0)
+        o_ptr, o_idx, o_s = pair_weights(qs, k, others, ctx, qs, scores=True)
+        o_count = o_ptr.diff()
+        o_rows = torch.repeat_interleave(rows, o_count, output_size=o_idx.numel())
         o_key = o_rows * max(lk, 1) + o_idx  # sorted: CSR order
         o_below = torch.searchsorted(o_key, rows * max(lk, 1) + start) - o_ptr[:-1]
     else:
@@ -279,7 +285,7 @@ def _band_sink(qs: Tensor, comps: list[Component], ctx: Ctx, fast: int) -> Weigh
     values = qs.new_empty(B * hkv * g, nnz)
     indices = torch.empty(nnz, dtype=torch.long, device=device)
     sink = WeightsSink(band, values, indptr[:-1] + o_below, indices, indptr=indptr,
-                       others=others)
+                       others=others, other_rows=o_rows)
     if others:
         # a pair's place: its row's start, the other components' pairs of the row before it,
         # and the band's keys of the row below its key
@@ -288,6 +294,7 @@ def _band_sink(qs: Tensor, comps: list[Component], ctx: Ctx, fast: int) -> Weigh
         band_below = (o_idx - start.index_select(0, o_rows)).clamp(0).minimum(
             n_band.index_select(0, o_rows))
         sink.other_pos = first + own + band_below
+        sink.other_scores = o_s.reshape(B * hkv * g, -1)
         indices[sink.other_pos] = o_idx
         sink.lse = qs.new_full((B, hkv, g, lq), float("-inf"))
     return sink
@@ -327,11 +334,9 @@ def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: Weigh
         _scale_rows(values, sink.indptr, factor.reshape(B * hkv * g, lq))
     if sink.other_pos is not None and sink.other_pos.numel():
         # every other slot of a row was scaled above too: overwritten here
-        _, o_idx, o_val = pair_weights(qs, k, sink.others, ctx, lse)
-        if o_idx.numel() != sink.other_pos.numel():
-            raise RuntimeError("the other components listed a different number of pairs "
-                               "than their layout")
-        values.index_copy_(1, sink.other_pos, o_val.reshape(B * hkv * g, -1))
+        row_lse = lse.reshape(B * hkv * g, lq).index_select(1, sink.other_rows)
+        o_val = (sink.other_scores - row_lse).exp_().masked_fill_(torch.isneginf(row_lse), 0.0)
+        values.index_copy_(1, sink.other_pos, o_val)
     indptr = sink.indptr
     if indptr is None:
         indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])

@@ -55,12 +55,15 @@ class WeightsSink:
     indices: Tensor  # (nnz,) int64
     rows: int = 0
     #: a union: the plan's ``indptr (Lq + 1,)``, its other components, where their pairs go
-    #: (``(n_other,)`` positions in CSR order) and the band's own log-sum-exp
+    #: (``(n_other,)`` positions in CSR order), their rows and scores, and the band's own
+    #: log-sum-exp
     #: ``(B, Hkv, G, Lq)`` as the forward computed it (its probabilities are normalized by it,
     #: not by the row's; :func:`.enumerate.pair_weights` rescales them)
     indptr: Tensor | None = None
     others: list[Component] = field(default_factory=list)
     other_pos: Tensor | None = None
+    other_rows: Tensor | None = None  # (n_other,) their query rows
+    other_scores: Tensor | None = None  # (B * Hq, n_other) their finished scores
     lse: Tensor | None = None
 
 
