@@ -140,10 +140,17 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     lk = ctx.lk
     device = qs.device
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
+        t is not None and t.requires_grad for t in (qs, k, lse, ctx.bias))
     sink = ctx.weights_sink
     if sink is not None and not grad and not scores and any(c is sink.comp for c in comps):
-        return _weights_from_sink(qs, k, ctx, lse, sink)
+        if sink.counts is None:
+            return _weights_from_sink(qs, k, ctx, lse, sink)
+        if sink.rows == lq:  # a masked band, every chunk appended by the forward
+            indptr = torch.zeros(lq + 1, dtype=torch.long, device=qs.device)
+            indptr[1:] = torch.cumsum(sink.counts, 0)
+            return _trimmed(indptr, sink.indices, sink.values, sink.nnz, B, hkv, g)
+    if lse is None:
+        raise RuntimeError("pair_weights needs the forward's log-sum-exp here")
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
                 None)
     if fast is not None and not scores:  # no forward wrote them: the band kernel, afterwards
@@ -218,11 +225,18 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         if not direct:
             values[:, nnz:nnz + n] = val
         nnz += n
+    indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return _trimmed(indptr, indices, values, nnz, B, hkv, g)
+
+
+def _trimmed(indptr: Tensor, indices: Tensor, values: Tensor, nnz: int, B: int, hkv: int,
+             g: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR buffers sized by the candidates, cut to their first ``nnz`` pairs."""
+    bound = indices.numel()
     indices, values = indices[:nnz], values[:, :nnz]
     if nnz < 0.75 * bound:  # masks cut many candidates: keep only the allowed pairs' memory
         indices, values = indices.clone(), values.clone()
-    indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-    indptr[1:] = torch.cumsum(counts, 0)
     return indptr, indices, values.view(B, hkv, g, nnz)
 
 
@@ -250,7 +264,19 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, qs, grad)),
                 None)
-    return None if fast is None else _band_sink(qs, k, comps, ctx, fast)
+    if fast is not None:
+        return _band_sink(qs, k, comps, ctx, fast)
+    c = comps[0] if len(comps) == 1 else None
+    if (isinstance(c, Ranges) and c.band is not None and c.masks and not grad
+            and ctx.bias is None and ctx.score_mod is None and ctx.dropout_p == 0):
+        # one masked band (dilated): the PyTorch band kernel appends its probabilities
+        B, hkv, g, lq, _ = qs.shape
+        bound = c.cost(lq, ctx.lk)  # its candidates: at least its allowed pairs
+        dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype
+        return WeightsSink(c, qs.new_empty(B * hkv * g, bound, dtype=dtype), qs.new_empty(0),
+                           torch.empty(bound, dtype=torch.long, device=qs.device),
+                           counts=torch.zeros(lq, dtype=torch.long, device=qs.device))
+    return None
 
 
 def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: int

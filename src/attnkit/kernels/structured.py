@@ -65,6 +65,11 @@ class WeightsSink:
     other_rows: Tensor | None = None  # (n_other,) their query rows
     other_scores: Tensor | None = None  # (B * Hq, n_other) their finished scores
     lse: Tensor | None = None
+    #: a masked band (the PyTorch band kernel): its chunks append their allowed pairs, so
+    #: ``values``/``indices`` are sized by the candidates and ``counts (Lq,)`` per row are
+    #: filled as the chunks go; ``nnz`` pairs written so far
+    counts: Tensor | None = None
+    nnz: int = 0
 
 
 @dataclass
@@ -373,6 +378,18 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
         qc = F.pad(qc, (0, 0, 0, pad))
     qc = qc.reshape(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
     outs, lses = [], []
+    sink = ctx.weights_sink
+    if sink is not None and sink.comp is comp and sink.counts is not None:
+        # the weights of this chunk's allowed pairs, CSR order = the window layout's row-major
+        # order (each row's keys ascend): appended as each head's probabilities are computed
+        pick = ok.reshape(-1).nonzero().squeeze(1)
+        n0, cnt = sink.nnz, pick.numel()
+        per_block = ok.shape[1] * width  # pick -> (block, slot): the key of that window slot
+        slot = (pick // per_block) * width + pick % width
+        torch.index_select(win.kj.reshape(-1), 0, slot, out=sink.indices[n0:n0 + cnt])
+        sink.counts[q0:q1] = ok.sum(-1).reshape(-1)[:nq]
+    else:
+        sink = None
     for b in range(B):
         for h in range(hkv):
             kw_t = kp[b, h].unfold(0, width, bq)  # (nb, d, C): windows, transposed, a view
@@ -393,7 +410,15 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
                 p = p.masked_fill(empty_g.unsqueeze(-1), 0.0)
             if ctx.dropout_p > 0 and training:
                 p = F.dropout(p, ctx.dropout_p, training=True)
+            if sink is not None:
+                p4 = p.view(nb, g, bq, width)
+                for gi in range(g):
+                    torch.index_select(p4[:, gi].reshape(-1), 0, pick,
+                                       out=sink.values[(b * hkv + h) * g + gi, n0:n0 + cnt])
             outs.append(torch.bmm(p.to(v.dtype), vw))
+    if sink is not None:
+        sink.nnz += cnt
+        sink.rows += nq
     out = torch.stack(outs).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
     out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
     if ctx.need_lse:
