@@ -744,6 +744,19 @@ def structured_attention(
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
     )
+    whole = [c for c in comps if grad and _kernel_for(c, ctx) is _band_fast_partial
+             and _native_band_ok(c, qs, k, v, ctx, training)]
+    if whole:
+        # With autograd, a compiled band runs over all rows at once: it keeps nothing of size
+        # rows x window (its backward recomputes from the lse), so chunks would only cost, as
+        # the backward of each chunk's slices of q, k, v is a zero-filled gradient of their
+        # full size, summed over the chunks (64k tokens, 18 chunks: ~3/4 of the backward's
+        # time). The other components are chunked on their own (few rows or keys: few chunks).
+        rest = [c for c in comps if not any(c is w for w in whole)]
+        parts = [_band_fast_partial(c, qs, k, v, 0, lq, ctx, training) for c in whole]
+        if rest:
+            parts.append(structured_attention(qs, k, v, rest, ctx, training))
+        return merge(parts)
     n_chunks = math.ceil(lq / rows)
     # Recompute chunks in backward (FlashAttention-style) once keeping every chunk's
     # intermediates would cost more memory than a couple of chunks.
