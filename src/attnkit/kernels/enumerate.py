@@ -259,6 +259,8 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     (autograd; no such band). In a union the band's probabilities are normalized by its own
     log-sum-exp, which the sink keeps, and rescaled to the row's afterwards (one pass over the
     values instead of a second score GEMM); the other components' pairs get their places now.
+    A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
+    chunk instead.
 
     Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
