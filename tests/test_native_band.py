@@ -626,3 +626,29 @@ def test_first_kernel_use_inside_activation_checkpointing(call):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("other", ["global", "exponential", "exponential|global", "random"])
+def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
+    """In a union with a band, the other components' kernels hand their scores to the weights
+    (no second scoring pass), except kernels that do not (edges: random keys), which take one:
+    both equal to the dense reference (batch 2, GQA 2:1, several chunks)."""
+    import attnkit.kernels.enumerate as enumerate_
+
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 4000)
+    extra = {"global": P.global_tokens([0, 41, 119]), "exponential": P.exponential(),
+             "exponential|global": P.exponential() | P.global_tokens([5]),
+             "random": P.random_keys(3, seed=2)}[other]
+    pat = P.sliding_window(5) | extra
+    q, k, v = _qkv(2, 4, 2, 120, 120, 8, 5)
+    second = []
+    real = enumerate_.pair_weights
+    monkeypatch.setattr(enumerate_, "pair_weights", lambda *a, **kw: second.append(
+        kw.get("scores", False)) or real(*a, **kw))
+    with torch.no_grad():
+        _, w = attention(q, k, v, pattern=pat, return_weights=True)
+    assert any(second) == (other == "random"), second
+    ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(120, 120))[1]
+    torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
+    indptr, indices = pat.csr(120, 120)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)

@@ -286,10 +286,10 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
     """The CSR layout of a plan whose component ``fast`` is an unmasked band, with buffers:
     the band's keys of row ``i`` are one contiguous run (the components are disjoint and a band
     is contiguous), placed after the other components' keys of the row below the band's start.
-    The other components' pairs (few: global rows and keys, offsets) are listed and scored now,
-    in one pass (their keys written to ``indices``; their weights need the row's log-sum-exp,
-    known after the forward), and their places found in closed form or by binary search, no
-    sort."""
+    The other components' pairs (few: global rows and keys, offsets) are listed now (their keys
+    written to ``indices``), with buffers where their kernels put their scores as the forward
+    computes them (their weights need the row's log-sum-exp, known after the forward); every
+    place is found in closed form or by binary search, no sort."""
     B, hkv, g, lq, _ = qs.shape
     lk, device = ctx.lk, qs.device
     band = comps[fast]
@@ -300,10 +300,15 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
     others = comps[:fast] + comps[fast + 1:]
     o_rows = o_idx = None
     if others:
-        o_ptr, o_idx, o_s = pair_weights(qs, k, others, ctx, qs, scores=True)
-        o_count = o_ptr.diff()
-        o_rows = torch.repeat_interleave(rows, o_count, output_size=o_idx.numel())
-        o_key = o_rows * max(lk, 1) + o_idx  # sorted: CSR order
+        # each component's pairs sorted, then their places among all the others' pairs
+        keys = [(lambda rc: rc[0] * max(lk, 1) + rc[1])(allowed_pairs([c], lq, lk, device))
+                for c in others]
+        where = _merge_positions(keys)
+        o_key = _place(keys, where, sum(t.numel() for t in keys))  # sorted: CSR order
+        o_rows, o_idx = o_key // max(lk, 1), o_key % max(lk, 1)
+        o_count = torch.bincount(o_rows, minlength=lq)
+        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+        o_ptr[1:] = torch.cumsum(o_count, 0)
         o_below = torch.searchsorted(o_key, rows * max(lk, 1) + start) - o_ptr[:-1]
     else:
         o_count = o_below = torch.zeros(lq, dtype=torch.long, device=device)
@@ -322,7 +327,8 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
         band_below = (o_idx - start.index_select(0, o_rows)).clamp(0).minimum(
             n_band.index_select(0, o_rows))
         sink.other_pos = first + own + band_below
-        sink.other_scores = o_s.reshape(B * hkv * g, -1)
+        sink.captures = [[qs.new_empty(B * hkv * g, t.numel()), 0] for t in keys]
+        sink.capture_where = where
         indices[sink.other_pos] = o_idx
         sink.lse = qs.new_full((B, hkv, g, lq), float("-inf"))
     return sink
@@ -362,8 +368,14 @@ def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: Weigh
         _scale_rows(values, sink.indptr, factor.reshape(B * hkv * g, lq))
     if sink.other_pos is not None and sink.other_pos.numel():
         # every other slot of a row was scaled above too: overwritten here
+        if all(n == buf.shape[1] for buf, n in sink.captures):  # the forward gave the scores
+            o_s = _place([buf for buf, _ in sink.captures], sink.capture_where,
+                         sink.other_pos.numel())
+        else:  # a kernel that does not hand out its scores: one more scoring pass
+            o_s = pair_weights(qs, k, sink.others, ctx, lse, scores=True)[2]
         row_lse = lse.reshape(B * hkv * g, lq).index_select(1, sink.other_rows)
-        o_val = (sink.other_scores - row_lse).exp_().masked_fill_(torch.isneginf(row_lse), 0.0)
+        o_val = (o_s.reshape(B * hkv * g, -1) - row_lse).exp_()
+        o_val = o_val.masked_fill_(torch.isneginf(row_lse), 0.0)
         values.index_copy_(1, sink.other_pos, o_val)
     indptr = sink.indptr
     if indptr is None:

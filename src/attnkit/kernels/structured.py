@@ -63,7 +63,11 @@ class WeightsSink:
     others: list[Component] = field(default_factory=list)
     other_pos: Tensor | None = None
     other_rows: Tensor | None = None  # (n_other,) their query rows
-    other_scores: Tensor | None = None  # (B * Hq, n_other) their finished scores
+    #: per other component: a ``(B * Hq, n_c)`` buffer for its pairs' finished scores (in its
+    #: own CSR order), filled by its kernel in the forward (:func:`capture_scores`), and how
+    #: many are written; ``capture_where``: their places among all the others' pairs
+    captures: list[list] = field(default_factory=list)
+    capture_where: list[Tensor] = field(default_factory=list)
     lse: Tensor | None = None
     #: a masked band (the PyTorch band kernel): its chunks append their allowed pairs, so
     #: ``values``/``indices`` are sized by the candidates and ``counts (Lq,)`` per row are
@@ -172,6 +176,27 @@ def _no_keys(qs: Tensor, nq: int, dv: int) -> tuple[Tensor, Tensor]:
     B, hkv, g = qs.shape[:3]
     return (qs.new_zeros(B, hkv, g, nq, dv),
             torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
+
+
+def capture_scores(comp: Component, s: Tensor, valid: Tensor, ctx: Ctx) -> None:
+    """Hand the finished scores ``s (B, Hkv, G, *S)`` of a chunk's allowed pairs (``valid``,
+    broadcasting to ``S``; row-major = CSR order) to the weights sink, where ``comp`` is one
+    of the other components of a union whose band writes its weights (see
+    :func:`.enumerate.weights_sink`): the weights then need no second scoring pass."""
+    sink = ctx.weights_sink
+    if sink is None or not sink.captures:
+        return
+    i = next((i for i, c in enumerate(sink.others) if c is comp), None)
+    if i is None:
+        return
+    buf, n0 = sink.captures[i]
+    pick = torch.broadcast_to(valid, s.shape[3:]).reshape(-1).nonzero().squeeze(1)
+    cnt = pick.numel()
+    if n0 + cnt > buf.shape[1]:
+        raise RuntimeError("a kernel handed out more pairs than its component lists")
+    rows = buf.shape[0]
+    torch.gather(s.reshape(rows, -1), 1, pick.expand(rows, -1), out=buf[:, n0:n0 + cnt])
+    sink.captures[i][1] = n0 + cnt
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -468,7 +493,8 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     ``window | exponential`` at 16k tokens)."""
     B, hkv, g, _, _ = qs.shape
     dv = v.shape[-1]
-    s, _, kj, _, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    s, _, kj, valid, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    capture_scores(comp, s, valid, ctx)
     nq = kj.shape[0]
     delta = ctx.lk - ctx.lq
     p, lse = softmax_rows(s, ctx, training)
@@ -490,10 +516,12 @@ def _key_scores(qc, kc, qi, kj, valid, ctx: Ctx) -> Tensor:
     return finish_scores(s, qi, kj, valid, ctx)
 
 
-def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool):
-    """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set."""
+def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool, comp=None):
+    """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set (``comp``: the
+    component, for :func:`capture_scores`)."""
     B, hkv, g, nr, d = qc.shape
     s = _key_scores(qc, kc, qi, kj, valid, ctx)
+    capture_scores(comp, s, valid, ctx)
     p, lse = softmax_rows(s, ctx, training)
     out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, kc.shape[2]), vc)
     return out.view(B, hkv, g, nr, -1), lse
@@ -505,7 +533,7 @@ def _keyset_partial(comp: KeySet | AllKeys, qs, k, v, q0, q1, ctx: Ctx, training
         kc, vc = k, v
     else:
         kc, vc = k.index_select(2, kj[0]), v.index_select(2, kj[0])
-    return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training)
+    return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training, comp)
 
 
 def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
@@ -517,7 +545,8 @@ def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     if rows.numel() == 0:
         return out, lse
     qi, kj, valid = comp.candidates_for(rows, 0, ctx.lk, ctx.lq, ctx.lk)
-    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training)
+    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training,
+                             comp)
     local = rows - q0
     return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
 
