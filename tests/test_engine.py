@@ -590,3 +590,41 @@ def test_weights_in_csr_order_across_chunks_for_every_pattern(monkeypatch):
         _, w = _check(q, k, v, pat)
         indptr, indices = pat.csr(130, 130, q.device)
         assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("lq,lk,chunk", [(150, 150, None), (260, 130, None), (300, 300, 3000)])
+def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeypatch):
+    """A masked band (a dilated pattern with many offsets) appends its probabilities to the
+    CSR buffers as its forward computes them, chunk by chunk (GQA, batch 2, empty rows when
+    Lq > Lk): no second scoring pass, and equal to the dense reference and to that pass."""
+    import attnkit.kernels.enumerate as enumerate_
+    from attnkit.kernels import structured
+
+    if chunk is not None:
+        monkeypatch.setattr(structured, "CHUNK_ELEMENTS", chunk)
+    pat = P.dilated(64, 2)
+    plan = structured.lower(pat.plan(lq, lk), lq, lk)
+    assert len(plan) == 1 and plan[0].band is not None and plan[0].masks  # a masked band
+    q, k, v = _qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, dtype=dtype)
+    calls = []
+    real = enumerate_.component_scores
+    monkeypatch.setattr(enumerate_, "component_scores",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        out, w = attention(q, k, v, pattern=pat, return_weights=True)
+    assert not calls  # written by the forward
+    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(lq, lk))
+    tol = 1e-10 if dtype == F64 else 2e-6
+    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
+    indptr, indices = pat.csr(lq, lk)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+    assert w.values.shape == (2, 4, indices.numel())
+    monkeypatch.setattr(enumerate_, "weights_sink", lambda *a: None)
+    monkeypatch.setattr("attnkit.functional.weights_sink", lambda *a: None)
+    with torch.no_grad():
+        _, slow = attention(q, k, v, pattern=pat, return_weights=True)
+    assert calls  # the second pass really ran
+    assert torch.equal(slow.indices, w.indices)
+    torch.testing.assert_close(w.values, slow.values, atol=tol, rtol=0)

@@ -96,17 +96,20 @@ def test_extreme_logits_are_stable(calls):
     assert (out.double() - _ref(q, k, v, P.sliding_window(7))).abs().max() < 1e-4
 
 
-def test_chunked_rows_and_gradients_match_fp64(calls, monkeypatch):
-    # tiny engine chunks: the kernel computes row ranges [q0, q1) that start mid-sequence
+@pytest.mark.parametrize("union", [False, True])
+def test_gradients_with_tiny_chunks_match_fp64(union, calls, monkeypatch):
+    # tiny engine chunks: with autograd the band still runs over all rows in one call (its
+    # chunks' slices would cost a full-size zero gradient each in backward); in a union the
+    # other components are chunked (and checkpointed) on their own, merged through the lse
     monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 2000)
     pattern = P.sliding_window(4)
+    if union:
+        pattern = pattern | P.global_tokens([0, 37, 99]) | P.exponential()
     q, k, v = _qkv(2, 4, 2, 100, 100, 8, 6, seed=3)
     w = torch.randn(2, 4, 100, 6, generator=torch.Generator().manual_seed(4))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     (attention(*leaves, pattern=pattern) * w).sum().backward()
-    # several chunks, each a sub-problem with its own key window (a shifted band), recomputed
-    # in backward (checkpointing)
-    assert len(calls) > 4 and any(c[:2] != (-4, 4) for c in calls)
+    assert calls == [(-4, 4, 0, 100)]
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     mask = pattern.to_dense(100, 100)
     (dense_reference(*ref, mask)[0] * w.double()).sum().backward()
@@ -431,6 +434,8 @@ def _weights_cases():
         "fewer queries than keys": (P.sliding_window(3), 1, 2, 2, 9, 30, "plain"),
         "more queries than keys: empty rows": (P.sliding_window(2) & P.causal(), 2, 2, 2, 30, 9,
                                                "plain"),
+        "window | global, GQA 2:1, batch 2": (
+            P.sliding_window(6) | P.global_tokens([2, 30]), 2, 4, 2, 45, 45, "sliced"),
         "window | global, empty rows": (
             (P.sliding_window(3) | P.global_tokens([1, 12])) & P.causal(), 1, 2, 1, 60, 40,
             "transposed"),
@@ -477,9 +482,9 @@ def test_weights_written_by_the_band_kernel(name, dtype, monkeypatch):
     with torch.no_grad():
         out, w = attention(q, k, v, pattern=pat, return_weights=True)
     assert seen or any(fused), "the compiled band kernel wrote no weights"
-    # one band in fp32: the forward writes them and no second pass runs; else the second pass
-    one_band = "|" not in name
-    assert (any(fused) and not seen) == (one_band and dtype == torch.float32), (fused, seen)
+    # fp32: the forward writes the band's weights (in a union normalized by the band's own
+    # log-sum-exp, rescaled afterwards) and no second pass runs; fp64: the second pass
+    assert (any(fused) and not seen) == (dtype == torch.float32), (fused, seen)
     mask = pat.to_dense(lq, lk)
     ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), mask)
     tol = 1e-10 if dtype == torch.float64 else 2e-6
@@ -510,12 +515,16 @@ def test_weights_with_autograd_keep_the_pytorch_path(monkeypatch):
     assert not seen and q.grad is not None
 
 
-def test_forward_writes_weights_across_chunks(monkeypatch):
+@pytest.mark.parametrize("union", [False, True])
+def test_forward_writes_weights_across_chunks(union, monkeypatch):
     """Chunks of rows (each a sub-problem with its own key slice) write their runs at the
-    plan-wide offsets and keys: equal to the dense reference."""
+    plan-wide offsets and keys (in a union, between the other components' keys of the row, and
+    rescaled to the row's log-sum-exp): equal to the dense reference."""
     monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 2000)
     q, k, v = _qkv(2, 4, 2, 150, 160, 8, 5)
     pat = P.sliding_window(7) & P.causal()
+    if union:
+        pat = pat | P.global_tokens([0, 70, 149]) | P.exponential()
     fused = []
     real_fwd = native.band_forward
 
@@ -678,3 +687,29 @@ def test_forward_lanes_on_narrower_instruction_sets(flags):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
     assert set(marks) == {"."} and len(marks) > len(LANE_GEOMETRIES), res.stdout[-3000:]
+
+
+@pytest.mark.parametrize("other", ["global", "exponential", "exponential|global", "random"])
+def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
+    """In a union with a band, the other components' kernels hand their scores to the weights
+    (no second scoring pass), except kernels that do not (edges: random keys), which take one:
+    both equal to the dense reference (batch 2, GQA 2:1, several chunks)."""
+    import attnkit.kernels.enumerate as enumerate_
+
+    monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 4000)
+    extra = {"global": P.global_tokens([0, 41, 119]), "exponential": P.exponential(),
+             "exponential|global": P.exponential() | P.global_tokens([5]),
+             "random": P.random_keys(3, seed=2)}[other]
+    pat = P.sliding_window(5) | extra
+    q, k, v = _qkv(2, 4, 2, 120, 120, 8, 5)
+    second = []
+    real = enumerate_.pair_weights
+    monkeypatch.setattr(enumerate_, "pair_weights", lambda *a, **kw: second.append(
+        kw.get("scores", False)) or real(*a, **kw))
+    with torch.no_grad():
+        _, w = attention(q, k, v, pattern=pat, return_weights=True)
+    assert any(second) == (other == "random"), second
+    ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(120, 120))[1]
+    torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
+    indptr, indices = pat.csr(120, 120)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)

@@ -359,8 +359,10 @@ def attention(
     comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
         [AllKeys()] if pattern is None else pattern.plan(lq, lk))
     comps = lower(comps, lq, lk)
-    if return_weights:  # a band's weights written by the compiled forward, where it can
+    if return_weights:  # a band's weights written by the forward, where it can
         ctx.weights_sink = weights_sink(qg, k, v, comps, ctx)
+        if ctx.weights_sink is not None and ctx.weights_sink.counts is not None:
+            ctx.need_lse = False  # a masked band's weights are its probabilities: no lse needed
     out, lse = structured_attention(qg, k, v, comps, ctx)
     out = out.reshape(B, hq, lq, dv).to(q.dtype)
     if not return_weights:

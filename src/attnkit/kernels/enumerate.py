@@ -8,6 +8,7 @@ are disjoint, so a chunk's CSR order is a merge of sorted lists, placed by binar
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -116,8 +117,8 @@ def count_pairs(comps: list[Component], lq: int, lk: int) -> int:
     return total
 
 
-def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,
+                 scores: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The attention weights of every allowed pair in CSR order, ``exp(score - lse)``.
 
     Args:
@@ -125,6 +126,7 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         comps: the plan's (lowered) components, as the forward ran them.
         ctx: the forward's context (bias, ``score_mod``).
         lse: the forward's log-sum-exp ``(B, Hkv, G, Lq)`` over all components.
+        scores: return the finished scores instead (``lse`` unused but for its dtype).
 
     Returns:
         ``indptr (Lq + 1,)``, ``indices (nnz,)`` (the pattern's :meth:`csr`) and
@@ -138,24 +140,27 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     lk = ctx.lk
     device = qs.device
     grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (qs, k, lse) + ((ctx.bias,) if ctx.bias is not None else ()))
+        t is not None and t.requires_grad for t in (qs, k, lse, ctx.bias))
     sink = ctx.weights_sink
-    if sink is not None and len(comps) == 1 and sink.comp is comps[0] and not grad:
-        if sink.rows != lq:  # the forward did not write them all (it took another kernel)
-            lo, hi = sink.comp.band
-            native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
-        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
-        return indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+    if sink is not None and not grad and not scores and any(c is sink.comp for c in comps):
+        if sink.counts is None:
+            return _weights_from_sink(qs, k, ctx, lse, sink)
+        if sink.rows == lq:  # a masked band, every chunk appended by the forward
+            indptr = torch.zeros(lq + 1, dtype=torch.long, device=qs.device)
+            indptr[1:] = torch.cumsum(sink.counts, 0)
+            return _trimmed(indptr, sink.indices, sink.values, sink.nnz, B, hkv, g)
+    if lse is None:
+        raise RuntimeError("pair_weights needs the forward's log-sum-exp here")
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, lse, grad)),
                 None)
-    if fast is not None:
-        return _pair_weights_native(qs, k, comps, ctx, lse, fast)
+    if fast is not None and not scores:  # no forward wrote them: the band kernel, afterwards
+        return _weights_from_sink(qs, k, ctx, lse, _band_sink(qs, k, comps, ctx, fast))
     # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
     # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
     per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
     rows = min(chunk_rows(comps, ctx, d),
                max(BLOCK, WEIGHTS_CHUNK_ELEMENTS // per_row // BLOCK * BLOCK), max(lq, 1))
-    dead = bool(torch.isneginf(lse).any())
+    dead = not scores and bool(torch.isneginf(lse).any())
     counts = torch.zeros(lq, dtype=torch.long, device=device)
     # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
     # into a list concatenated at the end (a second copy of every value).
@@ -167,7 +172,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         q1 = min(lq, q0 + rows)
         ck, cj, cv = [], [], []
         for c in comps:
-            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False, minus=lse)
+            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False,
+                                      minus=None if scores else lse)
             if scored is None:
                 continue
             s, qi, kj, valid = scored  # s: log-weights, score - lse of the row
@@ -182,9 +188,12 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
             if direct:  # one component: straight into the output, no intermediate copy
                 w = values[:, nnz:nnz + pick.numel()]
                 torch.gather(s.reshape(B * hkv * g, -1), 1, at, out=w)
-                torch.exp(w, out=w)
+                if not scores:
+                    torch.exp(w, out=w)
             else:
-                w = torch.gather(s.reshape(B * hkv * g, -1), 1, at).exp_()
+                w = torch.gather(s.reshape(B * hkv * g, -1), 1, at)
+                if not scores:
+                    w = w.exp_()
             if dead:
                 lse_q = lse.index_select(3, qi.reshape(-1)).view(B, hkv, g, *qi.shape)
                 gone = torch.broadcast_to(torch.isneginf(lse_q), (B, hkv, g, *layout))
@@ -216,11 +225,18 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         if not direct:
             values[:, nnz:nnz + n] = val
         nnz += n
+    indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    return _trimmed(indptr, indices, values, nnz, B, hkv, g)
+
+
+def _trimmed(indptr: Tensor, indices: Tensor, values: Tensor, nnz: int, B: int, hkv: int,
+             g: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR buffers sized by the candidates, cut to their first ``nnz`` pairs."""
+    bound = indices.numel()
     indices, values = indices[:nnz], values[:, :nnz]
     if nnz < 0.75 * bound:  # masks cut many candidates: keep only the allowed pairs' memory
         indices, values = indices.clone(), values.clone()
-    indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-    indptr[1:] = torch.cumsum(counts, 0)
     return indptr, indices, values.view(B, hkv, g, nnz)
 
 
@@ -238,63 +254,130 @@ def _native_weights_ok(c: Component, qs: Tensor, k: Tensor, ctx: Ctx, lse: Tenso
 
 def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx
                  ) -> WeightsSink | None:
-    """CSR buffers for the compiled band forward to write the weights of a plan of one
-    unmasked band as it computes them (its probabilities are the weights: the band's
-    log-sum-exp is the row's), or None where :func:`pair_weights` computes them afterwards
-    (unions, whose rows' log-sum-exp spans other components too; autograd; other kernels).
+    """CSR buffers for the compiled band forward to write the weights of a plan's unmasked
+    band as it computes them, or None where :func:`pair_weights` computes them afterwards
+    (autograd; no such band). In a union the band's probabilities are normalized by its own
+    log-sum-exp, which the sink keeps, and rescaled to the row's afterwards (one pass over the
+    values instead of a second score GEMM); the other components' pairs get their places now.
+    A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
+    chunk instead.
 
     Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
-    if len(comps) != 1 or not _native_weights_ok(comps[0], qs, k, ctx, qs, grad):
-        return None
-    B, hkv, g, lq, _ = qs.shape
-    lk = ctx.lk
-    lo, hi = comps[0].band
-    rows = torch.arange(lq, device=qs.device) + (lk - lq)
-    n = ((rows + hi + 1).clamp(0, lk) - (rows + lo).clamp(0, lk)).clamp_min(0)
-    ends = torch.cumsum(n, 0)
-    nnz = int(ends[-1]) if lq else 0
-    return WeightsSink(comps[0], qs.new_empty(B * hkv * g, nnz), ends - n,
-                       torch.empty(nnz, dtype=torch.long, device=qs.device))
+    fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, qs, grad)),
+                None)
+    if fast is not None:
+        return _band_sink(qs, k, comps, ctx, fast)
+    c = comps[0] if len(comps) == 1 else None
+    if (isinstance(c, Ranges) and c.band is not None and c.masks and not grad
+            and ctx.bias is None and ctx.score_mod is None and ctx.dropout_p == 0):
+        # one masked band (dilated): the PyTorch band kernel appends its probabilities
+        B, hkv, g, lq, _ = qs.shape
+        bound = c.cost(lq, ctx.lk)  # its candidates: at least its allowed pairs
+        dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype
+        return WeightsSink(c, qs.new_empty(B * hkv * g, bound, dtype=dtype), qs.new_empty(0),
+                           torch.empty(bound, dtype=torch.long, device=qs.device),
+                           counts=torch.zeros(lq, dtype=torch.long, device=qs.device))
+    return None
 
 
-def _pair_weights_native(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: Tensor,
-                         fast: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`pair_weights` with component ``fast`` (an unmasked band) written by the compiled
-    band kernel straight into the CSR buffers: its keys of row ``i`` are one contiguous run
-    (the components are disjoint and a band is contiguous), placed after the other
-    components' keys of the row below the band's start. The other components (few pairs:
-    global rows and keys, offsets) go through :func:`pair_weights` and are scattered to their
-    places; every position is computed in closed form or by binary search, no sort."""
+def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: int
+               ) -> WeightsSink:
+    """The CSR layout of a plan whose component ``fast`` is an unmasked band, with buffers:
+    the band's keys of row ``i`` are one contiguous run (the components are disjoint and a band
+    is contiguous), placed after the other components' keys of the row below the band's start.
+    The other components' pairs (few: global rows and keys, offsets) are listed now (their keys
+    written to ``indices``), with buffers where their kernels put their scores as the forward
+    computes them (their weights need the row's log-sum-exp, known after the forward); every
+    place is found in closed form or by binary search, no sort."""
     B, hkv, g, lq, _ = qs.shape
     lk, device = ctx.lk, qs.device
-    lo, hi = comps[fast].band
+    band = comps[fast]
+    lo, hi = band.band
     rows = torch.arange(lq, device=device)
     start = (rows + (lk - lq) + lo).clamp(0, lk)
     n_band = ((rows + (lk - lq) + hi + 1).clamp(0, lk) - start).clamp_min(0)
     others = comps[:fast] + comps[fast + 1:]
+    o_rows = o_idx = None
     if others:
-        o_ptr, o_idx, o_val = pair_weights(qs, k, others, ctx, lse)
-        o_rows = torch.repeat_interleave(rows, o_ptr.diff())
-        o_key = o_rows * max(lk, 1) + o_idx  # sorted: CSR order
+        # each component's pairs sorted, then their places among all the others' pairs
+        keys = [(lambda rc: rc[0] * max(lk, 1) + rc[1])(allowed_pairs([c], lq, lk, device))
+                for c in others]
+        where = _merge_positions(keys)
+        o_key = _place(keys, where, sum(t.numel() for t in keys))  # sorted: CSR order
+        o_rows, o_idx = o_key // max(lk, 1), o_key % max(lk, 1)
+        o_count = torch.bincount(o_rows, minlength=lq)
+        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
+        o_ptr[1:] = torch.cumsum(o_count, 0)
         o_below = torch.searchsorted(o_key, rows * max(lk, 1) + start) - o_ptr[:-1]
     else:
-        o_ptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-        o_below = torch.zeros(lq, dtype=torch.long, device=device)
+        o_count = o_below = torch.zeros(lq, dtype=torch.long, device=device)
     indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
-    indptr[1:] = torch.cumsum(n_band + o_ptr.diff(), 0)
+    indptr[1:] = torch.cumsum(n_band + o_count, 0)
     nnz = int(indptr[-1])
-    values = lse.new_empty(B * hkv * g, nnz)
+    values = qs.new_empty(B * hkv * g, nnz)
     indices = torch.empty(nnz, dtype=torch.long, device=device)
-    native.band_weights(qs, k, lse, lo, hi, values, indptr[:-1] + o_below, indices)
-    if others and o_idx.numel():
+    sink = WeightsSink(band, values, indptr[:-1] + o_below, indices, indptr=indptr,
+                       others=others, other_rows=o_rows)
+    if others:
         # a pair's place: its row's start, the other components' pairs of the row before it,
         # and the band's keys of the row below its key
         first = indptr[:-1].index_select(0, o_rows)
         own = torch.arange(o_idx.numel(), device=device) - o_ptr[:-1].index_select(0, o_rows)
         band_below = (o_idx - start.index_select(0, o_rows)).clamp(0).minimum(
             n_band.index_select(0, o_rows))
-        pos = first + own + band_below
-        indices[pos] = o_idx
-        values.index_copy_(1, pos, o_val.reshape(B * hkv * g, -1))
-    return indptr, indices, values.view(B, hkv, g, nnz)
+        sink.other_pos = first + own + band_below
+        sink.captures = [[qs.new_empty(B * hkv * g, t.numel()), 0] for t in keys]
+        sink.capture_where = where
+        indices[sink.other_pos] = o_idx
+        sink.lse = qs.new_full((B, hkv, g, lq), float("-inf"))
+    return sink
+
+
+def _scale_rows(values: Tensor, indptr: Tensor, factor: Tensor) -> None:
+    """``values[:, indptr[i]:indptr[i + 1]] *= factor[:, i]`` in place, a cache-sized block of
+    rows at a time (one expanded factor per block, not one of the size of ``values``)."""
+    heads, lq = factor.shape
+    bounds = indptr.tolist()
+    lens = indptr.diff()
+    step = max(1, WEIGHTS_CHUNK_ELEMENTS // max(heads, 1))
+    r0 = 0
+    while r0 < lq:
+        r1 = min(lq, max(r0 + 1, bisect.bisect_right(bounds, bounds[r0] + step) - 1))
+        a, b = bounds[r0], bounds[r1]
+        if b > a:
+            f = factor[:, r0:r1].repeat_interleave(lens[r0:r1], dim=1, output_size=b - a)
+            values[:, a:b].mul_(f)
+        r0 = r1
+
+
+def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: WeightsSink
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`pair_weights` from a sink (:func:`_band_sink`): the band's run of each row as the
+    forward wrote it (rescaled from the band's log-sum-exp to the row's in a union), or written
+    now by the compiled band kernel where the forward took another kernel; the other
+    components' weights from :func:`pair_weights`, copied to their places."""
+    B, hkv, g, lq, _ = qs.shape
+    values = sink.values
+    if sink.rows != lq:  # the forward did not write them all (it took another kernel)
+        lo, hi = sink.comp.band
+        native.band_weights(qs, k, lse, lo, hi, values, sink.offsets, sink.indices)
+    elif sink.lse is not None:
+        # p = exp(s - lse_band) -> exp(s - lse); rows without any weight (lse = -inf) get 0
+        factor = torch.where(torch.isneginf(lse), 0.0, torch.exp(sink.lse - lse))
+        _scale_rows(values, sink.indptr, factor.reshape(B * hkv * g, lq))
+    if sink.other_pos is not None and sink.other_pos.numel():
+        # every other slot of a row was scaled above too: overwritten here
+        if all(n == buf.shape[1] for buf, n in sink.captures):  # the forward gave the scores
+            o_s = _place([buf for buf, _ in sink.captures], sink.capture_where,
+                         sink.other_pos.numel())
+        else:  # a kernel that does not hand out its scores: one more scoring pass
+            o_s = pair_weights(qs, k, sink.others, ctx, lse, scores=True)[2]
+        row_lse = lse.reshape(B * hkv * g, lq).index_select(1, sink.other_rows)
+        o_val = (o_s.reshape(B * hkv * g, -1) - row_lse).exp_()
+        o_val = o_val.masked_fill_(torch.isneginf(row_lse), 0.0)
+        values.index_copy_(1, sink.other_pos, o_val)
+    indptr = sink.indptr
+    if indptr is None:
+        indptr = torch.cat([sink.offsets, sink.offsets.new_tensor([sink.indices.numel()])])
+    return indptr, sink.indices, values.view(B, hkv, g, -1)

@@ -54,6 +54,26 @@ class WeightsSink:
     offsets: Tensor  # (Lq,) int64
     indices: Tensor  # (nnz,) int64
     rows: int = 0
+    #: a union: the plan's ``indptr (Lq + 1,)``, its other components, where their pairs go
+    #: (``(n_other,)`` positions in CSR order), their rows and scores, and the band's own
+    #: log-sum-exp
+    #: ``(B, Hkv, G, Lq)`` as the forward computed it (its probabilities are normalized by it,
+    #: not by the row's; :func:`.enumerate.pair_weights` rescales them)
+    indptr: Tensor | None = None
+    others: list[Component] = field(default_factory=list)
+    other_pos: Tensor | None = None
+    other_rows: Tensor | None = None  # (n_other,) their query rows
+    #: per other component: a ``(B * Hq, n_c)`` buffer for its pairs' finished scores (in its
+    #: own CSR order), filled by its kernel in the forward (:func:`capture_scores`), and how
+    #: many are written; ``capture_where``: their places among all the others' pairs
+    captures: list[list] = field(default_factory=list)
+    capture_where: list[Tensor] = field(default_factory=list)
+    lse: Tensor | None = None
+    #: a masked band (the PyTorch band kernel): its chunks append their allowed pairs, so
+    #: ``values``/``indices`` are sized by the candidates and ``counts (Lq,)`` per row are
+    #: filled as the chunks go; ``nnz`` pairs written so far
+    counts: Tensor | None = None
+    nnz: int = 0
 
 
 @dataclass
@@ -158,6 +178,27 @@ def _no_keys(qs: Tensor, nq: int, dv: int) -> tuple[Tensor, Tensor]:
             torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
 
 
+def capture_scores(comp: Component, s: Tensor, valid: Tensor, ctx: Ctx) -> None:
+    """Hand the finished scores ``s (B, Hkv, G, *S)`` of a chunk's allowed pairs (``valid``,
+    broadcasting to ``S``; row-major = CSR order) to the weights sink, where ``comp`` is one
+    of the other components of a union whose band writes its weights (see
+    :func:`.enumerate.weights_sink`): the weights then need no second scoring pass."""
+    sink = ctx.weights_sink
+    if sink is None or not sink.captures:
+        return
+    i = next((i for i, c in enumerate(sink.others) if c is comp), None)
+    if i is None:
+        return
+    buf, n0 = sink.captures[i]
+    pick = torch.broadcast_to(valid, s.shape[3:]).reshape(-1).nonzero().squeeze(1)
+    cnt = pick.numel()
+    if n0 + cnt > buf.shape[1]:
+        raise RuntimeError("a kernel handed out more pairs than its component lists")
+    rows = buf.shape[0]
+    torch.gather(s.reshape(rows, -1), 1, pick.expand(rows, -1), out=buf[:, n0:n0 + cnt])
+    sink.captures[i][1] = n0 + cnt
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -248,6 +289,8 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
         if z <= a:  # no key for any row of the chunk
             if sink is not None:
                 sink.rows += q1 - q0  # no weight to write
+                if sink.lse is not None:
+                    sink.lse[:, :, :, q0:q1] = NEG_INF
             return _no_keys(qs, q1 - q0, v.shape[-1])
         sub_lq, sub_lk = q1 - q0, z - a
         shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
@@ -257,6 +300,8 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
                                      replace(ctx, lq=sub_lq, lk=sub_lk), w)
         if sink is not None:
             sink.rows += q1 - q0
+            if sink.lse is not None:
+                sink.lse[:, :, :, q0:q1] = lse
         return out, (lse if ctx.need_lse else None)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
@@ -358,6 +403,18 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
         qc = F.pad(qc, (0, 0, 0, pad))
     qc = qc.reshape(B, hkv, g, nb, bq, d).transpose(2, 3).reshape(B, hkv, nb, g * bq, d)
     outs, lses = [], []
+    sink = ctx.weights_sink
+    if sink is not None and sink.comp is comp and sink.counts is not None:
+        # the weights of this chunk's allowed pairs, CSR order = the window layout's row-major
+        # order (each row's keys ascend): appended as each head's probabilities are computed
+        pick = ok.reshape(-1).nonzero().squeeze(1)
+        n0, cnt = sink.nnz, pick.numel()
+        per_block = ok.shape[1] * width  # pick -> (block, slot): the key of that window slot
+        slot = (pick // per_block) * width + pick % width
+        torch.index_select(win.kj.reshape(-1), 0, slot, out=sink.indices[n0:n0 + cnt])
+        sink.counts[q0:q1] = ok.sum(-1).reshape(-1)[:nq]
+    else:
+        sink = None
     for b in range(B):
         for h in range(hkv):
             kw_t = kp[b, h].unfold(0, width, bq)  # (nb, d, C): windows, transposed, a view
@@ -378,7 +435,15 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
                 p = p.masked_fill(empty_g.unsqueeze(-1), 0.0)
             if ctx.dropout_p > 0 and training:
                 p = F.dropout(p, ctx.dropout_p, training=True)
+            if sink is not None:
+                p4 = p.view(nb, g, bq, width)
+                for gi in range(g):
+                    torch.index_select(p4[:, gi].reshape(-1), 0, pick,
+                                       out=sink.values[(b * hkv + h) * g + gi, n0:n0 + cnt])
             outs.append(torch.bmm(p.to(v.dtype), vw))
+    if sink is not None:
+        sink.nnz += cnt
+        sink.rows += nq
     out = torch.stack(outs).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
     out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
     if ctx.need_lse:
@@ -428,7 +493,8 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     ``window | exponential`` at 16k tokens)."""
     B, hkv, g, _, _ = qs.shape
     dv = v.shape[-1]
-    s, _, kj, _, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    s, _, kj, valid, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    capture_scores(comp, s, valid, ctx)
     nq = kj.shape[0]
     delta = ctx.lk - ctx.lq
     p, lse = softmax_rows(s, ctx, training)
@@ -450,10 +516,12 @@ def _key_scores(qc, kc, qi, kj, valid, ctx: Ctx) -> Tensor:
     return finish_scores(s, qi, kj, valid, ctx)
 
 
-def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool):
-    """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set."""
+def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool, comp=None):
+    """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set (``comp``: the
+    component, for :func:`capture_scores`)."""
     B, hkv, g, nr, d = qc.shape
     s = _key_scores(qc, kc, qi, kj, valid, ctx)
+    capture_scores(comp, s, valid, ctx)
     p, lse = softmax_rows(s, ctx, training)
     out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, kc.shape[2]), vc)
     return out.view(B, hkv, g, nr, -1), lse
@@ -465,7 +533,7 @@ def _keyset_partial(comp: KeySet | AllKeys, qs, k, v, q0, q1, ctx: Ctx, training
         kc, vc = k, v
     else:
         kc, vc = k.index_select(2, kj[0]), v.index_select(2, kj[0])
-    return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training)
+    return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training, comp)
 
 
 def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
@@ -477,7 +545,8 @@ def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     if rows.numel() == 0:
         return out, lse
     qi, kj, valid = comp.candidates_for(rows, 0, ctx.lk, ctx.lq, ctx.lk)
-    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training)
+    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training,
+                             comp)
     local = rows - q0
     return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
 
@@ -704,6 +773,19 @@ def structured_attention(
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
     )
+    whole = [c for c in comps if grad and _kernel_for(c, ctx) is _band_fast_partial
+             and _native_band_ok(c, qs, k, v, ctx, training)]
+    if whole:
+        # With autograd, a compiled band runs over all rows at once: it keeps nothing of size
+        # rows x window (its backward recomputes from the lse), so chunks would only cost, as
+        # the backward of each chunk's slices of q, k, v is a zero-filled gradient of their
+        # full size, summed over the chunks (64k tokens, 18 chunks: ~3/4 of the backward's
+        # time). The other components are chunked on their own (few rows or keys: few chunks).
+        rest = [c for c in comps if not any(c is w for w in whole)]
+        parts = [_band_fast_partial(c, qs, k, v, 0, lq, ctx, training) for c in whole]
+        if rest:
+            parts.append(structured_attention(qs, k, v, rest, ctx, training))
+        return merge(parts)
     n_chunks = math.ceil(lq / rows)
     # Recompute chunks in backward (FlashAttention-style) once keeping every chunk's
     # intermediates would cost more memory than a couple of chunks.
