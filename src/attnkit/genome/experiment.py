@@ -64,7 +64,7 @@ class GenomeConfig:
     task_steps_per_stage: int = 300
     task_batch: int = 16
     # bases per training batch at most (fewer samples where samples are long): a full batch
-    # at the 10^5 distance is 3.2M bases, ~1.5 min of one-core CPU per step, ~8 h per full run
+    # at the 10^5 distance is 3.2M bases, 1.5-2 min of one-core CPU per step, ~10 h per full run
     task_step_bases: int = 65536
     task_lr: float = 1e-2
     task_eval: int = 64
