@@ -109,6 +109,21 @@ def test_curriculum_stages_shortest_first_and_no_position():
         DistanceCurriculum([], 5)
 
 
+def test_curriculum_max_bases_caps_long_batches_only():
+    """max_bases shrinks the batch where samples are long (never below one sample) and leaves
+    short distances at the asked batch; the stages still draw shortest first."""
+    tasks = [LongRangeTask(d, d + max(d, 32), seed=3) for d in (16, 100)]  # 48, 200 bases
+    capped = DistanceCurriculum(tasks, steps_per_stage=10, max_bases=300)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [tuple(capped.sample(8, gen)[0].shape) for _ in range(20)]
+    assert set(shapes[:10]) == {(6, 48)}  # 300 // 48 = 6
+    assert set(shapes[10:]) == {(6, 48), (1, 200)}  # 300 // 200 = 1
+    assert DistanceCurriculum(tasks, 5).batch_for(tasks[1], 8) == 8
+    assert DistanceCurriculum(tasks, 5, max_bases=10).batch_for(tasks[0], 8) == 1
+    with pytest.raises(ValueError, match="max_bases"):
+        DistanceCurriculum(tasks, 5, max_bases=0)
+
+
 def test_train_mlm_early_stopping_stops_and_keeps_best():
     """With lr 0 validation never improves: training stops after the first evaluation plus
     `patience` more, far before the cap; history records every evaluation."""

@@ -19,6 +19,7 @@ from attnkit.genome import (
     markov_baselines,
     train_mlm,
 )
+from attnkit.genome import model as model_mod
 from attnkit.genome.train import load_checkpoint, mask_tokens
 
 PATTERNS = [
@@ -66,6 +67,30 @@ def test_streaming_whole_sequence_equals_forward(chunk):
     tokens = torch.randint(0, 6, (53,))
     torch.testing.assert_close(model.embed_genome(tokens, chunk_size=chunk),
                                model(tokens[None])[0], rtol=1e-10, atol=1e-10)
+
+
+def test_streaming_default_chunks_equal_forward_fp32(monkeypatch):
+    """The default cache-sized chunks (several per sequence here), per-chunk rotary tables and
+    the pre-scaled queries give the unchunked forward's numbers to fp32 rounding."""
+    monkeypatch.setattr(model_mod, "STREAM_CHUNK_BYTES", 64 * 1024)
+    torch.manual_seed(2)
+    model = GenomeEncoder(16, 2, 2, GenomePattern(window=8, hubs=4)).eval()
+    chunk = model.stream_chunk()
+    assert chunk == 64 * 1024 // (4 * 16 * 4)  # MLP hidden of a chunk = the byte budget
+    tokens = torch.randint(0, 6, (5 * chunk + 37,))
+    with torch.no_grad():
+        ref = model(tokens[None])[0]
+    got = model.embed_genome(tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.embed_genome(tokens, chunk_size=tokens.numel()), got,
+                               rtol=1e-4, atol=1e-5)
+    # per-chunk tables must carry the chunk's own positions: shifting every chunk but the
+    # first by one position (rotary is relative, so only a non-uniform shift shows) changes
+    # the result far beyond rounding
+    orig = model_mod._rope_tables
+    monkeypatch.setattr(model_mod, "_rope_tables",
+                        lambda attn, s, e, *a: orig(attn, s + (s > 0), e + (s > 0), *a))
+    assert not torch.allclose(model.embed_genome(tokens), ref, rtol=1e-3, atol=1e-3)
 
 
 def test_encoder_bad_input():

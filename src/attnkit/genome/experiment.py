@@ -63,6 +63,9 @@ class GenomeConfig:
     task_heads: int = 2
     task_steps_per_stage: int = 300
     task_batch: int = 16
+    # bases per training batch at most (fewer samples where samples are long): a full batch
+    # at the 10^5 distance is 3.2M bases, 1.5-2 min of one-core CPU per step, ~10 h per full run
+    task_step_bases: int = 65536
     task_lr: float = 1e-2
     task_eval: int = 64
     dense_max: int = 16384
@@ -75,12 +78,14 @@ class GenomeConfig:
     genome_heads: int = 4
     genome_window: int = 128
     genome_hubs: int = 8
-    genome_steps: int = 20000  # a cap: full mode stops when validation stops improving
-    genome_window_len: int = 16384
+    # a cap (one step of 8192 bases is ~0.9 s of one-core CPU): full mode stops earlier when
+    # validation stops improving; genome_steps_run says which
+    genome_steps: int = 1500
+    genome_window_len: int = 8192
     genome_eval_stride: int = 8
     genome_eval_passes: int = 8
     genome_early_stopping: bool = True
-    genome_eval_every: int = 200
+    genome_eval_every: int = 100
     genome_patience: int = 5
     genome_valid_len: int = 32768
     markov_orders: tuple[int, ...] = tuple(range(1, 13))
@@ -230,7 +235,8 @@ def task_job(cfg: GenomeConfig, seed: int, arm: str) -> dict[str, float]:
     tasks = [LongRangeTask(d, task_length(cfg, d), seed=seed) for d in ds]
     out = {}
     with stats.single_thread():
-        curriculum = DistanceCurriculum(tasks, cfg.task_steps_per_stage)
+        curriculum = DistanceCurriculum(tasks, cfg.task_steps_per_stage,
+                                        max_bases=cfg.task_step_bases)
         torch.manual_seed(seed)  # identical initialization, data and steps for each arm
         model = _task_model(cfg, arm)
         train_labels(model, curriculum.sample, steps=curriculum.total_steps,
@@ -356,9 +362,10 @@ def _genome_part(ctx: RunContext, cfg: GenomeConfig, path: Path, seeds: list[int
         history: list[tuple[int, float]] = []
         # one window per step per rank (under torchrun the batch is split over the ranks);
         # full mode: early stopping on the validation slice, genome_steps is only a cap.
-        # Quick mode on one thread: several threads on a loaded machine (the report's) burn
-        # CPU waiting at barriers, and the task's workers use the other cores.
-        with stats.single_thread() if ctx.quick else contextlib.nullcontext():
+        # One thread in quick mode or beside the task's workers: several threads on a loaded
+        # machine (the report's) burn CPU waiting at barriers, and the workers use the cores.
+        one = ctx.quick or (cfg.task_workers > 1 and world_size() == 1)
+        with stats.single_thread() if one else contextlib.nullcontext():
             losses = train_mlm(
                 model, train, steps=cfg.genome_steps, window_len=window_len,
                 batch_size=world_size(), seed=seed,
@@ -519,13 +526,23 @@ def run_genome(ctx: RunContext, cfg: GenomeConfig) -> Result:
         "call per length with torch's default two threads on a loaded machine (the same "
         "engine call costs 0.17 s -> 0.77 s of one-thread CPU from 65k to 262k bases, slope "
         "1.07, while two threads under load took 11-25 s per call and burnt 4-19x the CPU "
-        "waiting). "
+        "waiting). The streaming forward runs its position-wise parts (stem, norms, "
+        "projections, rotary tables, MLP) in chunks of ~1 MiB of MLP activations "
+        "(GenomeEncoder.stream_chunk): with 65536-position chunks and whole-length rotary "
+        "tables, the per-base CPU of those parts alone grew ~20% from 64k to 1M bases "
+        "(page faults and cache misses of their temporaries). What per-base growth remains "
+        "over 64k-1M is memory, not arithmetic: first-touch page faults of the whole-length "
+        "buffers (x, q, k, v, attention output; system time at 1M, none at 64k, where the "
+        "allocator recycles buffers under 32 MiB) and the engine reading q, k, v from DRAM "
+        "instead of cache. "
         "Long-range task: one planted (marker + class motif, query motif) pair per sample at "
         "a uniformly random position, the query exactly d bases downstream, length "
         f"d + max(d, {cfg.task_margin}); global tokens evenly spaced (BigBird-style marked), "
         "never placed from the answer. One model per arm and seed, trained on a curriculum "
         f"over the distances ({stages}; {cfg.task_steps_per_stage} steps per stage, each "
-        "stage drawing batches from it and every shorter distance), identical for every arm "
+        "stage drawing batches from it and every shorter distance; batches of "
+        f"{cfg.task_batch} samples, at most {cfg.task_step_bases} bases, so fewer (at least "
+        "one) at the longest distances), identical for every arm "
         "(same initialization, batches and steps); scored at every distance on held-out "
         f"samples; dense only up to {cfg.dense_max} bases. Positive controls: every compared "
         f"arm at distance {cfg.task_distances[0]} (inside the window) and dense at the "

@@ -6,13 +6,15 @@ hub tokens: ``sliding_window(w) | exponential() | global_tokens(hubs)``, about
 attention goes through :func:`attnkit.attention` (no kernel of its own).
 
 Whole-genome inference (:meth:`GenomeEncoder.embed_genome`) streams layer by layer without
-autograd: position-wise parts (layer norm, projections, MLP) run in chunks of positions and write
-into preallocated buffers, so the peak holds ``x``, ``q``, ``k``, ``v`` and the attention output
-(``5 * L * dim`` floats) plus the engine's bounded chunk workspace.
+autograd: position-wise parts (stem, layer norm, projections, rotary tables, MLP) run in
+cache-sized chunks of positions and write into preallocated buffers, so the peak holds ``x``,
+``q``, ``k``, ``v`` and the attention output (``5 * L * dim`` floats) plus the engine's bounded
+chunk workspace, and the per-base cost of the position-wise parts does not grow with ``L``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +34,13 @@ __all__ = ["GenomePattern", "GenomeEncoder", "PatternSpec"]
 #: A fixed pattern, a function ``length -> pattern`` (hubs depend on the length), or ``None``
 #: for dense attention.
 PatternSpec = Pattern | Callable[[int], Pattern] | None
+
+#: Bytes of the widest per-chunk temporary (the MLP's hidden layer) in
+#: :meth:`GenomeEncoder.embed_genome` by default: about a core's L2 and far under glibc's mmap
+#: threshold, so every chunk reuses the same warm memory. Chunks of 65536 positions (a 32 MiB
+#: hidden layer at dim 32) took fresh pages for every chunk and made the per-base cost grow
+#: from 64k to 1M bases.
+STREAM_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -92,10 +101,6 @@ def _rope_tables(attn: SelfAttention, start: int, end: int, device, dtype
     return attn.rotary.tables(start, end, device, dtype)
 
 
-def _rows(tables: tuple[Tensor, Tensor] | None, s: int, e: int) -> tuple[Tensor, Tensor] | None:
-    return None if tables is None else (tables[0][s:e], tables[1][s:e])
-
-
 class GenomeBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, ff_mult: int):
         super().__init__()
@@ -129,26 +134,34 @@ class GenomeBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     @torch.no_grad()
-    def stream_(self, x: Tensor, pattern: Pattern | None, rope: tuple[Tensor, Tensor] | None,
-                chunk: int) -> Tensor:
-        """In-place inference update of ``x (B, L, dim)``, position-wise work in chunks."""
+    def stream_(self, x: Tensor, pattern: Pattern | None, chunk: int, *,
+                qkv: Tensor | None = None) -> Tensor:
+        """In-place inference update of ``x (B, L, dim)``, position-wise work in chunks of
+        ``chunk`` positions. ``qkv``: an optional ``(3, B, heads, L, head_dim)`` buffer to
+        write the heads into (reused across blocks)."""
         b, n, dim = x.shape
         h, dh = self.attn.num_heads, self.attn.head_dim
-        qkv = x.new_empty(3, b, h, n, dh)
+        if qkv is None:
+            qkv = x.new_empty(3, b, h, n, dh)
+        # The engine would form q * scale as one full-length copy (fresh pages at every call
+        # once L * dim floats pass the allocator's mmap threshold); the same product formed
+        # chunk by chunk, while q is in cache, and scale=1.0 give the same numbers.
+        scale = 1.0 / math.sqrt(dh)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            for i, t in enumerate(self.attn.qkv(self.norm1(x[:, s:e]),
-                                                rope_tables=_rows(rope, s, e))):
-                qkv[i, :, :, s:e] = t
-        a = attnkit.attention(qkv[0], qkv[1], qkv[2], pattern=pattern)
-        del qkv
-        for s in range(0, n, chunk):
+            # rotary tables per chunk: whole-length tables are float64 temporaries of
+            # several times L * rotary_dims values that leave the cache at 10^6 bases
+            rope = _rope_tables(self.attn, s, e, x.device, x.dtype)
+            q, k, v = self.attn.qkv(self.norm1(x[:, s:e]), rope_tables=rope)
+            qkv[0, :, :, s:e] = q * scale
+            qkv[1, :, :, s:e] = k
+            qkv[2, :, :, s:e] = v
+        a = attnkit.attention(qkv[0], qkv[1], qkv[2], pattern=pattern, scale=1.0)
+        for s in range(0, n, chunk):  # merge and MLP in one pass while the chunk is in cache
             e = min(n, s + chunk)
-            x[:, s:e] += self.attn.merge(a[:, :, s:e])
-        del a
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            x[:, s:e] += self.mlp(self.norm2(x[:, s:e]))
+            xs = x[:, s:e]
+            xs += self.attn.merge(a[:, :, s:e])
+            xs += self.mlp(self.norm2(xs))
         return x
 
 
@@ -295,11 +308,20 @@ class GenomeEncoder(nn.Module):
             x = block(x, None, rope, None, attend=attend)
         return self.norm(x)
 
+    def stream_chunk(self) -> int:
+        """Positions per chunk of :meth:`embed_genome`'s position-wise work by default: the
+        MLP's hidden activations of a chunk fill about :data:`STREAM_CHUNK_BYTES`."""
+        hidden = self.config["ff_mult"] * self.config["dim"] * self.embed.weight.element_size()
+        return max(256, STREAM_CHUNK_BYTES // hidden)
+
     @torch.no_grad()
-    def embed_genome(self, tokens: Tensor, *, chunk_size: int = 1 << 16) -> Tensor:
+    def embed_genome(self, tokens: Tensor, *, chunk_size: int | None = None) -> Tensor:
         """Hidden states ``(L, dim)`` of a whole genome ``tokens (L,)`` in one call, streaming
-        through the layers (no autograd; position-wise work in chunks of ``chunk_size``)."""
+        through the layers (no autograd; position-wise work in chunks of ``chunk_size``
+        positions, default :meth:`stream_chunk`). Equals :meth:`forward` up to rounding."""
         self._check_tokens(tokens, 1)
+        if chunk_size is None:
+            chunk_size = self.stream_chunk()
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         n = tokens.numel()
@@ -314,9 +336,11 @@ class GenomeEncoder(nn.Module):
         hubs = self.hub_positions(n).to(x.device)
         if hubs.numel():
             x[:, hubs] += self.hub_embed
-        rope = _rope_tables(self.blocks[0].attn, 0, n, x.device, x.dtype)
+        attn = self.blocks[0].attn
+        qkv = x.new_empty(3, 1, attn.num_heads, n, attn.head_dim)  # shared by the blocks
         for block in self.blocks:
-            block.stream_(x, pattern, rope, chunk_size)
+            block.stream_(x, pattern, chunk_size, qkv=qkv)
+        del qkv
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
             x[:, s:e] = self.norm(x[:, s:e])

@@ -225,10 +225,15 @@ class DistanceCurriculum:
     Args:
         tasks: the tasks, one per distance (same ``seed``: same motifs and background chain).
         steps_per_stage: batches per stage (> 0).
+        max_bases: optional cap on the bases of one batch: a batch at a distance whose
+            samples are ``length`` bases long holds ``max(1, min(batch, max_bases // length))``
+            samples (the cost of a step grows with its bases; at 10^5-base distances a full
+            batch of 16 samples is 3.2M bases, ~1.5 min of one-core CPU per step).
     """
 
     tasks: list[LongRangeTask]
     steps_per_stage: int
+    max_bases: int | None = None
     calls: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -238,6 +243,9 @@ class DistanceCurriculum:
                 or self.steps_per_stage < 1:
             raise ValueError(f"steps_per_stage must be a positive int, got "
                              f"{self.steps_per_stage!r}")
+        if self.max_bases is not None and (isinstance(self.max_bases, bool) or not isinstance(
+                self.max_bases, int) or self.max_bases < 1):
+            raise ValueError(f"max_bases must be a positive int or None, got {self.max_bases!r}")
         self.tasks = sorted(self.tasks, key=lambda t: t.distance)
         ref = self.tasks[0]
         for t in self.tasks[1:]:
@@ -250,8 +258,16 @@ class DistanceCurriculum:
         return self.steps_per_stage * len(self.tasks)
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``(tokens (B, L_d), labels (B, L_d))`` of one distance ``d`` of the current stage."""
+        """``(tokens (B', L_d), labels (B', L_d))`` of one distance ``d`` of the current stage
+        (``B' = batch`` unless ``max_bases`` caps it)."""
         stage = min(self.calls // self.steps_per_stage, len(self.tasks) - 1)
         self.calls += 1
         pick = int(torch.randint(0, stage + 1, (1,), generator=generator))
-        return self.tasks[pick].sample(batch, generator)
+        task = self.tasks[pick]
+        return task.sample(self.batch_for(task, batch), generator)
+
+    def batch_for(self, task: LongRangeTask, batch: int) -> int:
+        """Samples of ``task`` in a batch asked for as ``batch`` (see ``max_bases``)."""
+        if self.max_bases is None:
+            return batch
+        return max(1, min(batch, self.max_bases // task.length))

@@ -216,7 +216,7 @@ def train_mlm(
 
 @torch.no_grad()
 def bits_per_base(model: GenomeEncoder, tokens: Tensor, *, stride: int = 8,
-                  passes: int | None = None, chunk_size: int = 1 << 16) -> float:
+                  passes: int | None = None, chunk_size: int | None = None) -> float:
     """Masked-base code length in bits per base on held-out ``tokens (L,)``.
 
     Pass ``r`` masks every base at positions ``= r (mod stride)`` and scores them from the rest
