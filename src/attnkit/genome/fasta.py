@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_int
+
 __all__ = [
     "FastaRecord",
     "read_fasta",
@@ -118,8 +120,7 @@ _IUPAC_BYTES = (IUPAC + IUPAC.lower()).encode("ascii")
 
 
 def _check_max_bases(max_bases) -> int:
-    if isinstance(max_bases, bool) or not isinstance(max_bases, int) or max_bases < 1:
-        raise ValueError(f"max_bases must be a positive int, got {max_bases!r}")
+    check_positive_int("max_bases", max_bases)
     return max_bases
 
 
@@ -408,8 +409,7 @@ def read_fasta(path: str | Path, *, min_length: int = 1,
 
 def write_fasta(records: Iterable[FastaRecord], path: str | Path, *, width: int = 60) -> None:
     """Write records (gzip when ``path`` ends in ``.gz``); soft-masked bases as lower case."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    check_positive_int("width", width)
     out = []
     for r in records:
         seq = r.sequence

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 import attnkit
 from attnkit import patterns as P
+from attnkit.checks import check_positive_int
 from attnkit.nn.attention import SelfAttention
 from attnkit.patterns import Pattern
 
@@ -195,8 +196,7 @@ class GenomeEncoder(nn.Module):
         super().__init__()
         for name, val in (("dim", dim), ("depth", depth), ("num_heads", num_heads),
                           ("num_labels", num_labels), ("ff_mult", ff_mult)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if not isinstance(stem_kernel, int) or stem_kernel < 1 or stem_kernel % 2 == 0:
             raise ValueError(f"stem_kernel must be a positive odd int, got {stem_kernel!r}")
         if not (pattern is None or isinstance(pattern, Pattern) or callable(pattern)):
@@ -322,8 +322,7 @@ class GenomeEncoder(nn.Module):
         self._check_tokens(tokens, 1)
         if chunk_size is None:
             chunk_size = self.stream_chunk()
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_positive_int("chunk_size", chunk_size)
         n = tokens.numel()
         pattern = _resolve(self.pattern, n)
         dim = self.config["dim"]

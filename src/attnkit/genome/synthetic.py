@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_int
+
 __all__ = ["HubTask", "LongRangeTask", "DistanceCurriculum", "markov_background",
            "random_markov_chain", "IGNORE_INDEX"]
 
@@ -239,13 +241,8 @@ class DistanceCurriculum:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("tasks is empty")
-        if isinstance(self.steps_per_stage, bool) or not isinstance(self.steps_per_stage, int) \
-                or self.steps_per_stage < 1:
-            raise ValueError(f"steps_per_stage must be a positive int, got "
-                             f"{self.steps_per_stage!r}")
-        if self.max_bases is not None and (isinstance(self.max_bases, bool) or not isinstance(
-                self.max_bases, int) or self.max_bases < 1):
-            raise ValueError(f"max_bases must be a positive int or None, got {self.max_bases!r}")
+        check_positive_int("steps_per_stage", self.steps_per_stage)
+        check_positive_int("max_bases", self.max_bases, optional=True)
         self.tasks = sorted(self.tasks, key=lambda t: t.distance)
         ref = self.tasks[0]
         for t in self.tasks[1:]:

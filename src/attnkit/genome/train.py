@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_positive_int
 from ..distributed.data_parallel import (
     ApplyModule,
     all_reduce_mean,
@@ -31,11 +32,6 @@ __all__ = ["mask_tokens", "train_mlm", "train_labels", "bits_per_base", "label_a
            "save_checkpoint", "load_checkpoint"]
 
 Progress = Callable[[Iterable, str], Iterator]
-
-
-def _check_positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
 
 
 def mask_tokens(tokens: Tensor, rate: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -146,14 +142,14 @@ def train_mlm(
     ``DistributedDataParallel`` copy on its share of them (``batch_size`` must be at least the
     number of ranks); only rank 0 writes the checkpoint.
     """
-    _check_positive("steps", steps)
-    _check_positive("window_len", window_len)
-    _check_positive("batch_size", batch_size)
-    _check_positive("checkpoint_every", checkpoint_every)
+    check_positive_int("steps", steps)
+    check_positive_int("window_len", window_len)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("checkpoint_every", checkpoint_every)
     if valid is not None:
-        _check_positive("eval_every", eval_every)
-        _check_positive("patience", patience)
-        _check_positive("valid_stride", valid_stride)
+        check_positive_int("eval_every", eval_every)
+        check_positive_int("patience", patience)
+        check_positive_int("valid_stride", valid_stride)
     if not isinstance(tokens, Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:
         raise ValueError("tokens must be a 1-D int64 tensor (see attnkit.genome.encode)")
     if tokens.numel() < window_len:
@@ -223,7 +219,7 @@ def bits_per_base(model: GenomeEncoder, tokens: Tensor, *, stride: int = 8,
     of the sequence (one whole-sequence streaming forward per pass); ``passes`` defaults to
     ``stride``, which scores every known base exactly once. ``N`` positions are skipped.
     """
-    _check_positive("stride", stride)
+    check_positive_int("stride", stride)
     passes = stride if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or not 1 <= passes <= stride:
         raise ValueError(f"passes must be an int in [1, stride={stride}], got {passes!r}")
@@ -262,8 +258,8 @@ def train_labels(
 
     Under ``torchrun`` every rank draws the same batch and trains a ``DistributedDataParallel``
     copy on its share of it (``batch_size`` must be at least the number of ranks)."""
-    _check_positive("steps", steps)
-    _check_positive("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
     gen = torch.Generator().manual_seed(seed)
     opt, sched = _optimizer(model, lr, steps)
     losses: list[float] = []
