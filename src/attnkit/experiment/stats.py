@@ -53,6 +53,7 @@ LEVEL = 0.95
 N_BOOT = 10_000
 BOOT_SEED = 12345
 T = TypeVar("T")
+K = TypeVar("K")  # a case's key: any hashable name
 
 
 @dataclass(frozen=True)
@@ -353,12 +354,12 @@ def stack_metrics(per_seed: Sequence[Mapping[str, float]]) -> dict[str, np.ndarr
 
 
 def interleaved_times(
-    cases: Mapping[str, Callable[[], Any]],
+    cases: Mapping[K, Callable[[], Any]],
     *,
     repeat: int = 7,
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, list[float]]:
+) -> dict[K, list[float]]:
     """Seconds of each case, measured in rounds A B C, A B C, ... so a change in the machine's
     load hits every case alike. Returns ``{case: [seconds per round]}``; take medians
     (``statistics.median``) or pass the lists to :func:`ratio_ci` (paired by round).
@@ -378,7 +379,7 @@ def interleaved_times(
         for fn in cases.values():
             fn()
     sync_device()
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[K, list[float]] = {name: [] for name in cases}
     for _ in range(repeat):
         for name, fn in cases.items():
             t0 = clock()

@@ -164,19 +164,25 @@ def _cost_part(ctx: RunContext, cfg: GenomeConfig) -> tuple[dict, list[dict], li
     thread) per pattern and length, repeats interleaved across patterns, and the peak memory
     it adds (a child process, repeated); log-log slopes with intervals."""
     models = {kind: _cost_model(kind, cfg) for kind in COST_KINDS}
-    times: dict[str, list[list[float]]] = {k: [] for k in COST_KINDS}
+    tokens = {n: _cost_tokens(n) for n in cfg.cost_lengths}
+    cases = {(k, n): (lambda m=m, t=tokens[n]: m.embed_genome(t))
+             for n in cfg.cost_lengths for k, m in models.items()}
+    got: dict[tuple[str, int], list[float]] = {key: [] for key in cases}
     rows = []
     with stats.single_thread():
-        for n in ctx.progress(cfg.cost_lengths, desc="genome cost", total=len(cfg.cost_lengths)):
-            tokens = _cost_tokens(n)
-            cases = {k: (lambda m=m, t=tokens: m.embed_genome(t)) for k, m in models.items()}
-            # CPU time of one thread: what the call costs, whatever else runs on the machine
-            # (wall time of a 2-thread call on a loaded machine gave the old slope of 1.75)
-            got = stats.interleaved_times(cases, repeat=cfg.cost_repeats, warmup=1,
+        for r in ctx.progress(range(cfg.cost_repeats), desc="genome cost rounds",
+                              total=cfg.cost_repeats):
+            # Each round times every pattern at every length, so a load that changes during
+            # the sweep hits all lengths alike instead of tilting the slope (lengths timed one
+            # after another, smallest first, read a rising load as a steeper slope). CPU time
+            # of one thread: what the call costs, whatever else runs on the machine (wall time
+            # of a 2-thread call on a loaded machine gave the old slope of 1.75).
+            one = stats.interleaved_times(cases, repeat=1, warmup=1 if r == 0 else 0,
                                           clock=time.process_time)
-            for k in COST_KINDS:
-                times[k].append(got[k])
-    del models
+            for key, ts in one.items():
+                got[key].extend(ts)
+    times = {k: [got[(k, n)] for n in cfg.cost_lengths] for k in COST_KINDS}
+    del models, cases, tokens
     jobs = [(k, n) for n in cfg.cost_lengths for k in COST_KINDS]  # small sizes first
     ctx.log(f"genome: peak memory of {len(jobs)} x {cfg.cost_mem_repeats} model forwards "
             "in a child process ...")
