@@ -99,7 +99,7 @@ class GenomeConfig:
         """The report's budget: model cost over 16k-131k bases (fixed costs a few % at the
         smallest), the task at distances 32-300 (40 steps per curriculum stage), a genome
         model of 10 steps without early stopping: said so in the notes."""
-        return cls(cost_lengths=(16384, 32768, 65536, 131072), cost_repeats=3,
+        return cls(cost_lengths=(16384, 32768, 65536, 131072), cost_repeats=5,
                    cost_mem_repeats=2, cost_dim=16, task_distances=(32, 100, 300),
                    task_steps_per_stage=40, task_eval=32, genome_dim=32, genome_depth=2,
                    genome_heads=2, genome_window=64, genome_steps=10, genome_window_len=4096,
