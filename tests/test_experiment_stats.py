@@ -214,3 +214,23 @@ def test_slope_diff_ci():
     assert ci.value == pytest.approx(a.value - b.value)
     with pytest.raises(ValueError, match="one sequence per size"):
         stats.slope_diff_ci(sizes, quad, lin[:2])
+
+
+def test_interleaved_min_times_keeps_each_rounds_fastest_call():
+    ticks = iter(range(1000))
+    calls = []
+    durations = {"a": iter([5, 1, 2, 7, 3, 3]), "b": iter([1, 1, 9, 4, 2, 8])}
+    now = [0.0]
+
+    def case(name):
+        def run():
+            calls.append(name)
+            now[0] += next(durations[name])
+        return run
+
+    got = stats.interleaved_min_times({"a": case("a"), "b": case("b")}, repeat=3, calls=2,
+                                      warmup=0, clock=lambda: now[0] + 0 * next(ticks))
+    assert calls == ["a", "b"] * 6  # interleaved call by call
+    assert got == {"a": [1, 2, 3], "b": [1, 4, 2]}
+    with pytest.raises(ValueError, match="calls"):
+        stats.interleaved_min_times({"a": case("a")}, calls=0)

@@ -284,11 +284,10 @@ def time_sweep(ctx: RunContext, max_len: int | None) -> dict[str, dict[int, list
                 # one call at the smallest size warms up; a round of warm-ups at every size
                 # cost as much as a timed round (large buffers are fresh mmaps on every call)
                 cases[str(min(lens))]()
-            got = (stats.interleaved_times(cases, repeat=repeat * CALLS_PER_ROUND, warmup=0,
-                                           clock=time.process_time) if cases else {})
-            times[config] = {int(n): [min(ts[i:i + CALLS_PER_ROUND])
-                                      for i in range(0, len(ts), CALLS_PER_ROUND)]
-                             for n, ts in got.items()}
+            got = (stats.interleaved_min_times(cases, repeat=repeat, calls=CALLS_PER_ROUND,
+                                               warmup=0, clock=time.process_time)
+                   if cases else {})
+            times[config] = {int(n): ts for n, ts in got.items()}
             del cases, got
     return times
 

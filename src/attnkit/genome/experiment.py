@@ -22,6 +22,7 @@ from attnkit.distributed.data_parallel import world_size
 
 from ..experiment import Decision, Experiment, Option, Result, RunContext, stats
 from ..experiment.profiling import peak_rss_sweep
+from ..experiment.workers import process_pool, stop_pool
 from .embedded import EMBEDDED_GENOME_ACCESSION, embedded_genome_path
 from .fasta import join_records, read_fasta
 from .markov import select_markov
@@ -174,11 +175,14 @@ def _cost_part(ctx: RunContext, cfg: GenomeConfig) -> tuple[dict, list[dict], li
                               total=cfg.cost_repeats):
             # Each round times every pattern at every length, so a load that changes during
             # the sweep hits all lengths alike instead of tilting the slope (lengths timed one
-            # after another, smallest first, read a rising load as a steeper slope). CPU time
-            # of one thread: what the call costs, whatever else runs on the machine (wall time
-            # of a 2-thread call on a loaded machine gave the old slope of 1.75).
-            one = stats.interleaved_times(cases, repeat=1, warmup=1 if r == 0 else 0,
-                                          clock=time.process_time)
+            # after another, smallest first, read a rising load as a steeper slope), and keeps
+            # each case's faster of two interleaved calls (alternating lengths refault fresh
+            # buffers: single calls gave intervals up to 0.4 wide). CPU time of one thread:
+            # what the call costs, whatever else runs on the machine (wall time of a 2-thread
+            # call on a loaded machine gave the old slope of 1.75).
+            one = stats.interleaved_min_times(cases, repeat=1, calls=2,
+                                              warmup=1 if r == 0 else 0,
+                                              clock=time.process_time)
             for key, ts in one.items():
                 got[key].extend(ts)
     times = {k: [got[(k, n)] for n in cfg.cost_lengths] for k in COST_KINDS}
@@ -255,17 +259,13 @@ def task_job(cfg: GenomeConfig, seed: int, arm: str) -> dict[str, float]:
 
 class _TaskRuns:
     """The task's (seed, arm) jobs, started early in ``task_workers`` worker processes (one
-    thread each) so they use the cores the single-threaded genome and cost parts leave idle;
-    in this process when there is one worker or under torchrun."""
+    thread each) so they use the cores the single-threaded genome part leaves idle (the cost
+    part runs before, alone); in this process when there is one worker or under torchrun."""
 
     def __init__(self, cfg: GenomeConfig, seeds: list[int]):
         self.cfg, self.seeds, self.pool, self.futures = cfg, seeds, None, {}
         if cfg.task_workers > 1 and world_size() == 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.pool = ProcessPoolExecutor(cfg.task_workers,
-                                            mp_context=mp.get_context("spawn"))
+            self.pool = process_pool(cfg.task_workers)  # workers die with this process
             for arm in ARMS:
                 for seed in seeds:
                     self.futures[seed, arm] = self.pool.submit(task_job, cfg, seed, arm)
@@ -285,14 +285,17 @@ class _TaskRuns:
             for f in ctx.progress(as_completed(done), desc="long-range task (seed, arm)",
                                   total=len(done)):
                 per_seed[done[f][0]].update(f.result())
-            self.close()
+            self.pool.shutdown(wait=True)
+            self.pool = None
         # keys in a fixed order (arm, then distance), whatever order the jobs finished in
         order = [f"hub_task_acc_{a}_at_{d}" for a in ARMS for d in self.cfg.task_distances]
         return [{k: per_seed[s][k] for k in order if k in per_seed[s]} for s in self.seeds]
 
     def close(self) -> None:
+        """Release the workers: after :meth:`results` they are idle; before (the run was
+        interrupted), the jobs still running are stopped, not waited for."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            stop_pool(self.pool)
             self.pool = None
 
 
@@ -477,13 +480,16 @@ def run_genome(ctx: RunContext, cfg: GenomeConfig) -> Result:
     seeds = ctx.seed_list(quick=3, full=3)
     if fasta:  # a bad --fasta fails in seconds, before any worker starts
         _genome_tokens(path, cfg.genome_window)
-    cpu0 = _cpu_now()
     metrics, table, decisions = {}, [], []
-    runs = _TaskRuns(cfg, seeds)  # the task's workers start now, beside the other parts
+    # The cost part first, alone: its timings decide the slopes, and task workers running
+    # beside it share the caches and the memory bus (quick runs with them alongside gave
+    # slope intervals up to 0.4 wide on an idle machine).
+    cpu0 = _cpu_now()
+    c_metrics, c_rows, c_decisions = _cost_part(ctx, cfg)
+    cpu1 = _cpu_now()
+    runs = _TaskRuns(cfg, seeds)  # the task's workers start now, beside the genome part
     try:
         g_metrics, g_rows, g_decisions, markov_decision = _genome_part(ctx, cfg, path, seeds)
-        cpu1 = _cpu_now()
-        c_metrics, c_rows, c_decisions = _cost_part(ctx, cfg)
         cpu2 = _cpu_now()
         t_metrics, t_rows, t_decisions, acc = _task_part(ctx, cfg, seeds, runs)
         cpu3 = _cpu_now()
@@ -495,8 +501,8 @@ def run_genome(ctx: RunContext, cfg: GenomeConfig) -> Result:
         table += rows
         decisions += ds
     # with task workers the task's CPU is counted when its workers end (cpu_seconds_task)
-    metrics.update({"cpu_seconds": cpu3 - cpu0, "cpu_seconds_genome": cpu1 - cpu0,
-                    "cpu_seconds_cost": cpu2 - cpu1, "cpu_seconds_task": cpu3 - cpu2})
+    metrics.update({"cpu_seconds": cpu3 - cpu0, "cpu_seconds_cost": cpu1 - cpu0,
+                    "cpu_seconds_genome": cpu2 - cpu1, "cpu_seconds_task": cpu3 - cpu2})
     source = (f"--fasta {fasta}" if fasta else
               f"the embedded M. genitalium G37 genome (RefSeq {EMBEDDED_GENOME_ACCESSION})")
     stages = " -> ".join(str(d) for d in cfg.task_distances)
