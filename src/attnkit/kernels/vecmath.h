@@ -1,7 +1,7 @@
-// AVX2 helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: exp of 8 floats (the polynomial of
-// PyTorch's exp_u20, relative error ~1e-7; exp512: 16 floats where AVX-512F is there) and
-// horizontal max / sum. Empty without AVX2 (the
-// kernels then take their scalar loops). native.py's build cache key covers this header.
+// AVX2 helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: exp of 8 floats (the
+// polynomial of PyTorch's exp_u20, relative error ~1e-7; exp512: the same for 16 floats where
+// AVX-512F is there) and horizontal max / sum. Empty without AVX2 (the kernels then take their
+// scalar loops). native.py's build cache key covers this header.
 #ifndef ATTNKIT_VECMATH_H
 #define ATTNKIT_VECMATH_H
 #ifdef __AVX2__
