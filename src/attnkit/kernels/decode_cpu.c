@@ -15,8 +15,18 @@
 #include "team.h"
 #include "vecmath.h"
 
-// geometry slots
+// geometry slots; D_NSPLIT: key chunks per head, or 0 for decode_split's choice
 enum { D_BH, D_M, D_LK, D_D, D_DV, D_KS, D_VS, D_NSPLIT, D_NGEO };
+
+// Keys per chunk below which a head's keys are not split further.
+#define DECODE_MIN_CHUNK 256
+
+// Chunks per head: enough for every thread, none shorter than DECODE_MIN_CHUNK keys.
+static int64_t decode_split(int nthreads, int64_t heads, int64_t lk) {
+  int64_t want = heads > 0 ? (nthreads + heads - 1) / heads : 1, most = lk / DECODE_MIN_CHUNK;
+  int64_t n = want < most ? want : most;
+  return n < 1 ? 1 : n;
+}
 
 #ifdef __AVX2__
 // Register-blocked products for the few rows of a decoding step (an sgemm pays its packing and
@@ -197,7 +207,7 @@ int decode_forward(const int64_t *ptr, const int64_t *geo, double scale_, int nt
   float *out = (float *)ptr[3], *lse = (float *)ptr[4], scale = (float)scale_;
   int64_t BH = geo[D_BH], M = geo[D_M], Lk = geo[D_LK], d = geo[D_D], dv = geo[D_DV];
   int64_t ks = geo[D_KS], vs = geo[D_VS], nsplit = geo[D_NSPLIT];
-  if (nsplit < 1) nsplit = 1;
+  if (nsplit < 1) nsplit = decode_split(nthreads, BH, Lk);
   int64_t chunk = (Lk + nsplit - 1) / nsplit, total = BH * nsplit;
   if (chunk < 1) chunk = 1;
   float *opart = (float *)malloc(sizeof(float) * total * M * dv);

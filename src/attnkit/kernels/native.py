@@ -868,14 +868,11 @@ def band_backward(qs: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor,
 
 # ------------------------------------------------------------------------ decoding attention
 
-#: Keys per chunk below which :func:`decode_forward` stops splitting a head's keys further.
-DECODE_MIN_CHUNK = 256
-
-
 def _decode_call(q: Tensor, k: Tensor, v: Tensor, nsplit: int, scale: float, ks: int,
                  vs: int) -> tuple[Tensor, Tensor]:
     """q ``(BH, M, d)`` contiguous; head ``i``'s keys/values start ``i * ks`` / ``i * vs``
-    elements into ``k`` / ``v``, rows contiguous (already checked)."""
+    elements into ``k`` / ``v``, rows contiguous (already checked); ``nsplit`` key chunks per
+    head (0: the kernel's choice for its team)."""
     fns = _decode_state["fn"]
     bh, m, d = q.shape
     lk, dv = k.shape[-2], v.shape[-1]
@@ -934,10 +931,8 @@ def decode_forward(q: Tensor, k: Tensor, v: Tensor,
         return t, s
 
     (k, ks), (v, vs) = heads_ok(k), heads_ok(v)
-    # enough chunks for every thread, none shorter than DECODE_MIN_CHUNK keys
-    threads = torch.get_num_threads()
-    nsplit = max(1, min(-(-threads // (B * hkv)), lk // DECODE_MIN_CHUNK))
-    out, lse = _decode_call(q, k, v, nsplit, scale, ks, vs)
+    # nsplit 0: the kernel splits each head's keys for the team (decode_cpu.c's decode_split)
+    out, lse = _decode_call(q, k, v, 0, scale, ks, vs)
     return out.view(B, hkv, rows, dv), lse.view(B, hkv, rows)
 
 
@@ -1024,24 +1019,39 @@ def gemv_available() -> bool:
     return _available(_gemv_state, _load_gemv, _gemv_self_check, "native GEMV kernel")
 
 
+# Slots of gemv_rows's ptr / geo arrays (gemv_cpu.c) that change from call to call.
+_GP_X, _GP_Y, _GP_RES, _GP_COS, _GP_SIN = 0, 1, 8, 11, 12
+_GG_ROWS, _GG_ROPE_LEN = 0, 10
+
+
+def _gemv_arrays(weights, bias_ptrs, ln_ptrs: tuple[int, int], gelu: bool, layer_norm: bool,
+                 rope_cols: int, rope_dim: int):
+    """``(ptr, geo)`` as gemv_cpu.c's ``gemv_rows`` reads them, with the per-call slots (x,
+    y, residual, rotary tables; rows, rotary length) left 0 for the caller to write."""
+    n = len(weights)
+    w = [t.data_ptr() for t in weights] + [0] * (3 - n)
+    o = [t.shape[0] for t in weights] + [0] * (3 - n)
+    ptr = _i64s(0, 0, *w, *bias_ptrs, *[0] * (3 - n), 0, *ln_ptrs, 0, 0)
+    geo = _i64s(0, weights[0].shape[1], n, *o, int(gelu), int(layer_norm), rope_cols, rope_dim,
+                0)
+    return ptr, geo
+
+
 def _gemv_call(x: Tensor, weights, biases, gelu: bool, residual: Tensor | None = None,
                layer_norm=None, rope=None) -> Tensor:
     """Every tensor contiguous fp32 CPU of the sizes :func:`_check_gemv` checks."""
     fn, rt = _gemv_state["fn"]
-    n = len(weights)
-    in_f = weights[0].shape[1]
-    rows = x.numel() // in_f
-    w = [t.data_ptr() for t in weights] + [0] * (3 - n)
-    b = [0 if t is None else t.data_ptr() for t in biases] + [0] * (3 - n)
-    o = [t.shape[0] for t in weights] + [0] * (3 - n)
-    y = x.new_empty(rows, o[0] + o[1] + o[2])
     ln_w, ln_b, eps = (None, None, 0.0) if layer_norm is None else layer_norm
     cos, sin, cols, dim, length = _rope_args(rope)
-    ptr = _i64s(x.data_ptr(), y.data_ptr(), *w, *b,
-                0 if residual is None else residual.data_ptr(),
-                0 if ln_w is None else ln_w.data_ptr(), 0 if ln_b is None else ln_b.data_ptr(),
-                cos, sin)
-    geo = _i64s(rows, in_f, n, *o, int(gelu), int(layer_norm is not None), cols, dim, length)
+    ptr, geo = _gemv_arrays(weights, [0 if t is None else t.data_ptr() for t in biases],
+                            (0 if ln_w is None else ln_w.data_ptr(),
+                             0 if ln_b is None else ln_b.data_ptr()),
+                            gelu, layer_norm is not None, cols, dim)
+    rows = x.numel() // weights[0].shape[1]
+    y = x.new_empty(rows, sum(t.shape[0] for t in weights))
+    ptr[_GP_X], ptr[_GP_Y], ptr[_GP_COS], ptr[_GP_SIN] = x.data_ptr(), y.data_ptr(), cos, sin
+    ptr[_GP_RES] = 0 if residual is None else residual.data_ptr()
+    geo[_GG_ROWS], geo[_GG_ROPE_LEN] = rows, length
     rc = fn(ptr, geo, float(eps), torch.get_num_threads(), rt)
     if rc != 0:
         raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")
@@ -1218,15 +1228,9 @@ class PreparedGemv:
             self._keep.append(t)
             return t.data_ptr()
 
-        n = len(weights)
-        w = [t.data_ptr() for t in weights] + [0] * (3 - n)
-        b = [address(t) for t in biases] + [0] * (3 - n)
-        o = [t.shape[0] for t in weights] + [0] * (3 - n)
-        # ptr / geo as gemv_cpu.c's gemv_rows reads them; x, y, residual and the rotary tables
-        # (slots 0, 1, 8, 11, 12) and the row counts (geo 0, 10) are written per call
-        self._ptrs = _i64s(0, 0, *w, *b, 0, address(ln_w), address(ln_b), 0, 0)
-        self._geo = _i64s(0, in_f, n, *o, int(gelu), int(layer_norm is not None), rope_cols,
-                          self.rope_dim, 0)
+        self._ptrs, self._geo = _gemv_arrays(weights, [address(t) for t in biases],
+                                             (address(ln_w), address(ln_b)), gelu,
+                                             layer_norm is not None, rope_cols, self.rope_dim)
         self._eps = float(eps)
 
     def __call__(self, x: Tensor, out: Tensor, residual: Tensor | None = None,
@@ -1248,13 +1252,13 @@ class PreparedGemv:
         # must not see each other's addresses
         ptrs = type(self._ptrs).from_buffer_copy(self._ptrs)
         geo = type(self._geo).from_buffer_copy(self._geo)
-        ptrs[0], ptrs[1] = x.data_ptr(), out.data_ptr()
+        ptrs[_GP_X], ptrs[_GP_Y] = x.data_ptr(), out.data_ptr()
         if residual is not None:
             if (residual.shape != out.shape or not residual.is_contiguous()
                     or residual.dtype != torch.float32 or not residual.is_cpu):
                 raise ValueError(f"residual must be a contiguous fp32 CPU {tuple(out.shape)} "
                                  f"tensor, got {tuple(residual.shape)}")
-            ptrs[8] = residual.data_ptr()
+            ptrs[_GP_RES] = residual.data_ptr()
         if self.rope_dim:
             if rope is None:
                 raise ValueError("rope tables are needed: this product was bound with rope_cols")
@@ -1267,9 +1271,9 @@ class PreparedGemv:
                     raise ValueError(f"rope tables must be contiguous fp32 CPU (L, "
                                      f"{self.rope_dim}) tensors with L dividing the {rows} "
                                      f"rows, got {tuple(t.shape)}")
-            ptrs[11], ptrs[12] = cos.data_ptr(), sin.data_ptr()
-            geo[10] = length
-        geo[0] = rows
+            ptrs[_GP_COS], ptrs[_GP_SIN] = cos.data_ptr(), sin.data_ptr()
+            geo[_GG_ROPE_LEN] = length
+        geo[_GG_ROWS] = rows
         fn, rt = _gemv_state["fn"]
         if fn(ptrs, geo, self._eps, torch.get_num_threads(), rt) != 0:
             raise MemoryError("attnkit GEMV kernel: out of memory for the normalized rows")

@@ -53,12 +53,9 @@ int block_step(const int64_t *ptr, const int64_t *geo, double scale, int nthread
         memcpy(vbuf + at, src + nq + nkv + j * hd, sizeof(float) * hd);
       }
     }
-    // keys split so every thread works, no chunk under DECODE_MIN_CHUNK (as native.py splits)
-    int64_t lk = pos + 1, want = (nthreads + R * hkv - 1) / (R * hkv), most = lk / 256;
-    int64_t nsplit = want < most ? want : most;
-    if (nsplit < 1) nsplit = 1;
     int64_t p[5] = {(int64_t)q, ptr[BP_KBUF], ptr[BP_VBUF], (int64_t)heads, (int64_t)lse};
-    int64_t gd[D_NGEO] = {R * hkv, g, lk, hd, hd, cap * hd, cap * hd, nsplit};
+    // nsplit 0: decode_split chooses the key chunks for the team, as for decode_forward calls
+    int64_t gd[D_NGEO] = {R * hkv, g, pos + 1, hd, hd, cap * hd, cap * hd, 0};
     err = decode_forward(p, gd, scale, nthreads, rt) != 0;
   }
   if (!err) {  // x1 = x + heads @ Wo^T + bo
