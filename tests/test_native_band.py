@@ -333,6 +333,21 @@ def _count_band_backward_calls(monkeypatch) -> list:
     monkeypatch.setattr(native, "band_backward", spy)
     return calls
 
+
+def _spy_band_forward_weights(monkeypatch) -> list[bool]:
+    """Wrap ``native.band_forward``: the returned list gains, per call, whether that call
+    wrote weights (a ``weights`` sink was passed)."""
+    calls: list[bool] = []
+    real = native.band_forward
+
+    def spy(*a, **kw):
+        calls.append(kw.get("weights") is not None)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(native, "band_forward", spy)
+    return calls
+
+
 @pytest.mark.parametrize("lq, lk, lo, hi, groups, block, nseg", [
     (13, 13, -3, 2, 1, 64, 1),   # one block, one segment
     (21, 25, -2, 1, 2, 4, 3),    # Lk > Lq, GQA 2:1, several blocks and segments (halos)
@@ -470,15 +485,9 @@ def test_weights_written_by_the_band_kernel(name, dtype, monkeypatch):
     q, k, v = _weights_inputs(b, hq, hkv, lq, lk, layout, dtype)
     assert native.band_available()
     seen = []
-    real, real_fwd = native.band_weights, native.band_forward
+    real = native.band_weights
     monkeypatch.setattr(native, "band_weights", lambda *a, **kw: seen.append(1) or real(*a, **kw))
-    fused = []
-
-    def forward_spy(*a, **kw):
-        fused.append(kw.get("weights") is not None)
-        return real_fwd(*a, **kw)
-
-    monkeypatch.setattr(native, "band_forward", forward_spy)
+    fused = _spy_band_forward_weights(monkeypatch)
     with torch.no_grad():
         out, w = attention(q, k, v, pattern=pat, return_weights=True)
     assert seen or any(fused), "the compiled band kernel wrote no weights"
@@ -505,14 +514,13 @@ def test_weights_written_by_the_band_kernel(name, dtype, monkeypatch):
 def test_weights_with_autograd_keep_the_pytorch_path(monkeypatch):
     """Weights that need a gradient are not written by the kernels (they have no backward)."""
     seen = []
-    real, real_fwd = native.band_weights, native.band_forward
+    real = native.band_weights
     monkeypatch.setattr(native, "band_weights", lambda *a, **kw: seen.append(1) or real(*a, **kw))
-    monkeypatch.setattr(native, "band_forward", lambda *a, **kw: seen.extend(
-        [1] if kw.get("weights") is not None else []) or real_fwd(*a, **kw))
+    fused = _spy_band_forward_weights(monkeypatch)
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 20, 20, 8, 4))
     _, w = attention(q, k, v, pattern=P.sliding_window(3), return_weights=True)
     w.values.sum().backward()
-    assert not seen and q.grad is not None
+    assert not seen and not any(fused) and q.grad is not None
 
 
 @pytest.mark.parametrize("union", [False, True])
@@ -525,14 +533,7 @@ def test_forward_writes_weights_across_chunks(union, monkeypatch):
     pat = P.sliding_window(7) & P.causal()
     if union:
         pat = pat | P.global_tokens([0, 70, 149]) | P.exponential()
-    fused = []
-    real_fwd = native.band_forward
-
-    def forward_spy(*a, **kw):
-        fused.append(kw.get("weights") is not None)
-        return real_fwd(*a, **kw)
-
-    monkeypatch.setattr(native, "band_forward", forward_spy)
+    fused = _spy_band_forward_weights(monkeypatch)
     with torch.no_grad():
         _, w = attention(q, k, v, pattern=pat, return_weights=True)
     assert len(fused) > 2 and all(fused)
