@@ -693,10 +693,9 @@ def test_forward_lanes_on_narrower_instruction_sets(flags):
 @pytest.mark.parametrize("other", ["global", "exponential", "exponential|global", "random"])
 def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
     """In a union with a band, the other components' kernels hand their scores to the weights
-    (no second scoring pass), except kernels that do not (edges: random keys), which take one:
-    both equal to the dense reference (batch 2, GQA 2:1, several chunks)."""
-    import attnkit.kernels.enumerate as enumerate_
-
+    (no second scoring pass), except kernels that do not (edges: random keys), whose pairs are
+    scored once more, chunk by chunk: both equal to the dense reference (batch 2, GQA 2:1,
+    several chunks)."""
     monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 4000)
     extra = {"global": P.global_tokens([0, 41, 119]), "exponential": P.exponential(),
              "exponential|global": P.exponential() | P.global_tokens([5]),
@@ -704,12 +703,12 @@ def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
     pat = P.sliding_window(5) | extra
     q, k, v = _qkv(2, 4, 2, 120, 120, 8, 5)
     second = []
-    real = enumerate_.pair_weights
-    monkeypatch.setattr(enumerate_, "pair_weights", lambda *a, **kw: second.append(
-        kw.get("scores", False)) or real(*a, **kw))
+    real = structured.component_scores
+    monkeypatch.setattr(structured, "component_scores", lambda c, *a, **kw: second.append(
+        type(c).__name__) or real(c, *a, **kw))
     with torch.no_grad():
         _, w = attention(q, k, v, pattern=pat, return_weights=True)
-    assert any(second) == (other == "random"), second
+    assert set(second) == ({"Edges"} if other == "random" else set()), second
     ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(120, 120))[1]
     torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
     indptr, indices = pat.csr(120, 120)

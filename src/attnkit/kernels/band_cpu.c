@@ -28,7 +28,9 @@
 // Weights (band_weights) recompute each block's scores with the GEMM path's product and write row
 // i's probabilities exp(s - lse_i) (lse: the final log-sum-exp, which may span other
 // components too) as one contiguous run at values[bh, offs[i] .. offs[i] + n_i) of a caller's
-// CSR buffer (optionally the keys at indices[offs[i] ..]); every run is bounds-checked.
+// CSR buffer (optionally the keys at indices[offs[i] ..]); every run is bounds-checked. The
+// forward can write the same runs as it goes, from its own probabilities; in a union it is given
+// the other components' log-sum-exp per row and scales each run by the band's share of the row.
 #ifndef BAND_BODY
 #include <math.h>
 #include <stdint.h>
@@ -223,6 +225,7 @@ typedef struct {
   R *out, *lse_out, *dq, *dk, *dv, *halo;
   const int64_t *g;
   const int64_t *offs; int64_t *idx; R *wout; int *bad;  // weights: CSR runs and a bounds flag
+  const R *wlse;  // weights in a union: the other components' log-sum-exp per row, or NULL
   int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
   GEMM_T gemm; setthreads_t setthreads;
 } FN(job_t);
@@ -259,13 +262,19 @@ static R FN(row_softmax)(R *s, int64_t W, int64_t a, int64_t b) {
   return m + LOG(sum);
 }
 
-// Row i's run of n probabilities p (first key j) into the CSR buffer at offs[i] (and the keys,
-// from the first head only); a run outside the buffer is skipped and flagged.
+// The share of a row's mass on the band when the other components of a union hold log-mass lw:
+// e^lb / (e^lb + e^lw) for the band's log-sum-exp lb (1 when lw = -inf; NaN stays NaN).
+static R FN(band_share)(R lb, R lw) { return (R)1 / ((R)1 + EXP(lw - lb)); }
+
+// Row i's run of n probabilities p (first key j) times f into the CSR buffer at offs[i] (and
+// the keys, from the first head only); a run outside the buffer is skipped and flagged.
 static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, int64_t n,
-                        int64_t j) {
+                        int64_t j, R f) {
   int64_t off = J->offs[i];
   if (off < 0 || off > J->g[B_WCOLS] - n) { __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED); return; }
-  memcpy(J->wout + bh * J->g[B_WSTR] + off, p, n * sizeof(R));
+  R *w = J->wout + bh * J->g[B_WSTR] + off;
+  if (f == (R)1) memcpy(w, p, n * sizeof(R));
+  else for (int64_t t = 0; t < n; t++) w[t] = p[t] * f;
   if (J->idx && bh == 0)
     for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
 }
@@ -303,7 +312,9 @@ __attribute__((unused)) static void FN(forward_worker)(team_t *TM) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);
         lp[r] = FN(row_softmax)(S + r * W, W, a, e);
-        if (J->wout && e > a) FN(put_run)(J, bh, i0 + r - q0, S + r * W + a, e - a, j0 + a);
+        if (J->wout && e > a)
+          FN(put_run)(J, bh, i0 + r - q0, S + r * W + a, e - a, j0 + a,
+                      J->wlse ? FN(band_share)(lp[r], J->wlse[bh * nrows + i0 + r - q0]) : 1);
       }
       // O^T (DV x M, ld DV) = V^T (DV x W) * P^T (W x M)
       J->gemm(&N, &N, &DV, &M, &W, &one, vp, &DV, S, &W, &zero, op, &DV);
@@ -451,6 +462,7 @@ static void FN(lanes_worker)(team_t *TM) {
             continue;
           }
           float *w = J->wout + bh * g[B_WSTR] + off, il = OT[l];
+          if (J->wlse) il *= FN(band_share)(lh[i - q0], J->wlse[bh * nrows + i - q0]);
           for (int64_t j = a; j < e; j++) w[j - a] = S[(j - ka) * LANES + l] * il;
           if (J->idx && bh == 0)
             for (int64_t t = 0; t < cnt; t++) J->idx[off + t] = g[B_WKEY0] + a + t;
@@ -464,8 +476,10 @@ static void FN(lanes_worker)(team_t *TM) {
 #endif
 
 // ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
-// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0; row i's probabilities go to
-// values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to indices. geo: every B_* slot.
+// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0, and wlse (B * Hq, q1 - q0)
+// or 0; row i's probabilities go to values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to
+// indices. With wlse (the log-sum-exp of the other components of a union, per row) they are the
+// union's weights exp(s - lse_row) instead of the band's own. geo: every B_* slot.
 // Computes rows [q0, q1). Returns 0, -1 (out of memory) or -2 (a run outside the buffer).
 int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                  void *const *rt) {
@@ -476,6 +490,7 @@ int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int n
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
   J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
   J.wout = (R *)ptr[5]; J.offs = (const int64_t *)ptr[6]; J.idx = (int64_t *)ptr[7];
+  J.wlse = (const R *)ptr[8];
   J.bad = &bad;
   J.g = geo;
   J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];

@@ -427,6 +427,15 @@ def _band_weights_self_check(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise _Mismatch(f"band forward's weights ({q.dtype}): wrong keys or places")
         _compare(f"band forward's weights lo={lo} hi={hi} ({q.dtype})", fvals[:, at_f],
                  want[:, mask & part], tol)
+        # in a union: normalized over the band and the other components' mass (here e^0.7
+        # times the band's), from the other components' log-sum-exp per row
+        other = (ref_lse.reshape(bh, lq)[:, 5:30] + 0.7).to(q.dtype).contiguous()
+        uvals = torch.full_like(vals, 7.0)
+        _call(q, k, v, lo, hi, 5, 30, block=8, weights=(uvals, offs[5:30], None, 0, other))
+        union = torch.logaddexp(ref_lse.reshape(bh, lq)[:, 5:30], other.double())
+        want_u = torch.exp(s.reshape(bh, lq, lk)[:, 5:30] - union.unsqueeze(-1))
+        _compare(f"band forward's union weights lo={lo} hi={hi} ({q.dtype})", uvals[:, at_f],
+                 want_u[:, mask[5:30]], tol)
 
 
 def _decode_self_check() -> None:
@@ -589,7 +598,8 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
           block: int | None = None, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
     (see :func:`_rows_ok`; batch and head strides are free), already checked; ``weights``:
-    ``(values, offsets, indices or None, key0)`` checked by :func:`_check_runs`."""
+    ``(values, offsets, indices or None, key0[, other_lse or None])`` checked by
+    :func:`band_forward`."""
     fns = _state["fn"]
     block = BLOCK if block is None else block  # read at call time: tests shrink it
     B, hq = q.shape[:2]
@@ -599,11 +609,11 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
     lse = q.new_empty(B, hq, q1 - q0)
     if out.numel() == 0:
         return out, lse
-    vals, offs, idx, key0 = (None, None, None, 0) if weights is None else weights
+    vals, offs, idx, key0, *other = (None, None, None, 0) if weights is None else weights
+    wlse = other[0] if other else None
     geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0)
-    ptr = _i64s(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                0 if vals is None else vals.data_ptr(), 0 if offs is None else offs.data_ptr(),
-                0 if idx is None else idx.data_ptr())
+    ptr = _i64s(*(0 if t is None else t.data_ptr()
+                  for t in (q, k, v, out, lse, vals, offs, idx, wlse)))
     rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
                                                       fns["rt"])
     if rc == -2:
@@ -784,11 +794,14 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
             contiguous are copied; batch and head strides, including 0, are read in place).
         lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
-        weights: optional ``(values, offsets, indices, key0)``: the probabilities of row
-            ``q0 + r`` (its allowed keys ``j`` in order) are also written to
-            ``values[h, offsets[r] + j - start]`` for every head ``h`` (as
+        weights: optional ``(values, offsets, indices, key0[, other_lse])``: the
+            probabilities of row ``q0 + r`` (its allowed keys ``j`` in order) are also written
+            to ``values[h, offsets[r] + j - start]`` for every head ``h`` (as
             :func:`band_weights`, with ``offsets (q1 - q0,)``), and ``key0 + j`` to
-            ``indices`` (or None); nothing else of the buffers is written.
+            ``indices`` (or None); nothing else of the buffers is written. ``other_lse
+            (B, Hkv, G, q1 - q0)``, contiguous: the log-sum-exp of the rows over the other
+            components of a union; the weights written are then the union's,
+            ``exp(s - logaddexp(lse_band, other_lse))`` (``out`` and ``lse`` stay the band's).
     Returns:
         ``out (B, Hkv, G, q1 - q0, Dv)`` and ``lse (B, Hkv, G, q1 - q0)`` (``-inf`` and zeros
         for rows without keys). Not differentiable by itself.
@@ -805,10 +818,17 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     if not 0 <= q0 <= q1 <= lq:
         raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
     if weights is not None:
-        values, offsets, indices, key0 = weights
+        values, offsets, indices, key0, *other = weights
         _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, q0, q1)
         if not isinstance(key0, int) or key0 < 0:
             raise TypeError(f"weights' key0 must be an int >= 0, got {key0!r}")
+        if len(other) > 1:
+            raise ValueError(f"weights must have 4 or 5 entries, got {len(weights)}")
+        if other and other[0] is not None:
+            _need(other[0], "other_lse", 4, (qs.dtype,))
+            if other[0].shape != (B, hkv, g, q1 - q0) or not other[0].is_contiguous():
+                raise ValueError(f"other_lse must be contiguous (B, Hkv, G, q1 - q0) = "
+                                 f"({B}, {hkv}, {g}, {q1 - q0}), got {tuple(other[0].shape)}")
     if B * hkv * g * (q1 - q0) * dv == 0:
         return qs.new_zeros(B, hkv, g, q1 - q0, dv), qs.new_full((B, hkv, g, q1 - q0), -math.inf)
     _check_sizes(D=d, Dv=dv, Lk=max(lk, 1), Lq=lq)

@@ -13,6 +13,7 @@ grouped-query attention never copies K or V per query head.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -50,25 +51,22 @@ class WeightsSink:
     the query rows done (all ``Lq`` of them, or the buffers are filled afterwards)."""
 
     comp: Component
-    values: Tensor  # (B * Hq, nnz)
+    values: Tensor  # (B * Hq, nnz), or (B * Hq, candidates) in a union
     offsets: Tensor  # (Lq,) int64
-    indices: Tensor  # (nnz,) int64
+    indices: Tensor  # (nnz,) int64, or (candidates,) in a union
     rows: int = 0
-    #: a union: the plan's ``indptr (Lq + 1,)``, its other components, where their pairs go
-    #: (``(n_other,)`` positions in CSR order), their rows and scores, and the band's own
-    #: log-sum-exp
-    #: ``(B, Hkv, G, Lq)`` as the forward computed it (its probabilities are normalized by it,
-    #: not by the row's; :func:`.enumerate.pair_weights` rescales them)
+    #: a union: the plan's ``indptr (Lq + 1,)`` and its other components. Chunk by chunk
+    #: (:func:`_chunk`) their kernels hand out their pairs' scores (:func:`capture_scores`,
+    #: into ``pending``), which place the chunk's rows in CSR order (``nnz`` so far) before the
+    #: band kernel writes its runs, normalized by the whole row through the others'
+    #: log-sum-exp ``other_lse (B, Hkv, G, nq)``; row sets run once before the chunks (their
+    #: pairs ``row_pairs``: sorted keys ``row * Lk + key`` and scores, and ``rows_lse``).
     indptr: Tensor | None = None
     others: list[Component] = field(default_factory=list)
-    other_pos: Tensor | None = None
-    other_rows: Tensor | None = None  # (n_other,) their query rows
-    #: per other component: a ``(B * Hq, n_c)`` buffer for its pairs' finished scores (in its
-    #: own CSR order), filled by its kernel in the forward (:func:`capture_scores`), and how
-    #: many are written; ``capture_where``: their places among all the others' pairs
-    captures: list[list] = field(default_factory=list)
-    capture_where: list[Tensor] = field(default_factory=list)
-    lse: Tensor | None = None
+    pending: list[tuple[Component, Tensor, Tensor]] = field(default_factory=list)
+    row_pairs: tuple[Tensor, Tensor] | None = None
+    other_lse: Tensor | None = None
+    rows_lse: Tensor | None = None
     #: a masked band (the PyTorch band kernel): its chunks append their allowed pairs, so
     #: ``values``/``indices`` are sized by the candidates and ``counts (Lq,)`` per row are
     #: filled as the chunks go; ``nnz`` pairs written so far
@@ -178,25 +176,123 @@ def _no_keys(qs: Tensor, nq: int, dv: int) -> tuple[Tensor, Tensor]:
             torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device))
 
 
-def capture_scores(comp: Component, s: Tensor, valid: Tensor, ctx: Ctx) -> None:
-    """Hand the finished scores ``s (B, Hkv, G, *S)`` of a chunk's allowed pairs (``valid``,
-    broadcasting to ``S``; row-major = CSR order) to the weights sink, where ``comp`` is one
-    of the other components of a union whose band writes its weights (see
-    :func:`.enumerate.weights_sink`): the weights then need no second scoring pass."""
+def capture_scores(comp: Component, s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor,
+                   ctx: Ctx) -> None:
+    """Hand the finished scores ``s (B, Hkv, G, *S)`` of a chunk's allowed pairs (``valid``;
+    ``qi``, ``kj`` and ``valid`` broadcast to ``S``, whose row-major order is CSR order) to
+    the weights sink, where ``comp`` is one of the other components of a union whose band
+    writes its weights (see :func:`.enumerate.weights_sink`): ``comp``, their keys
+    ``qi * Lk + kj`` (sorted) and scores ``(B * Hq, n)`` go to ``sink.pending`` for
+    :func:`_chunk` to place, so
+    the weights need no second scoring pass."""
     sink = ctx.weights_sink
-    if sink is None or not sink.captures:
+    if sink is None or not any(c is comp for c in sink.others):
         return
-    i = next((i for i, c in enumerate(sink.others) if c is comp), None)
-    if i is None:
-        return
-    buf, n0 = sink.captures[i]
-    pick = torch.broadcast_to(valid, s.shape[3:]).reshape(-1).nonzero().squeeze(1)
-    cnt = pick.numel()
-    if n0 + cnt > buf.shape[1]:
-        raise RuntimeError("a kernel handed out more pairs than its component lists")
-    rows = buf.shape[0]
-    torch.gather(s.reshape(rows, -1), 1, pick.expand(rows, -1), out=buf[:, n0:n0 + cnt])
-    sink.captures[i][1] = n0 + cnt
+    layout = s.shape[3:]
+    pick = torch.broadcast_to(valid, layout).reshape(-1).nonzero().squeeze(1)
+    keys = torch.broadcast_to(qi * max(ctx.lk, 1) + kj, layout).reshape(-1).index_select(0, pick)
+    heads = s.shape[0] * s.shape[1] * s.shape[2]
+    sink.pending.append((comp, keys,
+                         torch.gather(s.reshape(heads, -1), 1, pick.expand(heads, -1))))
+
+
+def merge_positions(keys: list[Tensor]) -> list[Tensor]:
+    """Where each element of disjoint, sorted key lists lands in their merged sorted order.
+
+    An element's merged position is its index in its own list plus, for every other list, the
+    number of that list's keys below it (a binary search). Only the smaller lists are searched
+    for; the largest one takes the remaining slots in order, so the work is about
+    ``n_small * log(n)`` plus one pass over the output, not a sort of every pair."""
+    if len(keys) == 1:
+        return [torch.arange(keys[0].numel(), device=keys[0].device)]
+    big = max(range(len(keys)), key=lambda i: keys[i].numel())
+    total = sum(k_.numel() for k_ in keys)
+    device = keys[0].device
+    free = torch.ones(total, dtype=torch.bool, device=device)
+    out: list[Tensor | None] = [None] * len(keys)
+    for i, key in enumerate(keys):
+        if i == big:
+            continue
+        pos = torch.arange(key.numel(), device=device)
+        for j, other in enumerate(keys):
+            if j != i and other.numel() and key.numel():
+                pos = pos + torch.searchsorted(other, key)
+        free[pos] = False
+        out[i] = pos
+    out[big] = free.nonzero().squeeze(1)
+    return out
+
+
+def place(parts: list[Tensor], pos: list[Tensor], total: int) -> Tensor:
+    """Scatter ``parts`` (along their last dim) to positions ``pos`` of one tensor."""
+    lead = parts[0].shape[:-1]
+    rows = math.prod(lead)
+    flat = [p_.reshape(rows, p_.shape[-1]) for p_ in parts]
+    out = flat[0].new_empty(rows, total)
+    for f, p_ in zip(flat, pos):
+        if f.shape[-1] and rows:
+            out.scatter_(1, p_.expand(f.shape[0], -1), f)  # in place on a fresh buffer: autograd ok
+    return out.view(*lead, total)
+
+
+def _merged_pairs(pairs: list[tuple]) -> tuple[Tensor, Tensor] | None:
+    """The sorted ``(..., keys, scores)`` lists of disjoint components merged into one
+    ``(keys, scores)``, or None when they hold no pair."""
+    pairs = [p_[-2:] for p_ in pairs if p_[-2].numel()]
+    if len(pairs) <= 1:
+        return pairs[0] if pairs else None
+    pos = merge_positions([k_ for k_, _ in pairs])
+    total = sum(k_.numel() for k_, _ in pairs)
+    return place([k_ for k_, _ in pairs], pos, total), place([s_ for _, s_ in pairs], pos, total)
+
+
+def _place_chunk(sink: WeightsSink, qs: Tensor, k: Tensor, others: list[Component], q0: int,
+                 q1: int, ctx: Ctx):
+    """The CSR layout of a union's rows ``[q0, q1)`` (:class:`WeightsSink`): ``indptr``, the
+    band runs' ``offsets`` and the other components' keys in ``indices``, from the pairs their
+    kernels just handed out (scored here for a kernel that does not). Returns the others'
+    ``(positions (n,), local rows (n,), scores (B * Hq, n))``, or None if they have none."""
+    for c in others:
+        if not any(e[0] is c for e in sink.pending):  # a kernel that does not hand them out
+            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False)
+            if scored is not None:
+                capture_scores(c, *scored, ctx)
+    caught, sink.pending = sink.pending, []
+    if sink.row_pairs is not None:  # the row sets' pairs of these rows
+        keys, scores = sink.row_pairs
+        lk = max(ctx.lk, 1)
+        a, b = (int(x) for x in torch.searchsorted(keys, keys.new_tensor([q0 * lk, q1 * lk])))
+        caught.append((None, keys[a:b], scores[:, a:b]))
+    merged = _merged_pairs(caught)
+    lk, nq = max(ctx.lk, 1), q1 - q0
+    lo, hi = sink.comp.band
+    rows = torch.arange(q0, q1, device=qs.device)
+    start = (rows + (ctx.lk - ctx.lq) + lo).clamp(0, ctx.lk)
+    n_band = ((rows + (ctx.lk - ctx.lq) + hi + 1).clamp(0, ctx.lk) - start).clamp_min(0)
+    if merged is None:
+        row_n, below = n_band, 0
+    else:
+        keys, scores = merged
+        local = keys // lk - q0
+        count = torch.bincount(local, minlength=nq)
+        first = torch.cumsum(count, 0) - count
+        below = torch.searchsorted(keys, rows * lk + start) - first  # others' keys before the band
+        row_n = n_band + count
+    ptr = torch.cumsum(row_n, 0) - row_n + sink.nnz
+    sink.indptr[q0:q1] = ptr
+    sink.offsets[q0:q1] = ptr + below
+    sink.nnz += int(row_n.sum())
+    if sink.nnz > sink.indices.numel():
+        raise RuntimeError("a union's weights outgrew the buffer sized by its candidates")
+    if merged is None:
+        return None
+    cols = keys - (local + q0) * lk
+    pos = (ptr.index_select(0, local) + torch.arange(keys.numel(), device=keys.device)
+           - first.index_select(0, local)
+           + (cols - start.index_select(0, local)).clamp_min(0).minimum(
+               n_band.index_select(0, local)))
+    sink.indices.index_copy_(0, pos, cols)
+    return pos, local, scores
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -285,23 +381,23 @@ def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool)
         delta = ctx.lk - ctx.lq
         a, z = max(0, q0 + delta + lo), min(ctx.lk, q1 + delta + hi)
         sink = ctx.weights_sink
-        sink = sink if sink is not None and sink.comp is comp else None
+        # (a union's band writes weights only with the others' log-sum-exp of its rows; without
+        # it, they are written afterwards from the row's)
+        sink = sink if (sink is not None and sink.comp is comp
+                        and (sink.other_lse is not None or not sink.others)) else None
         if z <= a:  # no key for any row of the chunk
             if sink is not None:
                 sink.rows += q1 - q0  # no weight to write
-                if sink.lse is not None:
-                    sink.lse[:, :, :, q0:q1] = NEG_INF
             return _no_keys(qs, q1 - q0, v.shape[-1])
         sub_lq, sub_lk = q1 - q0, z - a
         shift = q0 + delta - a - (sub_lk - sub_lq)  # keeps j - i - (Lk - Lq) in [lo, hi]
         sub = replace(comp, band=(lo + shift, hi + shift))
-        w = None if sink is None else (sink.values, sink.offsets[q0:q1], sink.indices, a)
+        w = None if sink is None else (sink.values, sink.offsets[q0:q1], sink.indices, a,
+                                       sink.other_lse)
         out, lse = _NativeBand.apply(qs[:, :, :, q0:q1], k[:, :, a:z], v[:, :, a:z], sub,
                                      replace(ctx, lq=sub_lq, lk=sub_lk), w)
         if sink is not None:
             sink.rows += q1 - q0
-            if sink.lse is not None:
-                sink.lse[:, :, :, q0:q1] = lse
         return out, (lse if ctx.need_lse else None)
     return _band_torch_partial(comp, qs, k, v, q0, q1, ctx, training)
 
@@ -493,8 +589,8 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     ``window | exponential`` at 16k tokens)."""
     B, hkv, g, _, _ = qs.shape
     dv = v.shape[-1]
-    s, _, kj, valid, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
-    capture_scores(comp, s, valid, ctx)
+    s, qi, kj, valid, spans = _offset_scores(comp, qs, k, q0, q1, ctx)
+    capture_scores(comp, s, qi, kj, valid, ctx)
     nq = kj.shape[0]
     delta = ctx.lk - ctx.lq
     p, lse = softmax_rows(s, ctx, training)
@@ -521,7 +617,7 @@ def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool, comp=None
     component, for :func:`capture_scores`)."""
     B, hkv, g, nr, d = qc.shape
     s = _key_scores(qc, kc, qi, kj, valid, ctx)
-    capture_scores(comp, s, valid, ctx)
+    capture_scores(comp, s, qi, kj, valid, ctx)
     p, lse = softmax_rows(s, ctx, training)
     out = torch.matmul(p.to(vc.dtype).reshape(B, hkv, g * nr, kc.shape[2]), vc)
     return out.view(B, hkv, g, nr, -1), lse
@@ -549,6 +645,53 @@ def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
                              comp)
     local = rows - q0
     return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
+
+
+def _rowset_rows(comp: RowSet, qs, k, v, ctx: Ctx, training: bool, grad: bool):
+    """A row set over all of its rows at once: ``(rows, out (B, Hkv, G, nr, Dv), lse)``. Its
+    rows see every key, so each group of rows (scores within :data:`CHUNK_ELEMENTS`) streams
+    ``k`` and ``v`` once; chunked with the other components by query rows, each chunk's one or
+    two rows would stream them again. With autograd, groups are recomputed in backward once
+    there is more than one (as chunks are)."""
+    rows = comp.rows.to(qs.device)
+    per = max(1, CHUNK_ELEMENTS // max(1, ctx.batch * ctx.hq * ctx.lk))
+    outs, lses = [], []
+    for r0 in range(0, rows.numel(), per):
+        r = rows[r0:r0 + per]
+        qi, kj, valid = comp.candidates_for(r, 0, ctx.lk, ctx.lq, ctx.lk)
+        if grad and rows.numel() > per:
+            o, l = checkpoint(_keys_partial, qs.index_select(3, r), k, v, qi, kj, valid, ctx,
+                              training, comp, use_reentrant=False)
+        else:
+            o, l = _keys_partial(qs.index_select(3, r), k, v, qi, kj, valid, ctx, training, comp)
+        outs.append(o)
+        lses.append(l)
+    return rows, torch.cat(outs, 3), torch.cat(lses, 3)
+
+
+def _with_row_sets(qs, k, v, comps: list[Component], ctx: Ctx, training: bool, grad: bool):
+    """:func:`structured_attention` of a union with row sets: each row set once over all its
+    rows (:func:`_rowset_rows`), the other components as usual, their rows merged."""
+    found = [_rowset_rows(c, qs, k, v, ctx, training, grad) for c in comps
+             if isinstance(c, RowSet) and c.rows.numel()]
+    sink = ctx.weights_sink
+    if sink is not None and sink.others:  # for the band's weights (see _chunk)
+        B, hkv, g, lq, _ = qs.shape
+        sink.rows_lse = qs.new_full((B, hkv, g, lq), NEG_INF)
+        for rows, _, l_r in found:
+            sink.rows_lse[:, :, :, rows] = torch.logaddexp(sink.rows_lse[:, :, :, rows], l_r)
+        sink.row_pairs, sink.pending = _merged_pairs(sink.pending), []
+    out, lse = structured_attention(qs, k, v, [c for c in comps if not isinstance(c, RowSet)],
+                                    ctx, training)
+    for rows, o_r, l_r in found:
+        o_m, l_m = merge([(out.index_select(3, rows), lse.index_select(3, rows)),
+                          (o_r.to(out.dtype), l_r)])
+        if grad:
+            out, lse = out.index_copy(3, rows, o_m), lse.index_copy(3, rows, l_m)
+        else:  # fresh buffers of this call
+            out.index_copy_(3, rows, o_m)
+            lse.index_copy_(3, rows, l_m)
+    return out, lse
 
 
 def _edge_scores(comp: Edges, qs, k, q0, q1, ctx: Ctx):
@@ -749,8 +892,33 @@ def _kernel_for(comp: Component, ctx: Ctx):
 
 
 def _chunk(qs, k, v, comps, ctx, q0, q1, training):
-    parts = [_kernel_for(c, ctx)(c, qs, k, v, q0, q1, ctx, training) for c in comps]
-    return merge(parts)
+    sink = ctx.weights_sink
+    band = None if sink is None or not sink.others else next(
+        (c for c in comps if c is sink.comp), None)
+    others = [c for c in comps if c is not band]
+    parts = [_kernel_for(c, ctx)(c, qs, k, v, q0, q1, ctx, training) for c in others]
+    if band is None:
+        return merge(parts)
+    # A union whose band writes its weights: the other components ran first, so their pairs
+    # are placed now and the band kernel normalizes its runs by the whole row (their
+    # log-sum-exp folded in): no pass over all the weights afterwards, nothing listed up front.
+    placed = _place_chunk(sink, qs, k, others, q0, q1, ctx)
+    lses = [lse for _, lse in parts]
+    if sink.rows_lse is not None:
+        lses.append(sink.rows_lse[:, :, :, q0:q1])
+    sink.other_lse = (functools.reduce(torch.logaddexp, lses).to(qs.dtype).contiguous() if lses
+                      else torch.full_like(qs[:, :, :, q0:q1, 0], NEG_INF))
+    parts.append(_kernel_for(band, ctx)(band, qs, k, v, q0, q1, ctx, training))
+    sink.other_lse = None
+    out, lse = merge(parts)
+    if placed is not None:
+        pos, local, scores = placed
+        whole = (lse if sink.rows_lse is None  # the row sets' mass joins after the chunks
+                 else torch.logaddexp(lse, sink.rows_lse[:, :, :, q0:q1]))
+        row = whole.reshape(scores.shape[0], -1).index_select(1, local)
+        w = (scores - row).exp_().masked_fill_(torch.isneginf(row), 0.0)  # no mass: weight 0
+        sink.values.index_copy_(1, pos, w.to(sink.values.dtype))
+    return out, lse
 
 
 def structured_attention(
@@ -773,6 +941,9 @@ def structured_attention(
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
     )
+    if any(isinstance(c, RowSet) for c in comps) and not all(isinstance(c, RowSet)
+                                                             for c in comps):
+        return _with_row_sets(qs, k, v, comps, ctx, training, grad)
     whole = [c for c in comps if grad and _kernel_for(c, ctx) is _band_fast_partial
              and _native_band_ok(c, qs, k, v, ctx, training)]
     if whole:
