@@ -236,23 +236,13 @@ static R FN(row_softmax)(R *s, int64_t W, int64_t a, int64_t b) {
   if (a > 0) memset(s, 0, a * sizeof(R));
   if (b < W) memset(s + b, 0, (W - b) * sizeof(R));
   R *x = s + a; int64_t n = b - a, i = 0;
-  R m = -INFINITY;
 #if VEC
-  __m256 vm = _mm256_set1_ps(-INFINITY);
-  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-  m = hmax(vm);
-#endif
+  R m, sum = exp_shifted(x, n, &m);
+#else
+  R m = -INFINITY, sum = 0;
   for (; i < n; i++) m = x[i] > m ? x[i] : m;
-  R sum = 0.f; i = 0;
-#if VEC
-  __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
-  for (; i + 8 <= n; i += 8) {
-    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
-    _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
-  }
-  sum = hsum(vs);
+  for (i = 0; i < n; i++) { R e = EXP(x[i] - m); x[i] = e; sum += e; }
 #endif
-  for (; i < n; i++) { R e = EXP(x[i] - m); x[i] = e; sum += e; }
   R inv = 1.f / sum; i = 0;
 #if VEC
   __m256 vi = _mm256_set1_ps(inv);
@@ -279,35 +269,60 @@ static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, i
     for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
 }
 
+// A block of the GEMM path (forward and weights): work item it is head bh = (b, h), query rows
+// [i0, i1) (blocks of B_BQ from q0 on, up to q1) and their key window [j0, j1).
+typedef struct { int64_t bh, b, hk, i0, i1, j0, j1; } FN(blk_t);
+
+// The scores S^T (W x M, col-major, ld W) = K (W x d) * Q^T of block it (one BLAS call, the
+// thread's own); 0 when no row of the block has a key (S untouched).
+static int FN(block_scores)(const FN(job_t) *J, int64_t it, int64_t q0, int64_t q1, R *S,
+                            FN(blk_t) *o) {
+  const int64_t *g = J->g;
+  int64_t Hq = g[B_HQ], blk = it % J->nblocks, bh = it / J->nblocks, h = bh % Hq;
+  o->bh = bh; o->b = bh / Hq; o->hk = h / (Hq / g[B_HKV]);
+  o->i0 = q0 + blk * g[B_BQ];
+  o->i1 = o->i0 + g[B_BQ] < q1 ? o->i0 + g[B_BQ] : q1;
+  window(g, o->i0, o->i1, &o->j0, &o->j1);
+  if (o->j1 <= o->j0) return 0;
+  const R one = 1, zero = 0; const char T = 'T', N = 'N';
+  int W = (int)(o->j1 - o->j0), M = (int)(o->i1 - o->i0), D = (int)g[B_D];
+  const R *qp = J->q + o->b * g[B_QSB] + h * g[B_QSH] + o->i0 * g[B_D];
+  const R *kp = J->k + o->b * g[B_KSB] + o->hk * g[B_KSH] + o->j0 * g[B_D];
+  J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+  return 1;
+}
+
+// A thread's score buffer for one block of the GEMM path (B_BQ rows by the widest window), its
+// BLAS set to one thread; NULL when out of memory.
+static R *FN(block_buffer)(const FN(job_t) *J) {
+  int64_t w = J->g[B_BQ] + J->g[B_HI] - J->g[B_LO];
+  R *S = (R *)malloc(sizeof(R) * J->g[B_BQ] * (w > 0 ? w : 1));
+  if (S && J->setthreads) J->setthreads(1);
+  return S;
+}
+
 __attribute__((unused)) static void FN(forward_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
-  int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], wmax = bq + g[B_HI] - g[B_LO];
-  int64_t q0 = g[B_Q0], q1 = g[B_Q1], d = g[B_D], dv = g[B_DV], nrows = q1 - q0;
-  R *S = (R *)malloc(sizeof(R) * bq * (wmax > 0 ? wmax : 1));
+  int64_t q0 = g[B_Q0], q1 = g[B_Q1], dv = g[B_DV], nrows = q1 - q0;
+  R *S = FN(block_buffer)(J);
   if (!S) return;  // items left to the other threads (team_run reports any not done)
-  if (J->setthreads) J->setthreads(1);
-  const R one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
+  const R one = 1.f, zero = 0.f; const char N = 'N';
   int64_t start, stop;
   while (team_next(TM, &start, &stop)) {
     for (int64_t it = start; it < stop; it++) {
-      int64_t blk = it % J->nblocks, bh = it / J->nblocks;
-      int64_t b = bh / Hq, h = bh % Hq, hk = h / grp;
-      int64_t i0 = q0 + blk * bq, i1 = i0 + bq < q1 ? i0 + bq : q1, nq = i1 - i0, j0, j1;
-      window(g, i0, i1, &j0, &j1);
-      const R *qp = J->q + b * g[B_QSB] + h * g[B_QSH] + i0 * d;
-      R *op = J->out + ((b * Hq + h) * nrows + (i0 - q0)) * dv;
-      R *lp = J->lse_out + (b * Hq + h) * nrows + (i0 - q0);
-      if (j1 <= j0) {
+      FN(blk_t) o;
+      int keys = FN(block_scores)(J, it, q0, q1, S, &o);
+      int64_t bh = o.bh, i0 = o.i0, nq = o.i1 - o.i0, j0 = o.j0;
+      R *op = J->out + (bh * nrows + (i0 - q0)) * dv;
+      R *lp = J->lse_out + bh * nrows + (i0 - q0);
+      if (!keys) {
         memset(op, 0, sizeof(R) * nq * dv);
         for (int64_t r = 0; r < nq; r++) lp[r] = -INFINITY;
         continue;
       }
-      int W = (int)(j1 - j0), M = (int)nq, D = (int)d, DV = (int)dv;
-      const R *kp = J->k + b * g[B_KSB] + hk * g[B_KSH] + j0 * d;
-      const R *vp = J->v + b * g[B_VSB] + hk * g[B_VSH] + j0 * dv;
-      // S^T (W x M, col-major, ld W) = K (W x D) * Q^T
-      J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+      int W = (int)(o.j1 - j0), M = (int)nq, DV = (int)dv;
+      const R *vp = J->v + o.b * g[B_VSB] + o.hk * g[B_VSH] + j0 * dv;
       for (int64_t r = 0; r < nq; r++) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);
@@ -522,27 +537,19 @@ static void FN(row_exp)(R *w, const R *s, int64_t n, R l) {
 static void FN(weights_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
-  int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], wmax = bq + g[B_HI] - g[B_LO];
-  int64_t L = g[B_L], d = g[B_D], ncol = g[B_WCOLS], wstr = g[B_WSTR];
-  R *S = (R *)malloc(sizeof(R) * bq * (wmax > 0 ? wmax : 1));
+  int64_t L = g[B_L], ncol = g[B_WCOLS], wstr = g[B_WSTR];
+  R *S = FN(block_buffer)(J);
   if (!S) return;  // items left to the other threads (team_run reports any not done)
-  if (J->setthreads) J->setthreads(1);
-  const R one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
   int64_t start, stop;
   while (team_next(TM, &start, &stop)) {
     for (int64_t it = start; it < stop; it++) {
-      int64_t blk = it % J->nblocks, bh = it / J->nblocks;
-      int64_t b = bh / Hq, h = bh % Hq, hk = h / grp;
-      int64_t i0 = blk * bq, i1 = i0 + bq < L ? i0 + bq : L, j0, j1;
-      window(g, i0, i1, &j0, &j1);
-      if (j1 <= j0) continue;  // no key for any row of the block: nothing to write
-      int W = (int)(j1 - j0), M = (int)(i1 - i0), D = (int)d;
-      const R *qp = J->q + b * g[B_QSB] + h * g[B_QSH] + i0 * d;
-      const R *kp = J->k + b * g[B_KSB] + hk * g[B_KSH] + j0 * d;
+      FN(blk_t) o;
+      if (!FN(block_scores)(J, it, 0, L, S, &o)) continue;  // no key in the block: no weight
+      int64_t bh = o.bh, i0 = o.i0, j0 = o.j0;
+      int W = (int)(o.j1 - j0), M = (int)(o.i1 - i0);
       const R *lp = J->lse + bh * L + i0;
       R *wrow = J->wout + bh * wstr;
       int64_t *ix = bh == 0 ? J->idx : NULL;  // the keys once, from the first head
-      J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
       for (int64_t r = 0; r < M; r++) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);

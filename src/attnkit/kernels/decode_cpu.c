@@ -167,24 +167,7 @@ static void decode_worker(team_t *TM) {
 #endif
       J->gemm(&T, &N, &W, &Mi, &D, &scale, kp, &D, qp, &D, &zero, S, &W);  // S (M x W)
       for (int64_t r = 0; r < J->M; r++) {
-        float *x = S + r * W, m = -INFINITY, sum = 0.f;
-        int64_t i = 0;
-#ifdef __AVX2__
-        __m256 vm = _mm256_set1_ps(-INFINITY);
-        for (; i + 8 <= W; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-        m = hmax(vm);
-#endif
-        for (; i < W; i++) m = x[i] > m ? x[i] : m;
-        i = 0;
-#ifdef __AVX2__
-        __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
-        for (; i + 8 <= W; i += 8) {
-          __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
-          _mm256_storeu_ps(x + i, e); vs = _mm256_add_ps(vs, e);
-        }
-        sum = hsum(vs);
-#endif
-        for (; i < W; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
+        float m, sum = exp_shifted(S + r * W, W, &m);
         mp[r] = m; lp[r] = sum;
       }
 #if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)

@@ -1,9 +1,11 @@
-// AVX2 helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: exp of 8 floats (the
-// polynomial of PyTorch's exp_u20, relative error ~1e-7; exp512: the same for 16 floats where
-// AVX-512F is there) and horizontal max / sum. Empty without AVX2 (the kernels then take their
-// scalar loops). native.py's build cache key covers this header.
+// Vector helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: with AVX2, exp of 8 floats
+// (the polynomial of PyTorch's exp_u20, relative error ~1e-7; exp512: the same for 16 floats
+// where AVX-512F is there) and horizontal max / sum; everywhere, a softmax row's exp pass
+// (exp_shifted, scalar without AVX2). native.py's build cache key covers this header.
 #ifndef ATTNKIT_VECMATH_H
 #define ATTNKIT_VECMATH_H
+#include <math.h>
+#include <stdint.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 
@@ -64,4 +66,30 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 #endif
+
+// x[0..n) <- exp(x - m) in place, m the largest x (returned in *max); returns their sum. fp32,
+// vectorized where AVX2 is (then the scalar tail), for the kernels' softmax rows.
+static inline float exp_shifted(float *x, int64_t n, float *max) {
+  int64_t i = 0;
+  float m = -INFINITY, sum = 0.f;
+#ifdef __AVX2__
+  __m256 vm = _mm256_set1_ps(-INFINITY);
+  for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+  m = hmax(vm);
+#endif
+  for (; i < n; i++) m = x[i] > m ? x[i] : m;
+  i = 0;
+#ifdef __AVX2__
+  __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
+    _mm256_storeu_ps(x + i, e);
+    vs = _mm256_add_ps(vs, e);
+  }
+  sum = hsum(vs);
+#endif
+  for (; i < n; i++) { float e = expf(x[i] - m); x[i] = e; sum += e; }
+  *max = m;
+  return sum;
+}
 #endif
