@@ -713,3 +713,69 @@ def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
     torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
     indptr, indices = pat.csr(120, 120)
     assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lq=st.integers(1, 40), extra=st.integers(-10, 10), lo=st.integers(-6, 3),
+       width=st.integers(0, 6), q0=st.integers(0, 39), nq=st.integers(0, 40),
+       nlists=st.integers(0, 3), seed=st.integers(0, 10**6))
+def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nlists, seed):
+    """union_layout (compiled) against the CSR order of a plain sort: rows' slots, band runs,
+    the other keys' slots and indices, for random disjoint key lists off the band, Lk != Lq."""
+    lk = max(1, lq + extra)
+    hi = lo + width
+    q0 = min(q0, lq)
+    nq = min(nq, lq - q0)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(q0, q0 + nq)
+    start = (rows + lk - lq + lo).clamp(0, lk)
+    stop = torch.maximum((rows + lk - lq + hi + 1).clamp(0, lk), start)
+    cols = torch.arange(lk)
+    off_band = ~((cols >= start.view(-1, 1)) & (cols < stop.view(-1, 1)))
+    owner = torch.randint(-1, max(nlists, 1), (nq, lk), generator=g).masked_fill(~off_band, -1)
+    if nlists == 0:
+        owner.fill_(-1)
+    key = rows.view(-1, 1) * lk + cols
+    keys = [key[owner == j] for j in range(nlists)]  # row-major: sorted
+    bound = int((stop - start).sum()) + sum(t.numel() for t in keys) + 3
+    indptr, offs = torch.empty(nq, dtype=torch.long), torch.empty(nq, dtype=torch.long)
+    indices = torch.full((bound,), -1, dtype=torch.long)
+    pos, nnz = native.union_layout(indptr, offs, indices, keys, q0, lq, lk, lo, hi, 3)
+    # the reference: every pair of these rows (band and others) sorted by key
+    band = (~off_band) & torch.ones(nq, lk, dtype=torch.bool)
+    allk = key[band | (owner >= 0)]
+    assert nnz == 3 + allk.numel()
+    where = {int(x): 3 + i for i, x in enumerate(allk.tolist())}
+    counts = (band | (owner >= 0)).sum(1)
+    assert torch.equal(indptr, 3 + torch.cumsum(counts, 0) - counts)
+    for r in range(nq):
+        if stop[r] > start[r]:
+            assert int(offs[r]) == where[int(rows[r]) * lk + int(start[r])]
+    for t, p in zip(keys, pos):
+        assert [where[int(x)] for x in t.tolist()] == p.tolist()
+        assert torch.equal(indices[p], t % lk)
+
+
+def test_union_layout_rejects_bad_lists():
+    """Unsorted keys, keys on the band or outside the rows, and too small a buffer: errors,
+    nothing written past the buffer."""
+    def run(keys, bound=50):
+        return native.union_layout(torch.empty(4, dtype=torch.long),
+                                   torch.empty(4, dtype=torch.long),
+                                   torch.empty(bound, dtype=torch.long),
+                                   [torch.tensor(k, dtype=torch.long) for k in keys],
+                                   0, 10, 10, 0, 1, 0)  # rows 0-3 of 10
+    pos, nnz = run([[5, 9, 17]])  # row 0: keys 5, 9; row 1: key 7 (band: 0-1 / 1-2)
+    assert nnz == 4 * 2 + 3 and pos[0].tolist() == [2, 3, 6]
+    with pytest.raises(ValueError, match="sorted"):
+        run([[9, 5]])
+    with pytest.raises(ValueError, match="band"):
+        run([[0]])  # row 0's band is keys 0-1
+    with pytest.raises(ValueError, match="within the rows"):
+        run([[45]])  # row 4: past the 4 rows
+    with pytest.raises(RuntimeError, match="slots"):
+        run([[5, 9, 17]], bound=6)
+    with pytest.raises(TypeError, match="keys"):
+        native.union_layout(torch.empty(4, dtype=torch.long), torch.empty(4, dtype=torch.long),
+                            torch.empty(9, dtype=torch.long), [torch.tensor([5.0])], 0, 10, 10,
+                            0, 1, 0)

@@ -67,6 +67,67 @@ static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t
   if (*e > W) *e = W;
 }
 
+// The CSR layout of rows [q0, q0 + nq) of a union of the band [lo, hi] with other components
+// whose pairs of these rows come as up to UNION_MAX_LISTS sorted lists of keys row * Lk + key
+// (disjoint from each other and from the band): row i holds the others' keys below its band, the
+// band's run, then the others' keys above it. Writes indptr[r] (the row's first slot, from nnz0
+// on), offs[r] (its band run's first slot), the others' keys into indices and each list element's
+// slot into its pos array. Single-threaded (one pass, O(pairs)). ptr: indptr (nq), offs (nq),
+// indices (bound), nnz_out (1: the slots used after these rows, the next nnz0), then keys_j and
+// pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound, nlists, n_0 .. n_{nlists-1}.
+// Returns 0, -2 (a slot past bound), -3 (a list not sorted, outside these rows, or on the band)
+// or -4 (bad geo).
+#define UNION_MAX_LISTS 16
+int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                      void *const *rt) {
+  (void)scale; (void)nthreads; (void)rt;
+  int64_t nq = geo[0], q0 = geo[1], lq = geo[2], lk = geo[3], lo = geo[4], hi = geo[5];
+  int64_t nnz = geo[6], bound = geo[7], nl = geo[8];
+  if (nq < 0 || q0 < 0 || q0 + nq > lq || lk < 0 || lo > hi || nnz < 0 || nl < 0 ||
+      nl > UNION_MAX_LISTS)
+    return -4;
+  int64_t *indptr = (int64_t *)ptr[0], *offs = (int64_t *)ptr[1], *indices = (int64_t *)ptr[2];
+  int64_t *nnz_out = (int64_t *)ptr[3];
+  const int64_t *keys[UNION_MAX_LISTS];
+  int64_t *pos[UNION_MAX_LISTS], n[UNION_MAX_LISTS], at[UNION_MAX_LISTS];
+  for (int64_t j = 0; j < nl; j++) {
+    keys[j] = (const int64_t *)ptr[4 + 2 * j]; pos[j] = (int64_t *)ptr[5 + 2 * j];
+    n[j] = geo[9 + j]; at[j] = 0;
+    if (n[j] < 0) return -4;
+  }
+  int64_t delta = lk - lq, w = lk > 0 ? lk : 1;
+  for (int64_t r = 0; r < nq; r++) {
+    int64_t i = q0 + r, row0 = i * w, a = i + delta + lo, e = i + delta + hi + 1;
+    a = a < 0 ? 0 : (a > lk ? lk : a);
+    e = e < a ? a : (e > lk ? lk : e);
+    indptr[r] = nnz;
+    int band_done = 0;
+    for (;;) {  // the row's other keys in order: the smallest head of the lists in this row
+      int64_t best = -1, key = 0;
+      for (int64_t j = 0; j < nl; j++)
+        if (at[j] < n[j] && keys[j][at[j]] < row0 + w && (best < 0 || keys[j][at[j]] < key)) {
+          best = j; key = keys[j][at[j]];
+        }
+      if (best < 0) break;
+      int64_t col = key - row0;
+      if (col < 0 || col >= lk || (col >= a && col < e)) return -3;
+      if (at[best] > 0 && keys[best][at[best] - 1] >= key) return -3;
+      if (!band_done && col >= e) {  // past the band: its run goes first
+        offs[r] = nnz; nnz += e - a; band_done = 1;
+      }
+      if (nnz >= bound) return -2;
+      indices[nnz] = col;
+      pos[best][at[best]++] = nnz++;
+    }
+    if (!band_done) { offs[r] = nnz; nnz += e - a; }
+    if (nnz > bound) return -2;
+  }
+  for (int64_t j = 0; j < nl; j++)
+    if (at[j] != n[j]) return -3;  // keys outside these rows
+  *nnz_out = nnz;
+  return 0;
+}
+
 // Keys a segment of rows [r0, r1) owns (segments partition [0, Lk) in order) and the keys its
 // rows reach [*t0, *t1) (t0 >= the owned start; beyond the owned end: at most hi - lo keys).
 static void segment_keys(const int64_t *g, int64_t s, int64_t nseg, int64_t r0, int64_t r1,

@@ -238,9 +238,9 @@ def _load():
     rt = _runtime()
     if not rt[3]:
         raise RuntimeError("torch's library exports no dgemm_")
-    return _load_with_sgemm(_SOURCE, *(f"band_{kind}_{suffix}"
-                                       for kind in ("forward", "backward", "weights")
-                                       for suffix in ("f32", "f64")))
+    return _load_with_sgemm(_SOURCE, "band_union_layout",
+                            *(f"band_{kind}_{suffix}" for kind in ("forward", "backward", "weights")
+                              for suffix in ("f32", "f64")))
 
 
 def _load_decode():
@@ -736,6 +736,59 @@ def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, 
     if bool(((n > 0) & ((offsets < 0) | (offsets > ncols - n))).any()):
         raise ValueError(f"offsets: some row's run of keys falls outside values' {ncols} "
                          "columns")
+
+
+#: Sorted key lists one :func:`union_layout` call merges (band_cpu.c's UNION_MAX_LISTS).
+UNION_MAX_LISTS = 16
+
+
+def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Tensor],
+                 q0: int, lq: int, lk: int, lo: int, hi: int, nnz: int
+                 ) -> tuple[list[Tensor], int]:
+    """The CSR layout of query rows ``[q0, q0 + nq)`` of a union of the band ``[lo, hi]`` with
+    other components (``band_cpu.c``'s ``band_union_layout``, one pass): row ``i`` holds the
+    other components' keys below its band, the band's run, then their keys above it.
+
+    Args:
+        indptr, offsets: ``(nq,)`` int64, contiguous: written, each row's first slot (from
+            ``nnz`` on) and its band run's first slot.
+        indices: ``(bound,)`` int64, contiguous: the other components' keys are written at
+            their slots (the band's are left to the band kernel).
+        keys: at most :data:`UNION_MAX_LISTS` int64 ``(n_j,)`` tensors of ``row * max(Lk, 1)
+            + key``, each sorted, all within these rows, disjoint and off the band.
+        nnz: the first free slot.
+    Returns:
+        Each key's slot (one ``(n_j,)`` tensor per list) and the first free slot after the rows.
+    """
+    if not band_available():
+        raise RuntimeError("the fused band kernel is not available here (see band_available)")
+    nq = indptr.numel()
+    for t, name, n in ((indptr, "indptr", nq), (offsets, "offsets", nq),
+                       (indices, "indices", indices.numel())):
+        _need(t, name, 1, (torch.int64,))
+        if t.numel() != n or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({n},) tensor, got "
+                             f"{tuple(t.shape)}")
+    if len(keys) > UNION_MAX_LISTS:
+        raise ValueError(f"at most {UNION_MAX_LISTS} key lists, got {len(keys)}")
+    for t in keys:
+        _need(t, "keys", 1, (torch.int64,))
+    keys = [t.contiguous() for t in keys]
+    pos = [torch.empty_like(t) for t in keys]
+    out = torch.zeros(1, dtype=torch.int64)
+    ptr = _i64s(indptr.data_ptr(), offsets.data_ptr(), indices.data_ptr(), out.data_ptr(),
+                *(p_ for t, s in zip(keys, pos) for p_ in (t.data_ptr(), s.data_ptr())))
+    geo = _i64s(nq, q0, lq, lk, lo, hi, nnz, indices.numel(), len(keys),
+                *(t.numel() for t in keys))
+    rc = _state["fn"]["band_union_layout"](ptr, geo, 1.0, 1, _state["fn"]["rt"])
+    if rc == -2:
+        raise RuntimeError("union_layout: the rows need more slots than indices holds")
+    if rc == -3:
+        raise ValueError("union_layout: keys must be sorted, within the rows and off the band")
+    if rc != 0:
+        raise ValueError(f"union_layout: bad geometry nq={nq}, q0={q0}, Lq={lq}, Lk={lk}, "
+                         f"lo={lo}, hi={hi}, nnz={nnz}")
+    return pos, int(out)
 
 
 def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,

@@ -247,52 +247,31 @@ def _merged_pairs(pairs: list[tuple]) -> tuple[Tensor, Tensor] | None:
 
 
 def _place_chunk(sink: WeightsSink, qs: Tensor, k: Tensor, others: list[Component], q0: int,
-                 q1: int, ctx: Ctx):
+                 q1: int, ctx: Ctx) -> list[tuple[Tensor, Tensor, Tensor]]:
     """The CSR layout of a union's rows ``[q0, q1)`` (:class:`WeightsSink`): ``indptr``, the
     band runs' ``offsets`` and the other components' keys in ``indices``, from the pairs their
-    kernels just handed out (scored here for a kernel that does not). Returns the others'
-    ``(positions (n,), local rows (n,), scores (B * Hq, n))``, or None if they have none."""
+    kernels just handed out (scored here for a kernel that does not), in one compiled pass
+    (:func:`.native.union_layout`). Returns per list of pairs their ``(slots (n,), rows (n,)
+    relative to q0, scores (B * Hq, n))``."""
     for c in others:
         if not any(e[0] is c for e in sink.pending):  # a kernel that does not hand them out
             scored = component_scores(c, qs, k, q0, q1, ctx, masked=False)
             if scored is not None:
                 capture_scores(c, *scored, ctx)
-    caught, sink.pending = sink.pending, []
+    caught, sink.pending = [e[1:] for e in sink.pending if e[1].numel()], []
+    lk = max(ctx.lk, 1)
     if sink.row_pairs is not None:  # the row sets' pairs of these rows
         keys, scores = sink.row_pairs
-        lk = max(ctx.lk, 1)
         a, b = (int(x) for x in torch.searchsorted(keys, keys.new_tensor([q0 * lk, q1 * lk])))
-        caught.append((None, keys[a:b], scores[:, a:b]))
-    merged = _merged_pairs(caught)
-    lk, nq = max(ctx.lk, 1), q1 - q0
+        if b > a:
+            caught.append((keys[a:b], scores[:, a:b]))
+    if len(caught) > native.UNION_MAX_LISTS:
+        caught = [_merged_pairs(caught)]
     lo, hi = sink.comp.band
-    rows = torch.arange(q0, q1, device=qs.device)
-    start = (rows + (ctx.lk - ctx.lq) + lo).clamp(0, ctx.lk)
-    n_band = ((rows + (ctx.lk - ctx.lq) + hi + 1).clamp(0, ctx.lk) - start).clamp_min(0)
-    if merged is None:
-        row_n, below = n_band, 0
-    else:
-        keys, scores = merged
-        local = keys // lk - q0
-        count = torch.bincount(local, minlength=nq)
-        first = torch.cumsum(count, 0) - count
-        below = torch.searchsorted(keys, rows * lk + start) - first  # others' keys before the band
-        row_n = n_band + count
-    ptr = torch.cumsum(row_n, 0) - row_n + sink.nnz
-    sink.indptr[q0:q1] = ptr
-    sink.offsets[q0:q1] = ptr + below
-    sink.nnz += int(row_n.sum())
-    if sink.nnz > sink.indices.numel():
-        raise RuntimeError("a union's weights outgrew the buffer sized by its candidates")
-    if merged is None:
-        return None
-    cols = keys - (local + q0) * lk
-    pos = (ptr.index_select(0, local) + torch.arange(keys.numel(), device=keys.device)
-           - first.index_select(0, local)
-           + (cols - start.index_select(0, local)).clamp_min(0).minimum(
-               n_band.index_select(0, local)))
-    sink.indices.index_copy_(0, pos, cols)
-    return pos, local, scores
+    pos, sink.nnz = native.union_layout(sink.indptr[q0:q1], sink.offsets[q0:q1], sink.indices,
+                                        [keys for keys, _ in caught], q0, ctx.lq, ctx.lk, lo,
+                                        hi, sink.nnz)
+    return [(p_, keys // lk - q0, scores) for p_, (keys, scores) in zip(pos, caught)]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -911,10 +890,9 @@ def _chunk(qs, k, v, comps, ctx, q0, q1, training):
     parts.append(_kernel_for(band, ctx)(band, qs, k, v, q0, q1, ctx, training))
     sink.other_lse = None
     out, lse = merge(parts)
-    if placed is not None:
-        pos, local, scores = placed
-        whole = (lse if sink.rows_lse is None  # the row sets' mass joins after the chunks
-                 else torch.logaddexp(lse, sink.rows_lse[:, :, :, q0:q1]))
+    whole = (lse if sink.rows_lse is None  # the row sets' mass joins after the chunks
+             else torch.logaddexp(lse, sink.rows_lse[:, :, :, q0:q1]))
+    for pos, local, scores in placed:
         row = whole.reshape(scores.shape[0], -1).index_select(1, local)
         w = (scores - row).exp_().masked_fill_(torch.isneginf(row), 0.0)  # no mass: weight 0
         sink.values.index_copy_(1, pos, w.to(sink.values.dtype))
