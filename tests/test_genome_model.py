@@ -20,7 +20,7 @@ from attnkit.genome import (
     train_mlm,
 )
 from attnkit.genome import model as model_mod
-from attnkit.genome.train import load_checkpoint, mask_tokens
+from attnkit.genome.train import label_accuracy, load_checkpoint, mask_tokens
 
 PATTERNS = [
     GenomePattern(window=3, exponential=True, hubs=2),
@@ -247,3 +247,23 @@ def test_select_markov_chooses_on_validation_only():
     assert [r["order"] for r in rows] == [0, 1, 2, 3, 4]
     assert best["order"] == min(rows, key=lambda r: r["valid_masked_bits_per_base"])["order"]
     assert best["order"] >= 3 and best["masked_bits_per_base"] < 0.05
+
+
+def test_label_accuracy_in_slices_without_autograd():
+    """label_accuracy over a few samples at a time (max_bases) equals one call over all of them,
+    builds no autograd graph, and rejects a non-positive max_bases."""
+    torch.manual_seed(0)
+    model = GenomeEncoder(16, 2, 2, GenomePattern(window=4, hubs=2), num_labels=2)
+    tokens = torch.randint(0, 4, (7, 50))
+    labels = torch.randint(0, 2, (7, 50)).masked_fill(torch.rand(7, 50) < 0.5, -100)
+    with torch.no_grad():
+        pred = model.label_logits(model(tokens)).argmax(-1)
+    keep = labels != -100
+    whole = float((pred[keep] == labels[keep]).float().mean())
+    grad_on = []
+    model.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    for max_bases in (1, 120, 10_000):  # 1 and 2 samples per slice, then all
+        assert label_accuracy(model, tokens, labels, max_bases=max_bases) == pytest.approx(whole)
+    assert len(grad_on) == 7 + 4 + 1 and not any(grad_on)
+    with pytest.raises(ValueError, match="max_bases"):
+        label_accuracy(model, tokens, labels, max_bases=0)
