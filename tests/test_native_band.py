@@ -769,6 +769,8 @@ def test_union_layout_rejects_bad_lists():
     assert nnz == 4 * 2 + 3 and pos[0].tolist() == [2, 3, 6]
     with pytest.raises(ValueError, match="sorted"):
         run([[9, 5]])
+    with pytest.raises(ValueError, match="disjoint"):
+        run([[5, 9], [9]])  # key 9 of row 0 in two lists
     with pytest.raises(ValueError, match="band"):
         run([[0]])  # row 0's band is keys 0-1
     with pytest.raises(ValueError, match="within the rows"):

@@ -75,8 +75,8 @@ static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t
 // slot into its pos array. Single-threaded (one pass, O(pairs)). ptr: indptr (nq), offs (nq),
 // indices (bound), nnz_out (1: the slots used after these rows, the next nnz0), then keys_j and
 // pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound, nlists, n_0 .. n_{nlists-1}.
-// Returns 0, -2 (a slot past bound), -3 (a list not sorted, outside these rows, or on the band)
-// or -4 (bad geo).
+// Returns 0, -2 (a slot past bound), -3 (a list not sorted, a key in two lists, outside these
+// rows, or on the band) or -4 (bad geo).
 #define UNION_MAX_LISTS 16
 int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                       void *const *rt) {
@@ -102,6 +102,7 @@ int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int 
     e = e < a ? a : (e > lk ? lk : e);
     indptr[r] = nnz;
     int band_done = 0;
+    int64_t last = row0 - 1;  // the row's last key placed: keys must rise across all lists
     for (;;) {  // the row's other keys in order: the smallest head of the lists in this row
       int64_t best = -1, key = 0;
       for (int64_t j = 0; j < nl; j++)
@@ -110,8 +111,8 @@ int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int 
         }
       if (best < 0) break;
       int64_t col = key - row0;
-      if (col < 0 || col >= lk || (col >= a && col < e)) return -3;
-      if (at[best] > 0 && keys[best][at[best] - 1] >= key) return -3;
+      if (col < 0 || col >= lk || (col >= a && col < e) || key <= last) return -3;
+      last = key;
       if (!band_done && col >= e) {  // past the band: its run goes first
         offs[r] = nnz; nnz += e - a; band_done = 1;
       }

@@ -784,7 +784,8 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
     if rc == -2:
         raise RuntimeError("union_layout: the rows need more slots than indices holds")
     if rc == -3:
-        raise ValueError("union_layout: keys must be sorted, within the rows and off the band")
+        raise ValueError("union_layout: keys must be sorted, disjoint, within the rows and off "
+                         "the band")
     if rc != 0:
         raise ValueError(f"union_layout: bad geometry nq={nq}, q0={q0}, Lq={lq}, Lk={lk}, "
                          f"lo={lo}, hi={hi}, nnz={nnz}")
