@@ -140,8 +140,7 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         q1 = min(lq, q0 + rows)
         ck, cj, cv = [], [], []
         for c in comps:
-            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False,
-                                      minus=lse)
+            scored = component_scores(c, qs, k, q0, q1, ctx, masked=False, minus=lse)
             if scored is None:
                 continue
             s, qi, kj, valid = scored  # s: log-weights, score - lse of the row
@@ -221,9 +220,9 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
                  ) -> WeightsSink | None:
     """CSR buffers for the compiled band forward to write the weights of a plan's unmasked
     band as it computes them, or None where :func:`pair_weights` computes them afterwards
-    (autograd; no such band). In a union the other components run first in each chunk and the
-    band kernel folds their log-sum-exp into the weights it writes (no second pass over the
-    values); the other components' pairs get their places now.
+    (autograd; no such band). In a union the other components run first in each chunk, their
+    pairs are placed as their kernels hand them out, and the band kernel folds their
+    log-sum-exp into the weights it writes (no second pass over the values).
     A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
     chunk instead.
 

@@ -591,7 +591,7 @@ def _key_scores(qc, kc, qi, kj, valid, ctx: Ctx) -> Tensor:
     return finish_scores(s, qi, kj, valid, ctx)
 
 
-def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool, comp=None):
+def _keys_partial(qc, kc, vc, qi, kj, valid, ctx: Ctx, training: bool, comp):
     """Dense attention of query rows ``qc (B,hkv,g,nr,d)`` on a shared key set (``comp``: the
     component, for :func:`capture_scores`)."""
     B, hkv, g, nr, d = qc.shape
@@ -609,21 +609,6 @@ def _keyset_partial(comp: KeySet | AllKeys, qs, k, v, q0, q1, ctx: Ctx, training
     else:
         kc, vc = k.index_select(2, kj[0]), v.index_select(2, kj[0])
     return _keys_partial(qs[:, :, :, q0:q1], kc, vc, qi, kj, valid, ctx, training, comp)
-
-
-def _rowset_partial(comp: RowSet, qs, k, v, q0, q1, ctx: Ctx, training: bool):
-    B, hkv, g, _, _ = qs.shape
-    nq = q1 - q0
-    rows = comp.rows_in(q0, q1, qs.device)
-    out = qs.new_zeros(B, hkv, g, nq, v.shape[-1])
-    lse = torch.full((B, hkv, g, nq), NEG_INF, dtype=_compute_dtype(qs), device=qs.device)
-    if rows.numel() == 0:
-        return out, lse
-    qi, kj, valid = comp.candidates_for(rows, 0, ctx.lk, ctx.lq, ctx.lk)
-    o_r, l_r = _keys_partial(qs.index_select(3, rows), k, v, qi, kj, valid, ctx, training,
-                             comp)
-    local = rows - q0
-    return out.index_copy(3, local, o_r.to(out.dtype)), lse.index_copy(3, local, l_r)
 
 
 def _rowset_rows(comp: RowSet, qs, k, v, ctx: Ctx, training: bool, grad: bool):
@@ -649,8 +634,9 @@ def _rowset_rows(comp: RowSet, qs, k, v, ctx: Ctx, training: bool, grad: bool):
 
 
 def _with_row_sets(qs, k, v, comps: list[Component], ctx: Ctx, training: bool, grad: bool):
-    """:func:`structured_attention` of a union with row sets: each row set once over all its
-    rows (:func:`_rowset_rows`), the other components as usual, their rows merged."""
+    """:func:`structured_attention` of a plan with row sets (their kernel): each row set once
+    over all its rows (:func:`_rowset_rows`), the other components as usual, their rows
+    merged."""
     found = [_rowset_rows(c, qs, k, v, ctx, training, grad) for c in comps
              if isinstance(c, RowSet) and c.rows.numel()]
     sink = ctx.weights_sink
@@ -844,7 +830,6 @@ _KERNELS = {
     Offsets: _offsets_partial,
     KeySet: _keyset_partial,
     AllKeys: _keyset_partial,
-    RowSet: _rowset_partial,
     Edges: _edges_partial,
 }
 
@@ -919,8 +904,7 @@ def structured_attention(
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (qs, k, v) + ((ctx.bias,) if ctx.bias is not None else ())
     )
-    if any(isinstance(c, RowSet) for c in comps) and not all(isinstance(c, RowSet)
-                                                             for c in comps):
+    if any(isinstance(c, RowSet) for c in comps):
         return _with_row_sets(qs, k, v, comps, ctx, training, grad)
     whole = [c for c in comps if grad and _kernel_for(c, ctx) is _band_fast_partial
              and _native_band_ok(c, qs, k, v, ctx, training)]
