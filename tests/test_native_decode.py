@@ -141,25 +141,30 @@ def test_gelu_mlp_equals_the_plain_sequential():
     assert set(mlp.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-@pytest.mark.parametrize("whole_block", [True, False])
+@pytest.mark.parametrize("path", ["model", "block", "gemv"])
 @pytest.mark.parametrize("cache_cls,kv_heads,batch", [
     (StaticCache, 1, 1), (StaticCache, 2, 2), (DynamicCache, 4, 3)])
-def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch, whole_block,
-                                                                cache_cls, kv_heads, batch):
-    """Cached steps (the whole block in one native call, or native GEMV + the decoding kernel)
-    give the logits of the full uncached forward pass, for several steps in a row (the cache's
-    positions advance), MQA, GQA and MHA, one or several sequences."""
-    if not whole_block:
+def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch, path, cache_cls,
+                                                                kv_heads, batch):
+    """Cached steps (every block and the output layer in one native call; each block in one
+    call; or native GEMV + the decoding kernel) give the logits of the full uncached forward
+    pass, for several steps in a row (the cache's positions advance), MQA, GQA and MHA, one or
+    several sequences."""
+    from attnkit.lm import model as lm_model
+
+    if path != "model":
+        monkeypatch.setattr(lm_model, "_decode_model", lambda *a: None)
+    if path == "gemv":
         monkeypatch.setattr(native, "step_available", lambda: False)
     seen = _spy(monkeypatch, "decode_forward")
-    steps_seen = []
-    real_call = native.PreparedDecodeBlock.__call__
+    calls: dict[str, list] = {"block": [], "model": []}
+    for name, cls in (("block", native.PreparedDecodeBlock),
+                      ("model", native.PreparedDecodeModel)):
+        def spy_call(self, *a, _real=cls.__call__, _seen=calls[name], **kw):
+            _seen.append(a[0].shape)
+            return _real(self, *a, **kw)
 
-    def spy_call(self, *a, **kw):
-        steps_seen.append(a[0].shape)
-        return real_call(self, *a, **kw)
-
-    monkeypatch.setattr(native.PreparedDecodeBlock, "__call__", spy_call)
+        monkeypatch.setattr(cls, "__call__", spy_call)
     torch.manual_seed(0)
     model = DecoderLM(64, 128, 2, 4, kv_heads, max_seq_len=700).eval()
     for p in model.parameters():  # non-trivial norms and biases
@@ -173,14 +178,18 @@ def test_decoding_step_with_native_kernels_equals_full_forward(monkeypatch, whol
             full = model(ids[:, :ids.shape[1] - t + 1])[:, -1]
             torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
         assert cache.seq_length(0) == cache.seq_length(1) == 600
-    if whole_block:
-        # (the kernel's self-check may run here too, on its own small block); a dynamic
-        # cache is full after the prompt: its first step grows it through the module path
-        fused = 3 if cache_cls is StaticCache else 2
-        assert steps_seen.count((batch, 128)) == fused * model.depth
-        assert bool(seen) == (fused < 3)
+    # (the kernels' self-checks may run here too, on their own small blocks); a dynamic cache
+    # is full after the prompt: its first step grows it through the module path
+    fused = 3 if cache_cls is StaticCache else 2
+    if path == "model":
+        assert calls["model"].count((batch, 128)) == fused
+        assert calls["block"].count((batch, 128)) == 0
+    elif path == "block":
+        assert calls["block"].count((batch, 128)) == fused * model.depth
+        assert calls["model"].count((batch, 128)) == 0
     else:
-        assert seen and not steps_seen
+        assert not calls["block"] and not calls["model"]
+    assert bool(seen) == (fused < 3 or path == "gemv")
 
 
 @settings(max_examples=25, deadline=None)
@@ -569,3 +578,133 @@ def _pool_child(q, k, v, x, w):
     torch.set_num_threads(2)
     with torch.no_grad():
         return native.decode_forward(q, k, v)[0], native.gemv_rows(x, w)
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 4), heads=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(
+           [1, 2, 3])), min_size=1, max_size=3), hd=st.sampled_from([2, 8, 64]),
+       dim=st.integers(1, 40), hidden=st.integers(1, 50), pos=st.integers(0, 400),
+       bias=st.booleans(), rotary=st.booleans(), logits=st.booleans())
+def test_prepared_decode_model_matches_chained_blocks(rows, heads, hd, dim, hidden, pos, bias,
+                                                      rotary, logits):
+    """Every block of a decoder in one native call (blocks of different head counts, as after
+    pruning), then the final LayerNorm and the output layer, against the fp64 block reference
+    chained block by block and F.layer_norm / F.linear; each block writes row ``pos`` of its
+    own caches only."""
+    g = torch.Generator().manual_seed(rows * 1000 + pos + 7 * len(heads))
+    blocks, operands, caches, ropes = [], [], [], []
+    for hkv, group in heads:
+        ops = _block_operands(g, dim, hkv * group, hkv, hd, hidden, bias)
+        operands.append((ops, hkv * group))
+        blocks.append(native.PreparedDecodeBlock(ops, num_heads=hkv * group, num_kv_heads=hkv,
+                                                 rotary=rotary))
+        cap = pos + 1 + int(torch.randint(0, 4, (1,), generator=g))
+        caches.append((torch.randn(rows, hkv, cap, hd, generator=g),
+                       torch.randn(rows, hkv, cap, hd, generator=g), pos))
+        rope = None
+        if rotary:
+            angles = torch.randn(1, hd // 2, generator=g) * 5
+            rope = (torch.cat([angles, angles], -1).cos(),
+                    torch.cat([-angles.sin(), angles.sin()], -1))
+        ropes.append(rope)
+    vocab = 11
+    head_w, head_b = torch.randn(vocab, dim, generator=g), torch.randn(vocab, generator=g)
+    norm_w = 1 + 0.3 * torch.randn(dim, generator=g)
+    x = torch.randn(rows, dim, generator=g)
+    ref, ref_caches = x.double(), []
+    for (ops, h), (kc, vc, p), rope in zip(operands, caches, ropes):
+        ref, ref_k, ref_v = native.decode_block_reference(ref, ops, kc, vc, p, h, rope)
+        ref_caches.append((ref_k, ref_v))
+    if logits:
+        model = native.PreparedDecodeModel(blocks, norm=(norm_w, None, 1e-5),
+                                           head=(head_w, head_b if bias else None))
+        out_logits = torch.empty(rows, vocab)
+    else:
+        model, out_logits = native.PreparedDecodeModel(blocks), None
+    out = model(x, torch.empty_like(x), caches, ropes, out_logits)
+    tol = 2e-4 * len(heads)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    for (kc, vc, _), (ref_k, ref_v) in zip(caches, ref_caches):
+        torch.testing.assert_close(kc.double(), ref_k, atol=tol, rtol=tol)
+        torch.testing.assert_close(vc.double(), ref_v, atol=tol, rtol=tol)
+    if logits:
+        ref_logits = F.linear(F.layer_norm(out.double(), (dim,), norm_w.double(), None, 1e-5),
+                              head_w.double(), head_b.double() if bias else None)
+        torch.testing.assert_close(out_logits.double(), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prepared_decode_model_bad_input():
+    g = torch.Generator().manual_seed(0)
+    blocks = [native.PreparedDecodeBlock(_block_operands(g, 16, 4, 2, 8, 24, True), num_heads=4,
+                                         num_kv_heads=2, rotary=False) for _ in range(2)]
+    norm, head = (None, None, 1e-5), (torch.randn(9, 16), None)
+    model = native.PreparedDecodeModel(blocks, norm=norm, head=head)
+    x = torch.randn(2, 16)
+    caches = [(torch.zeros(2, 2, 10, 8), torch.zeros(2, 2, 10, 8), 3) for _ in range(2)]
+    with pytest.raises(ValueError, match="one entry per block"):
+        model(x, torch.empty_like(x), caches[:1], [None], torch.empty(2, 9))
+    with pytest.raises(ValueError, match="logits must be"):
+        model(x, torch.empty_like(x), caches, [None, None], torch.empty(2, 8))
+    with pytest.raises(ValueError, match="logits must be"):
+        model(x, torch.empty_like(x), caches, [None, None])
+    with pytest.raises(ValueError, match="pos must be"):
+        model(x, torch.empty_like(x), [caches[0], (*caches[1][:2], 10)], [None, None],
+              torch.empty(2, 9))
+    with pytest.raises(ValueError, match="out must not be x"):
+        model(x, x, caches, [None, None], torch.empty(2, 9))
+    with pytest.raises(ValueError, match="logits need"):
+        native.PreparedDecodeModel(blocks)(x, torch.empty_like(x), caches, [None, None],
+                                           torch.empty(2, 9))
+    with pytest.raises(ValueError, match="norm and head"):
+        native.PreparedDecodeModel(blocks, norm=norm)
+    with pytest.raises(ValueError, match="width"):
+        other = native.PreparedDecodeBlock(_block_operands(g, 12, 4, 2, 8, 24, True),
+                                           num_heads=4, num_kv_heads=2, rotary=False)
+        native.PreparedDecodeModel([blocks[0], other])
+    with pytest.raises(TypeError, match="PreparedDecodeBlock"):
+        native.PreparedDecodeModel([])
+    with pytest.raises(ValueError, match="weights"):
+        native.PreparedDecodeModel(blocks, norm=norm, head=(torch.randn(9, 15), None))
+    # nothing written by a refused call
+    assert all(torch.equal(kc, torch.zeros_like(kc)) for kc, _, _ in caches)
+
+
+def test_model_step_falls_back_where_it_must(monkeypatch):
+    """The one-call decoder step is taken for a model whose blocks differ in head count (after
+    pruning) and gives the full forward's logits; a hook on a block sends the step through the
+    blocks one by one (the hook runs); an output layer with a hook runs as a module after the
+    native blocks. Logits agree on every path."""
+    from attnkit.pruning import prune_heads
+
+    calls = []
+    real = native.PreparedDecodeModel.__call__
+
+    def spy(self, *a, **kw):
+        calls.append(a[4] if len(a) > 4 else kw.get("logits"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(native.PreparedDecodeModel, "__call__", spy)
+    torch.manual_seed(0)
+    model = prune_heads(DecoderLM(40, 64, 3, 4, 2, max_seq_len=64).eval(), {0: [0, 1], 2: [2, 3]})
+    ids = torch.randint(0, 40, (2, 12))
+
+    def step():
+        with torch.no_grad():
+            cache = StaticCache(20)
+            model(ids[:, :-1], cache=cache)
+            return model(ids[:, -1:], cache=cache)[:, -1]
+
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+    plain = step()
+    torch.testing.assert_close(plain, full, atol=1e-4, rtol=1e-4)
+    assert len(calls) == 1 and calls[0] is not None
+    ran = []
+    handle = model.blocks[1].register_forward_hook(lambda *a: ran.append(1))
+    torch.testing.assert_close(step(), plain, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert len(calls) == 1 and ran
+    handle = model.head.register_forward_hook(lambda *a: ran.append(2))
+    torch.testing.assert_close(step(), plain, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert len(calls) == 2 and calls[1] is None and ran[-1] == 2

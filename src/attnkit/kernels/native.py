@@ -68,7 +68,8 @@ from torch import Tensor
 __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "BAND_MAX_WIDTH",
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
-           "set_team_limit", "step_available", "PreparedDecodeBlock", "decode_block_reference",
+           "set_team_limit", "step_available", "PreparedDecodeBlock", "PreparedDecodeModel",
+           "decode_block_reference",
            "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
@@ -1361,7 +1362,7 @@ _step_state: dict = {}
 
 def _load_step():
     # one library, one pool: step_cpu.c compiles the GEMV and decoding kernels into its unit
-    return _load_with_sgemm(_STEP_SOURCE, "block_step", pool=True)
+    return _load_with_sgemm(_STEP_SOURCE, "block_step", "model_step", pool=True)
 
 
 def decode_block_reference(x: Tensor, operands, k_cache: Tensor, v_cache: Tensor, pos: int,
@@ -1425,6 +1426,20 @@ def _step_self_check() -> None:
     _compare("decoder block step output", out, ref, tol)
     _compare("decoder block step keys", kc, ref_k, tol)
     _compare("decoder block step values", vc, ref_v, tol)
+    # two blocks and the output layer in one call: the blocks chained, then LayerNorm + head
+    x, kc, vc = rand(rows, dim), rand(rows, hkv, cap, hd), rand(rows, hkv, cap, hd)
+    kc2, vc2 = kc.clone(), vc.clone()
+    mid, ref_k, ref_v = decode_block_reference(x, operands, kc, vc, pos, h, rope)
+    ref, ref_k2, ref_v2 = decode_block_reference(mid.float(), operands, kc2, vc2, pos, h, rope)
+    head_w, norm_w = rand(7, dim), 1 + rand(dim)
+    ref_logits = torch.nn.functional.layer_norm(ref, (dim,), norm_w.double(), None, 1e-5) \
+        @ head_w.double().T
+    model = PreparedDecodeModel((block, block), norm=(norm_w, None, 1e-5), head=(head_w, None))
+    logits = torch.empty(rows, 7)
+    out = model(x, torch.empty_like(x), ((kc, vc, pos), (kc2, vc2, pos)), (rope, rope), logits)
+    _compare("decoder step output", out, ref, 2 * tol)
+    _compare("decoder step keys", kc2, ref_k2, 2 * tol)
+    _compare("decoder step logits", logits, ref_logits, 2 * tol)
 
 
 def step_available() -> bool:
@@ -1495,32 +1510,22 @@ class PreparedDecodeBlock:
         # caches, the rotary rows (x, out, caches and rotary rows are written per call)
         self._ptrs = _i64s(0, 0, *addr, 0, 0, 0, 0, ctypes.addressof(self._eps))
 
-    def __call__(self, x: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
-                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``x (R, dim)``: the new token of each of ``R`` sequences at position ``pos``;
-        ``k_cache``, ``v_cache``: ``(R, num_kv_heads, capacity, head_dim)`` contiguous
-        buffers holding positions ``0 .. pos - 1``, row ``pos`` is written; ``rope``: ``(cos,
-        signed_sin)`` contiguous ``(1, head_dim)`` rows for ``pos`` when bound with rotary.
-        Writes ``out (R, dim)`` (not ``x``) and returns it."""
-        rows = x.shape[0] if x.dim() == 2 else 0
+    def _bind(self, ptrs, at: int, rows: int, k_cache: Tensor, v_cache: Tensor, pos: int,
+              rope) -> tuple[int, ...]:
+        """Check one call's cache buffers, position and rotary rows, write their addresses
+        into ``ptrs`` (this block's slots start at ``at``), return its geometry slots."""
         cache_shape = (rows, self.num_kv_heads, k_cache.shape[2] if k_cache.dim() == 4 else 0,
                        self.head_dim)
-        for name, t, shape in (("x", x, (rows, self.dim)), ("out", out, (rows, self.dim)),
-                               ("k_cache", k_cache, cache_shape),
-                               ("v_cache", v_cache, cache_shape)):
-            if (t.shape != shape or not t.is_contiguous() or t.dtype != torch.float32
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if (t.shape != cache_shape or not t.is_contiguous() or t.dtype != torch.float32
                     or not t.is_cpu):
-                raise ValueError(f"{name} must be a contiguous fp32 CPU {shape} tensor, got "
-                                 f"{t.dtype} {tuple(t.shape)}")
-        if not rows or out.data_ptr() == x.data_ptr():
-            raise ValueError("x must hold at least one row, and out must not be x")
+                raise ValueError(f"{name} must be a contiguous fp32 CPU {cache_shape} tensor, "
+                                 f"got {t.dtype} {tuple(t.shape)}")
         cap = cache_shape[2]
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < cap:
             raise ValueError(f"pos must be an int in [0, {cap}) (the cache's capacity), got "
                              f"{pos!r}")
-        ptrs = type(self._ptrs).from_buffer_copy(self._ptrs)  # concurrent calls stay apart
-        ptrs[0], ptrs[1] = x.data_ptr(), out.data_ptr()
-        ptrs[18], ptrs[19] = k_cache.data_ptr(), v_cache.data_ptr()
+        ptrs[at + 18], ptrs[at + 19] = k_cache.data_ptr(), v_cache.data_ptr()
         if self.rotary:
             if rope is None or len(rope) != 2:
                 raise ValueError("rope (cos, signed_sin) rows are needed: bound with rotary")
@@ -1529,14 +1534,122 @@ class PreparedDecodeBlock:
                         or t.dtype != torch.float32 or not t.is_cpu):
                     raise ValueError(f"rope rows must be contiguous fp32 CPU (1, "
                                      f"{self.head_dim}) tensors, got {tuple(t.shape)}")
-            ptrs[20], ptrs[21] = rope[0].data_ptr(), rope[1].data_ptr()
-        geo = _i64s(rows, self.dim, self.num_heads, self.num_kv_heads, self.head_dim,
-                    self.hidden, cap, pos, int(self.rotary))
+            ptrs[at + 20], ptrs[at + 21] = rope[0].data_ptr(), rope[1].data_ptr()
+        return (rows, self.dim, self.num_heads, self.num_kv_heads, self.head_dim, self.hidden,
+                cap, pos, int(self.rotary))
+
+    def __call__(self, x: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``x (R, dim)``: the new token of each of ``R`` sequences at position ``pos``;
+        ``k_cache``, ``v_cache``: ``(R, num_kv_heads, capacity, head_dim)`` contiguous
+        buffers holding positions ``0 .. pos - 1``, row ``pos`` is written; ``rope``: ``(cos,
+        signed_sin)`` contiguous ``(1, head_dim)`` rows for ``pos`` when bound with rotary.
+        Writes ``out (R, dim)`` (not ``x``) and returns it."""
+        rows = _check_rows(x, out, self.dim)
+        ptrs = type(self._ptrs).from_buffer_copy(self._ptrs)  # concurrent calls stay apart
+        ptrs[0], ptrs[1] = x.data_ptr(), out.data_ptr()
+        geo = _i64s(*self._bind(ptrs, 0, rows, k_cache, v_cache, pos, rope))
         fns = _step_state["fn"]
         rc = fns["block_step"](ptrs, geo, 1.0 / math.sqrt(self.head_dim),
                                torch.get_num_threads(), fns["rt"])
         if rc != 0:
             raise MemoryError("attnkit decoder block step: out of memory for its buffers")
+        return out
+
+
+def _check_rows(x: Tensor, out: Tensor, dim: int) -> int:
+    """The rows of a decoding step's input ``x (R, dim)`` and output ``out`` (same shape,
+    another tensor): contiguous fp32 CPU, ``R >= 1``. Returns ``R``."""
+    rows = x.shape[0] if x.dim() == 2 else 0
+    for name, t in (("x", x), ("out", out)):
+        if (t.shape != (rows, dim) or not t.is_contiguous() or t.dtype != torch.float32
+                or not t.is_cpu):
+            raise ValueError(f"{name} must be a contiguous fp32 CPU {(rows, dim)} tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    if not rows or out.data_ptr() == x.data_ptr():
+        raise ValueError("x must hold at least one row, and out must not be x")
+    return rows
+
+
+class PreparedDecodeModel:
+    """A decoder's cached decoding step through all its blocks as one native call
+    (``step_cpu.c: model_step``): each :class:`PreparedDecodeBlock` in turn, then optionally
+    the final LayerNorm and the output layer. The same results as calling the blocks one by
+    one, without the Python argument handling of a call per block.
+
+    Args:
+        blocks: the blocks' :class:`PreparedDecodeBlock`, in order, all of the same width.
+        norm: ``(weight, bias, eps)`` of the final LayerNorm (weight/bias ``(dim,)`` or None),
+            or None for no logits.
+        head: ``(weight (vocab, dim), bias (vocab,) or None)`` of the output layer, with
+            ``norm``; contiguous fp32 CPU.
+    """
+
+    def __init__(self, blocks, *, norm=None, head=None) -> None:
+        blocks = tuple(blocks)
+        if not blocks or not all(isinstance(b, PreparedDecodeBlock) for b in blocks):
+            raise TypeError("blocks must be a non-empty sequence of PreparedDecodeBlock")
+        dim = blocks[0].dim
+        if any(b.dim != dim for b in blocks):
+            raise ValueError(f"every block must have width {dim}, got "
+                             f"{[b.dim for b in blocks]}")
+        if (norm is None) != (head is None):
+            raise ValueError("norm and head go together (both for logits, or neither)")
+        self.blocks, self.dim, self.vocab = blocks, dim, 0
+        slots = len(blocks[0]._ptrs)
+        self._lptr = (ctypes.c_int64 * (slots * len(blocks)))()
+        for i, b in enumerate(blocks):
+            self._lptr[i * slots:(i + 1) * slots] = list(b._ptrs)
+        self._scales = (ctypes.c_double * len(blocks))(
+            *(1.0 / math.sqrt(b.head_dim) for b in blocks))
+        self._head = [0, 0, 0, 0, 0]  # head_w, head_b, norm_w, norm_b, &eps
+        if head is not None:
+            hw, hb = head
+            nw, nb, eps = norm
+            _check_gemv(torch.empty(1, dim), (hw,), (hb,), None, (nw, nb, eps), None)
+            if not hw.is_contiguous():
+                raise ValueError("the head weight must be contiguous")
+            self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in (hw, hb, nw, nb)]
+            self._eps = ctypes.c_double(float(eps))
+            self.vocab = hw.shape[0]
+            self._head = [0 if t is None else t.data_ptr() for t in self._keep]
+            self._head.append(ctypes.addressof(self._eps))
+
+    def __call__(self, x: Tensor, out: Tensor, caches, ropes, logits: Tensor | None = None
+                 ) -> Tensor:
+        """``x (R, dim)``: the embedded new token of each of ``R`` sequences; ``caches``: per
+        block ``(k_cache, v_cache, pos)`` as :class:`PreparedDecodeBlock` takes them (row
+        ``pos`` written); ``ropes``: per block its ``(cos, signed_sin)`` rows or None. Writes
+        the last block's output to ``out (R, dim)`` (not ``x``) and returns it; with ``norm``
+        and ``head`` bound, also the logits to ``logits (R, vocab)``."""
+        rows = _check_rows(x, out, self.dim)
+        n = len(self.blocks)
+        if len(caches) != n or len(ropes) != n:
+            raise ValueError(f"caches and ropes must hold one entry per block ({n}), got "
+                             f"{len(caches)} and {len(ropes)}")
+        if self.vocab:
+            if (not isinstance(logits, Tensor) or logits.shape != (rows, self.vocab)
+                    or not logits.is_contiguous() or logits.dtype != torch.float32
+                    or not logits.is_cpu):
+                raise ValueError(f"logits must be a contiguous fp32 CPU {(rows, self.vocab)} "
+                                 f"tensor")
+        elif logits is not None:
+            raise ValueError("logits need norm and head bound")
+        ptrs = type(self._lptr).from_buffer_copy(self._lptr)  # concurrent calls stay apart
+        slots = len(ptrs) // n
+        geo = []
+        for i, (block, (k_cache, v_cache, pos), rope) in enumerate(zip(self.blocks, caches,
+                                                                       ropes)):
+            geo += block._bind(ptrs, i * slots, rows, k_cache, v_cache, pos, rope)
+        geo = _i64s(*geo)
+        call = _i64s(x.data_ptr(), out.data_ptr(), ctypes.addressof(ptrs), ctypes.addressof(geo),
+                     ctypes.addressof(self._scales),
+                     0 if logits is None else logits.data_ptr(), *self._head)
+        fns = _step_state["fn"]
+        rc = fns["model_step"](call, _i64s(n, rows, self.dim, self.vocab), 0.0,
+                               torch.get_num_threads(), fns["rt"])
+        if rc != 0:
+            raise MemoryError("attnkit decoder step: out of memory for its buffers")
         return out
 
 

@@ -79,3 +79,56 @@ int block_step(const int64_t *ptr, const int64_t *geo, double scale, int nthread
   free(qkv); free(q); free(heads); free(lse); free(x1); free(hid);
   return err ? -1 : 0;
 }
+
+// A decoder's cached step through all its blocks in one call: block_step for each in turn (the
+// hidden rows pass between two buffers), then, when logits is given, the final LayerNorm and
+// the output layer. One native call per token where a call per block cost ~70 us of Python
+// argument handling each.
+// ptr: MP_* slots. layer_ptr: int64 (layers, BP_N), each block's ptr slots (its BP_X and
+// BP_OUT are ignored: the rows come from x and the previous block); layer_geo: int64 (layers,
+// BS_NGEO), each block's geometry (every BS_R and BS_DIM equal to this call's); scales:
+// double (layers,), the score scales; x (R, dim): the embedded new tokens (read only); out
+// (R, dim): the last block's output; logits (R, vocab) or 0, written as LayerNorm(out; norm_w,
+// norm_b, norm_eps) @ head_w (vocab, dim)^T + head_b (norm_w, norm_b, head_b may be 0).
+// Returns -1 for bad sizes or a failed allocation (out and logits are then undefined), else 0.
+enum { MP_X, MP_OUT, MP_LAYER_PTR, MP_LAYER_GEO, MP_SCALES, MP_LOGITS, MP_HEAD_W, MP_HEAD_B,
+       MP_NORM_W, MP_NORM_B, MP_NORM_EPS, MP_N };
+// geometry slots: blocks, rows, width, vocabulary (0 without logits)
+enum { MS_LAYERS, MS_R, MS_DIM, MS_VOCAB, MS_NGEO };
+
+int model_step(const int64_t *ptr, const int64_t *geo, double unused, int nthreads,
+               void *const *rt) {
+  (void)unused;
+  const int64_t layers = geo[MS_LAYERS], R = geo[MS_R], dim = geo[MS_DIM],
+                vocab = geo[MS_VOCAB];
+  const int64_t *lptr = (const int64_t *)ptr[MP_LAYER_PTR], *lgeo = (const int64_t *)ptr[MP_LAYER_GEO];
+  const double *scales = (const double *)ptr[MP_SCALES];
+  if (layers < 1 || R < 1 || dim < 1 || vocab < 0
+      || (vocab > 0 && (!ptr[MP_HEAD_W] || !ptr[MP_LOGITS] || !ptr[MP_NORM_EPS])))
+    return -1;
+  for (int64_t l = 0; l < layers; l++)
+    if (lgeo[l * BS_NGEO + BS_R] != R || lgeo[l * BS_NGEO + BS_DIM] != dim) return -1;
+  float *tmp = layers > 1 ? (float *)malloc(sizeof(float) * R * dim) : NULL;
+  if (layers > 1 && !tmp) return -1;
+  int err = 0;
+  const float *src = (const float *)ptr[MP_X];
+  for (int64_t l = 0; l < layers && !err; l++) {
+    // the last block writes out; going back from it, the blocks alternate out / tmp, so no
+    // block writes the rows it reads
+    float *dst = (layers - 1 - l) % 2 == 0 ? (float *)ptr[MP_OUT] : tmp;
+    int64_t p[BP_N];
+    memcpy(p, lptr + l * BP_N, sizeof p);
+    p[BP_X] = (int64_t)src;
+    p[BP_OUT] = (int64_t)dst;
+    err = block_step(p, lgeo + l * BS_NGEO, scales[l], nthreads, rt) != 0;
+    src = dst;
+  }
+  free(tmp);
+  if (!err && vocab > 0) {  // logits = LayerNorm(out) @ head_w^T + head_b
+    int64_t p[13] = {ptr[MP_OUT], ptr[MP_LOGITS], ptr[MP_HEAD_W], 0, 0, ptr[MP_HEAD_B], 0, 0, 0,
+                     ptr[MP_NORM_W], ptr[MP_NORM_B], 0, 0};
+    int64_t gv[GV_NGEO] = {R, dim, 1, vocab, 0, 0, 0, 1, 0, 0, 0};
+    err = gemv_rows(p, gv, *(const double *)ptr[MP_NORM_EPS], nthreads, rt) != 0;
+  }
+  return err ? -1 : 0;
+}

@@ -4,7 +4,9 @@
 A decoding step (a few rows, no autograd, fp32 on CPU) runs each block as four native GEMV
 calls around the engine's attention: LayerNorm + q/k/v projections + rotary embedding,
 output projection + residual, LayerNorm + first MLP layer + GELU, second MLP layer +
-residual (:mod:`attnkit.kernels.native`). Anything else (autograd, hooks, swapped layers, a
+residual (:mod:`attnkit.kernels.native`). With one new token per sequence and a buffer cache,
+a block is one native call, and a whole :class:`DecoderLM` step (every block, the final
+LayerNorm and the output layer) is one. Anything else (autograd, hooks, swapped layers, a
 head mask) takes the modules' own path, with the same results up to rounding.
 """
 
@@ -114,6 +116,97 @@ def _decode_block(block: DecoderBlock, operands: tuple, x: Tensor, cache: KVCach
     x2 = step.out(heads.reshape(rows, -1).contiguous(), x2.new_empty(rows, dim), residual=x2)
     hidden = step.fc1(x2, x2.new_empty(rows, step.fc1.out_features))
     return step.fc2(hidden, x2.new_empty(rows, dim), residual=x2).view(b, length, dim)
+
+
+class _PreparedModel:
+    """A :class:`DecoderLM`'s whole decoding step bound once (:class:`native.PreparedDecodeModel`):
+    its blocks' prepared steps in order, then (``head`` given) the final LayerNorm and the
+    output layer. Kept per model in :data:`_PREPARED_MODELS`, rebuilt when a block's prepared
+    step or a head operand changed."""
+
+    def __init__(self, steps: tuple, head: tuple | None) -> None:
+        self.steps, self.head = steps, head
+        self.head_ptrs = None if head is None else tuple(
+            t.data_ptr() if isinstance(t, Tensor) else t for t in head)
+        norm, out = (None, None) if head is None else ((head[0], head[1], head[2]),
+                                                       (head[3], head[4]))
+        self.call = native.PreparedDecodeModel([s.block for s in steps], norm=norm, head=out)
+
+    def matches(self, steps: list, head: tuple | None) -> bool:
+        if len(steps) != len(self.steps) or any(a is not b for a, b in zip(steps, self.steps)):
+            return False
+        if head is None or self.head is None:
+            return head is self.head
+        return all((new is old and (not isinstance(new, Tensor) or new.data_ptr() == ptr))
+                   if isinstance(new, Tensor) or new is None else new == old
+                   for new, old, ptr in zip(head, self.head, self.head_ptrs))
+
+
+_PREPARED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_model(model: DecoderLM, x: Tensor, cache: KVCache) -> Tensor | None:
+    """Logits ``(B, 1, vocab)`` of a cached step with one new token per sequence, ``x (B, 1,
+    dim)`` its embeddings, as one native call through every block and the output layer; None
+    (nothing done) when some block, the cache or the step cannot take the native path (the
+    caller then runs the modules). The same results as the blocks' own native steps."""
+    if not isinstance(cache, _BufferCache) or not native.step_available():
+        return None
+    b, dim = x.shape[0], x.shape[2]
+    steps, caches, ropes, layers = [], [], [], set()
+    rope_rows: dict = {}
+    for block in model.blocks:
+        if type(block) is not DecoderBlock or _has_hooks(block):
+            return None
+        operands = block._decode_operands(x)
+        if operands is None:
+            return None
+        step = _PREPARED.get(block)
+        if step is None or not step.matches(operands):
+            step = _PREPARED[block] = _PreparedStep(block, operands)
+        attn = block.attn
+        layer = attn.layer_idx
+        offset = cache.seq_length(layer)
+        if (step.block is None or layer in layers
+                or cache.attention_pattern(attn.pattern, 1, offset + 1) is not None):
+            return None  # (a layer index twice: the blocks would share one cache slot)
+        slot = cache._decode_slot(layer, b, attn.num_kv_heads, attn.head_dim)
+        if slot is None:
+            return None
+        rope = None
+        if attn.rotary is not None:
+            # blocks whose tables are the same share one lookup
+            rot = attn.rotary
+            key = (rot.head_dim, rot.rotary_dims, rot.base, offset)
+            rope = rope_rows.get(key)
+            if rope is None:
+                rope = rope_rows[key] = rot.cos_sin(offset, offset + 1, x.device, x.dtype)
+        layers.add(layer)
+        steps.append(step)
+        caches.append(slot)
+        ropes.append(rope)
+    if not steps:
+        return None
+    norm, head = model.norm, model.head
+    head_operands = None
+    if (type(norm) is nn.LayerNorm and type(head) in (SplitLinear, nn.Linear)
+            and not _has_hooks(norm, head)):
+        hw, hb, nw, nb = head.weight, head.bias, norm.weight, norm.bias
+        if all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous())
+               for t in (hw, hb, nw, nb)) and hw.shape == (model.vocab_size, dim):
+            head_operands = (nw, nb, norm.eps, hw, hb)
+    prepared = _PREPARED_MODELS.get(model)
+    if prepared is None or not prepared.matches(steps, head_operands):
+        prepared = _PREPARED_MODELS[model] = _PreparedModel(tuple(steps), head_operands)
+    x2 = x.reshape(b, dim).contiguous()
+    out = x2.new_empty(b, dim)
+    logits = None if head_operands is None else x2.new_empty(b, model.vocab_size)
+    prepared.call(x2, out, caches, ropes, logits)
+    for layer in layers:
+        cache._advance(layer, 1)
+    if logits is None:
+        return model.head(model.norm(out.view(b, 1, dim)))
+    return logits.view(b, 1, model.vocab_size)
 
 
 class GeluMLP(nn.Sequential):
@@ -325,6 +418,13 @@ class DecoderLM(nn.Module):
             )
         pad = self._padding(attention_mask, ids.shape[0], offset + ids.shape[1])
         x = self.embed(ids)
+        if (cache is not None and ids.shape[1] == 1 and head_mask is None and pad is None
+                and not self.training and not torch.is_grad_enabled()):
+            # a cached step of one new token per sequence: every block and the output layer
+            # in one native call where they all can take it
+            logits = _decode_model(self, x, cache)
+            if logits is not None:
+                return logits
         for i, block in enumerate(self.blocks):
             x = block(x, cache, None if head_mask is None else head_mask[i], pad)
         if last_only:
