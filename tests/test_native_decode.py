@@ -93,13 +93,16 @@ def test_cache_views_and_extreme_logits(monkeypatch, d, dv):
 
 
 
-# (rows per key/value head, keys, d, dv): the AVX-512 kernels take two or more rows with d % 16
-# == 0 and dv % 32 == 0 (transposed key tiles of 32 keys from five rows on, rows in blocks of at
-# most 12 for the scores and 6 for the values, 64 or 32 channels at a time); the rest, and
-# narrower builds (test_rows_on_narrower_instruction_sets), the AVX2 or sgemm paths.
+# (rows per key/value head, keys, d, dv): the AVX-512 kernels take d % 16 == 0 and dv % 32 == 0
+# (scores: transposed key tiles of 32 keys from five rows on, rows in blocks of at most 12,
+# fewer rows in dot-product blocks of 4 x 4, 2 x 8, 1 x 16 keys; values: blocks of at most 6
+# rows, 64 or 32 channels at a time); the rest, and narrower builds
+# (test_rows_on_narrower_instruction_sets), the AVX2 or sgemm paths.
 ROW_GEOMETRIES = [
     (12, 2048, 64, 64),   # multi-query step: one block of 12 rows, 2 blocks of 6 for values
-    (2, 1000, 64, 64),    # fewest rows: AVX2 scores, wide values
+    (1, 1500, 64, 64),    # multi-head: one row, blocks of 16 keys and a tail
+    (2, 1000, 64, 64),    # two rows: blocks of 2 x 8
+    (4, 300, 32, 32),     # four rows: blocks of 4 x 4, 300 keys (150 per thread) and a tail
     (3, 777, 128, 128),   # odd rows, keys not a multiple of 32 or 64
     (5, 513, 64, 32),     # five rows: first with transposed tiles, 32 channels
     (7, 300, 128, 96),    # blocks of 4 + 3 rows, channels 64 + 32, 300 = 9 x 32 + 12
@@ -134,7 +137,8 @@ def test_rows_match_fp64(rows, lk, d, dv, threads):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows, d, dv", [(12, 64, 64), (5, 128, 32), (2, 64, 64), (3, 8, 8)])
+@pytest.mark.parametrize("rows, d, dv", [(12, 64, 64), (5, 128, 32), (2, 64, 64), (1, 64, 64),
+                                         (3, 8, 8)])
 def test_rows_with_masked_keys_and_extreme_logits(rows, d, dv):
     """Keys whose first channel is -inf (every row's score -inf; q's first channel is 1): some
     keys, a whole key chunk, or all keys (out 0, lse -inf), and logits ~1e4 elsewhere."""

@@ -130,10 +130,14 @@ static void decode_values(const float *P, const float *vc, float *O, int64_t M, 
 }
 
 #ifdef __AVX512F__
-// With AVX-512 and two or more rows (a group's query heads): keys in lanes. A tile of 32 keys is
-// transposed once (d x 32) and then feeds every row: per channel, two loads and one broadcast per
-// row feed two FMAs per row, with no horizontal sums (whose shuffles cost as much as the FMAs of
-// a 64-wide dot product). Rows go in balanced blocks of at most 12 (24 accumulators).
+// With AVX-512 (same conditions as the AVX2 products, and d % 16 == 0 for the scores). Scores
+// for five or more rows (a group's query heads): keys in lanes. A tile of 32 keys is transposed
+// once (d x 32) and then feeds every row: per channel, two loads and one broadcast per row feed
+// two FMAs per row, with no horizontal sums. Rows go in balanced blocks of at most 12 (24
+// accumulators). The transposition costs about as much as the FMAs of four rows, so fewer rows
+// take dot products in blocks of 16 with one transpose-add each (decode_scores_dots). Measured
+// (Zen4, one thread, d = 64, 2048 keys; AVX2 products -> these): scores 68 -> 43 us at 12 rows,
+// 24 -> 19 at 3, 13 -> 7 at 1; values 54 -> 30 at 12 rows, 11 -> 7 at 1.
 #define DECODE_KT 32
 // Keeps a loaded vector in a register: with few rows gcc folds the load into every FMA that
 // uses it instead (one load per FMA, and the loads, not the FMAs, set the pace).
@@ -230,6 +234,91 @@ static void decode_scores16(const float *q, const float *kc, float *S, int64_t M
   }
 }
 
+// Lane i of the result = the sum of a[i]'s 16 lanes (transpose-add: 30 shuffles, 15 adds)
+static inline __m512 sum16x16(const __m512 *a) {
+  __m512 b[8], c[4], d0, d1;
+  for (int i = 0; i < 8; i++)  // per 128 bits: a2i, a2i+1, a2i, a2i+1
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128 bits: a4i .. a4i+3
+    __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
+                     _mm512_shuffle_f32x4(c[0], c[1], 0xee));
+  d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
+                     _mm512_shuffle_f32x4(c[2], c[3], 0xee));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xdd));
+}
+
+// S rows [0, R) (row stride W), keys [j, j + 16 / R): R * (16 / R) dot products of d (% 16)
+static inline __attribute__((always_inline)) void scores_dots(
+    const float *q, const float *kc, float *S, int R, int64_t W, int64_t j, int64_t d,
+    __m512 scale) {
+  const int K = 16 / R;
+  __m512 a[16];
+  _Pragma("GCC unroll 16")
+  for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; c += 16) {
+    __m512 x[4];
+    _Pragma("GCC unroll 16")
+    for (int r = 0; r < R; r++) {
+      x[r] = _mm512_loadu_ps(q + r * d + c);
+      DECODE_IN_REGISTER(x[r]);
+    }
+    _Pragma("GCC unroll 16")
+    for (int t = 0; t < K; t++) {
+      __m512 u = _mm512_loadu_ps(kc + (j + t) * d + c);
+      _Pragma("GCC unroll 16")
+      for (int r = 0; r < R; r++) a[r * K + t] = _mm512_fmadd_ps(x[r], u, a[r * K + t]);
+    }
+  }
+  __m512 e = _mm512_mul_ps(sum16x16(a), scale);
+  if (R == 1) {
+    _mm512_storeu_ps(S + j, e);
+  } else if (R == 2) {
+    _mm256_storeu_ps(S + j, _mm512_castps512_ps256(e));
+    _mm256_storeu_ps(S + W + j, lane_hi(e));
+  } else {
+    _mm_storeu_ps(S + j, _mm512_castps512_ps128(e));
+    _mm_storeu_ps(S + W + j, _mm512_extractf32x4_ps(e, 1));
+    _mm_storeu_ps(S + 2 * W + j, _mm512_extractf32x4_ps(e, 2));
+    _mm_storeu_ps(S + 3 * W + j, _mm512_extractf32x4_ps(e, 3));
+  }
+}
+
+// S (M x W) = scale * q (M x d) @ kc (W x d)^T for d % 16 == 0 and few rows: dot products in
+// blocks of 16 (4 rows x 4 keys, 2 x 8 or 1 x 16), each block's sums in one transpose-add.
+// Keys in blocks of 64 (16 KB at d = 64) stay in L1 for all rows.
+static void decode_scores_dots(const float *q, const float *kc, float *S, int64_t M, int64_t W,
+                               int64_t d, float scale) {
+  __m512 s = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < W; j0 += 64) {
+    int64_t j1 = j0 + 64 < W ? j0 + 64 : W;
+    for (int64_t r = 0; r < M; ) {
+      int R = M - r >= 4 ? 4 : M - r >= 2 ? 2 : 1, K = 16 / R;
+      const float *qr = q + r * d;
+      float *Sr = S + r * W;
+      int64_t j = j0;
+      for (; j + K <= j1; j += K) {
+        if (R == 4) scores_dots(qr, kc, Sr, 4, W, j, d, s);
+        else if (R == 2) scores_dots(qr, kc, Sr, 2, W, j, d, s);
+        else scores_dots(qr, kc, Sr, 1, W, j, d, s);
+      }
+      for (; j < j1; j++)  // the last few keys
+        for (int i = 0; i < R; i++) {
+          __m512 a = _mm512_setzero_ps();
+          for (int64_t c = 0; c < d; c += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i * d + c), _mm512_loadu_ps(kc + j * d + c),
+                                a);
+          Sr[i * W + j] = scale * _mm512_reduce_add_ps(a);
+        }
+      r += R;
+    }
+  }
+}
+
 // O rows [0, R) += P rows (row stride W) [j0, j1) @ vc, channels [c, c + 16 NC)
 static inline __attribute__((always_inline)) void values_tile(
     const float *P, const float *vc, float *O, int R, int NC, int64_t W, int64_t j0, int64_t j1,
@@ -322,10 +411,11 @@ static void decode_worker(team_t *TM) {
 #if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
       const int own = J->d % 8 == 0 && J->dv % 32 == 0;
 #ifdef __AVX512F__
-      const int wide = own && J->M >= 2;
-      // the key tile's transposition pays from five rows on (fewer: the AVX2 dot products)
-      if (wide && J->M >= 5 && J->d % 16 == 0)
+      // the key tile's transposition pays from five rows on (fewer: blocks of dot products)
+      if (own && J->M >= 5 && J->d % 16 == 0)
         decode_scores16(qp, kp, S, J->M, W, J->d, J->scale, S + J->M * J->chunk);
+      else if (own && J->d % 16 == 0)
+        decode_scores_dots(qp, kp, S, J->M, W, J->d, J->scale);
       else
 #endif
       if (own)
@@ -339,7 +429,7 @@ static void decode_worker(team_t *TM) {
       }
 #if defined(__AVX2__) && !defined(ATTNKIT_DECODE_SGEMM)
 #ifdef __AVX512F__
-      if (wide)
+      if (own)
         decode_values16(S, vp, op, J->M, W, J->dv);
       else
 #endif
