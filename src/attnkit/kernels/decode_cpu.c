@@ -387,9 +387,12 @@ typedef struct {
 
 static void decode_worker(team_t *TM) {
   const djob_t *J = (const djob_t *)TM->arg;
-  // S (M x chunk), then a tile of transposed keys for decode_scores16 (d x DECODE_KT)
-  float *S = (float *)malloc(sizeof(float) * (J->M * J->chunk + 32 * J->d));
-  if (!S) return;  // items left to the other threads (team_run reports any not done)
+  // S (M x chunk), then a tile of transposed keys for decode_scores16 (d x DECODE_KT), both on
+  // 64-byte lines (the tile's 64-byte loads, and S's rows where chunk % 16 == 0, whole lines)
+  int64_t ss = (J->M * J->chunk + 15) / 16 * 16;
+  float *S = NULL;
+  if (posix_memalign((void **)&S, 64, sizeof(float) * (ss + 32 * J->d)))
+    return;  // items left to the other threads (team_run reports any not done)
   if (J->setthreads) J->setthreads(1);
   const float one = 1.f, zero = 0.f; const char T = 'T', N = 'N';
   float scale = J->scale;
@@ -413,7 +416,7 @@ static void decode_worker(team_t *TM) {
 #ifdef __AVX512F__
       // the key tile's transposition pays from five rows on (fewer: blocks of dot products)
       if (own && J->M >= 5 && J->d % 16 == 0)
-        decode_scores16(qp, kp, S, J->M, W, J->d, J->scale, S + J->M * J->chunk);
+        decode_scores16(qp, kp, S, J->M, W, J->d, J->scale, S + ss);
       else if (own && J->d % 16 == 0)
         decode_scores_dots(qp, kp, S, J->M, W, J->d, J->scale);
       else
