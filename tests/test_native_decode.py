@@ -5,7 +5,10 @@ checks the native path was really taken (a C compiler exists wherever these run)
 from __future__ import annotations
 
 import os
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,6 +91,93 @@ def test_cache_views_and_extreme_logits(monkeypatch, d, dv):
     ref = dense_reference(q.double(), k.double(), v.double(), scale=1.0)[0]
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
+
+
+# (rows per key/value head, keys, d, dv): the AVX-512 kernels take d % 16 == 0 and dv % 32 == 0
+# (scores: transposed key tiles of 32 keys from five rows on, rows in blocks of at most 12,
+# fewer rows in dot-product blocks of 4 x 4, 2 x 8, 1 x 16 keys; values: blocks of at most 6
+# rows, 64 or 32 channels at a time); the rest, and narrower builds
+# (test_rows_on_narrower_instruction_sets), the AVX2 or sgemm paths.
+ROW_GEOMETRIES = [
+    (12, 2048, 64, 64),   # multi-query step: one block of 12 rows, 2 blocks of 6 for values
+    (1, 1500, 64, 64),    # multi-head: one row, blocks of 16 keys and a tail
+    (2, 1000, 64, 64),    # two rows: blocks of 2 x 8
+    (4, 300, 32, 32),     # four rows: blocks of 4 x 4, 300 keys (150 per thread) and a tail
+    (3, 777, 128, 128),   # odd rows, keys not a multiple of 32 or 64
+    (5, 513, 64, 32),     # five rows: first with transposed tiles, 32 channels
+    (7, 300, 128, 96),    # blocks of 4 + 3 rows, channels 64 + 32, 300 = 9 x 32 + 12
+    (13, 1025, 64, 64),   # 13 rows: blocks of 7 + 6 (scores), 5 + 4 + 4 (values)
+    (8, 37, 16, 32),      # one partial tile
+    (6, 600, 24, 96),     # d off 16: AVX2 scores, wide values
+]
+
+
+def _row_reference(q, k, v, scale):
+    s = scale * q.double() @ k.double().transpose(-1, -2)
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v.double(), lse
+
+
+@pytest.mark.parametrize("rows, lk, d, dv", ROW_GEOMETRIES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_match_fp64(rows, lk, d, dv, threads):
+    """Output and log-sum-exp of decode_forward for several rows per head (split-K over one or
+    two threads) against fp64, batch 2 with two key/value heads."""
+    assert native.decode_available()
+    q, k, v = _qkv(2, 2 * rows, 2, 1, lk, d, dv, seed=rows + lk)
+    q = q.view(2, 2, rows, d)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, lse = native.decode_forward(q, k, v, d ** -0.5)
+    finally:
+        torch.set_num_threads(old)
+    ref, ref_lse = _row_reference(q, k, v, d ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, d, dv", [(12, 64, 64), (5, 128, 32), (2, 64, 64), (1, 64, 64),
+                                         (3, 8, 8)])
+def test_rows_with_masked_keys_and_extreme_logits(rows, d, dv):
+    """Keys whose first channel is -inf (every row's score -inf; q's first channel is 1): some
+    keys, a whole key chunk, or all keys (out 0, lse -inf), and logits ~1e4 elsewhere."""
+    assert native.decode_available()
+    lk = 1100
+    q, k, v = _qkv(1, 2 * rows, 2, 1, lk, d, dv, seed=rows, scale=25.0 * (16 / d) ** 0.5)
+    q = q.view(1, 2, rows, d)
+    q[..., 0] = 1.0
+    k[0, 0, 3::7, 0] = -float("inf")   # head 0: every seventh key
+    k[0, 0, :600, 0] = -float("inf")   # ... and the first chunks (split-K) entirely
+    k[0, 1, :, 0] = -float("inf")      # head 1: no key at all
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, lse = native.decode_forward(q, k, v, 1.0)
+    finally:
+        torch.set_num_threads(old)
+    ref, ref_lse = _row_reference(q, k, v, 1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse[0, 0]).all()
+    assert (out[0, 1] == 0).all() and torch.isneginf(lse[0, 1]).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse[0, 0].double(), ref_lse[0, 0], atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA flags")
+@pytest.mark.parametrize("flags", [["-mno-avx512f"], ["-mno-avx512f", "-mno-avx2", "-mno-fma"]])
+def test_rows_on_narrower_instruction_sets(flags):
+    """The row tests with the library built for AVX2 only and for neither AVX2 nor FMA (the
+    sgemm path): a machine without AVX-512 compiles these (-march=native there)."""
+    tests = ["test_rows_match_fp64", "test_rows_with_masked_keys_and_extreme_logits",
+             "test_decoding_kernel_matches_dense_reference"]
+    code = (f"import sys, pytest, attnkit.kernels.native as n; n._FLAGS = n._FLAGS + {flags!r}; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider'] + "
+            f"[{__file__!r} + '::' + t for t in {tests!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
+    assert set(marks) == {"."} and len(marks) > 2 * len(ROW_GEOMETRIES), res.stdout[-3000:]
 
 def test_other_calls_keep_sdpa(monkeypatch):
     seen = _spy(monkeypatch, "decode_forward")

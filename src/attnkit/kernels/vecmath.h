@@ -1,7 +1,8 @@
 // Vector helpers shared by band_cpu.c, decode_cpu.c and gemv_cpu.c: with AVX2, exp of 8 floats
 // (the polynomial of PyTorch's exp_u20, relative error ~1e-7; exp512: the same for 16 floats
 // where AVX-512F is there) and horizontal max / sum; everywhere, a softmax row's exp pass
-// (exp_shifted, scalar without AVX2). native.py's build cache key covers this header.
+// (exp_shifted: 16 at a time with AVX-512F, scalar without AVX2). native.py's build cache key
+// covers this header.
 #ifndef ATTNKIT_VECMATH_H
 #define ATTNKIT_VECMATH_H
 #include <math.h>
@@ -52,6 +53,13 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
+#ifdef __AVX512F__
+// the upper 8 floats of 16 (AVX-512F alone: no DQ's extractf32x8)
+static inline __m256 lane_hi(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+#endif
+
 static inline float hmax(__m256 v) {
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_max_ps(a, _mm_movehl_ps(a, a));
@@ -74,6 +82,11 @@ static inline float exp_shifted(float *x, int64_t n, float *max) {
   float m = -INFINITY, sum = 0.f;
 #ifdef __AVX2__
   __m256 vm = _mm256_set1_ps(-INFINITY);
+#ifdef __AVX512F__  // 16 at a time first (the exp pass: ~1.7x faster than 8 at a time on Zen4)
+  __m512 wm = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= n; i += 16) wm = _mm512_max_ps(wm, _mm512_loadu_ps(x + i));
+  vm = _mm256_max_ps(_mm512_castps512_ps256(wm), lane_hi(wm));
+#endif
   for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
   m = hmax(vm);
 #endif
@@ -81,6 +94,15 @@ static inline float exp_shifted(float *x, int64_t n, float *max) {
   i = 0;
 #ifdef __AVX2__
   __m256 vs = _mm256_setzero_ps(), vmm = _mm256_set1_ps(m);
+#ifdef __AVX512F__
+  __m512 ws = _mm512_setzero_ps(), wmm = _mm512_set1_ps(m);
+  for (; i + 16 <= n; i += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + i), wmm));
+    _mm512_storeu_ps(x + i, e);
+    ws = _mm512_add_ps(ws, e);
+  }
+  vs = _mm256_add_ps(_mm512_castps512_ps256(ws), lane_hi(ws));
+#endif
   for (; i + 8 <= n; i += 8) {
     __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmm));
     _mm256_storeu_ps(x + i, e);
