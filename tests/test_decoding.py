@@ -146,6 +146,7 @@ def test_kv_bytes_and_roofline():
 
 def test_measure_bandwidth_and_step_time_are_positive():
     assert measure_bandwidth(size_mb=4, repeats=1) > 1e6
+    assert measure_bandwidth(size_mb=4, repeats=1, huge_pages=True) > 1e6
     model = _model(1)
     for use_cache in (True, False):
         assert 0 < time_per_token(model, 8, steps=3, use_cache=use_cache) < 10

@@ -69,7 +69,7 @@ __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "B
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
            "set_team_limit", "step_available", "PreparedDecodeBlock", "PreparedDecodeModel",
-           "decode_block_reference",
+           "decode_block_reference", "back_with_huge_pages",
            "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
@@ -1447,6 +1447,46 @@ def step_available() -> bool:
     return _available(_step_state, _load_step, _step_self_check, "native decoder block step")
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # (MADV_COLLAPSE: Linux >= 6.1)
+_madvise: list = []
+
+
+def back_with_huge_pages(tensors, *, now: bool = True) -> int:
+    """Ask the kernel (Linux ``madvise``) to back the whole 2 MiB pages inside each tensor's
+    memory with transparent huge pages: ``now`` (``MADV_COLLAPSE``) for memory already
+    written, else as its pages are first written (``MADV_HUGEPAGE``: a buffer just allocated,
+    e.g. a key/value cache). Values, addresses and sharing stay as they are; only the physical
+    pages change. A decoding step streams every weight and cached key from memory, and on the
+    machine measured a stream over 4 KiB pages ran at ~0.7-0.85 of the read bandwidth one over
+    huge pages reaches (the hardware prefetcher stops at each 4 KiB page). Best effort:
+    returns the bytes advised (0 where the system refuses, e.g. older kernels, other systems,
+    ``ATTNKIT_HUGE_PAGES=0``)."""
+    if os.environ.get("ATTNKIT_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    if not _madvise:
+        fn = None
+        if platform.system() == "Linux":
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):
+                fn = None
+        _madvise.append(fn)
+    fn = _madvise[0]
+    done = 0
+    for t in tensors:
+        if fn is None or not isinstance(t, Tensor) or not t.is_cpu or not t.is_contiguous():
+            continue
+        start = t.data_ptr()
+        lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo and fn(lo, hi - lo, _MADV_COLLAPSE if now else _MADV_HUGEPAGE) == 0:
+            done += hi - lo
+    return done
+
+
 class PreparedDecodeBlock:
     """A pre-LN decoder block's cached decoding step as one native call (``step_cpu.c``):
     LayerNorm + q/k/v projections + rotary embedding, the new keys and values written into
@@ -1502,6 +1542,7 @@ class PreparedDecodeBlock:
                 raise ValueError(f"{name} must be contiguous")
         # the kernel reads these addresses at every call: keep the tensors alive here
         self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in operands[:16]]
+        back_with_huge_pages(self._keep)  # the weights are streamed at every step
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, hd
         self.dim, self.hidden, self.rotary = dim, hidden, bool(rotary)
         self._eps = (ctypes.c_double * 2)(float(eps1), float(eps2))
@@ -1610,6 +1651,7 @@ class PreparedDecodeModel:
             if not hw.is_contiguous():
                 raise ValueError("the head weight must be contiguous")
             self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in (hw, hb, nw, nb)]
+            back_with_huge_pages(self._keep[:1])
             self._eps = ctypes.c_double(float(eps))
             self.vocab = hw.shape[0]
             self._head = [0 if t is None else t.data_ptr() for t in self._keep]

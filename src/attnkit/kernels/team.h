@@ -127,11 +127,12 @@ static void *pool_helper(void *arg) {
     if (pool.open && pool.joined < pool.want) {
       team_t *T = pool.job;
       pool.joined++;
-      pool.active++;
+      __atomic_add_fetch(&pool.active, 1, __ATOMIC_RELAXED);
       pthread_mutex_unlock(&pool.m);
       T->run(T);
       pthread_mutex_lock(&pool.m);
-      if (--pool.active == 0) pthread_cond_signal(&pool.idle);
+      if (__atomic_sub_fetch(&pool.active, 1, __ATOMIC_RELEASE) == 0)
+        pthread_cond_signal(&pool.idle);
     }
   }
   return NULL;
@@ -162,6 +163,15 @@ static void pool_run(team_t *T, int helpers) {
   T->run(T);
   pthread_mutex_lock(&pool.m);
   pool.open = 0;  // helpers not yet joined stay out; wait for those working
+  if (pool.active > 0) {
+    // a helper with an equal share finishes within microseconds of the caller: spin a while
+    // (as the helpers do) before sleeping, since a wake-up through the condition variable
+    // costs tens of microseconds and a decoding step waits like this ~30 times
+    pthread_mutex_unlock(&pool.m);
+    for (int i = 0; i < POOL_SPIN && __atomic_load_n(&pool.active, __ATOMIC_ACQUIRE) > 0; i++)
+      cpu_relax();
+    pthread_mutex_lock(&pool.m);
+  }
   while (pool.active > 0) pthread_cond_wait(&pool.idle, &pool.m);
   pool.job = NULL;
   pthread_mutex_unlock(&pool.m);

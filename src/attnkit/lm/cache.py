@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
+from ..kernels.native import back_with_huge_pages
 from ..patterns import Causal, Pattern, causal, sliding_window
 
 __all__ = ["KVCache", "DynamicCache", "StaticCache", "SlidingWindowCache", "QuantizedCache"]
@@ -146,6 +147,8 @@ class _BufferCache(KVCache):
             cap = self._capacity_for(layer_idx, held + n, current)
             new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
             new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            # each decoding step streams the whole cache: huge pages as it fills
+            back_with_huge_pages((new_k, new_v), now=False)
             if held:
                 new_k[:, :, :held] = buf_k[:, :, :held]
                 new_v[:, :, :held] = buf_v[:, :, :held]
