@@ -101,6 +101,7 @@ def test_cache_views_and_extreme_logits(monkeypatch, d, dv):
 ROW_GEOMETRIES = [
     (12, 2048, 64, 64),   # multi-query step: one block of 12 rows, 2 blocks of 6 for values
     (1, 1500, 64, 64),    # multi-head: one row, blocks of 16 keys and a tail
+    (1, 700, 128, 64),    # one row, 128 channels (key by key, the query in 8 registers)
     (2, 1000, 64, 64),    # two rows: blocks of 2 x 8
     (4, 300, 32, 32),     # four rows: blocks of 4 x 4, 300 keys (150 per thread) and a tail
     (3, 777, 128, 128),   # odd rows, keys not a multiple of 32 or 64
