@@ -8,6 +8,8 @@ the CPU."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,18 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def passed_with_isa_flags(flags: list[str], file: str, tests: list[str]) -> int:
+    """Run ``tests`` of ``file`` in a child process whose native kernels are built with the
+    extra compiler ``flags`` (e.g. ``-mno-avx512f``: the code paths of a machine without
+    AVX-512); assert that all passed and return how many ran."""
+    code = (f"import sys, pytest, attnkit.kernels.native as n; n._FLAGS = n._FLAGS + {flags!r}; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider'] + "
+            f"[{file!r} + '::' + t for t in {tests!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
+    assert set(marks) == {"."}, res.stdout[-3000:]
+    return len(marks)

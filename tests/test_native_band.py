@@ -16,6 +16,7 @@ import types
 
 import pytest
 import torch
+from conftest import passed_with_isa_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -679,15 +680,8 @@ def test_forward_lanes_match_fp64(lq, lk, lo, hi, d, dv, block, q0, q1, monkeypa
 def test_forward_lanes_on_narrower_instruction_sets(flags):
     """The same checks with the library built for AVX2 only (8 lanes) and for neither AVX2 nor
     FMA (the GEMM path): a machine without AVX-512 compiles these (-march=native there)."""
-    code = (f"import sys, pytest, attnkit.kernels.native as n; n._FLAGS = n._FLAGS + {flags!r}; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r} + "
-            f"'::test_forward_lanes_match_fp64', {__file__!r} + "
-            f"'::test_weights_written_by_the_band_kernel']))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
-    assert set(marks) == {"."} and len(marks) > len(LANE_GEOMETRIES), res.stdout[-3000:]
+    tests = ["test_forward_lanes_match_fp64", "test_weights_written_by_the_band_kernel"]
+    assert passed_with_isa_flags(flags, __file__, tests) > len(LANE_GEOMETRIES)
 
 
 @pytest.mark.parametrize("other", ["global", "exponential", "exponential|global", "random"])

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import passed_with_isa_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,14 +172,7 @@ def test_rows_on_narrower_instruction_sets(flags):
     sgemm path): a machine without AVX-512 compiles these (-march=native there)."""
     tests = ["test_rows_match_fp64", "test_rows_with_masked_keys_and_extreme_logits",
              "test_decoding_kernel_matches_dense_reference"]
-    code = (f"import sys, pytest, attnkit.kernels.native as n; n._FLAGS = n._FLAGS + {flags!r}; "
-            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider'] + "
-            f"[{__file__!r} + '::' + t for t in {tests!r}]))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    marks = res.stdout.strip().splitlines()[0].split()[0]  # one "." per passed test
-    assert set(marks) == {"."} and len(marks) > 2 * len(ROW_GEOMETRIES), res.stdout[-3000:]
+    assert passed_with_isa_flags(flags, __file__, tests) > 2 * len(ROW_GEOMETRIES)
 
 def test_other_calls_keep_sdpa(monkeypatch):
     seen = _spy(monkeypatch, "decode_forward")
@@ -597,8 +591,6 @@ def test_issue_layouts_in_a_subprocess():
     split-K kernel (was SIGSEGV), ``x.view(B, L, 1, D).transpose(1, 2)`` (batch 1 was off by
     0.22), and split_linear with a strided or stride-0 bias (off by 3.6 / read past storage)."""
     import json
-    import subprocess
-    import sys
 
     res = subprocess.run([sys.executable, "-c", ISSUE_CASES], capture_output=True, text=True,
                          timeout=300)
