@@ -4,6 +4,7 @@ checks the native path was really taken (a C compiler exists wherever these run)
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -809,3 +810,65 @@ def test_back_with_huge_pages_changes_no_value_or_address(monkeypatch):
     assert torch.equal(fresh, ref)
     monkeypatch.setenv("ATTNKIT_HUGE_PAGES", "0")
     assert native.back_with_huge_pages([t]) == 0
+
+
+def test_model_step_sees_every_change_after_binding():
+    """The one-call step checks at each step that nothing it was bound from changed: a swapped
+    activation, a hook on an inner layer, a parameter replaced by a new one, a weight replaced
+    by its transpose (same memory, no longer contiguous), a new LayerNorm eps, a block
+    replaced, another block appended. After each change the cached step still gives the full
+    forward's logits (and a hook runs)."""
+    torch.manual_seed(0)
+    model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
+    ids = torch.randint(0, 40, (1, 10))
+    calls = []
+    real = native.PreparedDecodeModel.__call__
+
+    def check(expect_model_call: bool):
+        with torch.no_grad():
+            cache = StaticCache(20)
+            model(ids[:, :-1], cache=cache)
+            before = len(calls)
+            step = model(ids[:, -1:], cache=cache)[:, -1]
+            full = model(ids)[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+        assert (len(calls) > before) is expect_model_call
+
+    def spy(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    native.PreparedDecodeModel.__call__ = spy
+    try:
+        check(True)
+        block = model.blocks[0]
+        act = block.mlp[1]
+        block.mlp[1] = torch.nn.ReLU()
+        check(False)
+        block.mlp[1] = act
+        check(True)
+        ran = []
+        handle = block.attn.q_proj.register_forward_hook(lambda *a: ran.append(1))
+        check(False)
+        assert ran
+        handle.remove()
+        check(True)
+        block.norm2.weight = torch.nn.Parameter(torch.randn(64))
+        check(True)
+        w = block.attn.out_proj.weight
+        w.data = w.data.t()  # same memory, transposed: the step must not read it as before
+        check(False)
+        w.data = w.data.t().contiguous()
+        check(True)
+        block.norm1.eps = 0.5
+        check(True)
+        model.blocks[1] = copy.deepcopy(model.blocks[0])
+        model.blocks[1].attn.layer_idx = 1
+        check(True)
+        extra = copy.deepcopy(model.blocks[0])
+        extra.attn.layer_idx = 2
+        model.blocks.append(extra)
+        model.depth = 3
+        check(True)
+    finally:
+        native.PreparedDecodeModel.__call__ = real
