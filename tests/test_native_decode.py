@@ -812,12 +812,12 @@ def test_back_with_huge_pages_changes_no_value_or_address(monkeypatch):
     assert native.back_with_huge_pages([t]) == 0
 
 
-def test_model_step_sees_every_change_after_binding():
+def test_model_step_sees_every_change_after_binding(monkeypatch):
     """The one-call step checks at each step that nothing it was bound from changed: a swapped
     activation, a hook on an inner layer, a parameter replaced by a new one, a weight replaced
-    by its transpose (same memory, no longer contiguous), a new LayerNorm eps, a block
-    replaced, another block appended. After each change the cached step still gives the full
-    forward's logits (and a hook runs)."""
+    by its transpose (same memory, no longer contiguous), new memory under the output layer's
+    (tied) weight, a new LayerNorm eps, a block replaced, another block appended. After each
+    change the cached step still gives the full forward's logits (and a hook runs)."""
     torch.manual_seed(0)
     model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
     ids = torch.randint(0, 40, (1, 10))
@@ -838,37 +838,36 @@ def test_model_step_sees_every_change_after_binding():
         calls.append(1)
         return real(self, *a, **kw)
 
-    native.PreparedDecodeModel.__call__ = spy
-    try:
-        check(True)
-        block = model.blocks[0]
-        act = block.mlp[1]
-        block.mlp[1] = torch.nn.ReLU()
-        check(False)
-        block.mlp[1] = act
-        check(True)
-        ran = []
-        handle = block.attn.q_proj.register_forward_hook(lambda *a: ran.append(1))
-        check(False)
-        assert ran
-        handle.remove()
-        check(True)
-        block.norm2.weight = torch.nn.Parameter(torch.randn(64))
-        check(True)
-        w = block.attn.out_proj.weight
-        w.data = w.data.t()  # same memory, transposed: the step must not read it as before
-        check(False)
-        w.data = w.data.t().contiguous()
-        check(True)
-        block.norm1.eps = 0.5
-        check(True)
-        model.blocks[1] = copy.deepcopy(model.blocks[0])
-        model.blocks[1].attn.layer_idx = 1
-        check(True)
-        extra = copy.deepcopy(model.blocks[0])
-        extra.attn.layer_idx = 2
-        model.blocks.append(extra)
-        model.depth = 3
-        check(True)
-    finally:
-        native.PreparedDecodeModel.__call__ = real
+    monkeypatch.setattr(native.PreparedDecodeModel, "__call__", spy)
+    check(True)
+    block = model.blocks[0]
+    act = block.mlp[1]
+    block.mlp[1] = torch.nn.ReLU()
+    check(False)
+    block.mlp[1] = act
+    check(True)
+    ran = []
+    handle = block.attn.q_proj.register_forward_hook(lambda *a: ran.append(1))
+    check(False)
+    assert ran
+    handle.remove()
+    check(True)
+    block.norm2.weight = torch.nn.Parameter(torch.randn(64))
+    check(True)
+    w = block.attn.out_proj.weight
+    w.data = w.data.t()  # same memory, transposed: the step must not read it as before
+    check(False)
+    w.data = w.data.t().contiguous()
+    check(True)
+    model.head.weight.data = torch.randn_like(model.head.weight)  # new memory, tied embedding
+    check(True)
+    block.norm1.eps = 0.5
+    check(True)
+    model.blocks[1] = copy.deepcopy(model.blocks[0])
+    model.blocks[1].attn.layer_idx = 1
+    check(True)
+    extra = copy.deepcopy(model.blocks[0])
+    extra.attn.layer_idx = 2
+    model.blocks.append(extra)
+    model.depth = 3
+    check(True)

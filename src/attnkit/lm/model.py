@@ -107,7 +107,7 @@ class _PreparedStep:
         heads = attn.num_heads + attn.num_kv_heads  # queries and keys are rotated
         rope_cols = 0 if attn.rotary is None else heads * attn.head_dim
         self.operands = operands
-        self.ptrs = tuple(t.data_ptr() if isinstance(t, Tensor) else t for t in operands)
+        self.ptrs = _addresses(operands)
         self.qkv = native.PreparedGemv((qw, kw, vw), (qb, kb, vb), layer_norm=(n1w, n1b, eps1),
                                        rope_cols=rope_cols, rope_dim=attn.head_dim)
         self.out = native.PreparedGemv((ow,), (ob,))
@@ -120,13 +120,25 @@ class _PreparedStep:
                       if native.step_available() else None)
 
     def matches(self, operands: tuple) -> bool:
-        for new, old, ptr in zip(operands, self.operands, self.ptrs):
-            if isinstance(new, Tensor):
-                if new is not old or new.data_ptr() != ptr:
-                    return False
-            elif new != old:
+        return _same_bound(operands, self.operands, self.ptrs)
+
+
+def _addresses(operands: tuple) -> tuple:
+    """What a prepared step binds of its operands: a tensor's address, any other value."""
+    return tuple(t.data_ptr() if isinstance(t, Tensor) else t for t in operands)
+
+
+def _same_bound(operands: tuple, bound: tuple, ptrs: tuple) -> bool:
+    """Whether ``operands`` are what a prepared step bound (``bound``, at ``ptrs`` from
+    :func:`_addresses`): the same tensor objects still at the same addresses (a parameter whose
+    ``.data`` was replaced must be bound again), other values equal."""
+    for new, old, ptr in zip(operands, bound, ptrs):
+        if isinstance(new, Tensor):
+            if new is not old or new.data_ptr() != ptr:
                 return False
-        return True
+        elif new != old:
+            return False
+    return True
 
 
 # Per block, weakly (a block dropped drops its entry; the bound argument arrays are never
@@ -178,18 +190,13 @@ class _PreparedModel:
 
     def __init__(self, steps: tuple, head: tuple | None, layers: list, watch: _Watch) -> None:
         self.steps, self.head, self.layers, self.watch = steps, head, layers, watch
+        self.head_ptrs = None if head is None else _addresses(head)
         norm, out = (None, None) if head is None else ((head[0], head[1], head[2]),
                                                        (head[3], head[4]))
         self.call = native.PreparedDecodeModel([s.block for s in steps], norm=norm, head=out)
 
 
 _PREPARED_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _same_operands(old: tuple | None, new: tuple | None) -> bool:
-    if old is None or new is None:
-        return old is new
-    return all(a is b or (not isinstance(a, Tensor) and a == b) for a, b in zip(old, new))
 
 
 def _prepare_model(model: DecoderLM, x: Tensor) -> _PreparedModel | None:
@@ -236,7 +243,9 @@ def _prepare_model(model: DecoderLM, x: Tensor) -> _PreparedModel | None:
     prepared = _PREPARED_MODELS.get(model)
     if (prepared is not None and len(prepared.steps) == len(steps)
             and all(a is b for a, b in zip(prepared.steps, steps))
-            and _same_operands(prepared.head, head_operands)):
+            and (prepared.head is None if head_operands is None else
+                 prepared.head is not None
+                 and _same_bound(head_operands, prepared.head, prepared.head_ptrs))):
         prepared.layers, prepared.watch = layers, watch
         return prepared
     prepared = _PREPARED_MODELS[model] = _PreparedModel(tuple(steps), head_operands, layers,
