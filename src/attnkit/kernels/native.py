@@ -450,8 +450,13 @@ def _decode_self_check() -> None:
         _check_attention(f"decoding d={d} dv={dv}", out, lse, q[None], k[None], v[None], 0.5)
 
 
+def _env_off(name: str) -> bool:
+    """Whether the environment switch ``name`` (on by default) is set to 0 / false / no / off."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _native_disabled() -> bool:
-    return os.environ.get("ATTNKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    return _env_off("ATTNKIT_NATIVE")
 
 
 def _keep(t: Tensor) -> Tensor:
@@ -1462,7 +1467,7 @@ def back_with_huge_pages(tensors, *, now: bool = True) -> int:
     huge pages reaches (the hardware prefetcher stops at each 4 KiB page). Best effort:
     returns the bytes advised (0 where the system refuses, e.g. older kernels, other systems,
     ``ATTNKIT_HUGE_PAGES=0``)."""
-    if os.environ.get("ATTNKIT_HUGE_PAGES", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _env_off("ATTNKIT_HUGE_PAGES"):
         return 0
     if not _madvise:
         fn = None
