@@ -123,6 +123,13 @@ class _PreparedStep:
         return _same_bound(operands, self.operands, self.ptrs)
 
 
+def _bindable(*tensors: Tensor | None) -> bool:
+    """Whether the native decoding kernels can read these (optional) operands in place:
+    contiguous fp32 CPU tensors."""
+    return all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous())
+               for t in tensors)
+
+
 def _addresses(operands: tuple) -> tuple:
     """What a prepared step binds of its operands: a tensor's address, any other value."""
     return tuple(t.data_ptr() if isinstance(t, Tensor) else t for t in operands)
@@ -232,8 +239,7 @@ def _prepare_model(model: DecoderLM, x: Tensor) -> _PreparedModel | None:
     if (type(norm) is nn.LayerNorm and type(head) in (SplitLinear, nn.Linear)
             and not _has_hooks(norm, head)):
         hw, hb, nw, nb = head.weight, head.bias, norm.weight, norm.bias
-        if all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.is_contiguous())
-               for t in (hw, hb, nw, nb)) and hw.shape == (model.vocab_size, x.shape[2]):
+        if _bindable(hw, hb, nw, nb) and hw.shape == (model.vocab_size, x.shape[2]):
             head_operands = (nw, nb, norm.eps, hw, hb)
             watch.hooks(norm, head)
             watch.entries(norm.__dict__, "eps")
@@ -401,11 +407,7 @@ class DecoderBlock(nn.Module):
                    p[2]["bias"], p[3]["weight"], p[3]["bias"], p[4]["weight"], p[4]["bias"],
                    p[5]["weight"], p[5]["bias"], p[6]["weight"], p[6]["bias"], p[7]["weight"],
                    p[7]["bias"])
-        for t in tensors:
-            if t is not None and (t.dtype != torch.float32 or not t.is_cpu
-                                  or not t.is_contiguous()):
-                return None
-        if not native.gemv_available():
+        if not _bindable(*tensors) or not native.gemv_available():
             return None
         if watch is not None:
             watch.memory(*tensors)
