@@ -812,6 +812,73 @@ def test_back_with_huge_pages_changes_no_value_or_address(monkeypatch):
     assert native.back_with_huge_pages([t]) == 0
 
 
+def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
+    """huge_page_empty: tensors of the shapes and dtype asked for, one after another on 64-byte
+    boundaries from a 2 MiB boundary, each with a storage of exactly its own bytes (so saving
+    one saves only it) that outlives the others; writable, values kept; small requests and
+    ATTNKIT_HUGE_PAGES=0 give plain tensors."""
+    import io
+    import pickle
+
+    shapes = [(1000, 700), (0, 3), (5,), (2, 3, 1024, 64)]
+    ts = native.huge_page_empty(shapes, torch.float32)
+    assert [tuple(t.shape) for t in ts] == shapes
+    assert all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+    sized = [t for t in ts if t.numel()]
+    if platform.system() == "Linux":
+        assert sized[0].data_ptr() % (2 << 20) == 0
+        assert all(b.data_ptr() - a.data_ptr() == -(-a.numel() * 4 // 64) * 64
+                   for a, b in zip(sized, sized[1:]))
+    for t in ts:
+        assert t.untyped_storage().nbytes() == t.numel() * 4
+    last = ts[-1]
+    ref = torch.randn(last.shape)
+    last.copy_(ref)
+    del ts, sized
+    [torch.ones(1 << 20) for _ in range(8)]  # reuse any memory freed too early
+    assert torch.equal(last, ref)
+    buf = io.BytesIO()
+    torch.save(last, buf)
+    assert len(buf.getvalue()) < last.numel() * 4 + 4096
+    assert torch.equal(pickle.loads(pickle.dumps(last)), ref)
+    small = native.huge_page_empty([(3, 4)], torch.float64)[0]
+    assert small.dtype == torch.float64 and small.untyped_storage().nbytes() == 96
+    monkeypatch.setenv("ATTNKIT_HUGE_PAGES", "0")
+    plain = native.huge_page_empty([(1 << 20,)])[0]
+    assert plain.shape == (1 << 20,) and plain.untyped_storage().nbytes() == 4 << 20
+
+
+def test_decoder_weights_and_cache_on_huge_page_memory_behave_as_plain_tensors(tmp_path):
+    """A DecoderLM's weights (and a buffer cache's keys/values) live in huge_page_empty memory:
+    the tie between embedding and output layer holds, each parameter's storage is its own
+    (safetensors accepts the state dict: no shared memory), a state dict round-trips, and the
+    cached steps still equal the full forward."""
+    torch.manual_seed(0)
+    model = DecoderLM(300, 256, 2, 4, 4, max_seq_len=600).eval()
+    assert model.head.weight is model.embed.weight
+    for p in model.parameters():
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    if platform.system() == "Linux":
+        assert model.embed.weight.data_ptr() % (2 << 20) == 0
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    other = DecoderLM(300, 256, 2, 4, 4, max_seq_len=600).eval()
+    other.load_state_dict(torch.load(path))
+    ids = torch.randint(0, 300, (1, 520))
+    with torch.no_grad():
+        full = model(ids)[:, -1]
+        cache = StaticCache(600)
+        other(ids[:, :-1], cache=cache)
+        assert cache._keys[0].untyped_storage().nbytes() == cache._keys[0].numel() * 4
+        step = other(ids[:, -1:], cache=cache)[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_model(model, str(tmp_path / "m.safetensors"))
+    fresh = DecoderLM(300, 256, 2, 4, 4, max_seq_len=600)
+    safetensors.load_model(fresh, str(tmp_path / "m.safetensors"))
+    assert torch.equal(fresh.blocks[1].mlp[2].weight, model.blocks[1].mlp[2].weight)
+
+
 def test_model_step_sees_every_change_after_binding(monkeypatch):
     """The one-call step checks at each step that nothing it was bound from changed: a swapped
     activation, a hook on an inner layer, a parameter replaced by a new one, a weight replaced

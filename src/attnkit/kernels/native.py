@@ -69,7 +69,7 @@ __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "B
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
            "set_team_limit", "step_available", "PreparedDecodeBlock", "PreparedDecodeModel",
-           "decode_block_reference", "back_with_huge_pages",
+           "decode_block_reference", "back_with_huge_pages", "huge_page_empty",
            "short_available", "short_backward", "short_forward"]
 
 _SOURCE = Path(__file__).with_name("band_cpu.c")
@@ -1457,18 +1457,8 @@ _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25  # (MADV_COLLAPSE: Linux >= 6.1)
 _madvise: list = []
 
 
-def back_with_huge_pages(tensors, *, now: bool = True) -> int:
-    """Ask the kernel (Linux ``madvise``) to back the whole 2 MiB pages inside each tensor's
-    memory with transparent huge pages: ``now`` (``MADV_COLLAPSE``) for memory already
-    written, else as its pages are first written (``MADV_HUGEPAGE``: a buffer just allocated,
-    e.g. a key/value cache). Values, addresses and sharing stay as they are; only the physical
-    pages change. A decoding step streams every weight and cached key from memory, and on the
-    machine measured a stream over 4 KiB pages ran at ~0.7-0.85 of the read bandwidth one over
-    huge pages reaches (the hardware prefetcher stops at each 4 KiB page). Best effort:
-    returns the bytes advised (0 where the system refuses, e.g. older kernels, other systems,
-    ``ATTNKIT_HUGE_PAGES=0``)."""
-    if _env_off("ATTNKIT_HUGE_PAGES"):
-        return 0
+def _madvise_fn():
+    """libc's ``madvise`` on Linux (``ctypes``), else None; looked up once."""
     if not _madvise:
         fn = None
         if platform.system() == "Linux":
@@ -1479,7 +1469,24 @@ def back_with_huge_pages(tensors, *, now: bool = True) -> int:
             except (OSError, AttributeError):
                 fn = None
         _madvise.append(fn)
-    fn = _madvise[0]
+    return _madvise[0]
+
+
+def back_with_huge_pages(tensors, *, now: bool = True) -> int:
+    """Ask the kernel (Linux ``madvise``) to back the whole 2 MiB pages inside each tensor's
+    memory with transparent huge pages: ``now`` (``MADV_COLLAPSE``) for memory already
+    written, else as its pages are first written (``MADV_HUGEPAGE``: a buffer just allocated,
+    e.g. a key/value cache). Values, addresses and sharing stay as they are; only the physical
+    pages change. A decoding step streams every weight and cached key from memory, and on the
+    machine measured a stream over 4 KiB pages ran at ~0.6-0.85 of the read bandwidth one over
+    huge pages reaches (a TLB miss at every 4 KiB page, each costlier in a virtual machine).
+    Only whole 2 MiB pages inside a tensor qualify, so a tensor of a few MiB at an arbitrary
+    address is partly covered; :func:`huge_page_empty` allocates memory that is covered whole.
+    Best effort: returns the bytes advised (0 where the system refuses, e.g. older kernels,
+    other systems, ``ATTNKIT_HUGE_PAGES=0``)."""
+    if _env_off("ATTNKIT_HUGE_PAGES"):
+        return 0
+    fn = _madvise_fn()
     done = 0
     for t in tensors:
         if fn is None or not isinstance(t, Tensor) or not t.is_cpu or not t.is_contiguous():
@@ -1490,6 +1497,43 @@ def back_with_huge_pages(tensors, *, now: bool = True) -> int:
         if hi > lo and fn(lo, hi - lo, _MADV_COLLAPSE if now else _MADV_HUGEPAGE) == 0:
             done += hi - lo
     return done
+
+
+def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """Uninitialized contiguous CPU tensors of these shapes, laid out one after another (each
+    at a 64-byte boundary) in one buffer that starts on a 2 MiB boundary, its whole 2 MiB
+    pages advised as transparent huge pages (``MADV_HUGEPAGE``) before anything is written:
+    where the system grants them, the tensors' memory is on huge pages whole, where
+    :func:`back_with_huge_pages` covers only the 2 MiB pages that happen to lie inside a
+    tensor. For memory that a decoding step streams every time (weights, key/value caches).
+
+    Each tensor has a storage of exactly its own bytes (a window onto the buffer, which stays
+    allocated while any of them lives), so saving, pickling, sharing or checking one tensor
+    for aliasing (e.g. ``safetensors``) sees only its own memory, as for ``torch.empty``.
+    Plain ``torch.empty`` tensors where huge pages cannot help or are off: under 2 MiB in
+    all, not Linux, ``ATTNKIT_HUGE_PAGES=0``."""
+    shapes = [torch.Size(s) for s in shapes]
+    item = torch.empty((), dtype=dtype).element_size()
+    sizes = [s.numel() * item for s in shapes]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += -(-n // 64) * 64
+    fn = None if _env_off("ATTNKIT_HUGE_PAGES") else _madvise_fn()
+    if fn is None or total < _HUGE_PAGE:
+        return [torch.empty(s, dtype=dtype) for s in shapes]
+    buf = torch.empty(total + _HUGE_PAGE, dtype=torch.uint8)
+    base = -(-buf.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    fn(base, total // _HUGE_PAGE * _HUGE_PAGE, _MADV_HUGEPAGE)  # best effort: 4 KiB pages else
+    out = []
+    for shape, offset, n in zip(shapes, offsets, sizes):
+        if n == 0:
+            out.append(torch.empty(shape, dtype=dtype))
+            continue
+        window = (ctypes.c_char * n).from_address(base + offset)
+        window.buffer = buf  # the window keeps the buffer, each tensor its window
+        out.append(torch.frombuffer(window, dtype=dtype).view(shape))
+    return out
 
 
 class PreparedDecodeBlock:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
-from ..kernels.native import back_with_huge_pages
+from ..kernels.native import huge_page_empty
 from ..patterns import Causal, Pattern, causal, sliding_window
 
 __all__ = ["KVCache", "DynamicCache", "StaticCache", "SlidingWindowCache", "QuantizedCache"]
@@ -145,10 +145,13 @@ class _BufferCache(KVCache):
         current = 0 if buf_k is None else buf_k.shape[2]
         if held + n > current:
             cap = self._capacity_for(layer_idx, held + n, current)
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
-            # each decoding step streams the whole cache: huge pages as it fills
-            back_with_huge_pages((new_k, new_v), now=False)
+            shape_k = (k.shape[0], k.shape[1], cap, k.shape[3])
+            shape_v = (v.shape[0], v.shape[1], cap, v.shape[3])
+            if k.is_cpu and k.dtype == v.dtype:
+                # each decoding step streams the whole cache: on huge pages as it fills
+                new_k, new_v = huge_page_empty((shape_k, shape_v), k.dtype)
+            else:
+                new_k, new_v = k.new_empty(shape_k), v.new_empty(shape_v)
             if held:
                 new_k[:, :, :held] = buf_k[:, :, :held]
                 new_v[:, :, :held] = buf_v[:, :, :held]

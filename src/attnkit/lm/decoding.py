@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checks import check_positive_int
-from ..kernels.native import back_with_huge_pages
+from ..kernels.native import huge_page_empty
 from ..nn.attention import attention_layers
 from .cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
 
@@ -371,15 +371,14 @@ def decode_roofline(model: nn.Module, context_len: int, bandwidth_bytes_per_s: f
 def measure_bandwidth(size_mb: int = 256, repeats: int = 5, *, huge_pages: bool = False) -> float:
     """This machine's memory read bandwidth (bytes/s) as torch sees it: the best of
     ``repeats`` full reductions over a ``size_mb`` fp32 buffer (much larger than CPU caches).
-    ``huge_pages``: the buffer on transparent huge pages where the system grants them (as the
-    native decoding step puts the weights and the key/value cache: see
-    :func:`attnkit.kernels.native.back_with_huge_pages`), which streams faster than 4 KiB
+    ``huge_pages``: the buffer on transparent huge pages where the system grants them (as
+    :class:`DecoderLM` puts its weights and the buffer caches their keys/values: see
+    :func:`attnkit.kernels.native.huge_page_empty`), which streams faster than 4 KiB
     pages on some machines; the default measures an ordinary torch buffer."""
     if size_mb < 1 or repeats < 1:
         raise ValueError("size_mb and repeats must be >= 1")
-    buf = torch.empty(size_mb * (1 << 20) // 4)
-    if huge_pages:
-        back_with_huge_pages((buf,), now=False)
+    n = size_mb * (1 << 20) // 4
+    buf = huge_page_empty([(n,)])[0] if huge_pages else torch.empty(n)
     buf.fill_(1.0)
     buf.sum()  # warm up: first touch, thread pool
     best = float("inf")

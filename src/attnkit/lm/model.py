@@ -414,6 +414,27 @@ class DecoderBlock(nn.Module):
         return (*tensors, norm1.eps, norm2.eps)
 
 
+def _onto_huge_pages(model: nn.Module) -> None:
+    """Move the model's CPU parameters into memory on huge pages where the system grants them
+    (:func:`native.huge_page_empty`; values, shapes, parameter objects and ties unchanged).
+    A cached decoding step streams every weight from memory, and on 4 KiB pages the stream
+    runs slower (measured: the one-call step ~7-14% faster with the weights moved). Done once,
+    at construction, before anything else can hold the old memory; weights that get new
+    memory later (``.to(dtype)``, ``load_state_dict(assign=True)``) are only collapsed onto
+    huge pages as far as their addresses allow when a step binds them."""
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) not in seen and p.is_cpu and p.is_contiguous():
+            seen.add(id(p))
+            by_dtype.setdefault(p.dtype, []).append(p)
+    with torch.no_grad():
+        for dtype, params in by_dtype.items():
+            for p, new in zip(params, native.huge_page_empty([p.shape for p in params], dtype)):
+                new.copy_(p)
+                p.data = new
+
+
 class DecoderLM(nn.Module):
     """Decoder-only transformer: token embedding, ``depth`` pre-LN blocks with rotary causal
     self-attention, a final LayerNorm and an output layer tied to the embedding.
@@ -461,6 +482,7 @@ class DecoderLM(nn.Module):
         self.head = SplitLinear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
         self.apply(self._init)
+        _onto_huge_pages(self)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
