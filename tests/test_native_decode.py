@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnkit.functional as functional
-from attnkit import attention, dense_reference
+from attnkit import attention, dense_reference, generate
 from attnkit import patterns as P
 from attnkit.cache import DynamicCache, StaticCache
 from attnkit.kernels import native
@@ -938,3 +938,103 @@ def test_model_step_sees_every_change_after_binding(monkeypatch):
     model.blocks.append(extra)
     model.depth = 3
     check(True)
+
+
+def _generate_with_changes(monkeypatch, bound: bool, cache: str):
+    """Greedy tokens of a small DecoderLM while on_token changes the model between tokens;
+    ``bound=False`` turns generate's bound steps off (each step goes through the model).
+    Returns the tokens and how many bound steps ran."""
+    import attnkit.lm.decoding as decoding
+
+    torch.manual_seed(0)
+    model = DecoderLM(50, 64, 2, 4, 2, max_seq_len=128).eval()
+    prompt = torch.randint(0, 50, (2, 30))
+    gen = torch.Generator().manual_seed(1)
+    changes = {
+        3: lambda: model.blocks[0].mlp.__setitem__(1, torch.nn.ReLU()),
+        6: lambda: model.blocks[0].mlp.__setitem__(1, torch.nn.GELU()),
+        9: lambda: setattr(model.blocks[1].mlp[2].weight, "data",
+                           torch.randn(64, 256, generator=gen) * 0.2),
+        12: lambda: setattr(model, "embed", torch.nn.Embedding(50, 64)),
+        15: lambda: model.blocks[1].register_forward_hook(lambda m, a, out: out * 0.5),
+    }
+    seen = [0]
+
+    def on_token(_tok):
+        seen[0] += 1
+        if seen[0] in changes:
+            changes[seen[0]]()
+
+    ran = [0]
+    real = native.BoundDecodeStep.__call__
+
+    def spy(self, pos):
+        ran[0] += 1
+        return real(self, pos)
+
+    with monkeypatch.context() as m:
+        m.setattr(native.BoundDecodeStep, "__call__", spy)
+        if not bound:
+            m.setattr(decoding, "_native_decoding", lambda *a: None)
+        tokens = generate(model, prompt, 20, temperature=0, cache=cache, on_token=on_token)
+    return tokens, ran[0]
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_generate_bound_steps_see_changes_between_tokens(monkeypatch, cache):
+    """generate runs a DecoderLM's cached steps bound (BoundDecodeStep: one native call, only
+    the position written), and a change made between two tokens (from on_token: a swapped
+    activation and back, new memory under a weight, a new embedding module, a hook on a block)
+    is seen at the next step: the tokens equal those of steps through the model with the same
+    changes. A dynamic cache grows on the way (the step through the model; bound again
+    after)."""
+    if not native.step_available():
+        pytest.skip("native decoder step not built here")
+    bound, ran = _generate_with_changes(monkeypatch, True, cache)
+    plain, ran_plain = _generate_with_changes(monkeypatch, False, cache)
+    assert ran_plain == 0 and 5 <= ran < 19
+    assert torch.equal(bound, plain)
+
+
+def test_bound_decode_step_equals_the_call_and_checks_position():
+    """PreparedDecodeModel.bind + step(pos) gives the call's output and logits at every
+    position and writes the same cache rows; a position past the caches or the rotary tables,
+    and tables of the wrong width, are refused."""
+    if not native.step_available():
+        pytest.skip("native decoder step not built here")
+    from attnkit.lm import model as lm_model
+
+    torch.manual_seed(0)
+    model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
+    ids = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        caches = [StaticCache(16), StaticCache(16)]
+        for c in caches:
+            model(ids[:, :8], cache=c)
+        model(ids[:, 8:9], cache=caches[0])
+        model(ids[:, 8:9], cache=caches[1])
+    prepared = lm_model._PREPARED_MODELS[model]
+    rot = [b.attn.rotary for b in model.blocks]
+    tables = [r.cos_sin(0, 14, torch.device("cpu"), torch.float32) for r in rot]
+    x = torch.empty(2, 64)
+    out, logits = torch.empty(2, 64), torch.empty(2, 40)
+    c0, c1 = caches
+    step = prepared.call.bind(x, out, [(c0._keys[i], c0._values[i]) for i in range(2)], tables,
+                              logits)
+    assert step.limit == 14
+    for pos in range(9, 12):
+        x.copy_(model.embed.weight[ids[:, pos]])
+        step(pos)
+        ref_out, ref_logits = torch.empty(2, 64), torch.empty(2, 40)
+        prepared.call(x.clone(), ref_out, [(c1._keys[i], c1._values[i], pos) for i in range(2)],
+                      [r.cos_sin(pos, pos + 1, torch.device("cpu"), torch.float32) for r in rot],
+                      ref_logits)
+        assert torch.equal(out, ref_out) and torch.equal(logits, ref_logits)
+        for i in range(2):
+            assert torch.equal(c0._keys[i][:, :, pos], c1._keys[i][:, :, pos])
+    for bad in (14, -1, 3.0, True):
+        with pytest.raises(ValueError, match="pos must be"):
+            step(bad)
+    with pytest.raises(ValueError, match="rope rows"):
+        prepared.call.bind(x, out, [(c0._keys[i], c0._values[i]) for i in range(2)],
+                           [(t[0][:, :8], t[1][:, :8]) for t in tables], logits)

@@ -69,6 +69,7 @@ __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "B
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
            "set_team_limit", "step_available", "PreparedDecodeBlock", "PreparedDecodeModel",
+           "BoundDecodeStep",
            "decode_block_reference", "back_with_huge_pages", "huge_page_empty",
            "short_available", "short_backward", "short_forward"]
 
@@ -1536,6 +1537,12 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     return out
 
 
+# step_cpu.c's slots: block_step's ptr slots of the key cache (the value cache follows) and of
+# the rotary cos row (the sine row follows); its geometry: slots per block, the position's
+_BP_KBUF, _BP_COS = 18, 20
+_BS_NGEO, _BS_POS = 9, 7
+
+
 class PreparedDecodeBlock:
     """A pre-LN decoder block's cached decoding step as one native call (``step_cpu.c``):
     LayerNorm + q/k/v projections + rotary embedding, the new keys and values written into
@@ -1600,10 +1607,8 @@ class PreparedDecodeBlock:
         # caches, the rotary rows (x, out, caches and rotary rows are written per call)
         self._ptrs = _i64s(0, 0, *addr, 0, 0, 0, 0, ctypes.addressof(self._eps))
 
-    def _bind(self, ptrs, at: int, rows: int, k_cache: Tensor, v_cache: Tensor, pos: int,
-              rope) -> tuple[int, ...]:
-        """Check one call's cache buffers, position and rotary rows, write their addresses
-        into ``ptrs`` (this block's slots start at ``at``), return its geometry slots."""
+    def _check_caches(self, rows: int, k_cache: Tensor, v_cache: Tensor) -> int:
+        """Check one call's cache buffers; returns their capacity (positions)."""
         cache_shape = (rows, self.num_kv_heads, k_cache.shape[2] if k_cache.dim() == 4 else 0,
                        self.head_dim)
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -1611,22 +1616,37 @@ class PreparedDecodeBlock:
                     or not t.is_cpu):
                 raise ValueError(f"{name} must be a contiguous fp32 CPU {cache_shape} tensor, "
                                  f"got {t.dtype} {tuple(t.shape)}")
-        cap = cache_shape[2]
+        return cache_shape[2]
+
+    def _check_rope(self, rope, rows: int | None) -> None:
+        """Check the rotary ``(cos, signed_sin)`` rows (``rows`` of them; None: any number)."""
+        if rope is None or len(rope) != 2:
+            raise ValueError("rope (cos, signed_sin) rows are needed: bound with rotary")
+        n = rope[0].shape[0] if isinstance(rope[0], Tensor) and rope[0].dim() == 2 else 0
+        for t in rope:
+            if (not isinstance(t, Tensor) or t.shape != (rows or n, self.head_dim) or not n
+                    or not t.is_contiguous() or t.dtype != torch.float32 or not t.is_cpu):
+                raise ValueError(f"rope rows must be contiguous fp32 CPU ({rows or 'n'}, "
+                                 f"{self.head_dim}) tensors, got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t)}")
+
+    def _geo(self, rows: int, cap: int, pos: int) -> tuple[int, ...]:
+        return (rows, self.dim, self.num_heads, self.num_kv_heads, self.head_dim, self.hidden,
+                cap, pos, int(self.rotary))
+
+    def _bind(self, ptrs, at: int, rows: int, k_cache: Tensor, v_cache: Tensor, pos: int,
+              rope) -> tuple[int, ...]:
+        """Check one call's cache buffers, position and rotary rows, write their addresses
+        into ``ptrs`` (this block's slots start at ``at``), return its geometry slots."""
+        cap = self._check_caches(rows, k_cache, v_cache)
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < cap:
             raise ValueError(f"pos must be an int in [0, {cap}) (the cache's capacity), got "
                              f"{pos!r}")
-        ptrs[at + 18], ptrs[at + 19] = k_cache.data_ptr(), v_cache.data_ptr()
+        ptrs[at + _BP_KBUF], ptrs[at + _BP_KBUF + 1] = k_cache.data_ptr(), v_cache.data_ptr()
         if self.rotary:
-            if rope is None or len(rope) != 2:
-                raise ValueError("rope (cos, signed_sin) rows are needed: bound with rotary")
-            for t in rope:
-                if (t.shape != (1, self.head_dim) or not t.is_contiguous()
-                        or t.dtype != torch.float32 or not t.is_cpu):
-                    raise ValueError(f"rope rows must be contiguous fp32 CPU (1, "
-                                     f"{self.head_dim}) tensors, got {tuple(t.shape)}")
-            ptrs[at + 20], ptrs[at + 21] = rope[0].data_ptr(), rope[1].data_ptr()
-        return (rows, self.dim, self.num_heads, self.num_kv_heads, self.head_dim, self.hidden,
-                cap, pos, int(self.rotary))
+            self._check_rope(rope, 1)
+            ptrs[at + _BP_COS], ptrs[at + _BP_COS + 1] = rope[0].data_ptr(), rope[1].data_ptr()
+        return self._geo(rows, cap, pos)
 
     def __call__(self, x: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -1713,6 +1733,19 @@ class PreparedDecodeModel:
         ``pos`` written); ``ropes``: per block its ``(cos, signed_sin)`` rows or None. Writes
         the last block's output to ``out (R, dim)`` (not ``x``) and returns it; with ``norm``
         and ``head`` bound, also the logits to ``logits (R, vocab)``."""
+        rows = self._check_call(x, out, caches, ropes, logits)
+        ptrs = type(self._lptr).from_buffer_copy(self._lptr)  # concurrent calls stay apart
+        slots = len(ptrs) // len(self.blocks)
+        geo = []
+        for i, (block, (k_cache, v_cache, pos), rope) in enumerate(zip(self.blocks, caches,
+                                                                       ropes)):
+            geo += block._bind(ptrs, i * slots, rows, k_cache, v_cache, pos, rope)
+        geo = _i64s(*geo)
+        _model_step(self._call_slots(x, out, ptrs, geo, logits), _i64s(*self._model_geo(rows)))
+        return out
+
+    def _check_call(self, x: Tensor, out: Tensor, caches, ropes, logits: Tensor | None) -> int:
+        """Check a call's rows, per-block entries and logits; returns the rows ``R``."""
         rows = _check_rows(x, out, self.dim)
         n = len(self.blocks)
         if len(caches) != n or len(ropes) != n:
@@ -1726,22 +1759,79 @@ class PreparedDecodeModel:
                                  f"tensor")
         elif logits is not None:
             raise ValueError("logits need norm and head bound")
-        ptrs = type(self._lptr).from_buffer_copy(self._lptr)  # concurrent calls stay apart
-        slots = len(ptrs) // n
-        geo = []
-        for i, (block, (k_cache, v_cache, pos), rope) in enumerate(zip(self.blocks, caches,
-                                                                       ropes)):
-            geo += block._bind(ptrs, i * slots, rows, k_cache, v_cache, pos, rope)
-        geo = _i64s(*geo)
-        call = _i64s(x.data_ptr(), out.data_ptr(), ctypes.addressof(ptrs), ctypes.addressof(geo),
+        return rows
+
+    def _call_slots(self, x: Tensor, out: Tensor, ptrs, geo, logits: Tensor | None):
+        return _i64s(x.data_ptr(), out.data_ptr(), ctypes.addressof(ptrs), ctypes.addressof(geo),
                      ctypes.addressof(self._scales),
                      0 if logits is None else logits.data_ptr(), *self._head)
-        fns = _step_state["fn"]
-        rc = fns["model_step"](call, _i64s(n, rows, self.dim, self.vocab), 0.0,
-                               torch.get_num_threads(), fns["rt"])
-        if rc != 0:
-            raise MemoryError("attnkit decoder step: out of memory for its buffers")
-        return out
+
+    def _model_geo(self, rows: int) -> tuple[int, ...]:
+        return (len(self.blocks), rows, self.dim, self.vocab)
+
+    def bind(self, x: Tensor, out: Tensor, caches, tables, logits: Tensor | None = None
+             ) -> BoundDecodeStep:
+        """Bind everything of a run of steps but the position, for decoding loops where Python
+        time per step counts: ``x (R, dim)`` (the caller writes each step's embedded tokens
+        there), ``out``, ``logits`` as for a call; ``caches``: per block ``(k_cache,
+        v_cache)`` buffers ``(R, num_kv_heads, capacity, head_dim)``; ``tables``: per block its
+        rotary ``(cos, signed_sin)`` tables ``(n, head_dim)`` (row ``p`` for position ``p``),
+        or None without rotary. All are checked here and must stay alive and in place while
+        the returned step is used. Every block then writes and attends at the same position.
+        """
+        rows = self._check_call(x, out, caches, tables, logits)
+        ptrs = type(self._lptr).from_buffer_copy(self._lptr)
+        slots = len(ptrs) // len(self.blocks)
+        geo, rope_slots, limit = [], [], None
+        for i, (block, (k_cache, v_cache), table) in enumerate(zip(self.blocks, caches, tables)):
+            cap = block._check_caches(rows, k_cache, v_cache)
+            at = i * slots
+            ptrs[at + _BP_KBUF], ptrs[at + _BP_KBUF + 1] = k_cache.data_ptr(), v_cache.data_ptr()
+            reach = cap
+            if block.rotary:
+                block._check_rope(table, None)
+                reach = min(cap, table[0].shape[0])
+                rope_slots.append((at + _BP_COS, table[0].data_ptr(), table[1].data_ptr(),
+                                   4 * block.head_dim))
+            limit = reach if limit is None else min(limit, reach)
+            geo += block._geo(rows, cap, 0)
+        geo = _i64s(*geo)
+        keep = (x, out, logits, caches, tables)
+        return BoundDecodeStep(self._call_slots(x, out, ptrs, geo, logits),
+                               _i64s(*self._model_geo(rows)), ptrs, geo, rope_slots, limit,
+                               keep)
+
+
+def _model_step(call, geo) -> None:
+    """One ``step_cpu.c: model_step`` call on argument arrays already checked."""
+    fns = _step_state["fn"]
+    if fns["model_step"](call, geo, 0.0, torch.get_num_threads(), fns["rt"]) != 0:
+        raise MemoryError("attnkit decoder step: out of memory for its buffers")
+
+
+class BoundDecodeStep:
+    """A :class:`PreparedDecodeModel` step with its buffers bound (from
+    :meth:`PreparedDecodeModel.bind`): a call ``step(pos)`` runs every block at position
+    ``pos`` and the output layer, reading the rows the caller wrote to the bound ``x``. Only
+    the position changes between calls (its geometry slot and the rotary rows' addresses), so
+    a call costs a few microseconds of Python. Not for concurrent calls (one decoding loop
+    owns it)."""
+
+    def __init__(self, call, model_geo, ptrs, geo, rope_slots, limit: int, keep) -> None:
+        self._call, self._model_geo, self._ptrs, self._geo = call, model_geo, ptrs, geo
+        self._rope_slots, self.limit, self._keep = rope_slots, limit, keep
+        self._pos_slots = range(_BS_POS, len(geo), _BS_NGEO)
+
+    def __call__(self, pos: int) -> None:
+        if type(pos) is not int or not 0 <= pos < self.limit:
+            raise ValueError(f"pos must be an int in [0, {self.limit}) (the caches' capacity "
+                             f"and rotary tables), got {pos!r}")
+        geo, ptrs = self._geo, self._ptrs
+        for at in self._pos_slots:
+            geo[at] = pos
+        for at, cos, sin, row in self._rope_slots:
+            ptrs[at], ptrs[at + 1] = cos + pos * row, sin + pos * row
+        _model_step(self._call, self._model_geo)
 
 
 # ------------------------------------------------------------- many short sequences

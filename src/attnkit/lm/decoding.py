@@ -15,6 +15,7 @@ from ..checks import check_positive_int
 from ..kernels.native import huge_page_empty
 from ..nn.attention import attention_layers
 from .cache import DynamicCache, KVCache, QuantizedCache, SlidingWindowCache, StaticCache
+from .model import _native_decoding
 
 __all__ = [
     "generate",
@@ -236,14 +237,18 @@ def generate(
     was_training = model.training
     model.eval()
     kv = _make_cache(cache, model, total) if use_cache else None
+    # cached steps of a DecoderLM: one bound native call each where it applies
+    fast = None if mask is not None else _native_decoding(model, kv, ids.shape[0], total)
     out = [ids]
     step_input = ids
     try:
         for _ in range(max_new_tokens):
             if kv is None:
                 step_input = torch.cat(out, dim=1)
-            kwargs = {} if mask is None else {"attention_mask": mask}
-            logits = model(step_input, cache=kv, last_only=True, **kwargs)[:, -1]
+            logits = None if fast is None else fast.step(step_input)
+            if logits is None:
+                kwargs = {} if mask is None else {"attention_mask": mask}
+                logits = model(step_input, cache=kv, last_only=True, **kwargs)[:, -1]
             if do_sample:
                 probs = torch.softmax(_filtered_logits(logits, temp, top_k, top_p), dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
