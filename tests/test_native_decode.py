@@ -820,6 +820,7 @@ def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
     import io
     import pickle
 
+    monkeypatch.delenv("ATTNKIT_HUGE_PAGES", raising=False)
     shapes = [(1000, 700), (0, 3), (5,), (2, 3, 1024, 64)]
     ts = native.huge_page_empty(shapes, torch.float32)
     assert [tuple(t.shape) for t in ts] == shapes
@@ -848,11 +849,13 @@ def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
     assert plain.shape == (1 << 20,) and plain.untyped_storage().nbytes() == 4 << 20
 
 
-def test_decoder_weights_and_cache_on_huge_page_memory_behave_as_plain_tensors(tmp_path):
+def test_decoder_weights_and_cache_on_huge_page_memory_behave_as_plain_tensors(tmp_path,
+                                                                               monkeypatch):
     """A DecoderLM's weights (and a buffer cache's keys/values) live in huge_page_empty memory:
     the tie between embedding and output layer holds, each parameter's storage is its own
     (safetensors accepts the state dict: no shared memory), a state dict round-trips, and the
     cached steps still equal the full forward."""
+    monkeypatch.delenv("ATTNKIT_HUGE_PAGES", raising=False)
     torch.manual_seed(0)
     model = DecoderLM(300, 256, 2, 4, 4, max_seq_len=600).eval()
     assert model.head.weight is model.embed.weight
