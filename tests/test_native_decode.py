@@ -844,6 +844,12 @@ def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
     assert torch.equal(pickle.loads(pickle.dumps(last)), ref)
     small = native.huge_page_empty([(3, 4)], torch.float64)[0]
     assert small.dtype == torch.float64 and small.untyped_storage().nbytes() == 96
+    # from 1 MiB (a multi-query layer's cache) on whole huge pages too
+    mid = native.huge_page_empty([(300, 1024)])[0]
+    if platform.system() == "Linux":
+        assert mid.data_ptr() % (2 << 20) == 0
+    mid.fill_(2.0)
+    assert float(mid.sum()) == 2.0 * mid.numel()
     monkeypatch.setenv("ATTNKIT_HUGE_PAGES", "0")
     plain = native.huge_page_empty([(1 << 20,)])[0]
     assert plain.shape == (1 << 20,) and plain.untyped_storage().nbytes() == 4 << 20

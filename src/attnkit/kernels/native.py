@@ -54,6 +54,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
+import mmap
 import os
 import platform
 import shutil
@@ -1511,7 +1512,9 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     Each tensor has a storage of exactly its own bytes (a window onto the buffer, which stays
     allocated while any of them lives), so saving, pickling, sharing or checking one tensor
     for aliasing (e.g. ``safetensors``) sees only its own memory, as for ``torch.empty``.
-    Plain ``torch.empty`` tensors where huge pages cannot help or are off: under 2 MiB in
+    The buffer is fresh anonymous memory (``mmap``) of whole 2 MiB pages, so from 1 MiB in
+    all (a multi-query layer's key/value cache) up to 2x the bytes asked for are reserved;
+    plain ``torch.empty`` tensors where huge pages cannot help or are off: under 1 MiB in
     all, not Linux, ``ATTNKIT_HUGE_PAGES=0``."""
     shapes = [torch.Size(s) for s in shapes]
     item = torch.empty((), dtype=dtype).element_size()
@@ -1521,11 +1524,15 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
         offsets.append(total)
         total += -(-n // 64) * 64
     fn = None if _env_off("ATTNKIT_HUGE_PAGES") else _madvise_fn()
-    if fn is None or total < _HUGE_PAGE:
+    if fn is None or 2 * total < _HUGE_PAGE:
         return [torch.empty(s, dtype=dtype) for s in shapes]
-    buf = torch.empty(total + _HUGE_PAGE, dtype=torch.uint8)
-    base = -(-buf.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-    fn(base, total // _HUGE_PAGE * _HUGE_PAGE, _MADV_HUGEPAGE)  # best effort: 4 KiB pages else
+    pages = -(-total // _HUGE_PAGE) * _HUGE_PAGE  # whole pages: < 2x the bytes asked for
+    # fresh pages from the system (an allocator may hand out memory already touched, which
+    # the advice no longer changes); private, not shared memory
+    buf = mmap.mmap(-1, pages + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    base = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+    fn(base, pages, _MADV_HUGEPAGE)  # best effort: 4 KiB pages else
     out = []
     for shape, offset, n in zip(shapes, offsets, sizes):
         if n == 0:
