@@ -262,7 +262,7 @@ def generate(
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
             if on_token is not None:
-                on_token(int(token[0]) if single else token)
+                on_token(token.item() if single else token)  # (one op: B = 1)
             if eos_t is not None and bool(finished.all()):
                 break
     finally:
