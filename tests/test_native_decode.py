@@ -815,8 +815,8 @@ def test_back_with_huge_pages_changes_no_value_or_address(monkeypatch):
 def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
     """huge_page_empty: tensors of the shapes and dtype asked for, one after another on 64-byte
     boundaries from a 2 MiB boundary, each with a storage of exactly its own bytes (so saving
-    one saves only it) that outlives the others; writable, values kept; small requests and
-    ATTNKIT_HUGE_PAGES=0 give plain tensors."""
+    one saves only it) that outlives the others; writable, values kept; small requests, a
+    failed mapping and ATTNKIT_HUGE_PAGES=0 give plain tensors."""
     import io
     import pickle
 
@@ -850,6 +850,10 @@ def test_huge_page_empty_gives_separate_exact_storages(monkeypatch):
         assert mid.data_ptr() % (2 << 20) == 0
     mid.fill_(2.0)
     assert float(mid.sum()) == 2.0 * mid.numel()
+    with monkeypatch.context() as m:  # no mapping to be had: plain tensors
+        m.setattr(native.mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError("none")))
+        plain = native.huge_page_empty([(1 << 20,)])[0]
+        assert plain.shape == (1 << 20,) and plain.untyped_storage().nbytes() == 4 << 20
     monkeypatch.setenv("ATTNKIT_HUGE_PAGES", "0")
     plain = native.huge_page_empty([(1 << 20,)])[0]
     assert plain.shape == (1 << 20,) and plain.untyped_storage().nbytes() == 4 << 20

@@ -1529,7 +1529,10 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     pages = -(-total // _HUGE_PAGE) * _HUGE_PAGE  # whole pages: < 2x the bytes asked for
     # fresh pages from the system (an allocator may hand out memory already touched, which
     # the advice no longer changes); private, not shared memory
-    buf = mmap.mmap(-1, pages + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf = mmap.mmap(-1, pages + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:  # (e.g. a limit on mappings): torch's allocator may still manage
+        return [torch.empty(s, dtype=dtype) for s in shapes]
     start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     base = -(-start // _HUGE_PAGE) * _HUGE_PAGE
     fn(base, pages, _MADV_HUGEPAGE)  # best effort: 4 KiB pages else
