@@ -165,16 +165,19 @@ class _BufferCache(KVCache):
         return buf_k.narrow(2, 0, held + n), buf_v.narrow(2, 0, held + n)
 
 
-    def _decode_slot(self, layer_idx: int, batch: int, heads: int,
-                     head_dim: int) -> tuple[Tensor, Tensor, int] | None:
+    def _decode_slot(self, layer_idx: int, batch: int, heads: int, head_dim: int,
+                     pattern: Pattern | None) -> tuple[Tensor, Tensor, int] | None:
         """This layer's key and value buffers ``(batch, heads, capacity, head_dim)`` and the
-        position one new token per sequence goes to, for a step that writes them itself (the
-        native decoder block step), then calls :meth:`_advance`; None when the buffers do not
-        exist yet, are full, or have another layout or dtype (the caller takes :meth:`update`,
-        which allocates and grows)."""
+        position one new token per sequence goes to, for a step that writes them itself and
+        attends to every cached position (the native decoder block step), then calls
+        :meth:`_advance`; None when the layer's ``pattern`` hides some cached position from
+        the new token, or the buffers do not exist yet, are full, or have another layout or
+        dtype (the caller takes :meth:`update`, which allocates and grows)."""
         if layer_idx >= len(self._keys):
             return None
         buf_k, buf_v, held = self._keys[layer_idx], self._values[layer_idx], self._held[layer_idx]
+        if self.attention_pattern(pattern, 1, held + 1) is not None:
+            return None
         for buf in (buf_k, buf_v):
             if (buf is None or buf.dim() != 4 or buf.dtype != torch.float32 or not buf.is_cpu
                     or not buf.is_contiguous() or held >= buf.shape[2]

@@ -170,11 +170,11 @@ def _decode_block(block: DecoderBlock, operands: tuple, x: Tensor, cache: KVCach
     if attn.rotary is not None:
         rope = attn.rotary.cos_sin(offset, offset + length, x.device, x.dtype)
     if (step.block is not None and length == 1 and key_padding_mask is None
-            and isinstance(cache, _BufferCache)
-            and cache.attention_pattern(attn.pattern, 1, offset + 1) is None):
+            and isinstance(cache, _BufferCache)):
         # one new token per sequence, every cached position visible: the whole block in one
         # native call that writes the new keys/values into the cache's buffers itself
-        slot = cache._decode_slot(attn.layer_idx, b, attn.num_kv_heads, attn.head_dim)
+        slot = cache._decode_slot(attn.layer_idx, b, attn.num_kv_heads, attn.head_dim,
+                                  attn.pattern)
         if slot is not None:
             out = step.block(x2, x2.new_empty(rows, dim), *slot, rope=rope)
             cache._advance(attn.layer_idx, 1)
@@ -280,12 +280,10 @@ def _decode_model(model: DecoderLM, x: Tensor, cache: KVCache) -> Tensor | None:
             return None
     caches, ropes, rope_rows = [], [], {}
     for layer, kv_heads, head_dim, pattern, rot in prepared.layers:
-        offset = cache.seq_length(layer)
-        if cache.attention_pattern(pattern, 1, offset + 1) is not None:
-            return None
-        slot = cache._decode_slot(layer, b, kv_heads, head_dim)
+        slot = cache._decode_slot(layer, b, kv_heads, head_dim, pattern)
         if slot is None:
             return None
+        offset = cache.seq_length(layer)
         rope = None
         if rot is not None:
             # blocks whose tables are the same share one lookup
@@ -344,8 +342,8 @@ class _NativeDecoding:
         caches, tables, layers = [], [], []
         cpu = torch.device("cpu")
         for layer, kv_heads, head_dim, pattern, rot in prepared.layers:
-            slot = cache._decode_slot(layer, rows, kv_heads, head_dim)
-            if slot is None or cache.attention_pattern(pattern, 1, slot[2] + 1) is not None:
+            slot = cache._decode_slot(layer, rows, kv_heads, head_dim, pattern)
+            if slot is None:
                 return False
             caches.append(slot[:2])
             layers.append(layer)
