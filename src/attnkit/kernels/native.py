@@ -1617,8 +1617,9 @@ class PreparedDecodeBlock:
         # caches, the rotary rows (x, out, caches and rotary rows are written per call)
         self._ptrs = _i64s(0, 0, *addr, 0, 0, 0, 0, ctypes.addressof(self._eps))
 
-    def _check_caches(self, rows: int, k_cache: Tensor, v_cache: Tensor) -> int:
-        """Check one call's cache buffers; returns their capacity (positions)."""
+    def _bind_caches(self, ptrs, at: int, rows: int, k_cache: Tensor, v_cache: Tensor) -> int:
+        """Check one call's cache buffers and write their addresses into ``ptrs`` (this block's
+        slots start at ``at``); returns their capacity (positions)."""
         cache_shape = (rows, self.num_kv_heads, k_cache.shape[2] if k_cache.dim() == 4 else 0,
                        self.head_dim)
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -1626,6 +1627,7 @@ class PreparedDecodeBlock:
                     or not t.is_cpu):
                 raise ValueError(f"{name} must be a contiguous fp32 CPU {cache_shape} tensor, "
                                  f"got {t.dtype} {tuple(t.shape)}")
+        ptrs[at + _BP_KBUF], ptrs[at + _BP_KBUF + 1] = k_cache.data_ptr(), v_cache.data_ptr()
         return cache_shape[2]
 
     def _check_rope(self, rope, rows: int | None) -> None:
@@ -1648,11 +1650,10 @@ class PreparedDecodeBlock:
               rope) -> tuple[int, ...]:
         """Check one call's cache buffers, position and rotary rows, write their addresses
         into ``ptrs`` (this block's slots start at ``at``), return its geometry slots."""
-        cap = self._check_caches(rows, k_cache, v_cache)
+        cap = self._bind_caches(ptrs, at, rows, k_cache, v_cache)
         if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < cap:
             raise ValueError(f"pos must be an int in [0, {cap}) (the cache's capacity), got "
                              f"{pos!r}")
-        ptrs[at + _BP_KBUF], ptrs[at + _BP_KBUF + 1] = k_cache.data_ptr(), v_cache.data_ptr()
         if self.rotary:
             self._check_rope(rope, 1)
             ptrs[at + _BP_COS], ptrs[at + _BP_COS + 1] = rope[0].data_ptr(), rope[1].data_ptr()
@@ -1794,9 +1795,8 @@ class PreparedDecodeModel:
         slots = len(ptrs) // len(self.blocks)
         geo, rope_slots, limit = [], [], None
         for i, (block, (k_cache, v_cache), table) in enumerate(zip(self.blocks, caches, tables)):
-            cap = block._check_caches(rows, k_cache, v_cache)
             at = i * slots
-            ptrs[at + _BP_KBUF], ptrs[at + _BP_KBUF + 1] = k_cache.data_ptr(), v_cache.data_ptr()
+            cap = block._bind_caches(ptrs, at, rows, k_cache, v_cache)
             reach = cap
             if block.rotary:
                 block._check_rope(table, None)
