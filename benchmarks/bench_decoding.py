@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=5,
                     help="roofline case: step/bandwidth pairs per variant (default 5)")
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error("--pairs must be >= 1")
     if args.quick:
         vocab, dim, depth, heads, prompt_len, new, repeats, steps = 256, 256, 4, 8, 512, 256, 2, 16
     else:
@@ -175,8 +177,6 @@ def main() -> None:
         # machines: the roofline over a huge-page buffer's bandwidth (stricter) is reported too.
         ours_r, peer_r, steps_ours, steps_peer, bws = [], [], [], [], []
         ours_hp, bws_hp = [], []
-        if args.pairs < 1:
-            raise SystemExit("--pairs must be >= 1")
         for _ in range(args.pairs):
             for fn, ratios, steps_ in (
                     (lambda m=ours: time_per_token(m, roof_ctx, steps=steps, use_cache=True,
