@@ -2,8 +2,9 @@
 //
 // y (R, O) = x (R, I) @ W (O, I)^T + bias (O,), for the few rows R of a decoding step, fp32,
 // all contiguous. A step is bound by reading W from memory; a BLAS gemv reads it on one thread,
-// here each thread of torch's OpenMP team streams its own contiguous block of W's rows, so the
-// whole memory bandwidth is used, each row of W read as one sequential stream. With gelu set,
+// here each thread of the team streams its own contiguous block of W's rows (and the thread
+// that finishes first takes the last rows of another's), so the whole memory bandwidth is used,
+// each row of W read as one sequential stream. With gelu set,
 // y = GELU(y) (the exact erf form, as torch.nn.functional.gelu) is applied in the same pass.
 // Several weights that multiply the same x can go in one call (segments of one output row).
 #include <math.h>
@@ -20,6 +21,11 @@
 // [off[s], off[s] + O[s]) of y (row stride ldy). One call, one wake-up of the thread team, for
 // several products of the same input (a layer's query, key and value projections).
 #define MAX_SEG 3
+// 4-row groups a thread takes at a time from its block of W (or, when done, from the back of
+// another's: team_run_steal). Measured on the 768-wide decoding step (same-process A/B, 2
+// threads): the threads' idle time at the products' ends 14% -> 5% of their time (perf), the
+// step ~2% faster; grains of 2, 4 and 8 groups alike.
+#define GEMV_GRAIN 2
 
 typedef struct {
   const float *x, *res; float *y;
@@ -100,7 +106,8 @@ static void gemv_quads(const gemv_t *G, int64_t q0, int64_t q1) {
 
 static void gemv_worker(team_t *TM) {
   int64_t start, stop;
-  while (team_next(TM, &start, &stop)) {
+  int own = -1;
+  while (TM->nblocks ? team_next_steal(TM, &own, &start, &stop) : team_next(TM, &start, &stop)) {
     gemv_quads((const gemv_t *)TM->arg, start, stop);
     team_done(TM, stop - start);
   }
@@ -193,7 +200,7 @@ int gemv_rows(const int64_t *ptr, const int64_t *geo, double ln_eps, int nthread
     G.quad0[s + 1] = G.quad0[s] + (O[s] + 3) / 4;
   }
   G.ldy = ldy;
-  int err = team_run(gemv_worker, &G, G.quad0[nseg], nthreads, omp_parallel);
+  int err = team_run_steal(gemv_worker, &G, G.quad0[nseg], nthreads, GEMV_GRAIN, omp_parallel);
   free(xn);
   if (rope_cols > 0 && rope_dim >= 2 && rope_len >= 1)
     rope_rows(y, R, ldy, rope_cos, rope_sin, rope_cols, rope_dim, rope_len);
