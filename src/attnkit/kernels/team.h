@@ -234,32 +234,43 @@ static void pool_run(team_t *T, int helpers) {
   pthread_mutex_unlock(&pool_owner);
 }
 
-// Run `run` on up to nthreads threads: torch's OpenMP team through GOMP_parallel when given
-// (its idle workers spin after each op, so new threads would compete with them), else the
-// kernels' own pool (above). Items go out in chunks of 1 / (nthreads * shares) of the total: shares = 1 gives
-// each thread of a full team one contiguous block; more shares let a thread that the OS
-// preempts (a busy machine) leave the rest of its share to the others, for independent items
-// with no locality between neighbours. Returns 0 when every item was done, else -1.
+// Runs T->run on up to nthreads threads (fewer under the test hook's limit): torch's OpenMP
+// team through GOMP_parallel when given (its idle workers spin after each op, so new threads
+// would compete with them), else the kernels' own pool (above).
+static void team_start(team_t *T, int nthreads, void *omp_parallel) {
+  int start = nthreads;
+  if (team_limit > 0 && start > team_limit) start = team_limit;
+  if (start <= 1) {
+    T->run(T);
+  } else if (omp_parallel) {
+    ((gomp_parallel_t)omp_parallel)(team_omp, T, (unsigned)start, 0);
+  } else {
+    pool_run(T, start - 1);
+  }
+}
+
+// The team size for total items: nthreads within [1, min(TEAM_MAX, total)].
+static inline int team_size(int64_t total, int nthreads) {
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > TEAM_MAX) nthreads = TEAM_MAX;
+  return nthreads > total ? (int)total : nthreads;
+}
+
+// Run `run` on up to nthreads threads (team_start). Items go out in chunks of 1 / (nthreads *
+// shares) of the total: shares = 1 gives each thread of a full team one contiguous block; more
+// shares let a thread that the OS preempts (a busy machine) leave the rest of its share to the
+// others, for independent items with no locality between neighbours. Returns 0 when every item
+// was done, else -1.
 static int team_run_shares(void (*run)(team_t *), void *arg, int64_t total, int nthreads,
                            int shares, void *omp_parallel) {
   if (total <= 0) return 0;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > TEAM_MAX) nthreads = TEAM_MAX;
-  if (nthreads > total) nthreads = (int)total;
+  nthreads = team_size(total, nthreads);
   if (shares < 1) shares = 1;
   team_t T;
   int64_t pieces = (int64_t)nthreads * shares;
   T.run = run; T.arg = arg; T.total = total; T.grain = (total + pieces - 1) / pieces;
   T.next = 0; T.done = 0; T.nblocks = 0; T.blocks = NULL;
-  int start = nthreads;
-  if (team_limit > 0 && start > team_limit) start = team_limit;
-  if (start <= 1) {
-    run(&T);
-  } else if (omp_parallel) {
-    ((gomp_parallel_t)omp_parallel)(team_omp, &T, (unsigned)start, 0);
-  } else {
-    pool_run(&T, start - 1);
-  }
+  team_start(&T, nthreads, omp_parallel);
   // chunks left by threads that could not set up (their allocation failed): one more try here
   if (__atomic_load_n(&T.next, __ATOMIC_RELAXED) < total) run(&T);
   return __atomic_load_n(&T.done, __ATOMIC_RELAXED) == total ? 0 : -1;
@@ -280,9 +291,7 @@ static int team_run_steal(void (*run)(team_t *), void *arg, int64_t total, int n
                           int64_t grain, void *omp_parallel) {
   if (total <= 0) return 0;
   if (total > 0xffffffffLL) return -1;  // packed 32-bit bounds
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > TEAM_MAX) nthreads = TEAM_MAX;
-  if (nthreads > total) nthreads = (int)total;
+  nthreads = team_size(total, nthreads);
   team_block_t blocks[TEAM_MAX] __attribute__((aligned(64)));
   for (int b = 0; b < nthreads; b++) {
     uint64_t lo = (uint64_t)(total * b / nthreads), hi = (uint64_t)(total * (b + 1) / nthreads);
@@ -291,15 +300,7 @@ static int team_run_steal(void (*run)(team_t *), void *arg, int64_t total, int n
   team_t T;
   T.run = run; T.arg = arg; T.total = total; T.grain = grain < 1 ? 1 : grain;
   T.next = 0; T.done = 0; T.nblocks = nthreads; T.blocks = blocks;
-  int start = nthreads;
-  if (team_limit > 0 && start > team_limit) start = team_limit;
-  if (start <= 1) {
-    run(&T);
-  } else if (omp_parallel) {
-    ((gomp_parallel_t)omp_parallel)(team_omp, &T, (unsigned)start, 0);
-  } else {
-    pool_run(&T, start - 1);
-  }
+  team_start(&T, nthreads, omp_parallel);
   if (__atomic_load_n(&T.done, __ATOMIC_RELAXED) < total) run(&T);  // see team_run_shares
   return __atomic_load_n(&T.done, __ATOMIC_RELAXED) == total ? 0 : -1;
 }
