@@ -204,6 +204,27 @@ def test_gemv_matches_linear(rows, out_f, in_f, bias, gelu):
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("threads,limit", [(4, 1), (4, 2), (3, 0), (2, 0)])
+def test_gemv_every_row_once_when_threads_take_over_others_blocks(threads, limit):
+    """The GEMV team cuts the rows into one block per thread asked for; a thread that is done
+    takes grains from the back of another's block (team_run_steal). With fewer threads than
+    blocks (the team limit), the ones that start do every block: each row written once, as
+    F.linear's."""
+    g = torch.Generator().manual_seed(threads * 10 + limit)
+    x, w = torch.randn(2, 96, generator=g), torch.randn(1001, 96, generator=g)
+    b = torch.randn(1001, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    old_n, old_limit = torch.get_num_threads(), native.set_team_limit(limit)
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(3):
+            out = native.gemv_rows(x, w, b)
+            torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    finally:
+        native.set_team_limit(old_limit)
+        torch.set_num_threads(old_n)
+
+
 def test_split_linear_uses_gemv_only_without_autograd(monkeypatch):
     seen = _spy(monkeypatch, "gemv_multi")
     lin = torch.nn.Linear(256, 300)
