@@ -7,6 +7,7 @@ the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -42,6 +43,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def thread_team(n: int, limit: int):
+    """``torch.set_num_threads(n)`` and the compiled kernels' team limit
+    (:func:`attnkit.kernels.native.set_team_limit`: the work is cut for ``n`` threads, at most
+    ``limit`` start; 0: no limit) for the duration."""
+    from attnkit.kernels import native
+
+    old_n = torch.get_num_threads()
+    torch.set_num_threads(n)
+    old_limit = native.set_team_limit(limit)
+    try:
+        yield
+    finally:
+        native.set_team_limit(old_limit)
+        torch.set_num_threads(old_n)
 
 
 def passed_with_isa_flags(flags: list[str], file: str, tests: list[str]) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import thread_team
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,17 +99,6 @@ threads = st.sampled_from([1, 2, 3, 4])
 team_limits = st.sampled_from([0, 0, 1, 2])
 
 
-@contextlib.contextmanager
-def team(n: int, limit: int):
-    """``torch.set_num_threads(n)`` and a forced team limit for the duration."""
-    old_n = torch.get_num_threads()
-    torch.set_num_threads(n)
-    old_limit = native.set_team_limit(limit)
-    try:
-        yield
-    finally:
-        native.set_team_limit(old_limit)
-        torch.set_num_threads(old_n)
 
 
 _STATES = ("_state", "_decode_state", "_short_state", "_gemv_state")
@@ -173,7 +163,7 @@ def test_band(data, b, hkv, g, lq, extra, d, dv, w, causal, n, limit):
     v, v64 = data.draw(views((b, hkv, lk, dv)))
     pattern = P.sliding_window(w) & P.causal() if causal else P.sliding_window(w)
     ref = dense_reference(q64, k64, v64, pattern.to_dense(lq, lk))[0]
-    with team(n, limit), spy("band_forward") as calls:
+    with thread_team(n, limit), spy("band_forward") as calls:
         out = attention(q, k, v, pattern=pattern)
     # (a causal window may be planned with a mask term, which the PyTorch band kernel serves)
     assert calls or causal, "the fused band kernel was not used"
@@ -215,7 +205,7 @@ def test_band_backward(data, b, hkv, g, lq, extra, d, dv, w, kind, block, n, lim
     old_block = native.BLOCK
     native.BLOCK = block  # blocks of 4 rows: many segments and halos on small problems
     try:
-        with team(n, limit), spy("band_backward") as calls:
+        with thread_team(n, limit), spy("band_backward") as calls:
             got = grads()
     finally:
         native.BLOCK = old_block
@@ -257,7 +247,7 @@ def test_band_weights(data, b, hkv, g, lq, extra, d, w, kind, dtype, block, n, l
 
     native.BLOCK, native.band_forward = block, forward
     try:
-        with team(n, limit), torch.no_grad(), spy("band_weights") as calls:
+        with thread_team(n, limit), torch.no_grad(), spy("band_weights") as calls:
             _, wt = attention(q, k, v, pattern=pattern, return_weights=True)
     finally:
         native.BLOCK, native.band_forward = old_block, real_forward
@@ -288,7 +278,7 @@ def test_offsets(data, b, hkv, g, lq, d, w, dil, kind, dtype, n, limit):
                "window|dilated": P.sliding_window(w) | P.dilated(w, dil + 1)}[kind]
     ref = dense_reference(q64, k64, v64, pattern.to_dense(lq, lq))[0]
     atol = 1e-4 if dtype == torch.float32 else 1e-10
-    with team(n, limit):
+    with thread_team(n, limit):
         out = attention(q, k, v, pattern=pattern)
     _close(out, ref, atol, f"{kind} vs fp64")
     with natives_off():
@@ -314,7 +304,7 @@ def test_short(data, n1, n2, hkv, g, lq, lk, d, dv, dtype, grad, n, limit):
     ref = dense_reference(*flat)[0].reshape(*batch, hkv * g, lq, dv)
     atol = 1e-4 if dtype == torch.float32 else 1e-10
     ins = [t.requires_grad_() if grad else t for t in (q.detach(), k.detach(), v.detach())]
-    with team(max(1, min(n, n1 * n2)), limit), spy("short_forward") as calls:
+    with thread_team(max(1, min(n, n1 * n2)), limit), spy("short_forward") as calls:
         out = attention(*ins)
         if grad:
             got = torch.autograd.grad(out, ins, dout)
@@ -341,7 +331,7 @@ def test_decode(data, b, hkv, g, lq, lk, d, dv, n, limit):
     k, k64 = data.draw(views((b, hkv, lk, d)))
     v, v64 = data.draw(views((b, hkv, lk, dv)))
     ref = dense_reference(q64, k64, v64)[0]
-    with team(n, limit), spy("decode_forward") as calls, torch.no_grad():
+    with thread_team(n, limit), spy("decode_forward") as calls, torch.no_grad():
         out = attention(q, k, v)
     assert calls, "the decoding kernel was not used"
     _close(out, ref, 1e-4, "decode vs fp64")
@@ -371,7 +361,7 @@ def test_gemv(data, rows, in_f, outs, bias, gelu, residual, norm, rope, n, limit
         kw["rope"] = (data.draw(views((rows, 4)))[0], data.draw(views((rows, 4)))[0], outs[0])
     ref = native.gemv_reference(x64, ws, bs, **kw).view(1, rows, total)
     atol = 1e-3 * (1 + float(ref.abs().max()) / 100)
-    with team(n, limit), torch.no_grad():
+    with thread_team(n, limit), torch.no_grad():
         _close(native.gemv_multi(x, ws, bs, **kw), ref, atol, "gemv_multi vs fp64")
         with spy("gemv_multi") as calls:
             y = split_linear(x, ws[0], bs[0], gelu=gelu)

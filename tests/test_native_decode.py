@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import passed_with_isa_flags
+from conftest import passed_with_isa_flags, thread_team
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -214,15 +214,10 @@ def test_gemv_every_row_once_when_threads_take_over_others_blocks(threads, limit
     x, w = torch.randn(2, 96, generator=g), torch.randn(1001, 96, generator=g)
     b = torch.randn(1001, generator=g)
     ref = F.linear(x.double(), w.double(), b.double())
-    old_n, old_limit = torch.get_num_threads(), native.set_team_limit(limit)
-    torch.set_num_threads(threads)
-    try:
+    with thread_team(threads, limit):
         for _ in range(3):
             out = native.gemv_rows(x, w, b)
             torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
-    finally:
-        native.set_team_limit(old_limit)
-        torch.set_num_threads(old_n)
 
 
 def test_split_linear_uses_gemv_only_without_autograd(monkeypatch):
