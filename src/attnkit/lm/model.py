@@ -517,10 +517,8 @@ def _onto_huge_pages(model: nn.Module) -> None:
     memory later (``.to(dtype)``, ``load_state_dict(assign=True)``) are only collapsed onto
     huge pages as far as their addresses allow when a step binds them."""
     by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for p in model.parameters():
-        if id(p) not in seen and p.is_cpu and p.is_contiguous():
-            seen.add(id(p))
+    for p in model.parameters():  # each parameter once: a tied weight is not listed twice
+        if p.is_cpu and p.is_contiguous():
             by_dtype.setdefault(p.dtype, []).append(p)
     with torch.no_grad():
         for dtype, params in by_dtype.items():
