@@ -4,8 +4,8 @@
 // all contiguous. A step is bound by reading W from memory; a BLAS gemv reads it on one thread,
 // here each thread of the team streams its own contiguous block of W's rows (and the thread
 // that finishes first takes the last rows of another's), so the whole memory bandwidth is used,
-// each row of W read as one sequential stream. With gelu set,
-// y = GELU(y) (the exact erf form, as torch.nn.functional.gelu) is applied in the same pass.
+// each row of W read as one sequential stream. With gelu set, y = GELU(y) (the exact erf form,
+// as torch.nn.functional.gelu) is applied in the same pass.
 // Several weights that multiply the same x can go in one call (segments of one output row).
 #include <math.h>
 #include <stdint.h>
@@ -107,7 +107,7 @@ static void gemv_quads(const gemv_t *G, int64_t q0, int64_t q1) {
 static void gemv_worker(team_t *TM) {
   int64_t start, stop;
   int own = -1;
-  while (TM->nblocks ? team_next_steal(TM, &own, &start, &stop) : team_next(TM, &start, &stop)) {
+  while (team_next_steal(TM, &own, &start, &stop)) {  // (gemv_rows: team_run_steal)
     gemv_quads((const gemv_t *)TM->arg, start, stop);
     team_done(TM, stop - start);
   }
