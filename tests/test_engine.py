@@ -628,3 +628,55 @@ def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeyp
     assert calls  # the second pass really ran
     assert torch.equal(slow.indices, w.indices)
     torch.testing.assert_close(w.values, slow.values, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kind,lq,lk,chunk", [("random", 150, 150, None),
+                                             ("graph", 300, 300, 3000),
+                                             ("bipartite", 90, 200, 2000)])
+def test_edge_list_weights_come_from_the_forward(dtype, kind, lq, lk, chunk, monkeypatch):
+    """A plan of one edge list (random keys, a graph) writes each chunk's probabilities at
+    their CSR slots as the edge kernel computes them (GQA, batch 2, a bias, rows without
+    edges): no second scoring pass, equal to the dense reference and to that pass; a
+    score_mod whose parameter needs a gradient leaves them to the second pass."""
+    import attnkit.kernels.enumerate as enumerate_
+    from attnkit.kernels import structured
+
+    if chunk is not None:
+        monkeypatch.setattr(structured, "CHUNK_ELEMENTS", chunk)
+    pat = (P.random_keys(5, seed=3) if kind == "random" else
+           P.graph(_edges(lk, lq, 2 * lq), lq if lq == lk else (lk, lq)))
+    plan = structured.lower(pat.plan(lq, lk), lq, lk)
+    assert len(plan) == 1 and isinstance(plan[0], structured.Edges)
+    q, k, v = _qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, dtype=dtype)
+    bias = torch.randn(4, lq, lk, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    bias[1, 3] = float("-inf")  # a row with no mass: weights 0
+    calls = []
+    real = enumerate_.component_scores
+    monkeypatch.setattr(enumerate_, "component_scores",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        out, w = attention(q, k, v, pattern=pat, bias=bias, return_weights=True)
+    assert not calls  # written by the forward
+    mask = pat.to_dense(lq, lk)
+    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), mask,
+                                     bias=bias.double())
+    tol = 1e-10 if dtype == F64 else 2e-6
+    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
+    indptr, indices = pat.csr(lq, lk)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+    assert w.values.shape == (2, 4, indices.numel()) and w.values.is_contiguous()
+    # a differentiable score_mod: the forward keeps its probabilities, the second pass runs
+    scale = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+    _, w_mod = attention(q, k, v, pattern=pat, bias=bias, return_weights=True,
+                         score_mod=lambda s, b, h, i, j: s * scale)
+    assert calls
+    torch.testing.assert_close(w_mod.to_dense().detach().double(), ref_w, atol=tol, rtol=0)
+    calls.clear()
+    monkeypatch.setattr("attnkit.functional.weights_sink", lambda *a: None)
+    with torch.no_grad():
+        _, slow = attention(q, k, v, pattern=pat, bias=bias, return_weights=True)
+    assert calls  # the second pass really ran
+    assert torch.equal(slow.indices, w.indices)
+    torch.testing.assert_close(w.values, slow.values, atol=tol, rtol=0)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .components import Component, Ranges, RowSet
+from .components import Component, Edges, Ranges, RowSet
 from .structured import (
     BLOCK,
     Ctx,
@@ -22,6 +22,7 @@ from .structured import (
     lower,
     merge_positions,
     place,
+    uses_sparse_mm,
 )
 
 _CHUNK_CANDIDATES = 1 << 24
@@ -109,9 +110,12 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         t is not None and t.requires_grad for t in (qs, k, lse, ctx.bias))
     sink = ctx.weights_sink
     if sink is not None and not grad and any(c is sink.comp for c in comps):
-        if sink.counts is None:
+        if isinstance(sink.comp, Edges):
+            if sink.rows == lq:  # every chunk's probabilities written by the forward
+                return sink.indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+        elif sink.counts is None:
             return _weights_from_sink(qs, k, ctx, lse, sink)
-        if sink.rows == lq:  # a masked band, every chunk appended by the forward
+        elif sink.rows == lq:  # a masked band, every chunk appended by the forward
             indptr = torch.zeros(lq + 1, dtype=torch.long, device=qs.device)
             indptr[1:] = torch.cumsum(sink.counts, 0)
             return _trimmed(indptr, sink.indices, sink.values, sink.nnz, B, hkv, g)
@@ -224,7 +228,8 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     pairs are placed as their kernels hand them out, and the band kernel folds their
     log-sum-exp into the weights it writes (no second pass over the values).
     A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
-    chunk instead.
+    chunk instead; a plan of one edge list has the weights' layout already, and the CSR edge
+    kernel writes each chunk's probabilities at their slots.
 
     Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
@@ -233,6 +238,14 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     if fast is not None:
         return _band_sink(qs, k, comps, ctx, fast)
     c = comps[0] if len(comps) == 1 else None
+    if (isinstance(c, Edges) and not c.masks and not grad and ctx.dropout_p == 0
+            and uses_sparse_mm(qs, k, v)):
+        # one edge list (random keys, a graph): its pairs in CSR order are the weights'
+        # layout, so the CSR edge kernel writes each chunk's probabilities at their slots
+        B, hkv, g, lq, _ = qs.shape
+        return WeightsSink(c, qs.new_empty(B * hkv * g, c.cost(lq, ctx.lk)), qs.new_empty(0),
+                           c.indices.to(qs.device, copy=True),
+                           indptr=c.indptr.to(qs.device, copy=True))
     if (isinstance(c, Ranges) and c.band is not None and c.masks and not grad
             and ctx.bias is None and ctx.score_mod is None and ctx.dropout_p == 0):
         # one masked band (dilated): the PyTorch band kernel appends its probabilities

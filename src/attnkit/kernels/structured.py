@@ -46,12 +46,14 @@ BLOCK = 32
 
 @dataclass
 class WeightsSink:
-    """Where the compiled band forward writes component ``comp``'s probabilities in CSR order:
-    row ``i``'s run at ``values[:, offsets[i]:]`` and its keys in ``indices``; ``rows`` counts
-    the query rows done (all ``Lq`` of them, or the buffers are filled afterwards)."""
+    """Where a forward kernel writes component ``comp``'s probabilities in CSR order (see
+    :func:`.enumerate.weights_sink`): for a band, row ``i``'s run at ``values[:, offsets[i]:]``
+    and its keys in ``indices``; for an edge list (``offsets`` empty), its pairs' slots, with
+    ``indptr``/``indices`` its own. ``rows`` counts the query rows done (all ``Lq`` of them, or
+    the weights are computed afterwards)."""
 
     comp: Component
-    values: Tensor  # (B * Hq, nnz), or (B * Hq, candidates) in a union
+    values: Tensor  # (B * Hq, nnz), or (B * Hq, candidates) in a union or a masked band
     offsets: Tensor  # (Lq,) int64
     indices: Tensor  # (nnz,) int64, or (candidates,) in a union
     rows: int = 0
@@ -686,6 +688,12 @@ def _edge_scores(comp: Edges, qs, k, q0, q1, ctx: Ctx):
     return s, qi, kj, valid, st
 
 
+def uses_sparse_mm(qs: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether edge components run on the CSR kernels (:func:`_edges_csr_partial`): inputs of
+    one dtype the sparse products support."""
+    return all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k, v))
+
+
 def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Edge kernel on sparse-matrix products: scores by SDDMM, the weighted sum by SpMM (see
     :mod:`.csr`); only ``(B, Hq, nnz)`` scalars per chunk are materialized, never a per-edge
@@ -704,7 +712,17 @@ def _edges_csr_partial(comp: Edges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     lsum = torch.zeros_like(m).index_add(1, local, p)
     nonempty = lsum > 0
     lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
-    p = p / lsum_safe.index_select(1, local)
+    sink = ctx.weights_sink
+    if sink is not None and sink.comp is comp and not p.requires_grad:
+        # the edge list is the weights' CSR layout: this chunk's probabilities go straight to
+        # their slots (no dropout: see weights_sink; a score_mod whose parameters need
+        # gradients leaves them to pair_weights)
+        e0 = int(comp.indptr[q0])
+        p = torch.div(p, lsum_safe.index_select(1, local),
+                      out=sink.values[:, e0:e0 + p.shape[1]])
+        sink.rows += nq
+    else:
+        p = p / lsum_safe.index_select(1, local)
     if ctx.dropout_p > 0 and training:
         p = F.dropout(p, ctx.dropout_p, training=True)
     out = csr.spmm(p.to(v.dtype).view(B, hkv, g, -1), v, st)
@@ -898,7 +916,7 @@ def structured_attention(
     B, hkv, g, lq, d = qs.shape
     if not comps or lq == 0:
         return _no_keys(qs, lq, v.shape[-1])
-    ctx.sparse_mm = all(csr.supports(t) and t.dtype == qs.dtype for t in (qs, k, v))
+    ctx.sparse_mm = uses_sparse_mm(qs, k, v)
     rows = min(chunk_rows(comps, ctx, d), lq)
     ctx.need_lse = ctx.need_lse or len(comps) > 1
     grad = torch.is_grad_enabled() and any(
