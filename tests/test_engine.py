@@ -188,6 +188,26 @@ def test_random_patterns_and_shapes_match_reference(problem):
         structured.BLOCK = old
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_nnz_from_offsets_counts_what_enumeration_counts(data):
+    """The formula count (each allowed offset o in L - |o| rows) equals the pairs listed chunk
+    by chunk, for every composed pattern it claims; None where rows differ (global tokens,
+    index-based parts) or Lq != Lk."""
+    from attnkit.kernels.enumerate import count_pairs
+
+    lq = data.draw(st.integers(1, 70))
+    lk = data.draw(st.sampled_from([lq, lq + 3]))
+    pat = _build(data.draw, lq, lk)
+    counted = pat.nnz_from_offsets(lq, lk)
+    listed = count_pairs(pat.plan(lq, lk), lq, lk)
+    if lq != lk or pat.split_global() is None or pat.global_indices():
+        assert counted is None
+    else:
+        assert counted == listed
+    assert pat.nnz(lq, lk) == listed == int(pat.to_dense(lq, lk).sum())
+
+
 # ------------------------------------------------------------------------------- gradients
 
 
@@ -607,10 +627,18 @@ def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeyp
     plan = structured.lower(pat.plan(lq, lk), lq, lk)
     assert len(plan) == 1 and plan[0].band is not None and plan[0].masks  # a masked band
     q, k, v = _qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, dtype=dtype)
-    calls = []
+    calls, sizes = [], []
     real = enumerate_.component_scores
     monkeypatch.setattr(enumerate_, "component_scores",
                         lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real_sink = enumerate_.weights_sink
+
+    def sink_spy(*a):
+        sink = real_sink(*a)
+        sizes.append(sink.values.shape[1])
+        return sink
+
+    monkeypatch.setattr("attnkit.functional.weights_sink", sink_spy)
     with torch.no_grad():
         out, w = attention(q, k, v, pattern=pat, return_weights=True)
     assert not calls  # written by the forward
@@ -621,6 +649,8 @@ def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeyp
     indptr, indices = pat.csr(lq, lk)
     assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
     assert w.values.shape == (2, 4, indices.numel())
+    if lq == lk:  # nnz known up front (pat.nnz_from_offsets): buffers of exactly nnz pairs
+        assert sizes == [indices.numel()]
     monkeypatch.setattr(enumerate_, "weights_sink", lambda *a: None)
     monkeypatch.setattr("attnkit.functional.weights_sink", lambda *a: None)
     with torch.no_grad():

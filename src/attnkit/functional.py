@@ -360,7 +360,9 @@ def attention(
         [AllKeys()] if pattern is None else pattern.plan(lq, lk))
     comps = lower(comps, lq, lk)
     if return_weights:  # a band's weights written by the forward, where it can
-        ctx.weights_sink = weights_sink(qg, k, v, comps, ctx)
+        # one component: its allowed pairs are the pattern's (sizes a masked band's buffers)
+        nnz = pattern.nnz_from_offsets(lq, lk) if len(comps) == 1 else None
+        ctx.weights_sink = weights_sink(qg, k, v, comps, ctx, nnz)
         if ctx.weights_sink is not None and ctx.weights_sink.counts is not None:
             ctx.need_lse = False  # a masked band's weights are its probabilities: no lse needed
     out, lse = structured_attention(qg, k, v, comps, ctx)

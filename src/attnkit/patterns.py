@@ -181,10 +181,22 @@ class Pattern:
         return indptr, cols
 
     def nnz(self, lq: int, lk: int) -> int:
-        """Number of allowed pairs."""
+        """Number of allowed pairs (from :meth:`nnz_from_offsets` where it applies, else
+        counted chunk by chunk)."""
         from .kernels.enumerate import count_pairs
 
-        return count_pairs(self.plan(lq, lk), lq, lk)
+        plan = self.plan(lq, lk)
+        counted = self.nnz_from_offsets(lq, lk)
+        return counted if counted is not None else count_pairs(plan, lq, lk)
+
+    def nnz_from_offsets(self, lq: int, lk: int) -> int | None:
+        """Number of allowed pairs without listing them, for self-attention (``Lq == Lk``) on
+        a pattern whose every row sees the same offsets (:meth:`split_global` without global
+        tokens): offset ``o`` is allowed in ``Lq - |o|`` rows. None otherwise."""
+        split = self.split_global() if lq == lk else None
+        if split is None or split[1]:
+            return None
+        return int((lq - allowed_offsets(split[0], lq).abs()).sum())
 
     def to_dense(self, lq: int, lk: int, device=None) -> Tensor:
         """The ``(Lq, Lk)`` bool mask, straight from the predicate (for tests on small sizes)."""

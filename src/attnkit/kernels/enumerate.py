@@ -116,6 +116,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         elif sink.counts is None:
             return _weights_from_sink(qs, k, ctx, lse, sink)
         elif sink.rows == lq:  # a masked band, every chunk appended by the forward
+            if sink.nnz > sink.indices.numel():
+                raise RuntimeError("masked band weights: more pairs than the buffers hold")
             indptr = torch.zeros(lq + 1, dtype=torch.long, device=qs.device)
             indptr[1:] = torch.cumsum(sink.counts, 0)
             return _trimmed(indptr, sink.indices, sink.values, sink.nnz, B, hkv, g)
@@ -220,18 +222,20 @@ def _native_weights_ok(c: Component, qs: Tensor, k: Tensor, ctx: Ctx, lse: Tenso
             and native.band_available())
 
 
-def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx
-                 ) -> WeightsSink | None:
+def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: Ctx,
+                 nnz: int | None = None) -> WeightsSink | None:
     """CSR buffers for the compiled band forward to write the weights of a plan's unmasked
     band as it computes them, or None where :func:`pair_weights` computes them afterwards
     (autograd; no such band). In a union the other components run first in each chunk, their
     pairs are placed as their kernels hand them out, and the band kernel folds their
     log-sum-exp into the weights it writes (no second pass over the values).
     A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
-    chunk instead; a plan of one edge list has the weights' layout already, and the CSR edge
-    kernel writes each chunk's probabilities at their slots.
+    chunk instead (into buffers of ``nnz`` pairs where the caller knows them without listing
+    them, else of its candidates, cut afterwards); a plan of one edge list has the weights'
+    layout already, and the CSR edge kernel writes each chunk's probabilities at their slots.
 
-    Args: as :func:`pair_weights` (``v``: the values, for the autograd check)."""
+    Args: as :func:`pair_weights` (``v``: the values, for the autograd check); ``nnz``: the
+    plan's allowed pairs, or None."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
     fast = next((i for i, c in enumerate(comps) if _native_weights_ok(c, qs, k, ctx, qs, grad)),
                 None)
@@ -250,7 +254,7 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
             and ctx.bias is None and ctx.score_mod is None and ctx.dropout_p == 0):
         # one masked band (dilated): the PyTorch band kernel appends its probabilities
         B, hkv, g, lq, _ = qs.shape
-        bound = c.cost(lq, ctx.lk)  # its candidates: at least its allowed pairs
+        bound = c.cost(lq, ctx.lk) if nnz is None else nnz  # at least its allowed pairs
         dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype
         return WeightsSink(c, qs.new_empty(B * hkv * g, bound, dtype=dtype), qs.new_empty(0),
                            torch.empty(bound, dtype=torch.long, device=qs.device),
