@@ -663,21 +663,31 @@ def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeyp
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("kind,lq,lk,chunk", [("random", 150, 150, None),
                                              ("graph", 300, 300, 3000),
-                                             ("bipartite", 90, 200, 2000)])
-def test_edge_list_weights_come_from_the_forward(dtype, kind, lq, lk, chunk, monkeypatch):
+                                             ("bipartite", 90, 200, 2000),
+                                             ("exponential", 300, 300, 3000),
+                                             ("dilated", 120, 170, 2000),
+                                             ("exp&causal", 200, 200, 3000)])
+def test_edge_and_offset_lists_write_their_weights_in_the_forward(dtype, kind, lq, lk, chunk,
+                                                                   monkeypatch):
     """A plan of one edge list (random keys, a graph) writes each chunk's probabilities at
-    their CSR slots as the edge kernel computes them (GQA, batch 2, a bias, rows without
-    edges): no second scoring pass, equal to the dense reference and to that pass; a
-    score_mod whose parameter needs a gradient leaves them to the second pass."""
+    their CSR slots, one of offsets (exponential, dilated, masked or not) appends them, as the
+    kernel computes them (GQA, batch 2, a bias, rows without mass, several chunks): no second
+    scoring pass, equal to the dense reference and to that pass; a score_mod whose parameter
+    needs a gradient leaves them to the second pass."""
     import attnkit.kernels.enumerate as enumerate_
     from attnkit.kernels import structured
 
     if chunk is not None:
         monkeypatch.setattr(structured, "CHUNK_ELEMENTS", chunk)
-    pat = (P.random_keys(5, seed=3) if kind == "random" else
-           P.graph(_edges(lk, lq, 2 * lq), lq if lq == lk else (lk, lq)))
+    pat = {"random": lambda: P.random_keys(5, seed=3),
+           "graph": lambda: P.graph(_edges(lk, lq, 2 * lq), lq),
+           "bipartite": lambda: P.graph(_edges(lk, lq, 2 * lq), (lk, lq)),
+           "exponential": lambda: P.exponential(),
+           "dilated": lambda: P.dilated(6, 3),
+           "exp&causal": lambda: P.exponential() & P.causal()}[kind]()
     plan = structured.lower(pat.plan(lq, lk), lq, lk)
-    assert len(plan) == 1 and isinstance(plan[0], structured.Edges)
+    kernel = structured.Edges if kind in ("random", "graph", "bipartite") else structured.Offsets
+    assert len(plan) == 1 and isinstance(plan[0], kernel)
     q, k, v = _qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, dtype=dtype)
     bias = torch.randn(4, lq, lk, generator=torch.Generator().manual_seed(2), dtype=dtype)
     bias[1, 3] = float("-inf")  # a row with no mass: weights 0
@@ -696,7 +706,7 @@ def test_edge_list_weights_come_from_the_forward(dtype, kind, lq, lk, chunk, mon
     torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
     indptr, indices = pat.csr(lq, lk)
     assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
-    assert w.values.shape == (2, 4, indices.numel()) and w.values.is_contiguous()
+    assert w.values.shape == (2, 4, indices.numel())
     # a differentiable score_mod: the forward keeps its probabilities, the second pass runs
     scale = torch.tensor(1.0, dtype=dtype, requires_grad=True)
     _, w_mod = attention(q, k, v, pattern=pat, bias=bias, return_weights=True,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import native
-from .kernels.components import AllKeys, MaskTerm
+from .kernels.components import AllKeys, MaskTerm, Ranges
 from .kernels.enumerate import pair_weights, weights_sink
 from .kernels.short import short_attention, short_ok
 from .kernels.structured import (
@@ -363,8 +363,11 @@ def attention(
         # one component: its allowed pairs are the pattern's (sizes a masked band's buffers)
         nnz = pattern.nnz_from_offsets(lq, lk) if len(comps) == 1 else None
         ctx.weights_sink = weights_sink(qg, k, v, comps, ctx, nnz)
-        if ctx.weights_sink is not None and ctx.weights_sink.counts is not None:
-            ctx.need_lse = False  # a masked band's weights are its probabilities: no lse needed
+        if (ctx.weights_sink is not None and ctx.weights_sink.counts is not None
+                and isinstance(ctx.weights_sink.comp, Ranges)):
+            # a masked band's weights are its probabilities (it runs without bias or
+            # score_mod, so they never need the second pass): no lse needed
+            ctx.need_lse = False
     out, lse = structured_attention(qg, k, v, comps, ctx)
     out = out.reshape(B, hq, lq, dv).to(q.dtype)
     if not return_weights:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .components import Component, Edges, Ranges, RowSet
+from .components import Component, Edges, Offsets, Ranges, RowSet
 from .structured import (
     BLOCK,
     Ctx,
@@ -229,10 +229,11 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
     (autograd; no such band). In a union the other components run first in each chunk, their
     pairs are placed as their kernels hand them out, and the band kernel folds their
     log-sum-exp into the weights it writes (no second pass over the values).
-    A plan of one masked band (the PyTorch band kernel) appends its probabilities chunk by
-    chunk instead (into buffers of ``nnz`` pairs where the caller knows them without listing
-    them, else of its candidates, cut afterwards); a plan of one edge list has the weights'
-    layout already, and the CSR edge kernel writes each chunk's probabilities at their slots.
+    A plan of one masked band (the PyTorch band kernel) or of one offset list appends its
+    probabilities chunk by chunk instead (into buffers of ``nnz`` pairs where the caller knows
+    them without listing them, else of its candidates, cut afterwards); a plan of one edge list
+    has the weights' layout already, and the CSR edge kernel writes each chunk's probabilities
+    at their slots.
 
     Args: as :func:`pair_weights` (``v``: the values, for the autograd check); ``nnz``: the
     plan's allowed pairs, or None."""
@@ -250,9 +251,11 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
         return WeightsSink(c, qs.new_empty(B * hkv * g, c.cost(lq, ctx.lk)), qs.new_empty(0),
                            c.indices.to(qs.device, copy=True),
                            indptr=c.indptr.to(qs.device, copy=True))
-    if (isinstance(c, Ranges) and c.band is not None and c.masks and not grad
-            and ctx.bias is None and ctx.score_mod is None and ctx.dropout_p == 0):
-        # one masked band (dilated): the PyTorch band kernel appends its probabilities
+    if not grad and ctx.dropout_p == 0 and (
+            isinstance(c, Offsets) or isinstance(c, Ranges) and c.band is not None and c.masks
+            and ctx.bias is None and ctx.score_mod is None):
+        # one masked band (dilated) or offset list (exponential, dilated): the PyTorch band
+        # kernel or the offsets kernel appends its probabilities
         B, hkv, g, lq, _ = qs.shape
         bound = c.cost(lq, ctx.lk) if nnz is None else nnz  # at least its allowed pairs
         dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype

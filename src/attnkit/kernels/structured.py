@@ -69,9 +69,10 @@ class WeightsSink:
     row_pairs: tuple[Tensor, Tensor] | None = None
     other_lse: Tensor | None = None
     rows_lse: Tensor | None = None
-    #: a masked band (the PyTorch band kernel): its chunks append their allowed pairs, so
-    #: ``values``/``indices`` are sized by the candidates and ``counts (Lq,)`` per row are
-    #: filled as the chunks go; ``nnz`` pairs written so far
+    #: a masked band (the PyTorch band kernel) or an offset list: its chunks append their
+    #: allowed pairs, so ``values``/``indices`` are sized by the allowed pairs where known up
+    #: front, else by the candidates, and ``counts (Lq,)`` per row are filled as the chunks
+    #: go; ``nnz`` pairs written so far
     counts: Tensor | None = None
     nnz: int = 0
 
@@ -575,6 +576,18 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     nq = kj.shape[0]
     delta = ctx.lk - ctx.lq
     p, lse = softmax_rows(s, ctx, training)
+    sink = ctx.weights_sink
+    if sink is not None and sink.comp is comp and not p.requires_grad:
+        # the chunk's allowed pairs in row-major order of (row, offset) are in CSR order
+        # (offsets ascend): appended to the weights (no dropout: see weights_sink)
+        pick = valid.reshape(-1).nonzero().squeeze(1)
+        n0, cnt = sink.nnz, pick.numel()
+        torch.index_select(kj.reshape(-1), 0, pick, out=sink.indices[n0:n0 + cnt])
+        torch.gather(p.reshape(B * hkv * g, -1), 1, pick.expand(B * hkv * g, -1),
+                     out=sink.values[:, n0:n0 + cnt])
+        sink.counts[q0:q0 + nq] = valid.sum(-1)
+        sink.nnz += cnt
+        sink.rows += nq
     p = p.to(v.dtype)
     out = v.new_zeros(B, hkv, g, nq, dv)
     for c, (o, (a, b)) in enumerate(zip(comp.offsets, spans)):
