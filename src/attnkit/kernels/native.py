@@ -1474,14 +1474,14 @@ def _madvise_fn():
     return _madvise[0]
 
 
-def back_with_huge_pages(tensors, *, now: bool = True) -> int:
-    """Ask the kernel (Linux ``madvise``) to back the whole 2 MiB pages inside each tensor's
-    memory with transparent huge pages: ``now`` (``MADV_COLLAPSE``) for memory already
-    written, else as its pages are first written (``MADV_HUGEPAGE``: a buffer just allocated,
-    e.g. a key/value cache). Values, addresses and sharing stay as they are; only the physical
-    pages change. A decoding step streams every weight and cached key from memory, and on the
-    machine measured a stream over 4 KiB pages ran at ~0.6-0.85 of the read bandwidth one over
-    huge pages reaches (a TLB miss at every 4 KiB page, each costlier in a virtual machine).
+def back_with_huge_pages(tensors) -> int:
+    """Ask the kernel (Linux ``madvise(MADV_COLLAPSE)``) to back the whole 2 MiB pages inside
+    each tensor's memory, already written (e.g. a model's weights), with transparent huge pages
+    now (memory not yet written: :func:`huge_page_empty`). Values, addresses and sharing stay
+    as they are; only the physical pages change. A decoding step streams every weight and
+    cached key from memory, and on the machine measured a stream over 4 KiB pages ran at
+    ~0.6-0.85 of the read bandwidth one over huge pages reaches (a TLB miss at every 4 KiB
+    page, each costlier in a virtual machine).
     Only whole 2 MiB pages inside a tensor qualify, so a tensor of a few MiB at an arbitrary
     address is partly covered; :func:`huge_page_empty` allocates memory that is covered whole.
     Best effort: returns the bytes advised (0 where the system refuses, e.g. older kernels,
@@ -1496,7 +1496,7 @@ def back_with_huge_pages(tensors, *, now: bool = True) -> int:
         start = t.data_ptr()
         lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
         hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
-        if hi > lo and fn(lo, hi - lo, _MADV_COLLAPSE if now else _MADV_HUGEPAGE) == 0:
+        if hi > lo and fn(lo, hi - lo, _MADV_COLLAPSE) == 0:
             done += hi - lo
     return done
 
