@@ -10,21 +10,27 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 
+// exp(x) = 2^n * e^r, n = round(x / ln2), |r| <= ln2 / 2: the polynomial for e^r (Horner, in
+// the vector width's set1/fmadd) and the range, written once for exp256 and exp512
+#define EXP_LO (-87.3365447f)
+#define EXP_HI 88.7228394f
+#define EXP_LOG2E 1.44269504f
+#define EXP_LN2 0.693147181f
+#define EXP_POLY(r, set1, fmadd)                                                            \
+  fmadd(r, fmadd(r, fmadd(r, fmadd(r, fmadd(r, set1(0.00828929059f), set1(0.0418978221f)), \
+                                   set1(0.166676521f)),                                   \
+                         set1(0.499991506f)),                                             \
+               set1(0.999999701f)),                                                       \
+        set1(1.f))
+
 static inline __m256 exp256(__m256 x) {
-  const __m256 c1 = _mm256_set1_ps(0.999999701f), c2 = _mm256_set1_ps(0.499991506f),
-               c3 = _mm256_set1_ps(0.166676521f), c4 = _mm256_set1_ps(0.0418978221f),
-               c5 = _mm256_set1_ps(0.00828929059f);
-  const __m256 log2e = _mm256_set1_ps(1.44269504f), ln2 = _mm256_set1_ps(0.693147181f);
-  const __m256 lo = _mm256_set1_ps(-87.3365447f), hi = _mm256_set1_ps(88.7228394f);
+  const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
   __m256 small = _mm256_cmp_ps(x, lo, _CMP_LT_OS);
   x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, log2e, _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, ln2, x);
-  __m256 p = _mm256_fmadd_ps(r, c5, c4);
-  p = _mm256_fmadd_ps(r, p, c3);
-  p = _mm256_fmadd_ps(r, p, c2);
-  p = _mm256_fmadd_ps(r, p, c1);
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(EXP_LOG2E),
+                                              _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(EXP_LN2), x);
+  __m256 p = EXP_POLY(r, _mm256_set1_ps, _mm256_fmadd_ps);
   __m256i n = _mm256_cvtps_epi32(_mm256_sub_ps(fx, _mm256_set1_ps(1.f)));
   __m256 pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
   pow2 = _mm256_blendv_ps(pow2, _mm256_setzero_ps(), small);
@@ -34,21 +40,14 @@ static inline __m256 exp256(__m256 x) {
 #ifdef __AVX512F__
 // exp of 16 floats: exp256's polynomial, 2^n applied by scalef; 0 below -87.3 (and for -inf)
 static inline __m512 exp512(__m512 x) {
-  const __m512 c1 = _mm512_set1_ps(0.999999701f), c2 = _mm512_set1_ps(0.499991506f),
-               c3 = _mm512_set1_ps(0.166676521f), c4 = _mm512_set1_ps(0.0418978221f),
-               c5 = _mm512_set1_ps(0.00828929059f);
-  const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.693147181f);
-  const __m512 lo = _mm512_set1_ps(-87.3365447f), hi = _mm512_set1_ps(88.7228394f);
+  const __m512 lo = _mm512_set1_ps(EXP_LO), hi = _mm512_set1_ps(EXP_HI);
   __mmask16 small = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OS);
   x = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
-  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, log2e, _mm512_set1_ps(0.5f)),
+  __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E),
+                                                   _mm512_set1_ps(0.5f)),
                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, ln2, x);
-  __m512 p = _mm512_fmadd_ps(r, c5, c4);
-  p = _mm512_fmadd_ps(r, p, c3);
-  p = _mm512_fmadd_ps(r, p, c2);
-  p = _mm512_fmadd_ps(r, p, c1);
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(EXP_LN2), x);
+  __m512 p = EXP_POLY(r, _mm512_set1_ps, _mm512_fmadd_ps);
   return _mm512_maskz_scalef_ps((__mmask16)~small, p, fx);
 }
 #endif
