@@ -72,17 +72,25 @@ class CSRStructure:
         return torch.sparse.sampled_addmm(zero, a, b.t(), beta=0.0).values()
 
 
+def _heads(x: Tensor, kv: Tensor):
+    """``(b, h, gi, x[b, h, gi], kv[b, h])`` for every query head of ``x (B, hkv, g, ...)``,
+    with its key/value head of ``kv (B, hkv, ...)``, both contiguous (each ``kv`` head copied
+    once for its ``g`` query heads)."""
+    B, hkv, g = x.shape[:3]
+    for b in range(B):
+        for h in range(hkv):
+            kvb = kv[b, h].contiguous()
+            for gi in range(g):
+                yield b, h, gi, x[b, h, gi].contiguous(), kvb
+
+
 class _SDDMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, st: CSRStructure) -> Tensor:
         # q (B, hkv, g, nq, d), k (B, hkv, lk, d) -> (B, hkv, g, nnz)
-        B, hkv, g, _, _ = q.shape
-        out = q.new_empty(B, hkv, g, st.col.numel())
-        for b in range(B):
-            for h in range(hkv):
-                kb = k[b, h].contiguous()
-                for gi in range(g):
-                    out[b, h, gi] = st.sample(q[b, h, gi].contiguous(), kb)
+        out = q.new_empty(*q.shape[:3], st.col.numel())
+        for b, h, gi, qh, kh in _heads(q, k):
+            out[b, h, gi] = st.sample(qh, kh)
         ctx.save_for_backward(q, k)
         ctx.st = st
         return out
@@ -92,18 +100,13 @@ class _SDDMM(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         q, k = ctx.saved_tensors
         st = ctx.st
-        B, hkv, g, _, _ = q.shape
         gq = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
         gk = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
-        for b in range(B):
-            for h in range(hkv):
-                kb = k[b, h].contiguous()
-                for gi in range(g):
-                    gv = grad[b, h, gi].contiguous()
-                    if gq is not None:
-                        gq[b, h, gi] = st.mm(gv, kb)
-                    if gk is not None:
-                        gk[b, h] += st.mm_t(gv, q[b, h, gi].contiguous())
+        for b, h, gi, gh, kh in _heads(grad, k):
+            if gq is not None:
+                gq[b, h, gi] = st.mm(gh, kh)
+            if gk is not None:
+                gk[b, h] += st.mm_t(gh, q[b, h, gi].contiguous())
         return gq, gk, None
 
 
@@ -111,14 +114,9 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Tensor, v: Tensor, st: CSRStructure) -> Tensor:
         # p (B, hkv, g, nnz), v (B, hkv, lk, dv) -> (B, hkv, g, nq, dv)
-        B, hkv, g, _ = p.shape
-        nq = st.shape[0]
-        out = v.new_empty(B, hkv, g, nq, v.shape[-1])
-        for b in range(B):
-            for h in range(hkv):
-                vb = v[b, h].contiguous()
-                for gi in range(g):
-                    out[b, h, gi] = st.mm(p[b, h, gi].contiguous(), vb)
+        out = v.new_empty(*p.shape[:3], st.shape[0], v.shape[-1])
+        for b, h, gi, ph, vh in _heads(p, v):
+            out[b, h, gi] = st.mm(ph, vh)
         ctx.save_for_backward(p, v)
         ctx.st = st
         return out
@@ -128,18 +126,13 @@ class _SpMM(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         p, v = ctx.saved_tensors
         st = ctx.st
-        B, hkv, g, _ = p.shape
         gp = torch.zeros_like(p) if ctx.needs_input_grad[0] else None
         gv = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
-        for b in range(B):
-            for h in range(hkv):
-                vb = v[b, h].contiguous()
-                for gi in range(g):
-                    go = grad[b, h, gi].contiguous()
-                    if gp is not None:
-                        gp[b, h, gi] = st.sample(go, vb)
-                    if gv is not None:
-                        gv[b, h] += st.mm_t(p[b, h, gi].contiguous(), go)
+        for b, h, gi, gh, vh in _heads(grad, v):
+            if gp is not None:
+                gp[b, h, gi] = st.sample(gh, vh)
+            if gv is not None:
+                gv[b, h] += st.mm_t(p[b, h, gi].contiguous(), gh)
         return gp, gv, None
 
 
