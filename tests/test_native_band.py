@@ -16,7 +16,7 @@ import types
 
 import pytest
 import torch
-from conftest import passed_with_isa_flags
+from conftest import passed_with_isa_flags, thread_team
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -709,13 +709,16 @@ def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
     assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(lq=st.integers(1, 40), extra=st.integers(-10, 10), lo=st.integers(-6, 3),
        width=st.integers(0, 6), q0=st.integers(0, 39), nq=st.integers(0, 40),
-       nlists=st.integers(0, 3), seed=st.integers(0, 10**6))
-def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nlists, seed):
+       nlists=st.integers(0, 3), seed=st.integers(0, 10**6), blocks=st.integers(1, 5),
+       team=st.sampled_from([(1, 0), (2, 0), (3, 0), (3, 1), (4, 2)]))
+def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nlists, seed,
+                                               blocks, team):
     """union_layout (compiled) against the CSR order of a plain sort: rows' slots, band runs,
-    the other keys' slots and indices, for random disjoint key lists off the band, Lk != Lq."""
+    the other keys' slots and indices, for random disjoint key lists off the band, Lk != Lq,
+    the rows cut into blocks laid out by teams of 1-4 threads (some of which do not start)."""
     lk = max(1, lq + extra)
     hi = lo + width
     q0 = min(q0, lq)
@@ -734,7 +737,9 @@ def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nli
     bound = int((stop - start).sum()) + sum(t.numel() for t in keys) + 3
     indptr, offs = torch.empty(nq, dtype=torch.long), torch.empty(nq, dtype=torch.long)
     indices = torch.full((bound,), -1, dtype=torch.long)
-    pos, nnz = native.union_layout(indptr, offs, indices, keys, q0, lq, lk, lo, hi, 3)
+    with thread_team(*team):
+        pos, nnz = native.union_layout(indptr, offs, indices, keys, q0, lq, lk, lo, hi, 3,
+                                       blocks=blocks)
     # the reference: every pair of these rows (band and others) sorted by key
     band = (~off_band) & torch.ones(nq, lk, dtype=torch.bool)
     allk = key[band | (owner >= 0)]
@@ -750,17 +755,26 @@ def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nli
         assert torch.equal(indices[p], t % lk)
 
 
-def test_union_layout_rejects_bad_lists():
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_union_layout_rejects_bad_lists(blocks):
     """Unsorted keys, keys on the band or outside the rows, and too small a buffer: errors,
-    nothing written past the buffer."""
+    nothing written past the buffer, whatever the rows' blocks."""
     def run(keys, bound=50):
         return native.union_layout(torch.empty(4, dtype=torch.long),
                                    torch.empty(4, dtype=torch.long),
                                    torch.empty(bound, dtype=torch.long),
                                    [torch.tensor(k, dtype=torch.long) for k in keys],
-                                   0, 10, 10, 0, 1, 0)  # rows 0-3 of 10
+                                   0, 10, 10, 0, 1, 0, blocks=blocks)  # rows 0-3 of 10
     pos, nnz = run([[5, 9, 17]])  # row 0: keys 5, 9; row 1: key 7 (band: 0-1 / 1-2)
     assert nnz == 4 * 2 + 3 and pos[0].tolist() == [2, 3, 6]
+    with pytest.raises(ValueError, match="sorted"):
+        run([[17, 25, 9]])  # rows 1, 2, then row 0 again
+    for bad in (0, native.UNION_MAX_BLOCKS + 1, 2.0):
+        with pytest.raises(ValueError, match="blocks"):
+            native.union_layout(torch.empty(4, dtype=torch.long),
+                                torch.empty(4, dtype=torch.long),
+                                torch.empty(9, dtype=torch.long), [], 0, 10, 10, 0, 1, 0,
+                                blocks=bad)
     with pytest.raises(ValueError, match="sorted"):
         run([[9, 5]])
     with pytest.raises(ValueError, match="disjoint"):

@@ -72,60 +72,141 @@ static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t
 // (disjoint from each other and from the band): row i holds the others' keys below its band, the
 // band's run, then the others' keys above it. Writes indptr[r] (the row's first slot, from nnz0
 // on), offs[r] (its band run's first slot), the others' keys into indices and each list element's
-// slot into its pos array. Single-threaded (one pass, O(pairs)). ptr: indptr (nq), offs (nq),
+// slot into its pos array. The rows are cut into `nblocks` contiguous blocks that the team lays
+// out independently: a block starts at the slot that the band runs and the list keys of the rows
+// before it fill (a binary search per list), so the first touch of a new buffer (its page
+// faults, most of the time here) is spread over the threads. ptr: indptr (nq), offs (nq),
 // indices (bound), nnz_out (1: the slots used after these rows, the next nnz0), then keys_j and
-// pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound, nlists, n_0 .. n_{nlists-1}.
-// Returns 0, -2 (a slot past bound), -3 (a list not sorted, a key in two lists, outside these
-// rows, or on the band) or -4 (bad geo).
+// pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound, nlists, nblocks,
+// n_0 .. n_{nlists-1}. Returns 0, -2 (a slot past bound), -3 (a list not sorted, a key in two
+// lists, outside these rows, or on the band) or -4 (bad geo); with several errors, the one of
+// the first block that has one.
 #define UNION_MAX_LISTS 16
-int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
-                      void *const *rt) {
-  (void)scale; (void)nthreads; (void)rt;
-  int64_t nq = geo[0], q0 = geo[1], lq = geo[2], lk = geo[3], lo = geo[4], hi = geo[5];
-  int64_t nnz = geo[6], bound = geo[7], nl = geo[8];
-  if (nq < 0 || q0 < 0 || q0 + nq > lq || lk < 0 || lo > hi || nnz < 0 || nl < 0 ||
-      nl > UNION_MAX_LISTS)
-    return -4;
-  int64_t *indptr = (int64_t *)ptr[0], *offs = (int64_t *)ptr[1], *indices = (int64_t *)ptr[2];
-  int64_t *nnz_out = (int64_t *)ptr[3];
+
+typedef struct {
   const int64_t *keys[UNION_MAX_LISTS];
-  int64_t *pos[UNION_MAX_LISTS], n[UNION_MAX_LISTS], at[UNION_MAX_LISTS];
-  for (int64_t j = 0; j < nl; j++) {
-    keys[j] = (const int64_t *)ptr[4 + 2 * j]; pos[j] = (int64_t *)ptr[5 + 2 * j];
-    n[j] = geo[9 + j]; at[j] = 0;
-    if (n[j] < 0) return -4;
-  }
-  int64_t delta = lk - lq, w = lk > 0 ? lk : 1;
-  for (int64_t r = 0; r < nq; r++) {
-    int64_t i = q0 + r, row0 = i * w, a = i + delta + lo, e = i + delta + hi + 1;
-    a = a < 0 ? 0 : (a > lk ? lk : a);
-    e = e < a ? a : (e > lk ? lk : e);
-    indptr[r] = nnz;
+  int64_t *pos[UNION_MAX_LISTS], n[UNION_MAX_LISTS];
+  int64_t *indptr, *offs, *indices;
+  int64_t nq, q0, lk, delta, lo, hi, bound, nl, nblocks, w;
+  const int64_t *start_nnz, *start_at;  // per block (and one past the last): first slot, heads
+  int *rc;                              // per block
+} union_job_t;
+
+static inline int64_t union_row0(const union_job_t *J, int64_t b) {
+  return J->nq * b / J->nblocks;
+}
+
+// The band's run [*a, *e) of row i.
+static inline void union_band(const union_job_t *J, int64_t i, int64_t *a, int64_t *e) {
+  int64_t x = i + J->delta + J->lo, y = i + J->delta + J->hi + 1;
+  x = x < 0 ? 0 : (x > J->lk ? J->lk : x);
+  y = y < x ? x : (y > J->lk ? J->lk : y);
+  *a = x; *e = y;
+}
+
+// Block b's rows, from its start state; it must end at the next block's (else the lists were
+// not as promised).
+static int union_block(const union_job_t *J, int64_t b) {
+  int64_t nl = J->nl, w = J->w, nnz = J->start_nnz[b], at[UNION_MAX_LISTS];
+  for (int64_t j = 0; j < nl; j++) at[j] = J->start_at[b * nl + j];
+  for (int64_t r = union_row0(J, b); r < union_row0(J, b + 1); r++) {
+    int64_t i = J->q0 + r, row0 = i * w, a, e;
+    union_band(J, i, &a, &e);
+    J->indptr[r] = nnz;
     int band_done = 0;
     int64_t last = row0 - 1;  // the row's last key placed: keys must rise across all lists
     for (;;) {  // the row's other keys in order: the smallest head of the lists in this row
       int64_t best = -1, key = 0;
       for (int64_t j = 0; j < nl; j++)
-        if (at[j] < n[j] && keys[j][at[j]] < row0 + w && (best < 0 || keys[j][at[j]] < key)) {
-          best = j; key = keys[j][at[j]];
+        if (at[j] < J->n[j] && J->keys[j][at[j]] < row0 + w &&
+            (best < 0 || J->keys[j][at[j]] < key)) {
+          best = j; key = J->keys[j][at[j]];
         }
       if (best < 0) break;
       int64_t col = key - row0;
-      if (col < 0 || col >= lk || (col >= a && col < e) || key <= last) return -3;
+      if (col < 0 || col >= J->lk || (col >= a && col < e) || key <= last) return -3;
       last = key;
       if (!band_done && col >= e) {  // past the band: its run goes first
-        offs[r] = nnz; nnz += e - a; band_done = 1;
+        J->offs[r] = nnz; nnz += e - a; band_done = 1;
       }
-      if (nnz >= bound) return -2;
-      indices[nnz] = col;
-      pos[best][at[best]++] = nnz++;
+      if (nnz >= J->bound) return -2;
+      J->indices[nnz] = col;
+      J->pos[best][at[best]++] = nnz++;
     }
-    if (!band_done) { offs[r] = nnz; nnz += e - a; }
-    if (nnz > bound) return -2;
+    if (!band_done) { J->offs[r] = nnz; nnz += e - a; }
+    if (nnz > J->bound) return -2;
   }
+  if (nnz != J->start_nnz[b + 1]) return -3;
   for (int64_t j = 0; j < nl; j++)
-    if (at[j] != n[j]) return -3;  // keys outside these rows
-  *nnz_out = nnz;
+    if (at[j] != J->start_at[(b + 1) * nl + j]) return -3;  // keys left, or taken twice
+  return 0;
+}
+
+static void union_worker(team_t *T) {
+  const union_job_t *J = (const union_job_t *)T->arg;
+  int64_t start, stop;
+  while (team_next(T, &start, &stop)) {
+    for (int64_t b = start; b < stop; b++) J->rc[b] = union_block(J, b);
+    team_done(T, stop - start);
+  }
+}
+
+// The first index of sorted keys[0, n) that is >= x.
+static int64_t lower_bound(const int64_t *keys, int64_t n, int64_t x) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                      void *const *rt) {
+  (void)scale;
+  union_job_t J;
+  J.nq = geo[0]; J.q0 = geo[1]; J.lk = geo[3]; J.lo = geo[4]; J.hi = geo[5];
+  J.bound = geo[7]; J.nl = geo[8]; J.nblocks = geo[9];
+  int64_t lq = geo[2], nnz0 = geo[6];
+  if (J.nq < 0 || J.q0 < 0 || J.q0 + J.nq > lq || J.lk < 0 || J.lo > J.hi || nnz0 < 0 ||
+      J.nl < 0 || J.nl > UNION_MAX_LISTS || J.nblocks < 1 || J.nblocks > TEAM_MAX)
+    return -4;
+  if (J.nblocks > J.nq) J.nblocks = J.nq > 0 ? J.nq : 1;
+  J.indptr = (int64_t *)ptr[0]; J.offs = (int64_t *)ptr[1]; J.indices = (int64_t *)ptr[2];
+  int64_t *nnz_out = (int64_t *)ptr[3];
+  for (int64_t j = 0; j < J.nl; j++) {
+    J.keys[j] = (const int64_t *)ptr[4 + 2 * j]; J.pos[j] = (int64_t *)ptr[5 + 2 * j];
+    J.n[j] = geo[10 + j];
+    if (J.n[j] < 0) return -4;
+  }
+  J.delta = J.lk - lq; J.w = J.lk > 0 ? J.lk : 1;
+  // each block's start: the slots of the rows before it (band runs and list keys below its
+  // first row's keys), and each list's head there; the end state after the last block
+  int64_t start_nnz[TEAM_MAX + 1], start_at[(TEAM_MAX + 1) * UNION_MAX_LISTS];
+  int rc[TEAM_MAX];
+  int64_t band = 0;
+  for (int64_t b = 0; b <= J.nblocks; b++) {
+    int64_t r0 = union_row0(&J, b), listed = 0;
+    for (int64_t j = 0; j < J.nl; j++) {
+      int64_t h = b == 0 ? 0 : b == J.nblocks ? J.n[j]
+                                              : lower_bound(J.keys[j], J.n[j], (J.q0 + r0) * J.w);
+      start_at[b * J.nl + j] = h;
+      listed += h;
+    }
+    start_nnz[b] = nnz0 + band + listed;
+    if (b < J.nblocks)
+      for (int64_t r = r0; r < union_row0(&J, b + 1); r++) {
+        int64_t a, e;
+        union_band(&J, J.q0 + r, &a, &e);
+        band += e - a;
+      }
+  }
+  J.start_nnz = start_nnz; J.start_at = start_at; J.rc = rc;
+  for (int64_t b = 0; b < J.nblocks; b++) rc[b] = -1;
+  if (team_run(union_worker, &J, J.nblocks, nthreads, rt[RT_OMP_PARALLEL]) != 0) return -1;
+  for (int64_t b = 0; b < J.nblocks; b++)
+    if (rc[b] != 0) return rc[b];
+  *nnz_out = start_nnz[J.nblocks];
   return 0;
 }
 

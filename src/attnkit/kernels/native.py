@@ -750,12 +750,20 @@ def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, 
 UNION_MAX_LISTS = 16
 
 
+#: Row blocks at most in one :func:`union_layout` call (team.h's TEAM_MAX), and rows per block
+#: at least by default (fewer rows than this cost less than starting the team).
+UNION_MAX_BLOCKS, UNION_BLOCK_ROWS = 64, 1024
+
+
 def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Tensor],
-                 q0: int, lq: int, lk: int, lo: int, hi: int, nnz: int
-                 ) -> tuple[list[Tensor], int]:
+                 q0: int, lq: int, lk: int, lo: int, hi: int, nnz: int,
+                 blocks: int | None = None) -> tuple[list[Tensor], int]:
     """The CSR layout of query rows ``[q0, q0 + nq)`` of a union of the band ``[lo, hi]`` with
-    other components (``band_cpu.c``'s ``band_union_layout``, one pass): row ``i`` holds the
-    other components' keys below its band, the band's run, then their keys above it.
+    other components (``band_cpu.c``'s ``band_union_layout``, one pass over the pairs): row
+    ``i`` holds the other components' keys below its band, the band's run, then their keys
+    above it. The rows are cut into ``blocks`` contiguous blocks laid out by the thread team
+    (default: one per thread, of at least :data:`UNION_BLOCK_ROWS` rows), each from the slot
+    the rows before it fill.
 
     Args:
         indptr, offsets: ``(nq,)`` int64, contiguous: written, each row's first slot (from
@@ -781,19 +789,27 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
         raise ValueError(f"at most {UNION_MAX_LISTS} key lists, got {len(keys)}")
     for t in keys:
         _need(t, "keys", 1, (torch.int64,))
+    threads = torch.get_num_threads()
+    if blocks is None:
+        blocks = max(1, min(threads, nq // UNION_BLOCK_ROWS, UNION_MAX_BLOCKS))
+    if isinstance(blocks, bool) or not isinstance(blocks, int) \
+            or not 1 <= blocks <= UNION_MAX_BLOCKS:
+        raise ValueError(f"blocks must be an int in [1, {UNION_MAX_BLOCKS}], got {blocks!r}")
     keys = [t.contiguous() for t in keys]
     pos = [torch.empty_like(t) for t in keys]
     out = torch.zeros(1, dtype=torch.int64)
     ptr = _i64s(indptr.data_ptr(), offsets.data_ptr(), indices.data_ptr(), out.data_ptr(),
                 *(p_ for t, s in zip(keys, pos) for p_ in (t.data_ptr(), s.data_ptr())))
-    geo = _i64s(nq, q0, lq, lk, lo, hi, nnz, indices.numel(), len(keys),
+    geo = _i64s(nq, q0, lq, lk, lo, hi, nnz, indices.numel(), len(keys), blocks,
                 *(t.numel() for t in keys))
-    rc = _state["fn"]["band_union_layout"](ptr, geo, 1.0, 1, _state["fn"]["rt"])
+    rc = _state["fn"]["band_union_layout"](ptr, geo, 1.0, threads, _state["fn"]["rt"])
     if rc == -2:
         raise RuntimeError("union_layout: the rows need more slots than indices holds")
     if rc == -3:
         raise ValueError("union_layout: keys must be sorted, disjoint, within the rows and off "
                          "the band")
+    if rc == -1:
+        raise RuntimeError("union_layout: some rows were not laid out (thread team)")
     if rc != 0:
         raise ValueError(f"union_layout: bad geometry nq={nq}, q0={q0}, Lq={lq}, Lk={lk}, "
                          f"lo={lo}, hi={hi}, nnz={nnz}")
