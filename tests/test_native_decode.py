@@ -1062,3 +1062,79 @@ def test_bound_decode_step_equals_the_call_and_checks_position():
     with pytest.raises(ValueError, match="rope rows"):
         prepared.call.bind(x, out, [(c0._keys[i], c0._values[i]) for i in range(2)],
                            [(t[0][:, :8], t[1][:, :8]) for t in tables], logits)
+
+
+def test_bound_decode_step_embeds_ids_and_picks_greedy_tokens():
+    """bind(ids=, embed=, next_ids=): the step copies the ids' embedding rows itself (the same
+    output and logits as the caller writing them to x) and writes logits.argmax(-1), ties and
+    NaN as torch breaks them; an id outside the embedding raises and changes nothing; bad
+    buffers are refused."""
+    if not native.step_available():
+        pytest.skip("native decoder step not built here")
+    from attnkit.lm import model as lm_model
+
+    torch.manual_seed(1)
+    model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
+    ids = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():
+        caches = [StaticCache(16), StaticCache(16)]
+        for c in caches:
+            model(ids[:, :8], cache=c)
+    prepared = lm_model._PREPARED_MODELS.get(model)
+    if prepared is None:
+        with torch.no_grad():
+            for c in caches:
+                model(ids[:, 8:9], cache=c)
+        prepared = lm_model._PREPARED_MODELS[model]
+    rot = [b.attn.rotary for b in model.blocks]
+    tables = [r.cos_sin(0, 14, torch.device("cpu"), torch.float32) for r in rot]
+    c0, c1 = caches
+    pos0 = c0.seq_length(0)
+    x, x_ref = torch.empty(3, 64), torch.empty(3, 64)
+    out, ref_out = torch.empty(3, 64), torch.empty(3, 64)
+    logits, ref_logits = torch.empty(3, 40), torch.empty(3, 40)
+    tok, nxt = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    weight = model.embed.weight.detach()
+    step = prepared.call.bind(x, out, [(c0._keys[i], c0._values[i]) for i in range(2)], tables,
+                              logits, ids=tok, embed=weight, next_ids=nxt)
+    ref = prepared.call.bind(x_ref, ref_out, [(c1._keys[i], c1._values[i]) for i in range(2)],
+                             tables, ref_logits)
+    for pos in range(pos0, pos0 + 3):
+        tok.copy_(ids[:, pos])
+        x_ref.copy_(weight[ids[:, pos]])
+        step(pos)
+        ref(pos)
+        assert torch.equal(x, x_ref) and torch.equal(out, ref_out)
+        assert torch.equal(logits, ref_logits)
+        assert torch.equal(nxt, logits.argmax(-1))
+    # ties, NaN, -inf: logits = the head's bias (zero weights), so the step's argmax meets
+    # exactly these rows; it must be torch's
+    for row in ([1.0, 3.0, 3.0, 0.0], [float("nan"), 2.0, float("nan"), 9.0],
+                [0.0, 5.0, float("nan"), 9.0], [float("-inf")] * 4, [2.0, 7.0, -1.0, 7.0]):
+        bias = torch.tensor(row)
+        head = native.PreparedDecodeModel(prepared.call.blocks, norm=(None, None, 1e-5),
+                                          head=(torch.zeros(4, 64), bias))
+        lg, picked = torch.empty(3, 4), torch.full((3,), -7, dtype=torch.int64)
+        bound = head.bind(x, out, [(c1._keys[i], c1._values[i]) for i in range(2)], tables,
+                          lg, next_ids=picked)
+        x.copy_(weight[ids[:, 0]])
+        bound(pos0 + 3)
+        torch.testing.assert_close(lg, bias.expand(3, 4), atol=0, rtol=0, equal_nan=True)
+        assert torch.equal(picked, lg.argmax(-1)), (row, picked)
+    keys_before = c0._keys[0][:, :, pos0 + 3].clone()
+    tok.copy_(torch.tensor([0, 40, 1]))
+    with pytest.raises(ValueError, match="token id"):
+        step(pos0 + 3)
+    assert torch.equal(c0._keys[0][:, :, pos0 + 3], keys_before)  # nothing written
+    tok.copy_(torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match="token id"):
+        step(pos0 + 3)
+    kv = [(c0._keys[i], c0._values[i]) for i in range(2)]
+    with pytest.raises(ValueError, match="go together"):
+        prepared.call.bind(x, out, kv, tables, logits, ids=tok)
+    with pytest.raises(ValueError, match="ids must be"):
+        prepared.call.bind(x, out, kv, tables, logits, ids=tok.int(), embed=weight)
+    with pytest.raises(ValueError, match="next_ids must be"):
+        prepared.call.bind(x, out, kv, tables, logits, next_ids=nxt[:2])
+    with pytest.raises(ValueError, match="embed must be"):
+        prepared.call.bind(x, out, kv, tables, logits, ids=tok, embed=weight[:, :32])

@@ -1567,6 +1567,7 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
 # the rotary cos row (the sine row follows); its geometry: slots per block, the position's
 _BP_KBUF, _BP_COS = 18, 20
 _BS_NGEO, _BS_POS = 9, 7
+_MS_EMBED_ROWS = 4  # model_step's geometry slot of the embedding's rows
 
 
 class PreparedDecodeBlock:
@@ -1788,25 +1789,34 @@ class PreparedDecodeModel:
             raise ValueError("logits need norm and head bound")
         return rows
 
-    def _call_slots(self, x: Tensor, out: Tensor, ptrs, geo, logits: Tensor | None):
+    def _call_slots(self, x: Tensor, out: Tensor, ptrs, geo, logits: Tensor | None,
+                    tokens: tuple[Tensor, Tensor, Tensor | None] | None = None):
+        ids, embed, next_ids = (None, None, None) if tokens is None else tokens
         return _i64s(x.data_ptr(), out.data_ptr(), ctypes.addressof(ptrs), ctypes.addressof(geo),
                      ctypes.addressof(self._scales),
-                     0 if logits is None else logits.data_ptr(), *self._head)
+                     0 if logits is None else logits.data_ptr(), *self._head,
+                     *(0 if t is None else t.data_ptr() for t in (ids, embed, next_ids)))
 
-    def _model_geo(self, rows: int) -> tuple[int, ...]:
-        return (len(self.blocks), rows, self.dim, self.vocab)
+    def _model_geo(self, rows: int, embed_rows: int = 0) -> tuple[int, ...]:
+        return (len(self.blocks), rows, self.dim, self.vocab, embed_rows)
 
-    def bind(self, x: Tensor, out: Tensor, caches, tables, logits: Tensor | None = None
-             ) -> BoundDecodeStep:
+    def bind(self, x: Tensor, out: Tensor, caches, tables, logits: Tensor | None = None, *,
+             ids: Tensor | None = None, embed: Tensor | None = None,
+             next_ids: Tensor | None = None) -> BoundDecodeStep:
         """Bind everything of a run of steps but the position, for decoding loops where Python
         time per step counts: ``x (R, dim)`` (the caller writes each step's embedded tokens
         there), ``out``, ``logits`` as for a call; ``caches``: per block ``(k_cache,
         v_cache)`` buffers ``(R, num_kv_heads, capacity, head_dim)``; ``tables``: per block its
         rotary ``(cos, signed_sin)`` tables ``(n, head_dim)`` (row ``p`` for position ``p``),
-        or None without rotary. All are checked here and must stay alive and in place while
-        the returned step is used. Every block then writes and attends at the same position.
+        or None without rotary. With ``ids`` (R,) int64 and ``embed`` (n, dim) fp32, the step
+        itself copies row ``ids[r]`` of ``embed`` to ``x`` (the caller writes the token ids;
+        an id outside ``[0, n)`` raises ``ValueError``); with ``next_ids`` (R,) int64 (and
+        logits), it writes each row's greedy token (``logits.argmax(-1)``) there. All are
+        checked here and must stay alive and in place while the returned step is used. Every
+        block then writes and attends at the same position.
         """
         rows = self._check_call(x, out, caches, tables, logits)
+        tokens = self._check_tokens(rows, ids, embed, next_ids)
         ptrs = type(self._lptr).from_buffer_copy(self._lptr)
         slots = len(ptrs) // len(self.blocks)
         geo, rope_slots, limit = [], [], None
@@ -1822,16 +1832,38 @@ class PreparedDecodeModel:
             limit = reach if limit is None else min(limit, reach)
             geo += block._geo(rows, cap, 0)
         geo = _i64s(*geo)
-        keep = (x, out, logits, caches, tables)
-        return BoundDecodeStep(self._call_slots(x, out, ptrs, geo, logits),
-                               _i64s(*self._model_geo(rows)), ptrs, geo, rope_slots, limit,
-                               keep)
+        keep = (x, out, logits, caches, tables, tokens)
+        return BoundDecodeStep(self._call_slots(x, out, ptrs, geo, logits, tokens),
+                               _i64s(*self._model_geo(rows, 0 if embed is None else len(embed))),
+                               ptrs, geo, rope_slots, limit, keep)
+
+    def _check_tokens(self, rows: int, ids: Tensor | None, embed: Tensor | None,
+                      next_ids: Tensor | None) -> tuple | None:
+        """Check :meth:`bind`'s token buffers; ``(ids, embed, next_ids)`` or None."""
+        if (ids is None) != (embed is None):
+            raise ValueError("ids and embed go together (the step embeds the ids itself)")
+        if next_ids is not None and not self.vocab:
+            raise ValueError("next_ids needs logits (norm and head bound)")
+        for name, t in (("ids", ids), ("next_ids", next_ids)):
+            if t is not None and (not isinstance(t, Tensor) or t.shape != (rows,)
+                                  or not t.is_contiguous() or t.dtype != torch.int64
+                                  or not t.is_cpu):
+                raise ValueError(f"{name} must be a contiguous int64 CPU ({rows},) tensor")
+        if embed is not None and (not isinstance(embed, Tensor) or embed.dim() != 2
+                                  or embed.shape[1] != self.dim or not embed.is_contiguous()
+                                  or embed.dtype != torch.float32 or not embed.is_cpu):
+            raise ValueError(f"embed must be a contiguous fp32 CPU (n, {self.dim}) tensor")
+        return None if ids is None and next_ids is None else (ids, embed, next_ids)
 
 
 def _model_step(call, geo) -> None:
     """One ``step_cpu.c: model_step`` call on argument arrays already checked."""
     fns = _step_state["fn"]
-    if fns["model_step"](call, geo, 0.0, torch.get_num_threads(), fns["rt"]) != 0:
+    rc = fns["model_step"](call, geo, 0.0, torch.get_num_threads(), fns["rt"])
+    if rc == -2:
+        raise ValueError(f"a token id is outside [0, {geo[_MS_EMBED_ROWS]}) (the embedding's "
+                         "rows)")
+    if rc != 0:
         raise MemoryError("attnkit decoder step: out of memory for its buffers")
 
 

@@ -87,14 +87,19 @@ int block_step(const int64_t *ptr, const int64_t *geo, double scale, int nthread
 // ptr: MP_* slots. layer_ptr: int64 (layers, BP_N), each block's ptr slots (its BP_X and
 // BP_OUT are ignored: the rows come from x and the previous block); layer_geo: int64 (layers,
 // BS_NGEO), each block's geometry (every BS_R and BS_DIM equal to this call's); scales:
-// double (layers,), the score scales; x (R, dim): the embedded new tokens (read only); out
-// (R, dim): the last block's output; logits (R, vocab) or 0, written as LayerNorm(out; norm_w,
-// norm_b, norm_eps) @ head_w (vocab, dim)^T + head_b (norm_w, norm_b, head_b may be 0).
-// Returns -1 for bad sizes or a failed allocation (out and logits are then undefined), else 0.
+// double (layers,), the score scales; x (R, dim): the embedded new tokens (read only, unless
+// ids is given); out (R, dim): the last block's output; logits (R, vocab) or 0, written as
+// LayerNorm(out; norm_w, norm_b, norm_eps) @ head_w (vocab, dim)^T + head_b (norm_w, norm_b,
+// head_b may be 0). Optionally, so that a greedy decoding loop makes no tensor operation per
+// token: ids (R,) int64, the new tokens, whose rows of embed (embed_rows, dim) are copied to x
+// first; next (R,) int64, with logits, written with each row's argmax (the first maximum, or
+// the first NaN, as torch.argmax).
+// Returns -1 for bad sizes or a failed allocation (out and logits are then undefined), -2 for
+// an id outside [0, embed_rows) (nothing done), else 0.
 enum { MP_X, MP_OUT, MP_LAYER_PTR, MP_LAYER_GEO, MP_SCALES, MP_LOGITS, MP_HEAD_W, MP_HEAD_B,
-       MP_NORM_W, MP_NORM_B, MP_NORM_EPS, MP_N };
-// geometry slots: blocks, rows, width, vocabulary (0 without logits)
-enum { MS_LAYERS, MS_R, MS_DIM, MS_VOCAB, MS_NGEO };
+       MP_NORM_W, MP_NORM_B, MP_NORM_EPS, MP_IDS, MP_EMBED, MP_NEXT, MP_N };
+// geometry slots: blocks, rows, width, vocabulary (0 without logits), rows of embed (with ids)
+enum { MS_LAYERS, MS_R, MS_DIM, MS_VOCAB, MS_EMBED_ROWS, MS_NGEO };
 
 int model_step(const int64_t *ptr, const int64_t *geo, double unused, int nthreads,
                void *const *rt) {
@@ -104,10 +109,19 @@ int model_step(const int64_t *ptr, const int64_t *geo, double unused, int nthrea
   const int64_t *lptr = (const int64_t *)ptr[MP_LAYER_PTR], *lgeo = (const int64_t *)ptr[MP_LAYER_GEO];
   const double *scales = (const double *)ptr[MP_SCALES];
   if (layers < 1 || R < 1 || dim < 1 || vocab < 0
-      || (vocab > 0 && (!ptr[MP_HEAD_W] || !ptr[MP_LOGITS] || !ptr[MP_NORM_EPS])))
+      || (vocab > 0 && (!ptr[MP_HEAD_W] || !ptr[MP_LOGITS] || !ptr[MP_NORM_EPS]))
+      || (ptr[MP_IDS] && !ptr[MP_EMBED]) || (ptr[MP_NEXT] && vocab < 1))
     return -1;
   for (int64_t l = 0; l < layers; l++)
     if (lgeo[l * BS_NGEO + BS_R] != R || lgeo[l * BS_NGEO + BS_DIM] != dim) return -1;
+  if (ptr[MP_IDS]) {  // the new tokens' embeddings
+    const int64_t *ids = (const int64_t *)ptr[MP_IDS];
+    for (int64_t r = 0; r < R; r++)
+      if (ids[r] < 0 || ids[r] >= geo[MS_EMBED_ROWS]) return -2;
+    for (int64_t r = 0; r < R; r++)
+      memcpy((float *)ptr[MP_X] + r * dim, (const float *)ptr[MP_EMBED] + ids[r] * dim,
+             sizeof(float) * dim);
+  }
   float *tmp = layers > 1 ? (float *)malloc(sizeof(float) * R * dim) : NULL;
   if (layers > 1 && !tmp) return -1;
   int err = 0;
@@ -129,6 +143,17 @@ int model_step(const int64_t *ptr, const int64_t *geo, double unused, int nthrea
                      ptr[MP_NORM_W], ptr[MP_NORM_B], 0, 0};
     int64_t gv[GV_NGEO] = {R, dim, 1, vocab, 0, 0, 0, 1, 0, 0, 0};
     err = gemv_rows(p, gv, *(const double *)ptr[MP_NORM_EPS], nthreads, rt) != 0;
+  }
+  if (!err && ptr[MP_NEXT]) {  // greedy: each row's argmax
+    for (int64_t r = 0; r < R; r++) {
+      const float *row = (const float *)ptr[MP_LOGITS] + r * vocab;
+      int64_t best = 0;
+      for (int64_t v = 0; v < vocab; v++) {
+        if (isnan(row[v])) { best = v; break; }
+        if (row[v] > row[best]) best = v;
+      }
+      ((int64_t *)ptr[MP_NEXT])[r] = best;
+    }
   }
   return err ? -1 : 0;
 }

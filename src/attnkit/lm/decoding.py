@@ -232,43 +232,62 @@ def generate(
             and attention_mask.dim() == 1 else attention_mask
         mask = _check_attention_mask(am, ids)
     temp = 1.0 if temperature is None else float(temperature)
-    eos_t = None if eos is None else torch.tensor(eos, device=device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    rows = ids.shape[0]
+    # the new tokens live as Python ints (one list per step): a native step takes and gives
+    # ints, so a greedy step makes no tensor operation (each costs tens of microseconds after
+    # a step has streamed the weights through the caches)
+    eos_set = None if eos is None else set(eos)
+    finished = [False] * rows
+    new: list[list[int]] = []
     was_training = model.training
     model.eval()
     kv = _make_cache(cache, model, total) if use_cache else None
     # cached steps of a DecoderLM: one bound native call each where it applies
-    fast = None if mask is not None else _native_decoding(model, kv, ids.shape[0], total)
-    out = [ids]
-    step_input = ids
+    fast = None if mask is not None else _native_decoding(model, kv, rows, total)
+    step_input = ids  # the next model call's ids; None when they are only in new[-1]
     try:
         for _ in range(max_new_tokens):
-            if kv is None:
-                step_input = torch.cat(out, dim=1)
-            logits = None if fast is None else fast.step(step_input)
+            if kv is None:  # uncached: every step runs the whole sequence
+                step_input = torch.cat([ids, _as_ids(new, ids)], dim=1)
+            logits = chosen = None
+            if fast is not None and (step_input is None or step_input.shape[1] == 1):
+                logits = fast.step(new[-1] if step_input is None else step_input[:, 0].tolist())
+                if logits is not None and not do_sample:
+                    chosen = fast.greedy()
             if logits is None:
+                if step_input is None:
+                    step_input = _as_ids(new[-1:], ids)
                 kwargs = {} if mask is None else {"attention_mask": mask}
                 logits = model(step_input, cache=kv, last_only=True, **kwargs)[:, -1]
-            if do_sample:
-                probs = torch.softmax(_filtered_logits(logits, temp, top_k, top_p), dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = logits.argmax(-1)
-            if eos_t is not None:
-                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-                finished |= torch.isin(token, eos_t)
-            step_input = token.unsqueeze(1)
-            out.append(step_input)
+            if chosen is None:
+                if do_sample:
+                    probs = torch.softmax(_filtered_logits(logits, temp, top_k, top_p), dim=-1)
+                    chosen = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
+                else:
+                    chosen = logits.argmax(-1).tolist()
+            if eos_set is not None:
+                chosen = [pad_token_id if done else t for t, done in zip(chosen, finished)]
+                finished = [done or t in eos_set for t, done in zip(chosen, finished)]
+            new.append(chosen)
+            step_input = None
             if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             if on_token is not None:
-                on_token(token.item() if single else token)  # (one op: B = 1)
-            if eos_t is not None and bool(finished.all()):
+                on_token(chosen[0] if single else torch.tensor(chosen, device=device))
+            if eos_set is not None and all(finished):
                 break
     finally:
         model.train(was_training)
-    result = torch.cat(out, dim=1)
+    result = torch.cat([ids, _as_ids(new, ids)], dim=1)
     return result[0] if single else result
+
+
+def _as_ids(new: list[list[int]], like: Tensor) -> Tensor:
+    """Steps' tokens (one list of ``B`` ids per step) as ``(B, steps)`` int64 ids on the
+    device of ``like`` (the prompts)."""
+    if not new:
+        return torch.empty(like.shape[0], 0, dtype=torch.long, device=like.device)
+    return torch.tensor(new, dtype=torch.long, device=like.device).T
 
 
 # ------------------------------------------------------------------------ bytes and roofline

@@ -12,6 +12,7 @@ head mask) takes the modules' own path, with the same results up to rounding.
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import weakref
 from collections.abc import Sequence
@@ -349,20 +350,28 @@ class _NativeDecoding:
             layers.append(layer)
             tables.append(None if rot is None else
                           rot.cos_sin(0, self.positions, cpu, torch.float32))
-        self.x = weight.new_empty(rows, model.dim)
         self.logits = weight.new_empty(rows, model.vocab_size)
-        self.bound = prepared.call.bind(self.x, weight.new_empty(rows, model.dim), caches,
-                                        tables, self.logits)
+        ids, next_ids = (torch.zeros(rows, dtype=torch.int64) for _ in range(2))
+        # the step embeds the ids and picks the greedy tokens itself; Python reads and writes
+        # them through ctypes views, with no tensor operation per token (each one costs tens of
+        # microseconds after a step has streamed the weights through the caches)
+        self.bound = prepared.call.bind(weight.new_empty(rows, model.dim),
+                                        weight.new_empty(rows, model.dim), caches, tables,
+                                        self.logits, ids=ids, embed=weight, next_ids=next_ids)
+        self.ids = (ctypes.c_int64 * rows).from_address(ids.data_ptr())
+        self.next_ids = (ctypes.c_int64 * rows).from_address(next_ids.data_ptr())
         self.prepared_watch, self.watch, self.weight = prepared.watch, watch, weight
         self.layers = layers
         self.keys = [k for k, _ in caches]
         self.values = [v for _, v in caches]
         return True
 
-    def step(self, ids: Tensor) -> Tensor | None:
-        """Logits ``(B, vocab)`` of the next position for one new token per sequence, ``ids
-        (B, 1)`` (written to a buffer the next step reuses), the cache advanced; or None."""
-        if ids.shape != (self.rows, 1) or torch.is_grad_enabled():
+    def step(self, tokens: list[int]) -> Tensor | None:
+        """Logits ``(B, vocab)`` of the next position for one new token per sequence,
+        ``tokens`` (B ids, checked by the step: ``ValueError`` outside the vocabulary), in a
+        buffer the next step reuses, the cache advanced; or None. After it, :meth:`greedy`
+        holds the logits' argmax."""
+        if len(tokens) != self.rows or torch.is_grad_enabled():
             return None
         prepared = _PREPARED_MODELS.get(self.model)
         if (prepared is None or _module_mod._global_forward_hooks
@@ -382,11 +391,15 @@ class _NativeDecoding:
         if (pos >= self.bound.limit or any(held[i] != pos or seen[i] != pos
                                            for i in self.layers)):
             return None
-        torch.index_select(self.weight, 0, ids.view(-1), out=self.x)
+        self.ids[:] = tokens
         self.bound(pos)
         for i in self.layers:
             cache._advance(i, 1)
         return self.logits
+
+    def greedy(self) -> list[int]:
+        """The last :meth:`step`'s greedy tokens, ``logits.argmax(-1)``."""
+        return self.next_ids[:]
 
 
 def _native_decoding(model: nn.Module, cache: KVCache | None, rows: int,
