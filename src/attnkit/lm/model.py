@@ -308,11 +308,12 @@ def _decode_model(model: DecoderLM, x: Tensor, cache: KVCache) -> Tensor | None:
 class _NativeDecoding:
     """One :func:`~attnkit.lm.generate` call's cached steps through the one-call native step
     with its buffers bound once (:meth:`native.PreparedDecodeModel.bind`: the cache buffers,
-    the rotary tables, the rows in and out). A step then confirms that nothing it was bound
-    from changed (the prepared model's :class:`_Watch`, its own for the embedding, the cache's
-    buffers and positions), writes the new tokens' embeddings and makes one native call. At a
-    few ms per step, the module path's Python (~0.5-0.8 ms: cache misses after the step has
-    streamed the weights through the caches) was 10-15% of the step.
+    the rotary tables, the rows in and out, the embedding, the token ids in and the greedy
+    tokens out). A step then confirms that nothing it was bound from changed (the prepared
+    model's :class:`_Watch`, its own for the embedding, the cache's buffers and positions),
+    writes the new tokens' ids and makes one native call, which embeds them and picks the
+    greedy tokens. At a few ms per step, the module path's Python (~0.5-0.8 ms: cache misses
+    after the step has streamed the weights through the caches) was 10-15% of the step.
 
     :meth:`step` returns None whenever it does not run the step (the prompt, the step that
     prepares the model, anything changed, a cache that must grow); the caller then runs the
