@@ -76,6 +76,17 @@ class WeightsSink:
     counts: Tensor | None = None
     nnz: int = 0
 
+    def append(self, keys: Tensor, pick: Tensor, counts: Tensor, q0: int) -> tuple[int, int]:
+        """Claim the next slots of an appending sink (``counts`` set) for a chunk's allowed
+        pairs, in CSR order: their keys ``keys[pick]``, and ``counts`` per row from row ``q0``
+        on. Returns ``(n0, n)``; the caller writes their weights to ``values[:, n0:n0 + n]``."""
+        n0, n = self.nnz, pick.numel()
+        torch.index_select(keys, 0, pick, out=self.indices[n0:n0 + n])
+        self.counts[q0:q0 + counts.numel()] = counts
+        self.nnz += n
+        self.rows += counts.numel()
+        return n0, n
+
 
 @dataclass
 class Ctx:
@@ -486,11 +497,9 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
         # the weights of this chunk's allowed pairs, CSR order = the window layout's row-major
         # order (each row's keys ascend): appended as each head's probabilities are computed
         pick = ok.reshape(-1).nonzero().squeeze(1)
-        n0, cnt = sink.nnz, pick.numel()
         per_block = ok.shape[1] * width  # pick -> (block, slot): the key of that window slot
-        slot = (pick // per_block) * width + pick % width
-        torch.index_select(win.kj.reshape(-1), 0, slot, out=sink.indices[n0:n0 + cnt])
-        sink.counts[q0:q1] = ok.sum(-1).reshape(-1)[:nq]
+        n0, cnt = sink.append(win.kj.reshape(-1), (pick // per_block) * width + pick % width,
+                              ok.sum(-1).reshape(-1)[:nq], q0)
     else:
         sink = None
     for b in range(B):
@@ -519,9 +528,6 @@ def _band_torch_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool
                     torch.index_select(p4[:, gi].reshape(-1), 0, pick,
                                        out=sink.values[(b * hkv + h) * g + gi, n0:n0 + cnt])
             outs.append(torch.bmm(p.to(v.dtype), vw))
-    if sink is not None:
-        sink.nnz += cnt
-        sink.rows += nq
     out = torch.stack(outs).view(B, hkv, nb, g, bq, dv).transpose(2, 3)
     out = out.reshape(B, hkv, g, nb * bq, dv)[:, :, :, :nq]
     if ctx.need_lse:
@@ -581,13 +587,9 @@ def _offsets_partial(comp: Offsets, qs, k, v, q0, q1, ctx: Ctx, training: bool):
         # the chunk's allowed pairs in row-major order of (row, offset) are in CSR order
         # (offsets ascend): appended to the weights (no dropout: see weights_sink)
         pick = valid.reshape(-1).nonzero().squeeze(1)
-        n0, cnt = sink.nnz, pick.numel()
-        torch.index_select(kj.reshape(-1), 0, pick, out=sink.indices[n0:n0 + cnt])
+        n0, cnt = sink.append(kj.reshape(-1), pick, valid.sum(-1), q0)
         torch.gather(p.reshape(B * hkv * g, -1), 1, pick.expand(B * hkv * g, -1),
                      out=sink.values[:, n0:n0 + cnt])
-        sink.counts[q0:q0 + nq] = valid.sum(-1)
-        sink.nnz += cnt
-        sink.rows += nq
     p = p.to(v.dtype)
     out = v.new_zeros(B, hkv, g, nq, dv)
     for c, (o, (a, b)) in enumerate(zip(comp.offsets, spans)):
