@@ -1004,6 +1004,46 @@ def _generate_with_changes(monkeypatch, bound: bool, cache: str):
     return tokens, ran[0]
 
 
+def test_generate_without_on_token_checks_once_and_holds_the_memory_it_reads(monkeypatch):
+    """Without on_token, no other code runs between two bound steps of generate: the model's
+    checks run at the first bound step only (and again after a step through the model: a
+    dynamic cache that grows), with the tokens of steps through the model. A bound step holds
+    the storages it reads, so a weight's memory replaced meanwhile (from another thread) is
+    never freed under it."""
+    if not native.step_available():
+        pytest.skip("native decoder step not built here")
+    import attnkit.lm.decoding as decoding
+    from attnkit.lm import model as lm_model
+
+    torch.manual_seed(0)
+    model = DecoderLM(50, 64, 2, 4, 2, max_seq_len=128).eval()
+    prompt = torch.randint(0, 50, (2, 30))
+    checks, steps = [0], [0]
+    real_unchanged, real_call = lm_model._Watch.unchanged, native.BoundDecodeStep.__call__
+    with monkeypatch.context() as m:
+        m.setattr(lm_model._Watch, "unchanged",
+                  lambda self: checks.__setitem__(0, checks[0] + 1) or real_unchanged(self))
+        m.setattr(native.BoundDecodeStep, "__call__",
+                  lambda self, pos: steps.__setitem__(0, steps[0] + 1) or real_call(self, pos))
+        for cache in ("static", "dynamic"):
+            checks[0] = steps[0] = 0
+            bound = generate(model, prompt, 20, temperature=0, cache=cache)
+            assert steps[0] >= 15 and checks[0] <= 3 * (20 - steps[0]), (cache, steps, checks)
+            with monkeypatch.context() as plain_path:
+                plain_path.setattr(decoding, "_native_decoding", lambda *a: None)
+                assert torch.equal(bound, generate(model, prompt, 20, temperature=0,
+                                                   cache=cache))
+    prepared = lm_model._PREPARED_MODELS[model]
+    weight = model.blocks[1].mlp[2].weight
+    ptr = weight.data_ptr()
+    weight.data = torch.randn(64, 256)
+    import gc
+
+    gc.collect()
+    block = prepared.call.blocks[1]
+    assert ptr in [st.data_ptr() for st in block._storages]  # still allocated, held here
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_generate_bound_steps_see_changes_between_tokens(monkeypatch, cache):
     """generate runs a DecoderLM's cached steps bound (BoundDecodeStep: one native call, only

@@ -1625,6 +1625,7 @@ class PreparedDecodeBlock:
                 raise ValueError(f"{name} must be contiguous")
         # the kernel reads these addresses at every call: keep the tensors alive here
         self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in operands[:16]]
+        self._storages = _storages(self._keep)
         back_with_huge_pages(self._keep)  # the weights are streamed at every step
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, hd
         self.dim, self.hidden, self.rotary = dim, hidden, bool(rotary)
@@ -1695,6 +1696,14 @@ class PreparedDecodeBlock:
         return out
 
 
+def _storages(tensors) -> list:
+    """The storages of these tensors (other entries skipped), for a bound step to hold: the
+    memory it reads stays allocated even if a tensor's ``.data`` is replaced meanwhile (from
+    another thread, during a step), so a step never reads freed memory; the callers' checks see
+    the change before the next step."""
+    return [t.untyped_storage() for t in tensors if isinstance(t, Tensor)]
+
+
 def _check_rows(x: Tensor, out: Tensor, dim: int) -> int:
     """The rows of a decoding step's input ``x (R, dim)`` and output ``out`` (same shape,
     another tensor): contiguous fp32 CPU, ``R >= 1``. Returns ``R``."""
@@ -1748,6 +1757,7 @@ class PreparedDecodeModel:
             if not hw.is_contiguous():
                 raise ValueError("the head weight must be contiguous")
             self._keep = [t.contiguous() if isinstance(t, Tensor) else t for t in (hw, hb, nw, nb)]
+            self._storages = _storages(self._keep)
             back_with_huge_pages(self._keep[:1])
             self._eps = ctypes.c_double(float(eps))
             self.vocab = hw.shape[0]
@@ -1832,7 +1842,7 @@ class PreparedDecodeModel:
             limit = reach if limit is None else min(limit, reach)
             geo += block._geo(rows, cap, 0)
         geo = _i64s(*geo)
-        keep = (x, out, logits, caches, tables, tokens)
+        keep = (x, out, logits, caches, tables, tokens, _storages([embed]))
         return BoundDecodeStep(self._call_slots(x, out, ptrs, geo, logits, tokens),
                                _i64s(*self._model_geo(rows, 0 if embed is None else len(embed))),
                                ptrs, geo, rope_slots, limit, keep)

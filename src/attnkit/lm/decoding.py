@@ -165,7 +165,10 @@ def generate(
             earlier call raise ``ValueError``. After the call it holds the positions the model
             ran.
         on_token: called with each new token as soon as it exists (streaming): an ``int`` for a
-            1-D prompt, a ``(B,)`` tensor for a batch.
+            1-D prompt, a ``(B,)`` tensor for a batch. It may change the model (the next step
+            runs the changed model). Without it, a :class:`DecoderLM`'s bound steps check the
+            model once, not before every token: the model must not be changed from another
+            thread during the call.
         generator: random generator for sampling (seeded: reproducible samples).
 
     Returns:
@@ -251,7 +254,10 @@ def generate(
                 step_input = torch.cat([ids, _as_ids(new, ids)], dim=1)
             logits = chosen = None
             if fast is not None and (step_input is None or step_input.shape[1] == 1):
-                logits = fast.step(new[-1] if step_input is None else step_input[:, 0].tolist())
+                # without on_token no other code runs between two steps of this loop: the
+                # step then skips its checks (it rechecks after anything else ran)
+                logits = fast.step(new[-1] if step_input is None else step_input[:, 0].tolist(),
+                                   recheck=on_token is not None)
                 if logits is not None and not do_sample:
                     chosen = fast.greedy()
             if logits is None:
