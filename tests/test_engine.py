@@ -612,6 +612,22 @@ def test_weights_in_csr_order_across_chunks_for_every_pattern(monkeypatch):
         assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices), name
 
 
+def _weights_match_reference(q, k, v, pat, out, w, bias=None):
+    """``out`` and the sparse weights ``w`` of ``attention(q, k, v, pattern=pat, bias=bias,
+    return_weights=True)`` against the fp64 dense reference and the pattern's CSR layout.
+    Returns the tolerance used (by dtype) and the pattern's indices."""
+    lq, lk = q.shape[2], k.shape[2]
+    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(lq, lk),
+                                     bias=None if bias is None else bias.double())
+    tol = 1e-10 if q.dtype == F64 else 2e-6
+    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
+    indptr, indices = pat.csr(lq, lk)
+    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
+    assert w.values.shape == (*q.shape[:2], indices.numel())
+    return tol, indices
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("lq,lk,chunk", [(150, 150, None), (260, 130, None), (300, 300, 3000)])
 def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeypatch):
@@ -642,13 +658,7 @@ def test_masked_band_weights_come_from_the_forward(dtype, lq, lk, chunk, monkeyp
     with torch.no_grad():
         out, w = attention(q, k, v, pattern=pat, return_weights=True)
     assert not calls  # written by the forward
-    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(lq, lk))
-    tol = 1e-10 if dtype == F64 else 2e-6
-    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
-    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
-    indptr, indices = pat.csr(lq, lk)
-    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
-    assert w.values.shape == (2, 4, indices.numel())
+    tol, indices = _weights_match_reference(q, k, v, pat, out, w)
     if lq == lk:  # nnz known up front (pat.nnz_from_offsets): buffers of exactly nnz pairs
         assert sizes == [indices.numel()]
     monkeypatch.setattr(enumerate_, "weights_sink", lambda *a: None)
@@ -698,21 +708,14 @@ def test_edge_and_offset_lists_write_their_weights_in_the_forward(dtype, kind, l
     with torch.no_grad():
         out, w = attention(q, k, v, pattern=pat, bias=bias, return_weights=True)
     assert not calls  # written by the forward
-    mask = pat.to_dense(lq, lk)
-    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), mask,
-                                     bias=bias.double())
-    tol = 1e-10 if dtype == F64 else 2e-6
-    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=tol, rtol=0)
-    torch.testing.assert_close(out.double(), ref_out, atol=10 * tol, rtol=0)
-    indptr, indices = pat.csr(lq, lk)
-    assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices)
-    assert w.values.shape == (2, 4, indices.numel())
+    tol, _ = _weights_match_reference(q, k, v, pat, out, w, bias)
     # a differentiable score_mod: the forward keeps its probabilities, the second pass runs
     scale = torch.tensor(1.0, dtype=dtype, requires_grad=True)
     _, w_mod = attention(q, k, v, pattern=pat, bias=bias, return_weights=True,
                          score_mod=lambda s, b, h, i, j: s * scale)
     assert calls
-    torch.testing.assert_close(w_mod.to_dense().detach().double(), ref_w, atol=tol, rtol=0)
+    torch.testing.assert_close(w_mod.to_dense().detach().double(), w.to_dense().double(),
+                               atol=tol, rtol=0)
     calls.clear()
     monkeypatch.setattr("attnkit.functional.weights_sink", lambda *a: None)
     with torch.no_grad():

@@ -1060,29 +1060,35 @@ def test_generate_bound_steps_see_changes_between_tokens(monkeypatch, cache):
     assert torch.equal(bound, plain)
 
 
-def test_bound_decode_step_equals_the_call_and_checks_position():
-    """PreparedDecodeModel.bind + step(pos) gives the call's output and logits at every
-    position and writes the same cache rows; a position past the caches or the rotary tables,
-    and tables of the wrong width, are refused."""
+def _prepared_with_two_caches(seed: int, rows: int):
+    """A small DecoderLM that ran an 8-token prompt and one cached step of ``rows`` sequences
+    into each of two static caches (so they hold the same 9 positions): ``(model, ids (rows,
+    12), caches, prepared model, rotary modules, rotary tables of 14 positions)``; skips where
+    the native step is not built."""
     if not native.step_available():
         pytest.skip("native decoder step not built here")
     from attnkit.lm import model as lm_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
-    ids = torch.randint(0, 40, (2, 12))
+    ids = torch.randint(0, 40, (rows, 12))
+    caches = [StaticCache(16), StaticCache(16)]
     with torch.no_grad():
-        caches = [StaticCache(16), StaticCache(16)]
         for c in caches:
             model(ids[:, :8], cache=c)
-        model(ids[:, 8:9], cache=caches[0])
-        model(ids[:, 8:9], cache=caches[1])
-    prepared = lm_model._PREPARED_MODELS[model]
+            model(ids[:, 8:9], cache=c)
     rot = [b.attn.rotary for b in model.blocks]
     tables = [r.cos_sin(0, 14, torch.device("cpu"), torch.float32) for r in rot]
+    return model, ids, caches, lm_model._PREPARED_MODELS[model], rot, tables
+
+
+def test_bound_decode_step_equals_the_call_and_checks_position():
+    """PreparedDecodeModel.bind + step(pos) gives the call's output and logits at every
+    position and writes the same cache rows; a position past the caches or the rotary tables,
+    and tables of the wrong width, are refused."""
+    model, ids, (c0, c1), prepared, rot, tables = _prepared_with_two_caches(0, 2)
     x = torch.empty(2, 64)
     out, logits = torch.empty(2, 64), torch.empty(2, 40)
-    c0, c1 = caches
     step = prepared.call.bind(x, out, [(c0._keys[i], c0._values[i]) for i in range(2)], tables,
                               logits)
     assert step.limit == 14
@@ -1109,26 +1115,7 @@ def test_bound_decode_step_embeds_ids_and_picks_greedy_tokens():
     output and logits as the caller writing them to x) and writes logits.argmax(-1), ties and
     NaN as torch breaks them; an id outside the embedding raises and changes nothing; bad
     buffers are refused."""
-    if not native.step_available():
-        pytest.skip("native decoder step not built here")
-    from attnkit.lm import model as lm_model
-
-    torch.manual_seed(1)
-    model = DecoderLM(40, 64, 2, 4, 2, max_seq_len=64).eval()
-    ids = torch.randint(0, 40, (3, 12))
-    with torch.no_grad():
-        caches = [StaticCache(16), StaticCache(16)]
-        for c in caches:
-            model(ids[:, :8], cache=c)
-    prepared = lm_model._PREPARED_MODELS.get(model)
-    if prepared is None:
-        with torch.no_grad():
-            for c in caches:
-                model(ids[:, 8:9], cache=c)
-        prepared = lm_model._PREPARED_MODELS[model]
-    rot = [b.attn.rotary for b in model.blocks]
-    tables = [r.cos_sin(0, 14, torch.device("cpu"), torch.float32) for r in rot]
-    c0, c1 = caches
+    model, ids, (c0, c1), prepared, _, tables = _prepared_with_two_caches(1, 3)
     pos0 = c0.seq_length(0)
     x, x_ref = torch.empty(3, 64), torch.empty(3, 64)
     out, ref_out = torch.empty(3, 64), torch.empty(3, 64)
