@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -723,3 +724,20 @@ def test_edge_and_offset_lists_write_their_weights_in_the_forward(dtype, kind, l
     assert calls  # the second pass really ran
     assert torch.equal(slow.indices, w.indices)
     torch.testing.assert_close(w.values, slow.values, atol=tol, rtol=0)
+
+
+def test_appended_weights_with_a_wrong_up_front_count(monkeypatch):
+    """An appending sink sized by a count that is too small raises instead of returning
+    weights cut short; one that is too large still gives exact weights (the unused tail cut)."""
+    pat = P.dilated(64, 2)  # a masked band: appended, buffers sized by nnz_from_offsets
+    q, k, v = _qkv(b=1, hq=2, hkv=1, lq=150, lk=150)
+    nnz = pat.nnz(150, 150)
+    monkeypatch.setattr(type(pat), "nnz_from_offsets", lambda self, lq, lk: nnz + 7)
+    with torch.no_grad():
+        out, w = attention(q, k, v, pattern=pat, return_weights=True)
+    _weights_match_reference(q, k, v, pat, out, w)
+    monkeypatch.setattr(type(pat), "nnz_from_offsets", lambda self, lq, lk: nnz - 7)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="more pairs"):
+        warnings.simplefilter("ignore")  # torch warns as it resizes the short output
+        with torch.no_grad():
+            attention(q, k, v, pattern=pat, return_weights=True)
