@@ -185,9 +185,10 @@ class Pattern:
         counted chunk by chunk)."""
         from .kernels.enumerate import count_pairs
 
-        plan = self.plan(lq, lk)
+        _check_sizes(lq, lk)
+        self.validate(lq, lk)  # (as plan() would: no plan is built where a formula counts)
         counted = self.nnz_from_offsets(lq, lk)
-        return counted if counted is not None else count_pairs(plan, lq, lk)
+        return counted if counted is not None else count_pairs(self._plan(lq, lk), lq, lk)
 
     def nnz_from_offsets(self, lq: int, lk: int) -> int | None:
         """Number of allowed pairs without listing them, for self-attention (``Lq == Lk``) on

@@ -362,7 +362,7 @@ class _NativeDecoding:
                                         self.logits, ids=ids, embed=weight, next_ids=next_ids)
         self.ids = (ctypes.c_int64 * rows).from_address(ids.data_ptr())
         self.next_ids = (ctypes.c_int64 * rows).from_address(next_ids.data_ptr())
-        self.prepared_watch, self.watch, self.weight = prepared.watch, watch, weight
+        self.prepared_watch, self.watch = prepared.watch, watch
         self.layers = layers
         self.keys = [k for k, _ in caches]
         self.values = [v for _, v in caches]
@@ -375,11 +375,12 @@ class _NativeDecoding:
         holds the logits' argmax. ``recheck=False``: the caller ran no other code since this
         object's last step, which was native, so nothing it checked can have changed (from this
         thread) and the checks are skipped: ~0.15 ms of cache misses per step."""
+        # fresh again only once this step is done: any other way out leaves it unset
+        fresh, self.fresh = self.fresh, False
         if len(tokens) != self.rows or torch.is_grad_enabled():
             return None
         cache = self.cache
-        if recheck or not self.fresh:
-            self.fresh = False
+        if recheck or not fresh:
             prepared = _PREPARED_MODELS.get(self.model)
             if (prepared is None or _module_mod._global_forward_hooks
                     or _module_mod._global_forward_pre_hooks or not prepared.watch.unchanged()):
@@ -396,10 +397,8 @@ class _NativeDecoding:
         pos = held[self.layers[0]]
         if (pos >= self.bound.limit or any(held[i] != pos or seen[i] != pos
                                            for i in self.layers)):
-            self.fresh = False
             return None
         self.ids[:] = tokens
-        self.fresh = False  # (until the step is done)
         self.bound(pos)
         for i in self.layers:
             cache._advance(i, 1)
