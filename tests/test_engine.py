@@ -613,6 +613,48 @@ def test_weights_in_csr_order_across_chunks_for_every_pattern(monkeypatch):
         assert torch.equal(w.indptr, indptr) and torch.equal(w.indices, indices), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("lq, lk", [(130, 130), (70, 90)])
+def test_weights_indices_are_int32_where_they_fit_else_int64(dtype, lq, lk, monkeypatch):
+    """SparseWeights' indptr and indices are int32 while every slot and key fits (as scipy
+    chooses), int64 past that; with int64 forced on every writer (the compiled band kernel
+    alone and in a union, masked bands, offset and edge lists, the general path, an empty
+    batch) the weights are the same, and both export."""
+    import attnkit.functional as functional_
+    import attnkit.kernels.enumerate as enumerate_
+
+    assert structured.index_dtype(2**31 - 1, 2**31 - 1) == torch.int32
+    assert structured.index_dtype(2**31, 10) == torch.int64
+    assert structured.index_dtype(10, 2**31) == torch.int64
+    q, k, v = _qkv(b=2, hq=4, hkv=2, lq=lq, lk=lk, dtype=dtype)
+    pats = {n: p for n, p in patterns_for(lq, lk).items() if not p.is_dense}
+
+    def weights():
+        with torch.no_grad():
+            got = {n: attention(q, k, v, pattern=p, return_weights=True)[1]
+                   for n, p in pats.items()}
+            got["empty batch"] = attention(q[:0], k[:0], v[:0], pattern=pats["window"],
+                                           return_weights=True)[1]
+        return got
+
+    narrow = weights()
+    for name, w in narrow.items():
+        assert w.indptr.dtype == w.indices.dtype == torch.int32, name
+    monkeypatch.setattr(enumerate_, "index_dtype", lambda *a: torch.int64)
+    monkeypatch.setattr(functional_, "index_dtype", lambda *a: torch.int64)
+    for name, w in weights().items():
+        w32 = narrow[name]
+        assert w.indptr.dtype == w.indices.dtype == torch.int64, name
+        assert torch.equal(w.indptr, w32.indptr) and torch.equal(w.indices, w32.indices), name
+        assert torch.equal(w.values, w32.values), name
+        if name != "empty batch":
+            for x in (w, w32):
+                assert torch.equal(x.to_torch_sparse().to_dense(), x.to_dense()), name
+    pytest.importorskip("scipy")
+    w = narrow["window|global"]
+    assert (w.to_scipy(1, 3).toarray() == w.to_dense()[1, 3].cpu().numpy()).all()
+
+
 def _weights_match_reference(q, k, v, pat, out, w, bias=None):
     """``out`` and the sparse weights ``w`` of ``attention(q, k, v, pattern=pat, bias=bias,
     return_weights=True)`` against the fp64 dense reference and the pattern's CSR layout.

@@ -555,15 +555,26 @@ def test_band_forward_validates_its_weights_buffers():
         native.band_forward(qs, k, v, -1, 1, 2, 10, weights=(vals, offs, None, 0))
     with pytest.raises(TypeError, match="key0"):
         native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs, None, -1))
+    narrow = torch.full((30,), -7, dtype=torch.int32)
+    with pytest.raises(ValueError, match="too narrow"):  # keys up to 2**31 + 4 in int32
+        native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs, narrow, 2**31 - 5))
+    assert bool((narrow == -7).all()) and bool((vals == 0).all())  # nothing written
+    with pytest.raises(TypeError, match="indices"):
+        native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs, narrow.short(), 0))
+    native.band_forward(qs, k, v, -1, 1, 0, 10, weights=(vals, offs, narrow, 2**31 - 11))
+    assert narrow[:2].tolist() == [2**31 - 11, 2**31 - 10] and int(narrow[28]) == 2**31 - 2
+    vals.zero_()
     native.band_forward(qs, k, v, -1, 1, 2, 10, weights=(vals, offs[2:], None, 0))
     # rows 2..8 write 3 keys at 3 * i, row 9 its 2 keys at 27: nothing before 6 nor at 29
     assert bool((vals[:, :6] == 0).all()) and bool((vals[:, 29] == 0).all())
     assert bool((vals[:, 6:29] > 0).all())
 
 
-def test_band_weights_writes_only_the_rows_runs_and_validates():
-    """Runs with gaps between them: the gaps keep their contents; a run past the buffer, a
-    wrong dtype or layout is refused before the kernel runs."""
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_band_weights_writes_only_the_rows_runs_and_validates(index_dtype):
+    """Runs with gaps between them: the gaps keep their contents (the keys too, in 4- or
+    8-byte indices); a run past the buffer, a wrong dtype or layout is refused before the
+    kernel runs."""
     g = torch.Generator().manual_seed(3)
     qs = torch.randn(1, 2, 2, 12, 8, generator=g)
     k = torch.randn(1, 2, 12, 8, generator=g)
@@ -576,7 +587,7 @@ def test_band_weights_writes_only_the_rows_runs_and_validates():
     offs = torch.cumsum(n + 2, 0) - n - 2 + 1
     ncols = int(offs[-1] + n[-1] + 2)
     vals = torch.full((4, ncols), 9.0)
-    idx = torch.full((ncols,), -7, dtype=torch.long)
+    idx = torch.full((ncols,), -7, dtype=index_dtype)
     native.band_weights(qs, k, lse, lo, hi, vals, offs, idx)
     s = (qs @ k.unsqueeze(2).transpose(-1, -2)).reshape(4, 12, 12)
     want = torch.exp(s - lse.reshape(4, 12, 1))
@@ -713,12 +724,14 @@ def test_union_weights_reuse_the_forwards_scores(other, monkeypatch):
 @given(lq=st.integers(1, 40), extra=st.integers(-10, 10), lo=st.integers(-6, 3),
        width=st.integers(0, 6), q0=st.integers(0, 39), nq=st.integers(0, 40),
        nlists=st.integers(0, 3), seed=st.integers(0, 10**6), blocks=st.integers(1, 5),
-       team=st.sampled_from([(1, 0), (2, 0), (3, 0), (3, 1), (4, 2)]))
+       team=st.sampled_from([(1, 0), (2, 0), (3, 0), (3, 1), (4, 2)]),
+       index_dtype=st.sampled_from([torch.int64, torch.int32]))
 def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nlists, seed,
-                                               blocks, team):
+                                               blocks, team, index_dtype):
     """union_layout (compiled) against the CSR order of a plain sort: rows' slots, band runs,
-    the other keys' slots and indices, for random disjoint key lists off the band, Lk != Lq,
-    the rows cut into blocks laid out by teams of 1-4 threads (some of which do not start)."""
+    the other keys' slots and indices (4- or 8-byte), for random disjoint key lists off the
+    band, Lk != Lq, the rows cut into blocks laid out by teams of 1-4 threads (some of which
+    do not start)."""
     lk = max(1, lq + extra)
     hi = lo + width
     q0 = min(q0, lq)
@@ -736,7 +749,7 @@ def test_union_layout_matches_a_sorted_listing(lq, extra, lo, width, q0, nq, nli
     keys = [key[owner == j] for j in range(nlists)]  # row-major: sorted
     bound = int((stop - start).sum()) + sum(t.numel() for t in keys) + 3
     indptr, offs = torch.empty(nq, dtype=torch.long), torch.empty(nq, dtype=torch.long)
-    indices = torch.full((bound,), -1, dtype=torch.long)
+    indices = torch.full((bound,), -1, dtype=index_dtype)
     with thread_team(*team):
         pos, nnz = native.union_layout(indptr, offs, indices, keys, q0, lq, lk, lo, hi, 3,
                                        blocks=blocks)

@@ -23,6 +23,7 @@ from .kernels.structured import (
     NEG_INF,
     Ctx,
     finish_scores,
+    index_dtype,
     lower,
     softmax_rows,
     structured_attention,
@@ -47,6 +48,9 @@ class SparseWeights:
 
     Attributes:
         indptr: ``(Lq + 1,)`` row pointers; ``indices``: ``(nnz,)`` key index of each entry.
+            Both int32 where every entry fits (``nnz`` and ``Lk`` below ``2**31``, as scipy
+            chooses: less memory and less to write), else int64; ``.long()`` gives int64 for
+            ops that need it (``scatter``, ``index_add_``).
         values: ``(B, Hq, nnz)`` weights (``(*batch, Hq, nnz)`` for several batch dims), rows
             summing to 1 (0 for rows with no key).
         shape: ``(Lq, Lk)``.
@@ -387,6 +391,8 @@ def _empty_batch(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None,
     if pattern is None or isinstance(pattern, Causal):
         return out, q.new_zeros(*lead, lq, lk) + link
     indptr, indices = pattern.csr(lq, lk, q.device)
+    dtype = index_dtype(indices.numel(), lk)  # as the weights of a batch that is not empty
+    indptr, indices = indptr.to(dtype), indices.to(dtype)
     return out, SparseWeights(indptr, indices, q.new_zeros(*lead, indices.numel()) + link,
                               (lq, lk))
 

@@ -46,8 +46,28 @@ typedef void (*dgemm_t)(const char *, const char *, const int *, const int *, co
 
 // geometry slots: sizes, band, row range, block size, then batch / head strides
 enum { B_B, B_HQ, B_HKV, B_L, B_LK, B_D, B_DV, B_LO, B_HI, B_Q0, B_Q1, B_BQ, B_QSB, B_QSH, B_KSB,
-       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0,
+       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0, B_WIDX,
        B_NGEO };
+
+// The keys k0, k0 + 1, .., k0 + n - 1 into a CSR index buffer of `bytes`-wide integers (4 or
+// 8, checked by the entry points) from slot off on.
+static inline void put_keys(void *idx, int64_t bytes, int64_t off, int64_t k0, int64_t n) {
+  if (bytes == 4) {
+    int32_t *x = (int32_t *)idx + off;
+    for (int64_t t = 0; t < n; t++) x[t] = (int32_t)(k0 + t);
+  } else {
+    int64_t *x = (int64_t *)idx + off;
+    for (int64_t t = 0; t < n; t++) x[t] = k0 + t;
+  }
+}
+
+// Whether a weights call's index buffer is usable: absent, or of 4- or 8-byte entries wide
+// enough for every key it gets (key0 + Lk - 1).
+static inline int index_width_ok(const void *idx, const int64_t *g) {
+  if (!idx) return 1;
+  if (g[B_WIDX] == 8) return 1;
+  return g[B_WIDX] == 4 && g[B_WKEY0] >= 0 && g[B_WKEY0] + g[B_LK] - 1 <= INT32_MAX;
+}
 
 // The key window [*j0, *j1) of query rows [i0, i1) and, for row i, its band [a, e) in window
 // coordinates.
@@ -76,9 +96,9 @@ static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t
 // out independently: a block starts at the slot that the band runs and the list keys of the rows
 // before it fill (a binary search per list), so the first touch of a new buffer (its page
 // faults, most of the time here) is spread over the threads. ptr: indptr (nq), offs (nq),
-// indices (bound), nnz_out (1: the slots used after these rows, the next nnz0), then keys_j and
-// pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound, nlists, nblocks,
-// n_0 .. n_{nlists-1}. Returns 0, -2 (a slot past bound), -3 (a list not sorted, a key in two
+// indices (bound, of `ibytes`-wide integers: 4 or 8), nnz_out (1: the slots used after these
+// rows, the next nnz0), then keys_j and pos_j per list; geo: nq, q0, Lq, Lk, lo, hi, nnz0, bound,
+// nlists, nblocks, ibytes, n_0 .. n_{nlists-1}. Returns 0, -2 (a slot past bound), -3 (a list not sorted, a key in two
 // lists, outside these rows, or on the band) or -4 (bad geo); with several errors, the one of
 // the first block that has one.
 #define UNION_MAX_LISTS 16
@@ -86,8 +106,9 @@ static void row_band(const int64_t *g, int64_t i, int64_t j0, int64_t W, int64_t
 typedef struct {
   const int64_t *keys[UNION_MAX_LISTS];
   int64_t *pos[UNION_MAX_LISTS], n[UNION_MAX_LISTS];
-  int64_t *indptr, *offs, *indices;
-  int64_t nq, q0, lk, delta, lo, hi, bound, nl, nblocks, w;
+  int64_t *indptr, *offs;
+  void *indices;
+  int64_t nq, q0, lk, delta, lo, hi, bound, nl, nblocks, w, ibytes;
   const int64_t *start_nnz, *start_at;  // per block (and one past the last): first slot, heads
   int *rc;                              // per block
 } union_job_t;
@@ -130,7 +151,8 @@ static int union_block(const union_job_t *J, int64_t b) {
         J->offs[r] = nnz; nnz += e - a; band_done = 1;
       }
       if (nnz >= J->bound) return -2;
-      J->indices[nnz] = col;
+      if (J->ibytes == 4) ((int32_t *)J->indices)[nnz] = (int32_t)col;
+      else ((int64_t *)J->indices)[nnz] = col;
       J->pos[best][at[best]++] = nnz++;
     }
     if (!band_done) { J->offs[r] = nnz; nnz += e - a; }
@@ -166,17 +188,18 @@ int band_union_layout(const int64_t *ptr, const int64_t *geo, double scale, int 
   (void)scale;
   union_job_t J;
   J.nq = geo[0]; J.q0 = geo[1]; J.lk = geo[3]; J.lo = geo[4]; J.hi = geo[5];
-  J.bound = geo[7]; J.nl = geo[8]; J.nblocks = geo[9];
+  J.bound = geo[7]; J.nl = geo[8]; J.nblocks = geo[9]; J.ibytes = geo[10];
   int64_t lq = geo[2], nnz0 = geo[6];
   if (J.nq < 0 || J.q0 < 0 || J.q0 + J.nq > lq || J.lk < 0 || J.lo > J.hi || nnz0 < 0 ||
-      J.nl < 0 || J.nl > UNION_MAX_LISTS || J.nblocks < 1 || J.nblocks > TEAM_MAX)
+      J.nl < 0 || J.nl > UNION_MAX_LISTS || J.nblocks < 1 || J.nblocks > TEAM_MAX ||
+      !(J.ibytes == 8 || (J.ibytes == 4 && J.lk - 1 <= INT32_MAX)))
     return -4;
   if (J.nblocks > J.nq) J.nblocks = J.nq > 0 ? J.nq : 1;
-  J.indptr = (int64_t *)ptr[0]; J.offs = (int64_t *)ptr[1]; J.indices = (int64_t *)ptr[2];
+  J.indptr = (int64_t *)ptr[0]; J.offs = (int64_t *)ptr[1]; J.indices = (void *)ptr[2];
   int64_t *nnz_out = (int64_t *)ptr[3];
   for (int64_t j = 0; j < J.nl; j++) {
     J.keys[j] = (const int64_t *)ptr[4 + 2 * j]; J.pos[j] = (int64_t *)ptr[5 + 2 * j];
-    J.n[j] = geo[10 + j];
+    J.n[j] = geo[11 + j];
     if (J.n[j] < 0) return -4;
   }
   J.delta = J.lk - lq; J.w = J.lk > 0 ? J.lk : 1;
@@ -367,7 +390,7 @@ typedef struct {
   const R *q, *k, *v, *dout, *lse, *dlse;
   R *out, *lse_out, *dq, *dk, *dv, *halo;
   const int64_t *g;
-  const int64_t *offs; int64_t *idx; R *wout; int *bad;  // weights: CSR runs and a bounds flag
+  const int64_t *offs; void *idx; R *wout; int *bad;  // weights: CSR runs and a bounds flag
   const R *wlse;  // weights in a union: the other components' log-sum-exp per row, or NULL
   int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
   GEMM_T gemm; setthreads_t setthreads;
@@ -408,8 +431,7 @@ static void FN(put_run)(const FN(job_t) *J, int64_t bh, int64_t i, const R *p, i
   R *w = J->wout + bh * J->g[B_WSTR] + off;
   if (f == (R)1) memcpy(w, p, n * sizeof(R));
   else for (int64_t t = 0; t < n; t++) w[t] = p[t] * f;
-  if (J->idx && bh == 0)
-    for (int64_t t = 0; t < n; t++) J->idx[off + t] = J->g[B_WKEY0] + j + t;
+  if (J->idx && bh == 0) put_keys(J->idx, J->g[B_WIDX], off, J->g[B_WKEY0] + j, n);
 }
 
 // A block of the GEMM path (forward and weights): work item it is head bh = (b, h), query rows
@@ -622,8 +644,7 @@ static void FN(lanes_worker)(team_t *TM) {
           float *w = J->wout + bh * g[B_WSTR] + off, il = OT[l];
           if (J->wlse) il *= FN(band_share)(lh[i - q0], J->wlse[bh * nrows + i - q0]);
           for (int64_t j = a; j < e; j++) w[j - a] = S[(j - ka) * LANES + l] * il;
-          if (J->idx && bh == 0)
-            for (int64_t t = 0; t < cnt; t++) J->idx[off + t] = g[B_WKEY0] + a + t;
+          if (J->idx && bh == 0) put_keys(J->idx, g[B_WIDX], off, g[B_WKEY0] + a, cnt);
         }
       }
     }
@@ -634,11 +655,12 @@ static void FN(lanes_worker)(team_t *TM) {
 #endif
 
 // ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
-// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) or 0, and wlse (B * Hq, q1 - q0)
-// or 0; row i's probabilities go to values[bh, offs[i - q0] ..] and its keys (plus B_WKEY0) to
-// indices. With wlse (the log-sum-exp of the other components of a union, per row) they are the
-// union's weights exp(s - lse_row) instead of the band's own. geo: every B_* slot.
-// Computes rows [q0, q1). Returns 0, -1 (out of memory) or -2 (a run outside the buffer).
+// B_WCOLS columns) or 0, offs (q1 - q0,), indices (B_WCOLS,) of B_WIDX-byte integers or 0, and
+// wlse (B * Hq, q1 - q0) or 0; row i's probabilities go to values[bh, offs[i - q0] ..] and its
+// keys (plus B_WKEY0) to indices. With wlse (the log-sum-exp of the other components of a
+// union, per row) they are the union's weights exp(s - lse_row) instead of the band's own.
+// geo: every B_* slot. Computes rows [q0, q1). Returns 0, -1 (out of memory), -2 (a run outside
+// the buffer) or -3 (an index width that is not 4 or 8 bytes, or too narrow for the keys).
 int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                  void *const *rt) {
   (void)scale;  // q arrives pre-scaled
@@ -647,8 +669,9 @@ int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int n
   int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
   J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
-  J.wout = (R *)ptr[5]; J.offs = (const int64_t *)ptr[6]; J.idx = (int64_t *)ptr[7];
+  J.wout = (R *)ptr[5]; J.offs = (const int64_t *)ptr[6]; J.idx = (void *)ptr[7];
   J.wlse = (const R *)ptr[8];
+  if (!index_width_ok(J.idx, geo)) return -3;
   J.bad = &bad;
   J.g = geo;
   J.nblocks = (geo[B_Q1] - geo[B_Q0] + geo[B_BQ] - 1) / geo[B_BQ];
@@ -692,7 +715,7 @@ static void FN(weights_worker)(team_t *TM) {
       int W = (int)(o.j1 - j0), M = (int)(o.i1 - i0);
       const R *lp = J->lse + bh * L + i0;
       R *wrow = J->wout + bh * wstr;
-      int64_t *ix = bh == 0 ? J->idx : NULL;  // the keys once, from the first head
+      void *ix = bh == 0 ? J->idx : NULL;  // the keys once, from the first head
       for (int64_t r = 0; r < M; r++) {
         int64_t a, e;
         row_band(g, i0 + r, j0, W, &a, &e);
@@ -700,7 +723,7 @@ static void FN(weights_worker)(team_t *TM) {
         int64_t off = J->offs[i0 + r], n = e - a;
         if (off < 0 || off > ncol - n) { __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED); continue; }
         FN(row_exp)(wrow + off, S + r * W + a, n, lp[r]);
-        if (ix) for (int64_t t = 0; t < n; t++) ix[off + t] = j0 + a + t;
+        if (ix) put_keys(ix, g[B_WIDX], off, j0 + a, n);
       }
     }
     team_done(TM, stop - start);
@@ -710,9 +733,9 @@ static void FN(weights_worker)(team_t *TM) {
 }
 
 // ptr: q, k, lse (B * Hq, L) contiguous, values (B * Hq rows B_WSTR apart, B_WCOLS columns),
-// offs (L,), indices (B_WCOLS,) or 0. geo: the B_* slots of the forward (q0 = 0, q1 = L) plus
-// B_WCOLS, B_WSTR. Returns 0, -1 (out of memory) or -2 (a row's run out of the buffer; that
-// row was skipped).
+// offs (L,), indices (B_WCOLS,) of B_WIDX-byte integers or 0. geo: the B_* slots of the forward
+// (q0 = 0, q1 = L) plus B_WCOLS, B_WSTR, B_WIDX. Returns 0, -1 (out of memory), -2 (a row's run
+// out of the buffer; that row was skipped) or -3 (a bad index width, as band_forward).
 int FN(band_weights)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                      void *const *rt) {
   (void)scale;  // q arrives pre-scaled
@@ -720,7 +743,8 @@ int FN(band_weights)(const int64_t *ptr, const int64_t *geo, double scale, int n
   memset(&J, 0, sizeof J);
   int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.lse = (const R *)ptr[2];
-  J.wout = (R *)ptr[3]; J.offs = (const int64_t *)ptr[4]; J.idx = (int64_t *)ptr[5];
+  J.wout = (R *)ptr[3]; J.offs = (const int64_t *)ptr[4]; J.idx = (void *)ptr[5];
+  if (!index_width_ok(J.idx, geo)) return -3;
   J.bad = &bad;
   J.g = geo;
   J.nblocks = (geo[B_L] + geo[B_BQ] - 1) / geo[B_BQ];

@@ -19,6 +19,7 @@ from .structured import (
     WeightsSink,
     chunk_rows,
     component_scores,
+    index_dtype,
     lower,
     merge_positions,
     place,
@@ -96,7 +97,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         lse: the forward's log-sum-exp ``(B, Hkv, G, Lq)`` over all components.
 
     Returns:
-        ``indptr (Lq + 1,)``, ``indices (nnz,)`` (the pattern's :meth:`csr`) and
+        ``indptr (Lq + 1,)``, ``indices (nnz,)`` (the pattern's :meth:`csr`, int32 where
+        it fits: :func:`.structured.index_dtype`) and
         ``values (B, Hkv, G, nnz)`` in the compute dtype (differentiable). Each component's
         scores come from its own kernel's score step (a blocked GEMM for bands and segments, a
         shifted dot product per offset, sampled products for edges), chunk by chunk: no per-pair
@@ -112,7 +114,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     if sink is not None and not grad and any(c is sink.comp for c in comps):
         if isinstance(sink.comp, Edges):
             if sink.rows == lq:  # every chunk's probabilities written by the forward
-                return sink.indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+                return _trimmed(sink.indptr, sink.indices, sink.values, sink.indices.numel(),
+                                B, hkv, g)
         elif sink.counts is None:
             return _weights_from_sink(qs, k, ctx, lse, sink)
         elif sink.rows == lq:  # a masked band, every chunk appended by the forward
@@ -139,7 +142,7 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
     # into a list concatenated at the end (a second copy of every value).
     bound = sum(c.cost(lq, lk) for c in comps)
-    indices = torch.empty(bound, dtype=torch.long, device=device)
+    indices = torch.empty(bound, dtype=index_dtype(bound, lk), device=device)
     values = lse.new_empty(B * hkv * g, bound)
     nnz = 0
     for q0 in range(0, lq, rows):
@@ -202,7 +205,9 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
 
 def _trimmed(indptr: Tensor, indices: Tensor, values: Tensor, nnz: int, B: int, hkv: int,
              g: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR buffers sized by the candidates, cut to their first ``nnz`` pairs."""
+    """CSR buffers sized by the candidates, cut to their first ``nnz`` pairs, and
+    ``indptr`` (int64 where it was built) in the indices' dtype."""
+    indptr = indptr.to(indices.dtype)
     bound = indices.numel()
     indices, values = indices[:nnz], values[:, :nnz]
     if nnz < 0.75 * bound:  # masks cut many candidates: keep only the allowed pairs' memory
@@ -248,9 +253,10 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
         # one edge list (random keys, a graph): its pairs in CSR order are the weights'
         # layout, so the CSR edge kernel writes each chunk's probabilities at their slots
         B, hkv, g, lq, _ = qs.shape
+        dtype = index_dtype(c.cost(lq, ctx.lk), ctx.lk)
         return WeightsSink(c, qs.new_empty(B * hkv * g, c.cost(lq, ctx.lk)), qs.new_empty(0),
-                           c.indices.to(qs.device, copy=True),
-                           indptr=c.indptr.to(qs.device, copy=True))
+                           c.indices.to(qs.device, dtype, copy=True),
+                           indptr=c.indptr.to(qs.device, dtype, copy=True))
     if not grad and ctx.dropout_p == 0 and (
             isinstance(c, Offsets) or isinstance(c, Ranges) and c.band is not None and c.masks
             and ctx.bias is None and ctx.score_mod is None):
@@ -260,7 +266,8 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
         bound = c.cost(lq, ctx.lk) if nnz is None else nnz  # at least its allowed pairs
         dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype
         return WeightsSink(c, qs.new_empty(B * hkv * g, bound, dtype=dtype), qs.new_empty(0),
-                           torch.empty(bound, dtype=torch.long, device=qs.device),
+                           torch.empty(bound, dtype=index_dtype(bound, ctx.lk),
+                                       device=qs.device),
                            counts=torch.zeros(lq, dtype=torch.long, device=qs.device))
     return None
 
@@ -281,7 +288,7 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
         bound = sum(c.cost(lq, lk) for c in comps)
         return WeightsSink(band, qs.new_empty(B * hkv * g, bound),
                            torch.empty(lq, dtype=torch.long, device=device),
-                           torch.empty(bound, dtype=torch.long, device=device),
+                           torch.empty(bound, dtype=index_dtype(bound, lk), device=device),
                            indptr=torch.zeros(lq + 1, dtype=torch.long, device=device),
                            others=others)
     lo, hi = band.band
@@ -292,7 +299,8 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
     indptr[1:] = torch.cumsum(n_band, 0)
     nnz = int(indptr[-1])
     return WeightsSink(band, qs.new_empty(B * hkv * g, nnz), indptr[:-1],
-                       torch.empty(nnz, dtype=torch.long, device=device), indptr=indptr)
+                       torch.empty(nnz, dtype=index_dtype(nnz, lk), device=device),
+                       indptr=indptr)
 
 
 def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: WeightsSink
@@ -306,6 +314,6 @@ def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: Weigh
         lo, hi = sink.comp.band
         native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
     if not sink.others:
-        return sink.indptr, sink.indices, sink.values.view(B, hkv, g, -1)
+        return _trimmed(sink.indptr, sink.indices, sink.values, sink.indices.numel(), B, hkv, g)
     sink.indptr[lq] = sink.nnz
     return _trimmed(sink.indptr, sink.indices, sink.values, sink.nnz, B, hkv, g)

@@ -94,6 +94,9 @@ BLOCK = 64
 BAND_SEGMENT_ROWS = 4096
 #: Sizes the kernels pass to BLAS as 32-bit ints stay below this.
 _INT32 = 2**31 - 1
+#: dtypes of the key indices the weights kernels write (int32 where they fit, see
+#: :func:`.structured.index_dtype`)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 _EPS32 = torch.finfo(torch.float32).eps
 
 _state: dict = {}         # the band kernel
@@ -619,13 +622,17 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
         return out, lse
     vals, offs, idx, key0, *other = (None, None, None, 0) if weights is None else weights
     wlse = other[0] if other else None
-    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0)
+    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0,
+                         index_bytes=8 if idx is None else idx.element_size())
     ptr = _i64s(*(0 if t is None else t.data_ptr()
                   for t in (q, k, v, out, lse, vals, offs, idx, wlse)))
     rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
                                                       fns["rt"])
     if rc == -2:
         raise RuntimeError("attnkit fused band kernel: a row's weights fell outside the buffer")
+    if rc == -3:
+        raise ValueError("attnkit fused band kernel: the weights' indices are too narrow for "
+                         "the keys")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
@@ -650,14 +657,16 @@ def _band_inputs(qs: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
                    block: int, dout: Tensor | None = None, nseg: int = 1,
-                   weights: Tensor | None = None, key0: int = 0):
+                   weights: Tensor | None = None, key0: int = 0, index_bytes: int = 8):
     """band_cpu.c's ``geo`` (its ``B_*`` slots) for ``q (B, Hq, Lq, d)``, ``k``, ``v`` (and
     ``dout (B, Hq, Lq, dv)`` for backward, the ``(B * Hq, ncols)`` values buffer for
-    weights and the key index of ``k``'s first row), rows contiguous."""
+    weights, the key index of ``k``'s first row and the bytes of each key index written),
+    rows contiguous."""
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     do_strides = (0, 0) if dout is None else (_stride(dout, 0), _stride(dout, 1))
-    w_slots = (0, 0, 0) if weights is None else (weights.shape[1], _stride(weights, 0), key0)
+    w_slots = (0, 0, 0, 8) if weights is None else (weights.shape[1], _stride(weights, 0), key0,
+                                                      index_bytes)
     return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
                  _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg,
                  *w_slots)
@@ -701,12 +710,14 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
                        offsets: Tensor, indices: Tensor | None, block: int | None = None) -> None:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)`` rows contiguous, lse ``(B * Hq, Lq)``
     contiguous, values ``(B * Hq, ncols)`` with contiguous rows, offsets ``(Lq,)`` and indices
-    ``(ncols,)`` contiguous int64; already checked (the kernel checks each run again)."""
+    ``(ncols,)`` contiguous int64 (indices: int32 or int64); already checked (the kernel
+    checks each run again)."""
     fns = _state["fn"]
     block = BLOCK if block is None else block
     assert _rows_ok(q) and _rows_ok(k) and lse.is_contiguous() and offsets.is_contiguous()
     assert values.shape[1] <= 1 or values.stride(1) == 1
-    geo = _band_geometry(q, k, k, lo, hi, 0, q.shape[2], block, weights=values)
+    geo = _band_geometry(q, k, k, lo, hi, 0, q.shape[2], block, weights=values,
+                         index_bytes=8 if indices is None else indices.element_size())
     ptr = _i64s(q.data_ptr(), k.data_ptr(), lse.data_ptr(), values.data_ptr(),
                 offsets.data_ptr(), 0 if indices is None else indices.data_ptr())
     rc = fns[f"band_weights_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
@@ -714,6 +725,9 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
     if rc == -2:
         raise RuntimeError("attnkit fused band kernel (weights): a row's run fell outside the "
                            "values buffer")
+    if rc == -3:
+        raise ValueError("attnkit fused band kernel (weights): the indices are too narrow for "
+                         "the keys")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel (weights): out of memory for its buffers")
 
@@ -722,8 +736,9 @@ def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, 
                 lq: int, lk: int, lo: int, hi: int, q0: int, q1: int) -> None:
     """A CSR weights buffer for the band ``[lo, hi]`` rows ``[q0, q1)``: ``values (bh, ncols)``
     of ``dtype`` with contiguous rows, ``offsets (q1 - q0,)`` int64 contiguous with every row's
-    run of keys inside ``[0, ncols)``, ``indices (ncols,)`` int64 contiguous or None; else
-    TypeError / ValueError (the kernels check each run again)."""
+    run of keys inside ``[0, ncols)``, ``indices (ncols,)`` int32 or int64 contiguous or None;
+    else TypeError / ValueError (the kernels check each run, and the keys' index width, again).
+    """
     _need(values, "values", 2, (dtype,))
     ncols = values.shape[1]
     if values.shape[0] != bh:
@@ -735,7 +750,9 @@ def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, 
         raise ValueError(f"offsets must be a contiguous ({q1 - q0},) tensor, got "
                          f"{tuple(offsets.shape)}")
     if indices is not None:
-        _need(indices, "indices", 1, (torch.int64,))
+        _need(indices, "indices", 1, _INDEX_DTYPES)
+        if indices.dtype == torch.int32 and lk > _INT32 + 1:
+            raise ValueError(f"int32 indices cannot hold the keys of Lk = {lk}; use int64")
         if indices.numel() != ncols or not indices.is_contiguous():
             raise ValueError(f"indices must be a contiguous ({ncols},) tensor, got "
                              f"{tuple(indices.shape)}")
@@ -768,8 +785,9 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
     Args:
         indptr, offsets: ``(nq,)`` int64, contiguous: written, each row's first slot (from
             ``nnz`` on) and its band run's first slot.
-        indices: ``(bound,)`` int64, contiguous: the other components' keys are written at
-            their slots (the band's are left to the band kernel).
+        indices: ``(bound,)`` int32 (for ``Lk <= 2**31``) or int64, contiguous: the other
+            components' keys are written at their slots (the band's are left to the band
+            kernel).
         keys: at most :data:`UNION_MAX_LISTS` int64 ``(n_j,)`` tensors of ``row * max(Lk, 1)
             + key``, each sorted, all within these rows, disjoint and off the band.
         nnz: the first free slot.
@@ -781,10 +799,12 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
     nq = indptr.numel()
     for t, name, n in ((indptr, "indptr", nq), (offsets, "offsets", nq),
                        (indices, "indices", indices.numel())):
-        _need(t, name, 1, (torch.int64,))
+        _need(t, name, 1, _INDEX_DTYPES if t is indices else (torch.int64,))
         if t.numel() != n or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous ({n},) tensor, got "
                              f"{tuple(t.shape)}")
+    if indices.dtype == torch.int32 and lk > _INT32 + 1:
+        raise ValueError(f"int32 indices cannot hold the keys of Lk = {lk}; use int64")
     if len(keys) > UNION_MAX_LISTS:
         raise ValueError(f"at most {UNION_MAX_LISTS} key lists, got {len(keys)}")
     for t in keys:
@@ -801,7 +821,7 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
     ptr = _i64s(indptr.data_ptr(), offsets.data_ptr(), indices.data_ptr(), out.data_ptr(),
                 *(p_ for t, s in zip(keys, pos) for p_ in (t.data_ptr(), s.data_ptr())))
     geo = _i64s(nq, q0, lq, lk, lo, hi, nnz, indices.numel(), len(keys), blocks,
-                *(t.numel() for t in keys))
+                indices.element_size(), *(t.numel() for t in keys))
     rc = _state["fn"]["band_union_layout"](ptr, geo, 1.0, threads, _state["fn"]["rt"])
     if rc == -2:
         raise RuntimeError("union_layout: the rows need more slots than indices holds")
@@ -831,7 +851,7 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
         values: ``(B * Hkv * G, ncols)`` of qs's dtype, contiguous rows (any row stride).
         offsets: ``(Lq,)`` int64, where each row's run starts; every run must lie in
             ``[0, ncols)``.
-        indices: ``(ncols,)`` int64 contiguous, or None.
+        indices: ``(ncols,)`` int32 or int64 contiguous, or None.
     """
     if not band_available():
         raise RuntimeError("the fused band kernel is not available here (see band_available)")
