@@ -919,7 +919,9 @@ def _chunk(qs, k, v, comps, ctx, q0, q1, training):
     whole = (lse if sink.rows_lse is None  # the row sets' mass joins after the chunks
              else torch.logaddexp(lse, sink.rows_lse[:, :, :, q0:q1]))
     for pos, local, scores in placed:
-        row = whole.reshape(scores.shape[0], -1).index_select(1, local)
+        # gather, not index_select: along the last dim it is several times faster on CPU
+        row = torch.gather(whole.reshape(scores.shape[0], -1), 1,
+                           local.expand(scores.shape[0], -1))
         w = (scores - row).exp_().masked_fill_(torch.isneginf(row), 0.0)  # no mass: weight 0
         sink.values.index_copy_(1, pos, w.to(sink.values.dtype))
     return out, lse
