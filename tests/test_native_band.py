@@ -131,6 +131,67 @@ def test_chunked_rows_without_autograd_fill_one_output(calls, monkeypatch):
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [None, 2000])
+def test_one_band_without_autograd_scales_the_queries_in_the_kernel(chunk, monkeypatch):
+    """A plan of one band without autograd, weights, bias or score_mod hands the compiled
+    kernel the unscaled queries and their factor (scale / temperature): no scaled copy, the
+    same result as scaling first (bitwise on the lane path, which takes the same fp32
+    product), across chunks too; with autograd, a per-head temperature or weights the queries
+    are scaled first, as before."""
+    if chunk is not None:
+        monkeypatch.setattr(structured, "CHUNK_ELEMENTS", chunk)
+    seen = []
+    real = native.band_forward
+
+    def spy(qs, *a, **kw):
+        seen.append((qs.data_ptr(), kw.get("scale", 1.0)))
+        return real(qs, *a, **kw)
+
+    monkeypatch.setattr(native, "band_forward", spy)
+    q, k, v = _qkv(2, 4, 2, 100, 100, 16, 6, seed=8)
+    pat = P.sliding_window(9) & P.causal()
+    with torch.no_grad():
+        out = attention(q, k, v, pattern=pat, scale=0.3, temperature=1.5)
+    assert seen and all(s == 0.3 / 1.5 for _, s in seen), seen
+    assert seen[0][0] == q.data_ptr()  # the caller's queries, read in place
+    seen.clear()
+    with torch.no_grad():
+        first = attention(q * (0.3 / 1.5), k, v, pattern=pat, scale=1.0)
+    assert all(s == 1.0 for _, s in seen)
+    assert torch.equal(out, first)
+    ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(100, 100),
+                          scale=0.3 / 1.5)[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+    for kw in ({"temperature": torch.tensor([1.0, 2.0, 0.5, 1.5])}, {"return_weights": True}):
+        seen.clear()
+        with torch.no_grad():
+            attention(q, k, v, pattern=pat, scale=0.3, **kw)
+        assert seen and all(s == 1.0 for _, s in seen), kw
+    seen.clear()
+    qg = q.clone().requires_grad_()
+    attention(qg, k, v, pattern=pat, scale=0.3).sum().backward()
+    assert seen and all(s == 1.0 for _, s in seen) and qg.grad is not None
+
+
+def test_raw_kernel_takes_a_query_scale():
+    """band_forward(..., scale=s) on unscaled queries: the scores are s * q . k on both the lane
+    path (fp32) and the GEMM path (fp64: alpha of the score product); a scale that is not a
+    finite number is refused, by the wrapper and by the kernel itself."""
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (t.to(dtype) for t in _qkv(1, 4, 2, 60, 70, 8, 5, seed=9))
+        qs = q.view(1, 2, 2, 60, 8)
+        out, lse = native.band_forward(qs, k, v, -6, 4, 3, 50, scale=0.7)
+        want, want_lse = native.band_forward(qs * 0.7, k, v, -6, 4, 3, 50)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out, want, atol=tol, rtol=0)
+        torch.testing.assert_close(lse, want_lse, atol=tol, rtol=0)
+    for bad in (math.nan, math.inf, True, "1"):
+        with pytest.raises(ValueError, match="scale"):
+            native.band_forward(qs, k, v, -6, 4, 3, 50, scale=bad)
+    with pytest.raises(ValueError, match="scale must be finite"):  # the kernel's own check
+        native._call(qs.reshape(1, 4, 60, 8), k, v, -6, 4, 0, 60, scale=math.inf)
+
+
 def test_raw_kernel_reads_strided_slices_in_place():
     """Keys, values and queries as slices of longer tensors (batch / head strides other than
     the slice's own sizes) give what their contiguous copies give."""

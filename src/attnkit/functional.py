@@ -25,6 +25,7 @@ from .kernels.structured import (
     finish_scores,
     index_dtype,
     lower,
+    scale_in_kernel,
     softmax_rows,
     structured_attention,
 )
@@ -340,29 +341,35 @@ def attention(
     if isinstance(temperature, Tensor) and not per_head_temp:
         temperature = temperature.reshape(())
         per_head_temp = temperature.requires_grad  # keep it differentiable
+    ctx = Ctx(lq=lq, lk=lk, batch=B, hkv=hkv, groups=g,
+              bias=None if bias is None else bias.expand(B, hq, lq, lk),
+              score_mod=score_mod, dropout_p=float(dropout_p), need_lse=return_weights)
+    comps = None if dense else lower(pattern.plan(lq, lk), lq, lk)
     if per_head_temp:
         t = temperature.to(q.dtype).reshape(-1, 1, 1) if temperature.dim() else temperature
         qs = q * (scale / t)
     else:
-        qs = q if float(temperature) == 1.0 and scale == 1.0 else q * (scale / float(temperature))
+        factor = scale / float(temperature)
+        if factor != 1.0 and not return_weights and comps is not None and scale_in_kernel(
+                comps, q.view(B, hkv, g, lq, d), k, v, ctx):
+            qs, ctx.q_scale = q, factor  # the band kernel scales the queries itself
+        else:
+            qs = q if factor == 1.0 else q * factor
 
     if dense and score_mod is None and not return_weights:
         out = _sdpa(qs, k, v, pattern, bias, dropout_p, lq, lk, g)
         if out is not None:
             return out
 
-    ctx = Ctx(lq=lq, lk=lk, batch=B, hkv=hkv, groups=g,
-              bias=None if bias is None else bias.expand(B, hq, lq, lk),
-              score_mod=score_mod, dropout_p=float(dropout_p), need_lse=return_weights)
     qg = qs.view(B, hkv, g, lq, d)
 
     if dense and return_weights:
         out, weights = _dense_with_weights(qg, k, v, pattern, ctx)
         return out.reshape(B, hq, lq, dv), weights
 
-    comps = [AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal) else (
-        [AllKeys()] if pattern is None else pattern.plan(lq, lk))
-    comps = lower(comps, lq, lk)
+    if dense:
+        comps = lower([AllKeys(masks=(MaskTerm(pattern),))] if isinstance(pattern, Causal)
+                      else [AllKeys()], lq, lk)
     if return_weights:  # a band's weights written by the forward, where it can
         # one component: its allowed pairs are the pattern's (sizes a masked band's buffers)
         nnz = pattern.nnz_from_offsets(lq, lk) if len(comps) == 1 else None

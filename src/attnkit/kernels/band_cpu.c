@@ -392,6 +392,7 @@ typedef struct {
   const int64_t *g;
   const int64_t *offs; void *idx; R *wout; int *bad;  // weights: CSR runs and a bounds flag
   const R *wlse;  // weights in a union: the other components' log-sum-exp per row, or NULL
+  R qscale;        // the forward's factor on q (1 where the caller scaled it)
   int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
   GEMM_T gemm; setthreads_t setthreads;
 } FN(job_t);
@@ -449,11 +450,11 @@ static int FN(block_scores)(const FN(job_t) *J, int64_t it, int64_t q0, int64_t 
   o->i1 = o->i0 + g[B_BQ] < q1 ? o->i0 + g[B_BQ] : q1;
   window(g, o->i0, o->i1, &o->j0, &o->j1);
   if (o->j1 <= o->j0) return 0;
-  const R one = 1, zero = 0; const char T = 'T', N = 'N';
+  const R alpha = J->qscale, zero = 0; const char T = 'T', N = 'N';
   int W = (int)(o->j1 - o->j0), M = (int)(o->i1 - o->i0), D = (int)g[B_D];
   const R *qp = J->q + o->b * g[B_QSB] + h * g[B_QSH] + o->i0 * g[B_D];
   const R *kp = J->k + o->b * g[B_KSB] + o->hk * g[B_KSH] + o->j0 * g[B_D];
-  J->gemm(&T, &N, &W, &M, &D, &one, kp, &D, qp, &D, &zero, S, &W);
+  J->gemm(&T, &N, &W, &M, &D, &alpha, kp, &D, qp, &D, &zero, S, &W);
   return 1;
 }
 
@@ -612,6 +613,10 @@ static void FN(lanes_worker)(team_t *TM) {
           const float *qr = qh + (gi + l) * d;
           for (int64_t c = c16; c < d; c++) QT[c * LANES + l] = qr[c];
         }
+        if (J->qscale != 1.f) {  // the same product as the caller's q * scale, per element
+          vf_t vs = V_SET1(J->qscale);
+          for (int64_t c = 0; c < d; c++) V_STORE(QT + c * LANES, V_MUL(V_LOAD(QT + c * LANES), vs));
+        }
         vf_t vmax = V_SET1(-INFINITY);
         int64_t jrel = ka - delta - gi;  // first key's offset from lane 0's query
         if (d == 64) qk_run(kh + ka * 64, 64, QT, S, n, jrel, lo, hi, &vmax);
@@ -659,13 +664,16 @@ static void FN(lanes_worker)(team_t *TM) {
 // wlse (B * Hq, q1 - q0) or 0; row i's probabilities go to values[bh, offs[i - q0] ..] and its
 // keys (plus B_WKEY0) to indices. With wlse (the log-sum-exp of the other components of a
 // union, per row) they are the union's weights exp(s - lse_row) instead of the band's own.
-// geo: every B_* slot. Computes rows [q0, q1). Returns 0, -1 (out of memory), -2 (a run outside
-// the buffer) or -3 (an index width that is not 4 or 8 bytes, or too narrow for the keys).
+// geo: every B_* slot; scale: the scores are scale * q . k (1 for queries the caller scaled).
+// Computes rows [q0, q1). Returns 0, -1 (out of memory), -2 (a run outside the buffer), -3 (an
+// index width that is not 4 or 8 bytes, or too narrow for the keys) or -4 (a scale that is not
+// finite).
 int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                  void *const *rt) {
-  (void)scale;  // q arrives pre-scaled
+  if (!isfinite(scale)) return -4;
   FN(job_t) J;
   memset(&J, 0, sizeof J);
+  J.qscale = (R)scale;
   int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.v = (const R *)ptr[2];
   J.out = (R *)ptr[3]; J.lse_out = (R *)ptr[4];
@@ -741,6 +749,7 @@ int FN(band_weights)(const int64_t *ptr, const int64_t *geo, double scale, int n
   (void)scale;  // q arrives pre-scaled
   FN(job_t) J;
   memset(&J, 0, sizeof J);
+  J.qscale = 1;
   int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.lse = (const R *)ptr[2];
   J.wout = (R *)ptr[3]; J.offs = (const int64_t *)ptr[4]; J.idx = (void *)ptr[5];

@@ -354,10 +354,10 @@ def _self_check() -> None:
         v = torch.randn(2, 2, 40, 5, generator=g, dtype=dtype)
         i, j = torch.arange(37).view(-1, 1), torch.arange(37).view(1, -1)
         mask = (j - i >= -4) & (j - i <= 2)
-        for q0, q1 in ((0, 37), (5, 30)):
-            out, lse = _call(q, k[:, :, 3:], v[:, :, 3:], -4, 2, q0, q1, block=16)
+        for q0, q1, scale in ((0, 37, 1.0), (5, 30, 0.37)):
+            out, lse = _call(q, k[:, :, 3:], v[:, :, 3:], -4, 2, q0, q1, block=16, scale=scale)
             _check_attention(f"band rows [{q0}, {q1}) ({dtype})", out, lse, q[:, :, q0:q1],
-                             k[:, :, 3:], v[:, :, 3:], 1.0, mask[q0:q1])
+                             k[:, :, 3:], v[:, :, 3:], scale, mask[q0:q1])
         _band_backward_self_check(q, k, v, g)
         _band_weights_self_check(q, k, v)
 
@@ -606,11 +606,12 @@ def _check_sizes(**sizes: int) -> None:
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
-          block: int | None = None, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
+          block: int | None = None, weights: tuple | None = None,
+          scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)``, v ``(B, Hkv, Lk, dv)``, rows contiguous
     (see :func:`_rows_ok`; batch and head strides are free), already checked; ``weights``:
     ``(values, offsets, indices or None, key0[, other_lse or None])`` checked by
-    :func:`band_forward`."""
+    :func:`band_forward`; ``scale``: the factor on ``q`` (finite)."""
     fns = _state["fn"]
     block = BLOCK if block is None else block  # read at call time: tests shrink it
     B, hq = q.shape[:2]
@@ -626,13 +627,15 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
                          index_bytes=8 if idx is None else idx.element_size())
     ptr = _i64s(*(0 if t is None else t.data_ptr()
                   for t in (q, k, v, out, lse, vals, offs, idx, wlse)))
-    rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
+    rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, scale, torch.get_num_threads(),
                                                       fns["rt"])
     if rc == -2:
         raise RuntimeError("attnkit fused band kernel: a row's weights fell outside the buffer")
     if rc == -3:
         raise ValueError("attnkit fused band kernel: the weights' indices are too narrow for "
                          "the keys")
+    if rc == -4:
+        raise ValueError(f"attnkit fused band kernel: scale must be finite, got {scale}")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
     return out, lse
@@ -882,16 +885,19 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
 
 
 def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
-                 q1: int, weights: tuple | None = None) -> tuple[Tensor, Tensor]:
+                 q1: int, weights: tuple | None = None,
+                 scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Band attention of query rows ``[q0, q1)``: key ``j`` is allowed for query ``i`` iff
     ``lo <= j - i - (Lk - Lq) <= hi``.
 
     Args:
-        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), fp32 (or fp64,
-            for exactness checks), CPU; k and v of the same dtype.
+        qs: queries ``(B, Hkv, G, Lq, D)`` (grouped-query layout), pre-scaled unless ``scale``
+            is given, fp32 (or fp64, for exactness checks), CPU; k and v of the same dtype.
         k: ``(B, Hkv, Lk, D)``; v: ``(B, Hkv, Lk, Dv)``; any strides (rows that are not
             contiguous are copied; batch and head strides, including 0, are read in place).
         lo, hi: ``lo <= hi``, ``hi - lo + 1 <= BAND_MAX_WIDTH``; ``0 <= q0 <= q1 <= Lq``.
+        scale: the scores are ``scale * qs . k``, the product ``qs * scale`` taken in the
+            kernel as the caller would take it (no scaled copy of the queries); finite.
         weights: optional ``(values, offsets, indices, key0[, other_lse])``: the
             probabilities of row ``q0 + r`` (its allowed keys ``j`` in order) are also written
             to ``values[h, offsets[r] + j - start]`` for every head ``h`` (as
@@ -915,6 +921,9 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
                          f"hi={hi}")
     if not 0 <= q0 <= q1 <= lq:
         raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
     if weights is not None:
         values, offsets, indices, key0, *other = weights
         _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, q0, q1)
@@ -936,7 +945,7 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
     # longer tensors are read in place instead of copied
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     out, lse = _call(q, _rows_contiguous(k.detach()), _rows_contiguous(v.detach()), lo, hi, q0,
-                     q1, weights=weights)
+                     q1, weights=weights, scale=float(scale))
     return (out.view(B, hkv, g, q1 - q0, dv), lse.view(B, hkv, g, q1 - q0))
 
 

@@ -109,6 +109,9 @@ class Ctx:
     block: int = field(default_factory=lambda: BLOCK)
     need_lse: bool = True
     sparse_mm: bool = False  # edge components use the CSR kernels (fp32/fp64 inputs)
+    #: the factor the queries still need (1: pre-scaled): a plan of one band that the compiled
+    #: kernel runs without autograd takes it in the kernel (see :func:`scale_in_kernel`)
+    q_scale: float = 1.0
     #: CSR buffers for the weights of one band component, filled by the compiled forward
     #: (see :func:`.enumerate.weights_sink`)
     weights_sink: WeightsSink | None = None
@@ -352,7 +355,9 @@ class _NativeBand(torch.autograd.Function):
     @staticmethod
     def forward(c, qs, k, v, comp: Ranges, ctx: Ctx, weights=None):
         lo, hi = comp.band
-        out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3], weights=weights)
+        c.q_scale = 1.0 if ctx is None else ctx.q_scale
+        out, lse = native.band_forward(qs, k, v, lo, hi, 0, qs.shape[3], weights=weights,
+                                       scale=c.q_scale)
         c.save_for_backward(qs, k, v, lse)
         c.band = (lo, hi)
         return out, lse
@@ -360,6 +365,8 @@ class _NativeBand(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(c, g_out, g_lse):
+        if c.q_scale != 1.0:  # scale_in_kernel is for calls without autograd
+            raise RuntimeError("the band kernel's in-kernel query scale has no backward")
         qs, k, v, lse = c.saved_tensors
         grads = native.band_backward(qs, k, v, g_out, lse, g_lse, *c.band)
         return (*grads, None, None, None)
@@ -373,9 +380,24 @@ def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
             and native.band_available())
 
 
+def scale_in_kernel(comps: list[Component], qs: Tensor, k: Tensor, v: Tensor,
+                    ctx: Ctx) -> bool:
+    """Whether the plan ``comps`` (lowered) is one band that the compiled kernel runs with no
+    autograd, weights, bias or ``score_mod``, so that it can take the queries unscaled with
+    their factor in ``ctx.q_scale`` (the kernel scales each query block as it packs it: no
+    scaled copy of the queries, one full pass over them and its fresh memory fewer)."""
+    c = comps[0] if len(comps) == 1 else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
+    return (isinstance(c, Ranges) and c.band is not None and not grad
+            and ctx.bias is None and ctx.score_mod is None and ctx.weights_sink is None
+            and _native_band_ok(c, qs, k, v, ctx, training=True))
+
+
 def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Band kernel without bias or score_mod: the fused compiled kernel when it applies (no
     extra masks, no dropout, fp32 on CPU), else :func:`_band_torch_partial`."""
+    if ctx.q_scale != 1.0 and not _native_band_ok(comp, qs, k, v, ctx, training):
+        raise RuntimeError("unscaled queries reached a kernel other than the compiled band's")
     if _native_band_ok(comp, qs, k, v, ctx, training):
         # the chunk's rows and the keys their band reaches, as a sub-problem of its own
         lo, hi = comp.band
