@@ -15,7 +15,8 @@ Cases (issue 2):
   gemm         the machine's GEMM GFLOP/s, beside GFLOP/s on allowed pairs
   weights      (issue 26, target 1) every sparse pattern at L = 4096 and 65536, H=4, D=64:
                return_weights=True time vs the plain forward, interleaved rounds (frame's
-               interleaved_times), ratio with a bootstrap CI (target <= 2)
+               interleaved_times; 7 at 4096, 5 at 64k, 3 with --quick), ratio with a
+               bootstrap CI (target <= 2)
   fwd_bwd_64k  (issue 26, target 3) sliding_window(256) | global_tokens(16) at 65536 tokens,
                forward and forward+backward, each in a fresh process (peak resident memory),
                alternating rounds; time per allowed pair of fwd+bwd vs the forward's
@@ -185,7 +186,7 @@ def weights_case(args, lengths, h: int = 4, d: int = 64) -> None:
     clock = time.process_time if args.threads == 1 and DEVICE == "cpu" else time.perf_counter
     for length in lengths:
         q, k, v = qkv(1, h, length, d)
-        rounds = 3 if args.quick or length > 2**13 else 7
+        rounds = 3 if args.quick else 5 if length > 2**13 else 7
         for name, pat in sparse_patterns(length).items():
             if args.pattern and args.pattern not in name:
                 continue
