@@ -154,22 +154,25 @@ def _ensure_all():
 @given(data=st.data(), b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3),
        lq=st.integers(1, 80), extra=st.integers(0, 10), d=st.integers(1, 17),
        dv=st.integers(1, 9), w=st.integers(0, 20), causal=st.booleans(), n=threads,
-       limit=team_limits)
-def test_band(data, b, hkv, g, lq, extra, d, dv, w, causal, n, limit):
+       limit=team_limits, scale=st.sampled_from([None, 1.0, 0.37]))
+def test_band(data, b, hkv, g, lq, extra, d, dv, w, causal, n, limit, scale):
+    """The fused band forward (no autograd: the kernel scales the queries it reads in place,
+    whatever their layout) against the fp64 dense reference and the PyTorch kernels."""
     _ensure_all()
     lk = lq + extra
     q, q64 = data.draw(views((b, hkv * g, lq, d)))
     k, k64 = data.draw(views((b, hkv, lk, d)))
     v, v64 = data.draw(views((b, hkv, lk, dv)))
     pattern = P.sliding_window(w) & P.causal() if causal else P.sliding_window(w)
-    ref = dense_reference(q64, k64, v64, pattern.to_dense(lq, lk))[0]
+    ref = dense_reference(q64, k64, v64, pattern.to_dense(lq, lk), scale=scale)[0]
     with thread_team(n, limit), spy("band_forward") as calls:
-        out = attention(q, k, v, pattern=pattern)
+        out = attention(q, k, v, pattern=pattern, scale=scale)
     # (a causal window may be planned with a mask term, which the PyTorch band kernel serves)
     assert calls or causal, "the fused band kernel was not used"
     _close(out, ref, 1e-4, "band vs fp64")
     with natives_off():
-        _close(out, attention(q, k, v, pattern=pattern).double(), 1e-4, "band vs PyTorch")
+        _close(out, attention(q, k, v, pattern=pattern, scale=scale).double(), 1e-4,
+               "band vs PyTorch")
 
 
 @child_only
