@@ -162,11 +162,18 @@ def test_one_band_without_autograd_scales_the_queries_in_the_kernel(chunk, monke
     ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(100, 100),
                           scale=0.3 / 1.5)[0]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
-    for kw in ({"temperature": torch.tensor([1.0, 2.0, 0.5, 1.5])}, {"return_weights": True}):
-        seen.clear()
-        with torch.no_grad():
-            attention(q, k, v, pattern=pat, scale=0.3, **kw)
-        assert seen and all(s == 1.0 for _, s in seen), kw
+    seen.clear()
+    with torch.no_grad():  # weights: the forward's own probabilities, from the same scores
+        out_w, w = attention(q, k, v, pattern=pat, scale=0.3, temperature=1.5,
+                             return_weights=True)
+        _, w_first = attention(q * (0.3 / 1.5), k, v, pattern=pat, return_weights=True,
+                               scale=1.0)
+    assert seen[0][1] == 0.3 / 1.5 and torch.equal(out_w, out)
+    assert torch.equal(w.values, w_first.values) and torch.equal(w.indices, w_first.indices)
+    seen.clear()
+    with torch.no_grad():
+        attention(q, k, v, pattern=pat, scale=0.3, temperature=torch.tensor([1.0, 2, 0.5, 1.5]))
+    assert seen and all(s == 1.0 for _, s in seen)
     seen.clear()
     qg = q.clone().requires_grad_()
     attention(qg, k, v, pattern=pat, scale=0.3).sum().backward()
@@ -185,9 +192,19 @@ def test_raw_kernel_takes_a_query_scale():
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(out, want, atol=tol, rtol=0)
         torch.testing.assert_close(lse, want_lse, atol=tol, rtol=0)
+        lse_all = native.band_forward(qs, k, v, -6, 4, 0, 60, scale=0.7)[1]
+        rows = torch.arange(60)
+        n = (rows + 10 + 5).clamp(0, 70) - (rows + 10 - 6).clamp(0, 70)
+        offs = torch.cumsum(n, 0) - n
+        got, want_w = (torch.zeros(4, int(n.sum()), dtype=dtype) for _ in range(2))
+        native.band_weights(qs, k, lse_all, -6, 4, got, offs, scale=0.7)
+        native.band_weights(qs * 0.7, k, lse_all, -6, 4, want_w, offs)
+        torch.testing.assert_close(got, want_w, atol=tol, rtol=0)
     for bad in (math.nan, math.inf, True, "1"):
         with pytest.raises(ValueError, match="scale"):
             native.band_forward(qs, k, v, -6, 4, 3, 50, scale=bad)
+        with pytest.raises(ValueError, match="scale"):
+            native.band_weights(qs, k, lse_all, -6, 4, got, offs, scale=bad)
     with pytest.raises(ValueError, match="scale must be finite"):  # the kernel's own check
         native._call(qs.reshape(1, 4, 60, 8), k, v, -6, 4, 0, 60, scale=math.inf)
 

@@ -350,7 +350,7 @@ def attention(
         qs = q * (scale / t)
     else:
         factor = scale / float(temperature)
-        if factor != 1.0 and not return_weights and comps is not None and scale_in_kernel(
+        if factor != 1.0 and comps is not None and scale_in_kernel(
                 comps, q.view(B, hkv, g, lq, d), k, v, ctx):
             qs, ctx.q_scale = q, factor  # the band kernel scales the queries itself
         else:

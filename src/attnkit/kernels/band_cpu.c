@@ -742,14 +742,15 @@ static void FN(weights_worker)(team_t *TM) {
 
 // ptr: q, k, lse (B * Hq, L) contiguous, values (B * Hq rows B_WSTR apart, B_WCOLS columns),
 // offs (L,), indices (B_WCOLS,) of B_WIDX-byte integers or 0. geo: the B_* slots of the forward
-// (q0 = 0, q1 = L) plus B_WCOLS, B_WSTR, B_WIDX. Returns 0, -1 (out of memory), -2 (a row's run
-// out of the buffer; that row was skipped) or -3 (a bad index width, as band_forward).
+// (q0 = 0, q1 = L) plus B_WCOLS, B_WSTR, B_WIDX; scale: the scores' factor on q, as
+// band_forward's. Returns 0, -1 (out of memory), -2 (a row's run out of the buffer; that row was
+// skipped), -3 (a bad index width, as band_forward) or -4 (a scale that is not finite).
 int FN(band_weights)(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
                      void *const *rt) {
-  (void)scale;  // q arrives pre-scaled
+  if (!isfinite(scale)) return -4;
   FN(job_t) J;
   memset(&J, 0, sizeof J);
-  J.qscale = 1;
+  J.qscale = (R)scale;
   int bad = 0;
   J.q = (const R *)ptr[0]; J.k = (const R *)ptr[1]; J.lse = (const R *)ptr[2];
   J.wout = (R *)ptr[3]; J.offs = (const int64_t *)ptr[4]; J.idx = (void *)ptr[5];

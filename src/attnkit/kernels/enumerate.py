@@ -91,7 +91,9 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     """The attention weights of every allowed pair in CSR order, ``exp(score - lse)``.
 
     Args:
-        qs: pre-scaled queries ``(B, Hkv, G, Lq, D)``; k: keys ``(B, Hkv, Lk, D)``.
+        qs: queries ``(B, Hkv, G, Lq, D)``, pre-scaled or with their factor in
+            ``ctx.q_scale`` (see :func:`.structured.scale_in_kernel`); k: keys
+            ``(B, Hkv, Lk, D)``.
         comps: the plan's (lowered) components, as the forward ran them.
         ctx: the forward's context (bias, ``score_mod``).
         lse: the forward's log-sum-exp ``(B, Hkv, G, Lq)`` over all components.
@@ -132,6 +134,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
         # no forward wrote them: the band kernel, afterwards (a union's layout is made by the
         # forward's chunks, see weights_sink; without one, the general path below)
         return _weights_from_sink(qs, k, ctx, lse, _band_sink(qs, k, comps, ctx, fast))
+    if ctx.q_scale != 1.0:  # the band kernel took the queries unscaled (scale_in_kernel)
+        qs = qs * ctx.q_scale
     # rows: the kernels' memory bound, and a score buffer (candidates x heads) that fits in
     # cache; not smaller, as a chunk costs a few Python-level steps per component (per offset)
     per_row = max(1, sum(c.cost(lq, lk) for c in comps) // max(lq, 1)) * B * hkv * g
@@ -312,7 +316,8 @@ def _weights_from_sink(qs: Tensor, k: Tensor, ctx: Ctx, lse: Tensor, sink: Weigh
     B, hkv, g, lq, _ = qs.shape
     if sink.rows != lq:  # the forward did not write them all (it took another kernel)
         lo, hi = sink.comp.band
-        native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices)
+        native.band_weights(qs, k, lse, lo, hi, sink.values, sink.offsets, sink.indices,
+                            scale=ctx.q_scale)
     if not sink.others:
         return _trimmed(sink.indptr, sink.indices, sink.values, sink.indices.numel(), B, hkv, g)
     sink.indptr[lq] = sink.nnz

@@ -596,6 +596,13 @@ def _merged_stride(t: Tensor) -> int | None:
     return t.stride(1) if t.stride(0) == h * t.stride(1) else None
 
 
+def _check_scale(scale) -> None:
+    """A band kernel's factor on the queries: a finite real number, else ValueError."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+
 def _check_sizes(**sizes: int) -> None:
     for name, n in sizes.items():
         if not 0 < n <= _INT32:
@@ -710,7 +717,8 @@ def _band_backward_call(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tens
 
 
 def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,
-                       offsets: Tensor, indices: Tensor | None, block: int | None = None) -> None:
+                       offsets: Tensor, indices: Tensor | None, block: int | None = None,
+                       scale: float = 1.0) -> None:
     """q ``(B, Hq, Lq, d)``, k ``(B, Hkv, Lk, d)`` rows contiguous, lse ``(B * Hq, Lq)``
     contiguous, values ``(B * Hq, ncols)`` with contiguous rows, offsets ``(Lq,)`` and indices
     ``(ncols,)`` contiguous int64 (indices: int32 or int64); already checked (the kernel
@@ -723,7 +731,7 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
                          index_bytes=8 if indices is None else indices.element_size())
     ptr = _i64s(q.data_ptr(), k.data_ptr(), lse.data_ptr(), values.data_ptr(),
                 offsets.data_ptr(), 0 if indices is None else indices.data_ptr())
-    rc = fns[f"band_weights_{_BAND_DTYPES[q.dtype]}"](ptr, geo, 1.0, torch.get_num_threads(),
+    rc = fns[f"band_weights_{_BAND_DTYPES[q.dtype]}"](ptr, geo, scale, torch.get_num_threads(),
                                                       fns["rt"])
     if rc == -2:
         raise RuntimeError("attnkit fused band kernel (weights): a row's run fell outside the "
@@ -731,6 +739,8 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
     if rc == -3:
         raise ValueError("attnkit fused band kernel (weights): the indices are too narrow for "
                          "the keys")
+    if rc == -4:
+        raise ValueError(f"attnkit fused band kernel (weights): scale must be finite, got {scale}")
     if rc != 0:
         raise MemoryError("attnkit fused band kernel (weights): out of memory for its buffers")
 
@@ -840,7 +850,7 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
 
 
 def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: Tensor,
-                 offsets: Tensor, indices: Tensor | None = None) -> None:
+                 offsets: Tensor, indices: Tensor | None = None, scale: float = 1.0) -> None:
     """Write the band's attention weights ``exp(score - lse)`` straight into a CSR buffer: row
     ``i``'s allowed keys ``j`` (``lo <= j - i - (Lk - Lq) <= hi``, clipped to ``[0, Lk)``) go
     to ``values[h, offsets[i] + j - start_i]`` for every head ``h`` (``start_i``: the row's
@@ -855,6 +865,7 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
         offsets: ``(Lq,)`` int64, where each row's run starts; every run must lie in
             ``[0, ncols)``.
         indices: ``(ncols,)`` int32 or int64 contiguous, or None.
+        scale: the scores' factor on ``qs`` (as :func:`band_forward`'s), finite.
     """
     if not band_available():
         raise RuntimeError("the fused band kernel is not available here (see band_available)")
@@ -873,6 +884,7 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
         raise ValueError(f"need lo <= hi and hi - lo + 1 <= {BAND_MAX_WIDTH}, got lo={lo}, "
                          f"hi={hi}")
     _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, 0, lq)
+    _check_scale(scale)
     if B * hkv * g * lq == 0 or lk == 0:
         return
     if d == 0:  # every score is 0
@@ -881,7 +893,7 @@ def band_weights(qs: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, values: T
     q = _rows_contiguous(qs.detach().reshape(B, hkv * g, lq, d))
     _band_weights_call(q, _rows_contiguous(k.detach()),
                        lse.detach().reshape(-1, lq).contiguous(), lo, hi, values, offsets,
-                       indices)
+                       indices, scale=float(scale))
 
 
 def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
@@ -921,9 +933,7 @@ def band_forward(qs: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int,
                          f"hi={hi}")
     if not 0 <= q0 <= q1 <= lq:
         raise ValueError(f"need 0 <= q0 <= q1 <= Lq = {lq}, got q0={q0}, q1={q1}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    _check_scale(scale)
     if weights is not None:
         values, offsets, indices, key0, *other = weights
         _check_runs(values, offsets, indices, qs.dtype, B * hkv * g, lq, lk, lo, hi, q0, q1)

@@ -383,13 +383,15 @@ def _native_band_ok(comp: Ranges, qs, k, v, ctx: Ctx, training: bool) -> bool:
 def scale_in_kernel(comps: list[Component], qs: Tensor, k: Tensor, v: Tensor,
                     ctx: Ctx) -> bool:
     """Whether the plan ``comps`` (lowered) is one band that the compiled kernel runs with no
-    autograd, weights, bias or ``score_mod``, so that it can take the queries unscaled with
-    their factor in ``ctx.q_scale`` (the kernel scales each query block as it packs it: no
-    scaled copy of the queries, one full pass over them and its fresh memory fewer)."""
+    autograd, bias or ``score_mod``, so that it can take the queries unscaled with their
+    factor in ``ctx.q_scale`` (the kernel scales each query block as it packs it: no scaled
+    copy of the queries, one full pass over them and its fresh memory fewer). Its weights, if
+    asked for, are the forward's probabilities (or the compiled weights pass, given the same
+    factor)."""
     c = comps[0] if len(comps) == 1 else None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v))
     return (isinstance(c, Ranges) and c.band is not None and not grad
-            and ctx.bias is None and ctx.score_mod is None and ctx.weights_sink is None
+            and ctx.bias is None and ctx.score_mod is None
             and _native_band_ok(c, qs, k, v, ctx, training=True))
 
 
