@@ -636,6 +636,40 @@ static void FN(lanes_worker)(team_t *TM) {
         for (int64_t l = 0; l < nl; l++)
           lh[gi - q0 + l] = sm[l] > 0.f ? mx[l] + logf(sm[l]) : -INFINITY;
         if (!J->wout) continue;
+#if HAVE_TR16
+        if (nl == LANES && ka == gi + delta + lo && kb == gi + LANES + delta + hi) {
+          // every row's run unclipped: row l's is window rows [l, l + cnt) of lane l, so each
+          // 16 x 16 tile of S is transposed and each lane's row stored at its run's slots
+          // (masked at the run's ends) instead of gathered one probability at a time
+          int64_t cnt = hi - lo + 1;
+          float *wl[LANES], il[LANES], T[LANES * LANES] __attribute__((aligned(64)));
+          for (int64_t l = 0; l < LANES; l++) {
+            int64_t i = gi + l, off = J->offs[i - q0];
+            wl[l] = NULL;
+            if (off < 0 || off > g[B_WCOLS] - cnt) {
+              __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED);
+              continue;
+            }
+            wl[l] = J->wout + bh * g[B_WSTR] + off;
+            il[l] = OT[l];
+            if (J->wlse) il[l] *= FN(band_share)(lh[i - q0], J->wlse[bh * nrows + i - q0]);
+            if (J->idx && bh == 0) put_keys(J->idx, g[B_WIDX], off, g[B_WKEY0] + ka + l, cnt);
+          }
+          // (a last partial tile reads past S's n rows into the thread's own buffer, masked)
+          for (int64_t jt = 0; jt < n; jt += LANES) {
+            tr16(S + jt * LANES, LANES, T, LANES);
+            for (int64_t l = 0; l < LANES; l++) {
+              int64_t j0 = l - jt, j1 = l - jt + cnt;  // tile columns of row l's run
+              if (!wl[l] || j1 <= 0 || j0 >= LANES) continue;
+              uint32_t keep = (j1 >= LANES ? 0xFFFFu : (1u << j1) - 1u) &
+                              (j0 <= 0 ? 0xFFFFu : ~((1u << j0) - 1u));
+              _mm512_mask_storeu_ps(wl[l] + jt - l, (__mmask16)keep,
+                                    V_MUL(V_LOAD(T + l * LANES), V_SET1(il[l])));
+            }
+          }
+          continue;
+        }
+#endif
         for (int64_t l = 0; l < nl; l++) {  // row gi + l's probabilities as one CSR run
           int64_t i = gi + l, a = i + delta + lo, e = i + delta + hi + 1;
           if (a < 0) a = 0;
