@@ -606,7 +606,9 @@ def test_weights_with_autograd_keep_the_pytorch_path(monkeypatch):
 def test_forward_writes_weights_across_chunks(union, monkeypatch):
     """Chunks of rows (each a sub-problem with its own key slice) write their runs at the
     plan-wide offsets and keys (in a union, between the other components' keys of the row, and
-    rescaled to the row's log-sum-exp): equal to the dense reference."""
+    rescaled to the row's log-sum-exp): equal to the dense reference. A band alone runs over
+    all rows in one call (the compiled kernel's buffers are per thread: chunks would only copy
+    each one's output into the whole's)."""
     monkeypatch.setattr(structured, "CHUNK_ELEMENTS", 2000)
     q, k, v = _qkv(2, 4, 2, 150, 160, 8, 5)
     pat = P.sliding_window(7) & P.causal()
@@ -615,7 +617,7 @@ def test_forward_writes_weights_across_chunks(union, monkeypatch):
     fused = _spy_band_forward_weights(monkeypatch)
     with torch.no_grad():
         _, w = attention(q, k, v, pattern=pat, return_weights=True)
-    assert len(fused) > 2 and all(fused)
+    assert (len(fused) > 2 if union else len(fused) == 1) and all(fused)
     ref = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(150, 160))[1]
     torch.testing.assert_close(w.to_dense().double(), ref, atol=2e-6, rtol=0)
     indptr, indices = pat.csr(150, 160, q.device)

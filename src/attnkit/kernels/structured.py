@@ -973,14 +973,17 @@ def structured_attention(
     )
     if any(isinstance(c, RowSet) for c in comps):
         return _with_row_sets(qs, k, v, comps, ctx, training, grad)
-    whole = [c for c in comps if grad and _kernel_for(c, ctx) is _band_fast_partial
+    whole = [c for c in comps if (grad or len(comps) == 1)
+             and _kernel_for(c, ctx) is _band_fast_partial
              and _native_band_ok(c, qs, k, v, ctx, training)]
     if whole:
-        # With autograd, a compiled band runs over all rows at once: it keeps nothing of size
-        # rows x window (its backward recomputes from the lse), so chunks would only cost, as
-        # the backward of each chunk's slices of q, k, v is a zero-filled gradient of their
-        # full size, summed over the chunks (64k tokens, 18 chunks: ~3/4 of the backward's
-        # time). The other components are chunked on their own (few rows or keys: few chunks).
+        # A compiled band runs over all rows at once: it keeps nothing of size rows x window
+        # (its buffers are per thread; its backward recomputes from the lse), so chunks would
+        # only cost. Alone without autograd, each chunk's output would be copied into the
+        # whole's (64k tokens: ~15% of the forward); with autograd, the backward of each
+        # chunk's slices of q, k, v is a zero-filled gradient of their full size, summed over
+        # the chunks (64k tokens, 18 chunks: ~3/4 of the backward's time). The other
+        # components are chunked on their own (few rows or keys: few chunks).
         rest = [c for c in comps if not any(c is w for w in whole)]
         parts = [_band_fast_partial(c, qs, k, v, 0, lq, ctx, training) for c in whole]
         if rest:
