@@ -186,7 +186,18 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     nonempty = total > 0
     total_safe = torch.where(nonempty, total, torch.ones_like(total))
     lse = torch.where(nonempty, m + torch.log(total_safe), torch.full_like(m, NEG_INF))
-    out = sum(o * (w[i] / total_safe).unsqueeze(-1) for i, (o, _) in enumerate(parts))
+    share = (w / total_safe).unsqueeze(-1)  # (P, ..., 1)
+    first = parts[0][0]
+    if (not torch.is_grad_enabled() or not any(o.requires_grad for o, _ in parts)) and all(
+            o.dtype == first.dtype and o.shape == first.shape for o, _ in parts) \
+            and first.is_contiguous():
+        # without autograd the parts are this call's own fresh outputs: scaled and summed
+        # into the first in place, not into new full-size temporaries (one per part and sum)
+        out = first.mul_(share[0])
+        for i in range(1, len(parts)):
+            out.addcmul_(parts[i][0], share[i])
+        return out, lse
+    out = sum(o * share[i] for i, (o, _) in enumerate(parts))
     return out, lse
 
 
