@@ -249,6 +249,14 @@ static void team_start(team_t *T, int nthreads, void *omp_parallel) {
   }
 }
 
+// Start the team on T (team_start), then run on the calling thread the chunks left by threads
+// that could not set up (their allocation failed): 0 when every item was done, else -1.
+static int team_launch(team_t *T, int nthreads, void *omp_parallel) {
+  team_start(T, nthreads, omp_parallel);
+  if (__atomic_load_n(&T->done, __ATOMIC_RELAXED) < T->total) T->run(T);
+  return __atomic_load_n(&T->done, __ATOMIC_RELAXED) == T->total ? 0 : -1;
+}
+
 // The team size for total items: nthreads within [1, min(TEAM_MAX, total)].
 static inline int team_size(int64_t total, int nthreads) {
   if (nthreads < 1) nthreads = 1;
@@ -270,10 +278,7 @@ static int team_run_shares(void (*run)(team_t *), void *arg, int64_t total, int 
   int64_t pieces = (int64_t)nthreads * shares;
   T.run = run; T.arg = arg; T.total = total; T.grain = (total + pieces - 1) / pieces;
   T.next = 0; T.done = 0; T.nblocks = 0; T.blocks = NULL;
-  team_start(&T, nthreads, omp_parallel);
-  // chunks left by threads that could not set up (their allocation failed): one more try here
-  if (__atomic_load_n(&T.next, __ATOMIC_RELAXED) < total) run(&T);
-  return __atomic_load_n(&T.done, __ATOMIC_RELAXED) == total ? 0 : -1;
+  return team_launch(&T, nthreads, omp_parallel);
 }
 
 static inline int team_run(void (*run)(team_t *), void *arg, int64_t total, int nthreads,
@@ -300,8 +305,6 @@ static int team_run_steal(void (*run)(team_t *), void *arg, int64_t total, int n
   team_t T;
   T.run = run; T.arg = arg; T.total = total; T.grain = grain < 1 ? 1 : grain;
   T.next = 0; T.done = 0; T.nblocks = nthreads; T.blocks = blocks;
-  team_start(&T, nthreads, omp_parallel);
-  if (__atomic_load_n(&T.done, __ATOMIC_RELAXED) < total) run(&T);  // see team_run_shares
-  return __atomic_load_n(&T.done, __ATOMIC_RELAXED) == total ? 0 : -1;
+  return team_launch(&T, nthreads, omp_parallel);
 }
 #endif
