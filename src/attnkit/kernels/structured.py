@@ -158,16 +158,19 @@ def finish_scores(s: Tensor, qi: Tensor, kj: Tensor, valid: Tensor | None, ctx: 
 
 
 def softmax_rows(s: Tensor, ctx: Ctx, training: bool) -> tuple[Tensor, Tensor]:
-    """Normalized weights over the last dim and their log-sum-exp; empty rows give 0 / -inf."""
+    """Normalized weights over the last dim and their log-sum-exp; empty rows give 0 / -inf.
+    Without autograd ``s`` (the caller's own fresh scores) becomes the weights in place, so no
+    temporary of its size is made."""
     if s.shape[-1] == 0:
         return s, torch.full(s.shape[:-1], NEG_INF, dtype=s.dtype, device=s.device)
     m = s.detach().amax(-1, keepdim=True)  # the max cancels exactly: no gradient needed
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
+    in_place = not s.requires_grad
+    p = s.sub_(m).exp_() if in_place else torch.exp(s - m)
     lsum = p.sum(-1, keepdim=True)
     nonempty = lsum > 0
     lsum_safe = torch.where(nonempty, lsum, torch.ones_like(lsum))
-    p = p / lsum_safe
+    p = p.div_(lsum_safe) if in_place else p / lsum_safe
     lse = torch.where(nonempty, m + torch.log(lsum_safe), torch.full_like(m, NEG_INF))
     if ctx.dropout_p > 0 and training:
         p = F.dropout(p, ctx.dropout_p, training=True)
