@@ -64,12 +64,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
+# torch's gloo sometimes aborts a rank at interpreter teardown, after its script has finished,
+# on a busy machine: seen in 2-6 of 24 runs of a plain-torch DDP script (no attnkit) under load
+# with torch 2.13 (pytorch/pytorch#65231 is the same message).
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.parametrize("path, code", TORCHRUN)
 def test_torchrun_block_runs_on_two_processes(path, code, tmp_path):
+    """The block runs on two ranks. A run that torch's teardown abort ends is run again (at
+    most twice more), so a script that fails any other way still fails the test."""
     script = tmp_path / "block.py"
     script.write_text(code, encoding="utf-8")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc-per-node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(),
-                          cwd=tmp_path)
+    for _ in range(3):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(),
+                              cwd=tmp_path)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stdout + proc.stderr:
+            break
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
