@@ -151,8 +151,7 @@ static int union_block(const union_job_t *J, int64_t b) {
         J->offs[r] = nnz; nnz += e - a; band_done = 1;
       }
       if (nnz >= J->bound) return -2;
-      if (J->ibytes == 4) ((int32_t *)J->indices)[nnz] = (int32_t)col;
-      else ((int64_t *)J->indices)[nnz] = col;
+      put_keys(J->indices, J->ibytes, nnz, col, 1);
       J->pos[best][at[best]++] = nnz++;
     }
     if (!band_done) { J->offs[r] = nnz; nnz += e - a; }
@@ -574,6 +573,27 @@ static inline __attribute__((always_inline)) void pv_run(const float *vr, int64_
   }
 }
 
+// Where row i's run of cnt probabilities (first key a) goes in the CSR buffer and the factor
+// it is written with (the lane's 1 / sum, times the band's share of the row in a union); its
+// keys are written from the first head. NULL (and the bounds flag set) for a run outside the
+// buffer.
+static float *FN(lane_run)(const FN(job_t) *J, int64_t bh, int64_t i, int64_t a, int64_t cnt,
+                           float inv, float *f) {
+  const int64_t *g = J->g;
+  int64_t q0 = g[B_Q0], off = J->offs[i - q0];
+  if (off < 0 || off > g[B_WCOLS] - cnt) {
+    __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED);
+    return NULL;
+  }
+  *f = inv;
+  if (J->wlse) {
+    int64_t r = bh * (g[B_Q1] - q0) + i - q0;
+    *f *= FN(band_share)(J->lse_out[r], J->wlse[r]);
+  }
+  if (J->idx && bh == 0) put_keys(J->idx, g[B_WIDX], off, g[B_WKEY0] + a, cnt);
+  return J->wout + bh * g[B_WSTR] + off;
+}
+
 static void FN(lanes_worker)(team_t *TM) {
   const FN(job_t) *J = (const FN(job_t) *)TM->arg;
   const int64_t *g = J->g;
@@ -643,18 +663,8 @@ static void FN(lanes_worker)(team_t *TM) {
           // (masked at the run's ends) instead of gathered one probability at a time
           int64_t cnt = hi - lo + 1;
           float *wl[LANES], il[LANES], T[LANES * LANES] __attribute__((aligned(64)));
-          for (int64_t l = 0; l < LANES; l++) {
-            int64_t i = gi + l, off = J->offs[i - q0];
-            wl[l] = NULL;
-            if (off < 0 || off > g[B_WCOLS] - cnt) {
-              __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED);
-              continue;
-            }
-            wl[l] = J->wout + bh * g[B_WSTR] + off;
-            il[l] = OT[l];
-            if (J->wlse) il[l] *= FN(band_share)(lh[i - q0], J->wlse[bh * nrows + i - q0]);
-            if (J->idx && bh == 0) put_keys(J->idx, g[B_WIDX], off, g[B_WKEY0] + ka + l, cnt);
-          }
+          for (int64_t l = 0; l < LANES; l++)
+            wl[l] = FN(lane_run)(J, bh, gi + l, ka + l, cnt, OT[l], &il[l]);
           // (a last partial tile reads past S's n rows into the thread's own buffer, masked)
           for (int64_t jt = 0; jt < n; jt += LANES) {
             tr16(S + jt * LANES, LANES, T, LANES);
@@ -675,15 +685,9 @@ static void FN(lanes_worker)(team_t *TM) {
           if (a < 0) a = 0;
           if (e > lk) e = lk;
           if (e <= a) continue;
-          int64_t off = J->offs[i - q0], cnt = e - a;
-          if (off < 0 || off > g[B_WCOLS] - cnt) {
-            __atomic_store_n(J->bad, 1, __ATOMIC_RELAXED);
-            continue;
-          }
-          float *w = J->wout + bh * g[B_WSTR] + off, il = OT[l];
-          if (J->wlse) il *= FN(band_share)(lh[i - q0], J->wlse[bh * nrows + i - q0]);
-          for (int64_t j = a; j < e; j++) w[j - a] = S[(j - ka) * LANES + l] * il;
-          if (J->idx && bh == 0) put_keys(J->idx, g[B_WIDX], off, g[B_WKEY0] + a, cnt);
+          float il, *w = FN(lane_run)(J, bh, i, a, e - a, OT[l], &il);
+          if (w)
+            for (int64_t j = a; j < e; j++) w[j - a] = S[(j - ka) * LANES + l] * il;
         }
       }
     }
