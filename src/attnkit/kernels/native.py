@@ -596,6 +596,27 @@ def _merged_stride(t: Tensor) -> int | None:
     return t.stride(1) if t.stride(0) == h * t.stride(1) else None
 
 
+def _band_status(rc: int, what: str, scale: float) -> None:
+    """Raise for a band forward's or weights call's nonzero return code (band_cpu.c: -2 a run
+    outside the weights buffer, -3 indices too narrow for the keys, -4 a scale that is not
+    finite, else out of memory); ``what`` names the call in the message."""
+    name = f"attnkit fused band kernel{what}"
+    if rc == -2:
+        raise RuntimeError(f"{name}: a row's run of weights fell outside the values buffer")
+    if rc == -3:
+        raise ValueError(f"{name}: the weights' indices are too narrow for the keys")
+    if rc == -4:
+        raise ValueError(f"{name}: scale must be finite, got {scale}")
+    if rc != 0:
+        raise MemoryError(f"{name}: out of memory for its buffers")
+
+
+def _check_index_width(indices: Tensor, lk: int) -> None:
+    """A weights index buffer of int32 must hold every key below ``lk``, else ValueError."""
+    if indices.dtype == torch.int32 and lk > _INT32 + 1:
+        raise ValueError(f"int32 indices cannot hold the keys of Lk = {lk}; use int64")
+
+
 def _check_scale(scale) -> None:
     """A band kernel's factor on the queries: a finite real number, else ValueError."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
@@ -630,21 +651,12 @@ def _call(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
         return out, lse
     vals, offs, idx, key0, *other = (None, None, None, 0) if weights is None else weights
     wlse = other[0] if other else None
-    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0,
-                         index_bytes=8 if idx is None else idx.element_size())
+    geo = _band_geometry(q, k, v, lo, hi, q0, q1, block, weights=vals, key0=key0, indices=idx)
     ptr = _i64s(*(0 if t is None else t.data_ptr()
                   for t in (q, k, v, out, lse, vals, offs, idx, wlse)))
     rc = fns[f"band_forward_{_BAND_DTYPES[q.dtype]}"](ptr, geo, scale, torch.get_num_threads(),
                                                       fns["rt"])
-    if rc == -2:
-        raise RuntimeError("attnkit fused band kernel: a row's weights fell outside the buffer")
-    if rc == -3:
-        raise ValueError("attnkit fused band kernel: the weights' indices are too narrow for "
-                         "the keys")
-    if rc == -4:
-        raise ValueError(f"attnkit fused band kernel: scale must be finite, got {scale}")
-    if rc != 0:
-        raise MemoryError("attnkit fused band kernel: out of memory for its score buffers")
+    _band_status(rc, "", scale)
     return out, lse
 
 
@@ -667,14 +679,16 @@ def _band_inputs(qs: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q1: int,
                    block: int, dout: Tensor | None = None, nseg: int = 1,
-                   weights: Tensor | None = None, key0: int = 0, index_bytes: int = 8):
+                   weights: Tensor | None = None, key0: int = 0,
+                   indices: Tensor | None = None):
     """band_cpu.c's ``geo`` (its ``B_*`` slots) for ``q (B, Hq, Lq, d)``, ``k``, ``v`` (and
     ``dout (B, Hq, Lq, dv)`` for backward, the ``(B * Hq, ncols)`` values buffer for
-    weights, the key index of ``k``'s first row and the bytes of each key index written),
-    rows contiguous."""
+    weights, the key index of ``k``'s first row and the index buffer the keys go to, for the
+    bytes of each), rows contiguous."""
     B, hq, lq, d = q.shape
     hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     do_strides = (0, 0) if dout is None else (_stride(dout, 0), _stride(dout, 1))
+    index_bytes = 8 if indices is None else indices.element_size()
     w_slots = (0, 0, 0, 8) if weights is None else (weights.shape[1], _stride(weights, 0), key0,
                                                       index_bytes)
     return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
@@ -728,21 +742,12 @@ def _band_weights_call(q: Tensor, k: Tensor, lse: Tensor, lo: int, hi: int, valu
     assert _rows_ok(q) and _rows_ok(k) and lse.is_contiguous() and offsets.is_contiguous()
     assert values.shape[1] <= 1 or values.stride(1) == 1
     geo = _band_geometry(q, k, k, lo, hi, 0, q.shape[2], block, weights=values,
-                         index_bytes=8 if indices is None else indices.element_size())
+                         indices=indices)
     ptr = _i64s(q.data_ptr(), k.data_ptr(), lse.data_ptr(), values.data_ptr(),
                 offsets.data_ptr(), 0 if indices is None else indices.data_ptr())
     rc = fns[f"band_weights_{_BAND_DTYPES[q.dtype]}"](ptr, geo, scale, torch.get_num_threads(),
                                                       fns["rt"])
-    if rc == -2:
-        raise RuntimeError("attnkit fused band kernel (weights): a row's run fell outside the "
-                           "values buffer")
-    if rc == -3:
-        raise ValueError("attnkit fused band kernel (weights): the indices are too narrow for "
-                         "the keys")
-    if rc == -4:
-        raise ValueError(f"attnkit fused band kernel (weights): scale must be finite, got {scale}")
-    if rc != 0:
-        raise MemoryError("attnkit fused band kernel (weights): out of memory for its buffers")
+    _band_status(rc, " (weights)", scale)
 
 
 def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, bh: int,
@@ -764,8 +769,7 @@ def _check_runs(values: Tensor, offsets: Tensor, indices: Tensor | None, dtype, 
                          f"{tuple(offsets.shape)}")
     if indices is not None:
         _need(indices, "indices", 1, _INDEX_DTYPES)
-        if indices.dtype == torch.int32 and lk > _INT32 + 1:
-            raise ValueError(f"int32 indices cannot hold the keys of Lk = {lk}; use int64")
+        _check_index_width(indices, lk)
         if indices.numel() != ncols or not indices.is_contiguous():
             raise ValueError(f"indices must be a contiguous ({ncols},) tensor, got "
                              f"{tuple(indices.shape)}")
@@ -816,8 +820,7 @@ def union_layout(indptr: Tensor, offsets: Tensor, indices: Tensor, keys: list[Te
         if t.numel() != n or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous ({n},) tensor, got "
                              f"{tuple(t.shape)}")
-    if indices.dtype == torch.int32 and lk > _INT32 + 1:
-        raise ValueError(f"int32 indices cannot hold the keys of Lk = {lk}; use int64")
+    _check_index_width(indices, lk)
     if len(keys) > UNION_MAX_LISTS:
         raise ValueError(f"at most {UNION_MAX_LISTS} key lists, got {len(keys)}")
     for t in keys:

@@ -412,9 +412,10 @@ def scale_in_kernel(comps: list[Component], qs: Tensor, k: Tensor, v: Tensor,
 def _band_fast_partial(comp: Ranges, qs, k, v, q0, q1, ctx: Ctx, training: bool):
     """Band kernel without bias or score_mod: the fused compiled kernel when it applies (no
     extra masks, no dropout, fp32 on CPU), else :func:`_band_torch_partial`."""
-    if ctx.q_scale != 1.0 and not _native_band_ok(comp, qs, k, v, ctx, training):
+    compiled = _native_band_ok(comp, qs, k, v, ctx, training)
+    if ctx.q_scale != 1.0 and not compiled:
         raise RuntimeError("unscaled queries reached a kernel other than the compiled band's")
-    if _native_band_ok(comp, qs, k, v, ctx, training):
+    if compiled:
         # the chunk's rows and the keys their band reaches, as a sub-problem of its own
         lo, hi = comp.band
         delta = ctx.lk - ctx.lq
