@@ -10,7 +10,10 @@
 //
 // Forward, per (batch, head, block of bq query rows). fp32 with AVX2 + FMA or AVX-512F: the
 // block's rows in groups of LANES queries, one per vector lane (see "the fp32 forward's own
-// loops" below). Otherwise (fp64, or no AVX2): one GEMM for the scores of the block's key
+// loops" below); where the CPU has AMX (and geo's B_MXU allows it), D is 32 or 64 and Dv a
+// multiple of 16, the two products of those loops run on the tile unit instead, each fp32
+// operand split exactly into three bf16 parts (see HAVE_AMX), the keys packed for it once per
+// thread as its blocks move along them. Otherwise (fp64, or no AVX2): one GEMM for the scores of the block's key
 // window, a softmax over each row's contiguous key range in place (other entries of the row
 // zeroed), one GEMM for the output. The log-sum-exp of each row is written for merging and
 // backward. Rows [q0, q1) go to out (B, Hq, q1 - q0, dv) and lse (B, Hq, q1 - q0); a row with
@@ -46,8 +49,8 @@ typedef void (*dgemm_t)(const char *, const char *, const int *, const int *, co
 
 // geometry slots: sizes, band, row range, block size, then batch / head strides
 enum { B_B, B_HQ, B_HKV, B_L, B_LK, B_D, B_DV, B_LO, B_HI, B_Q0, B_Q1, B_BQ, B_QSB, B_QSH, B_KSB,
-       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0, B_WIDX,
-       B_NGEO };
+       B_KSH, B_VSB, B_VSH, B_DOSB, B_DOSH, B_NSEG, B_WCOLS, B_WSTR, B_WKEY0, B_WIDX, B_MXU,
+       B_NGEO };  // B_MXU: 1 lets the fp32 forward use the tile matrix unit (see HAVE_AMX)
 
 // The keys k0, k0 + 1, .., k0 + n - 1 into a CSR index buffer of `bytes`-wide integers (4 or
 // 8, checked by the entry points) from slot off on.
@@ -344,6 +347,321 @@ static inline vf_t v_zero_if_neginf(vf_t m) {
 #else
 #define LANES 0
 #endif
+// The fp32 forward's two products on AMX (the tile matrix unit of recent Xeons), as exact as
+// the FMA path: each fp32 operand x is cut by truncation into three bf16 parts, x = hi + mid +
+// lo exactly (8 significant bits each), and x * y is taken as the six part products down to
+// 2^-16 of hi * hi (hi hi, hi mid, mid hi, hi lo, lo hi, mid mid; the three dropped are below
+// 2^-22 of |x y|, fp32's own rounding is 2^-24). A part product is exact in fp32 and the unit
+// adds them to its fp32 accumulator one at a time, rounding to nearest, the smallest first, so
+// a score or an output carries fp32 rounding as the FMA path's do (the unit flushes subnormal
+// parts to zero: differences below 1e-38). Its throughput is 16 FMA units', so the six
+// products take ~40% of the FMA path's time.
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && \
+    defined(__x86_64__) && defined(__linux__) && !defined(ATTNKIT_NO_AMX)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+static int amx_granted = 0;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static void amx_request(void) {  // Linux gives a process the tiles' state only when asked
+  amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                        18 /* XFEATURE_XTILEDATA */) == 0;
+}
+// The tile instructions with the memory they touch told to the compiler (GCC 12's intrinsics
+// give tileloadd no memory operand at all and ldtilecfg only the config's first 8 bytes, so
+// stores before them could be moved past them or dropped).
+#define AMX_LOAD(t, base, stride)                                      \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void *)(base)), \
+                   "r"((long)(stride)) : "memory")
+#define AMX_STORE(t, base, stride)                                     \
+  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void *)(base)), \
+                   "r"((long)(stride)) : "memory")
+#define AMX_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define AMX_DP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+static int amx_usable(void) {
+  pthread_once(&amx_once, amx_request);
+  return amx_granted;
+}
+// every tile 16 rows of 64 bytes: a score or output tile (16 x 16 fp32), an operand (16 x 32
+// bf16). Per thread, before its first tile instruction.
+static void amx_configure(void) {
+  struct {
+    uint8_t palette, start, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } __attribute__((aligned(64))) c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
+  __asm__ volatile("ldtilecfg %0" ::"m"(c));
+}
+// x = h + m + l exactly, each part a float whose low 16 bits are zero (a bf16 in its top half)
+static inline void amx_split(__m512 x, __m512i *h, __m512i *m, __m512i *l) {
+  const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+  *h = _mm512_and_si512(_mm512_castps_si512(x), top);
+  __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(*h));
+  *m = _mm512_and_si512(_mm512_castps_si512(r), top);
+  *l = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(*m))), top);
+}
+// the bf16 pairs (a[i], b[i]) of two rows of parts: the unit's operand layout for B, whose row
+// r holds rows 2r and 2r + 1 of the K dimension side by side for each of the 16 columns
+static inline __m512i amx_pair(__m512i a, __m512i b) {
+  return _mm512_mask_blend_epi16((__mmask32)0xAAAAAAAAu, _mm512_srli_epi32(a, 16), b);
+}
+// Rows [0, n) (n even) of x (rows of 16 floats; those outside [r0, r1) are taken as 0 and not
+// read) as three part matrices in B layout: out[p] row r (16 uint32) = pairs of x's rows 2r,
+// 2r + 1
+static void amx_pairs(const float *x, int64_t n, int64_t r0, int64_t r1, uint32_t *hi,
+                      uint32_t *mid, uint32_t *lo) {
+  for (int64_t r = 0; 2 * r < n; r++) {
+    int64_t i = 2 * r;
+    __m512 a = i >= r0 && i < r1 ? _mm512_loadu_ps(x + 16 * i) : _mm512_setzero_ps();
+    __m512 b = i + 1 >= r0 && i + 1 < r1 ? _mm512_loadu_ps(x + 16 * i + 16) : _mm512_setzero_ps();
+    __m512i ah, am, al, bh, bm, bl;
+    amx_split(a, &ah, &am, &al);
+    amx_split(b, &bh, &bm, &bl);
+    _mm512_storeu_si512(hi + 16 * r, amx_pair(ah, bh));
+    _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
+    _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
+  }
+}
+// 16 floats' parts as 16 bf16 each
+static inline void amx_store16(uint16_t *h, uint16_t *m, uint16_t *l, __m512 x) {
+  __m512i a, b, c;
+  amx_split(x, &a, &b, &c);
+  _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16)));
+  _mm256_storeu_si256((__m256i *)m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+  _mm256_storeu_si256((__m256i *)l, _mm512_cvtepi32_epi16(_mm512_srli_epi32(c, 16)));
+}
+static inline void amx_store1(uint16_t *h, uint16_t *m, uint16_t *l, float x) {
+  float r, t;
+  uint32_t u, w;
+  memcpy(&u, &x, 4);
+  u &= 0xFFFF0000u;
+  memcpy(&t, &u, 4);
+  r = x - t;
+  memcpy(&w, &r, 4);
+  w &= 0xFFFF0000u;
+  memcpy(&t, &w, 4);
+  r -= t;
+  *h = (uint16_t)(u >> 16);
+  *m = (uint16_t)(w >> 16);
+  memcpy(&u, &r, 4);
+  *l = (uint16_t)(u >> 16);
+}
+// A thread's pack of the keys its blocks need, for the two products: a ring of chunks of 32
+// keys (absolute key c * 32.. in slot c % nc), each K's tiles then V^T's (1 KB a tile, 16 rows
+// of 64 bytes, read with unit stride): per 16 keys and 32 dims K's hi, mid, lo tiles (rows:
+// keys), per 16 columns V^T's three (rows: columns, 32 keys). Blocks move forward through a
+// head's keys, so each chunk is packed once per run of blocks, while it is in cache.
+typedef struct {
+  uint16_t *buf;
+  int64_t nc, ns, ct, head, from, upto;  // slots; d / 32; dv / 16; its kv head, keys packed
+} amx_ring_t;
+static inline uint16_t *amx_ktile(const amx_ring_t *R, int64_t group) {  // group of 16 keys
+  return R->buf + ((group / 2 % R->nc) * (2 * R->ns + R->ct) + group % 2 * R->ns) * 1536;
+}
+static inline uint16_t *amx_vtile(const amx_ring_t *R, int64_t chunk) {  // chunk of 32 keys
+  return R->buf + ((chunk % R->nc) * (2 * R->ns + R->ct) + 2 * R->ns) * 1536;
+}
+// Chunk c of keys from kr / vr (rows d / dv apart; keys >= lk: zeros) into its slot
+static void amx_pack_chunk(const amx_ring_t *R, int64_t c, const float *kr, const float *vr,
+                           int64_t d, int64_t dv, int64_t lk) {
+  float T[256] __attribute__((aligned(64)));
+  for (int64_t half = 0; half < 2; half++) {
+    uint16_t *kt = amx_ktile(R, 2 * c + half), *vt = amx_vtile(R, c) + 16 * half;
+    int64_t j0 = 32 * c + 16 * half, n = lk - j0 < 16 ? (lk - j0 > 0 ? lk - j0 : 0) : 16;
+    for (int64_t r = 0; r < 16; r++)  // K: row r of each 32 dims' tiles
+      for (int64_t x = 0; x < d; x += 16) {
+        uint16_t *o = kt + x / 32 * 1536 + r * 32 + x % 32;
+        amx_store16(o, o + 512, o + 1024,
+                    r < n ? _mm512_loadu_ps(kr + (j0 + r) * d + x) : _mm512_setzero_ps());
+      }
+    for (int64_t x = 0; x < dv; x += 16) {  // V^T: 16 columns x these 16 keys
+      if (n == 16) tr16(vr + j0 * dv + x, dv, T, 16);
+      else
+        for (int64_t r = 0; r < 16; r++)
+          for (int64_t j = 0; j < 16; j++) T[r * 16 + j] = j < n ? vr[(j0 + j) * dv + x + r] : 0.f;
+      uint16_t *o = vt + x / 16 * 1536;
+      for (int64_t r = 0; r < 16; r++)
+        amx_store16(o + r * 32, o + 512 + r * 32, o + 1024 + r * 32, _mm512_load_ps(T + 16 * r));
+    }
+  }
+}
+// Keys [a, b) of kv head `head` packed (a: a multiple of 32); chunks before a may be dropped
+static void amx_ensure(amx_ring_t *R, int64_t head, int64_t a, int64_t b, const float *kr,
+                       const float *vr, int64_t d, int64_t dv, int64_t lk) {
+  if (head != R->head || a < R->from || a > R->upto) {
+    R->head = head;
+    R->from = R->upto = a;
+  }
+  R->from = a;
+  for (; R->upto < b; R->upto += 32) amx_pack_chunk(R, R->upto / 32, kr, vr, d, dv, lk);
+}
+// Q K^T: the scores of ntiles groups of 16 keys from group g0 against the query block's parts
+// qb (B layout, d / 2 rows a part) into s (16 x 16 a tile, keys x lanes); tiles 1-3 hold the
+// parts of the block's dims 0-31, 4-6 of dims 32-63, the keys' tiles pass through 7. (Same-
+// machine timings: two score tiles in flight, 32 dims at a time with the sums reloaded, was
+// 10% slower.)
+#define AMX_QK_STEP(s, TH, TM, TL) \
+  AMX_LOAD(7, kt + (s) * 1536 + 1024, 64); \
+  AMX_DP(0, 7, TH);                        \
+  AMX_LOAD(7, kt + (s) * 1536 + 512, 64);  \
+  AMX_DP(0, 7, TM);                        \
+  AMX_DP(0, 7, TH);                        \
+  AMX_LOAD(7, kt + (s) * 1536, 64);        \
+  AMX_DP(0, 7, TL);                        \
+  AMX_DP(0, 7, TM);                        \
+  AMX_DP(0, 7, TH);
+// Tile u of the score tiles s (16 keys a tile from the group boundary; key row j of the block
+// is tile row j + lead, n keys): its rows masked to the band (key j is allowed for lanes
+// [jrel + j - hi, jrel + j - lo]), the lanes' max over the tile into tm[u] (and *vmax), and the
+// rows replaced by exp(x - tm[u]) (exp(x) where tm[u] is -inf: zeros). The softmax's exps are
+// taken here, tile by tile, where the tile unit's work on the next tile hides them; the final
+// max is applied as one factor per tile (amx_prob_chunk).
+static inline void amx_tile_exp(float *s, int64_t u, int64_t lead, int64_t n, int64_t jrel,
+                                int64_t lo, int64_t hi, __m512 *tm, __m512 *vmax) {
+  int64_t i0 = 16 * u < lead ? lead : 16 * u, i1 = 16 * u + 16 > lead + n ? lead + n : 16 * u + 16;
+  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+  for (int64_t i = i0; i < i1; i++) {
+    int64_t t = jrel + i - lead;
+    __m512 x = _mm512_loadu_ps(s + 16 * i);
+    if (t - hi > 0 || t - lo < 15) {
+      x = v_keep(x, t - hi, t - lo);
+      _mm512_storeu_ps(s + 16 * i, x);
+    }
+    if (i & 1) m1 = _mm512_max_ps(m1, x);
+    else m0 = _mm512_max_ps(m0, x);
+  }
+  m0 = _mm512_max_ps(m0, m1);
+  tm[u] = m0;
+  *vmax = _mm512_max_ps(*vmax, m0);
+  m0 = v_zero_if_neginf(m0);
+  for (int64_t i = i0; i < i1; i++)
+    _mm512_storeu_ps(s + 16 * i, exp512(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * i), m0)));
+}
+// Q K^T into the score tiles s (see amx_tile_exp) for the groups of 16 keys from g0 on, against
+// the query block's parts qb (B layout, d / 2 rows a part); tiles 1-3 hold the parts of the
+// block's dims 0-31, 4-6 of dims 32-63, the keys' tiles pass through 7. While the tile unit
+// computes a tile, the vector units finish the one before (amx_tile_exp).
+static void amx_qk(const amx_ring_t *R, int64_t g0, int64_t d, const uint32_t *qb, float *s,
+                   int64_t lead, int64_t n, int64_t jrel, int64_t lo, int64_t hi, __m512 *tm,
+                   __m512 *vmax) {
+  int64_t ntiles = (n + lead + 15) / 16;
+  AMX_LOAD(1, qb, 64);
+  AMX_LOAD(2, qb + 8 * d, 64);
+  AMX_LOAD(3, qb + 16 * d, 64);
+  if (d == 64) {
+    AMX_LOAD(4, qb + 256, 64);
+    AMX_LOAD(5, qb + 8 * d + 256, 64);
+    AMX_LOAD(6, qb + 16 * d + 256, 64);
+  }
+  for (int64_t u = 0; u < ntiles; u++) {
+    const uint16_t *kt = amx_ktile(R, g0 + u);
+    AMX_ZERO(0);
+    AMX_QK_STEP(0, 1, 2, 3)
+    if (d == 64) { AMX_QK_STEP(1, 4, 5, 6) }
+    AMX_STORE(0, s + 256 * u, 64);
+    if (u) amx_tile_exp(s, u - 1, lead, n, jrel, lo, hi, tm, vmax);
+  }
+  amx_tile_exp(s, ntiles - 1, lead, n, jrel, lo, hi, tm, vmax);
+}
+// P V for 16 columns (output tile c, V^T's tiles through a): part products of the probabilities'
+// parts (tiles 4-6) and V's, the smallest first
+#define AMX_PV_PARTS(c, a, vt) \
+  AMX_LOAD(a, (vt) + 1024, 64); \
+  AMX_DP(c, a, 4);              \
+  AMX_LOAD(a, (vt) + 512, 64);  \
+  AMX_DP(c, a, 5);              \
+  AMX_DP(c, a, 4);              \
+  AMX_LOAD(a, (vt), 64);        \
+  AMX_DP(c, a, 6);              \
+  AMX_DP(c, a, 5);              \
+  AMX_DP(c, a, 4);
+// The probabilities of chunk t (rows 32t.. of x, amx_tile_exp's tiles from row off on, their
+// factors f; rows outside [r0, r1) are no keys of the block): written back, added to *vsum, and
+// as parts in B layout into pb's chunk t (parts 256 * nch apart)
+static inline void amx_prob_chunk(float *x, int64_t t, int64_t r0, int64_t r1, int64_t off,
+                                  const __m512 *f, __m512 *vsum, uint32_t *pb, int64_t nch) {
+  uint32_t *hi = pb + 256 * t, *mid = hi + 256 * nch, *lo = mid + 256 * nch;
+  for (int64_t r = 0; r < 16; r++) {
+    int64_t i = 32 * t + 2 * r;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    if (i >= r0 && i < r1) {
+      a = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), f[(i - off) / 16]);
+      _mm512_storeu_ps(x + 16 * i, a);
+    }
+    if (i + 1 >= r0 && i + 1 < r1) {
+      b = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * i + 16), f[(i + 1 - off) / 16]);
+      _mm512_storeu_ps(x + 16 * i + 16, b);
+    }
+    *vsum = _mm512_add_ps(*vsum, _mm512_add_ps(a, b));
+    __m512i ah, am, al, bh, bm, bl;
+    amx_split(a, &ah, &am, &al);
+    amx_split(b, &bh, &bm, &bl);
+    _mm512_storeu_si512(hi + 16 * r, amx_pair(ah, bh));
+    _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
+    _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
+  }
+}
+// Softmax and P V of a block: x amx_qk's tiles seen from the 32-key boundary (its tile u at
+// row off + 16u, maxes tm[u]; the block's keys rows [r0, r1); the lanes' max m), V from chunk
+// ch0 of the ring. The probabilities exp(s - m) = exp(s - tm[u]) * exp(tm[u] - m) are written
+// back to x; the lanes' sum goes to *vsum, 1 / sum (0 for a lane without mass) to *inv, and out
+// rows (nl of them, dv apart) = P V * inv. 32 output columns at a time (tiles 0, 1, V through
+// 7 and 3, so one loads while the other multiplies; four output tiles through one was 25%
+// slower here); in the first pass the vector units make chunk t + 1's probabilities while the
+// tile unit multiplies chunk t's. pb: room for nch chunks' parts; ot: 2 tiles; tm: overwritten.
+static void amx_softmax_pv(const amx_ring_t *R, int64_t ch0, int64_t dv, float *x, int64_t r0,
+                           int64_t r1, int64_t off, __m512 *tm, __m512 m, __m512 *vsum,
+                           __m512 *inv, uint32_t *pb, int64_t nch, float *ot, float *op,
+                           int64_t nl) {
+  for (int64_t u = 0; u < (r1 - off + 15) / 16; u++) tm[u] = exp512(_mm512_sub_ps(tm[u], m));
+  amx_prob_chunk(x, 0, r0, r1, off, tm, vsum, pb, nch);
+  for (int64_t c0 = 0; c0 < dv; c0 += 32) {
+    const int nc = dv - c0 >= 32 ? 2 : 1;
+    AMX_ZERO(0);
+    if (nc > 1) AMX_ZERO(1);
+    for (int64_t t = 0; t < nch; t++) {
+      const uint16_t *vt = amx_vtile(R, ch0 + t) + c0 / 16 * 1536;
+      AMX_LOAD(4, pb + 256 * t, 64);
+      AMX_LOAD(5, pb + 256 * (nch + t), 64);
+      AMX_LOAD(6, pb + 256 * (2 * nch + t), 64);
+      AMX_PV_PARTS(0, 7, vt)
+      if (nc > 1) { AMX_PV_PARTS(1, 3, vt + 1536) }
+      if (c0 == 0 && t + 1 < nch) amx_prob_chunk(x, t + 1, r0, r1, off, tm, vsum, pb, nch);
+    }
+    if (c0 == 0)
+      *inv = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(*vsum, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                  _mm512_setzero_ps(), _mm512_div_ps(_mm512_set1_ps(1.f), *vsum));
+    AMX_STORE(0, ot, 64);
+    if (nc > 1) AMX_STORE(1, ot + 256, 64);
+    for (int c = 0; c < nc; c++) {
+      float *o = ot + 256 * c;
+      for (int r = 0; r < 16; r++)
+        _mm512_storeu_ps(o + 16 * r, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * r), *inv));
+      if (nl == 16) tr16(o, 16, op + c0 + 16 * c, dv);
+      else
+        for (int64_t l = 0; l < nl; l++)
+          for (int r = 0; r < 16; r++) op[l * dv + c0 + 16 * c + r] = o[r * 16 + l];
+    }
+  }
+}
+#else
+#define HAVE_AMX 0
+#endif
+
+// 1 when the fp32 forward can run its products on AMX here (built for a CPU with it, and the
+// process granted the tile state), else 0; reads no argument.
+int band_matrix_unit(const int64_t *ptr, const int64_t *geo, double scale, int nthreads,
+                     void *const *rt) {
+  (void)ptr; (void)geo; (void)scale; (void)nthreads; (void)rt;
+#if HAVE_AMX
+  return amx_usable();
+#else
+  return 0;
+#endif
+}
 #ifndef HAVE_TR16
 #define HAVE_TR16 0
 static inline void tr16(const float *s, int64_t a, float *d, int64_t b) {  // never called
@@ -394,6 +712,7 @@ typedef struct {
   R qscale;        // the forward's factor on q (1 where the caller scaled it)
   int64_t nblocks, segblocks, nseg;  // backward: blocks per segment, segments per kv head
   GEMM_T gemm; setthreads_t setthreads;
+  int amx;  // the fp32 forward's products on AMX (see HAVE_AMX)
 } FN(job_t);
 
 // softmax of s[a:b) in place (rest of the row zeroed); returns lse (-inf if empty)
@@ -600,9 +919,36 @@ static void FN(lanes_worker)(team_t *TM) {
   int64_t Hq = g[B_HQ], grp = Hq / g[B_HKV], bq = g[B_BQ], lo = g[B_LO], hi = g[B_HI];
   int64_t q0 = g[B_Q0], q1 = g[B_Q1], d = g[B_D], dv = g[B_DV], nrows = q1 - q0;
   int64_t lk = g[B_LK], delta = lk - g[B_L], nmax = LANES + hi - lo;
-  float *S = NULL;  // scores / probabilities (nmax x LANES), then Q^T (d x LANES), out tile
-  if (posix_memalign((void **)&S, 64, sizeof(float) * LANES * (nmax + d + PV_CB + 2))) return;
-  float *QT = S + nmax * LANES, *OT = QT + d * LANES, *mx = OT + PV_CB * LANES, *sm = mx + LANES;
+  // scores / probabilities (nmax x LANES, whole tiles of 16 on AMX), then Q^T (d x LANES), out
+  // tiles, the lanes' max and sum; on AMX the parts of Q^T and of the probabilities
+  int64_t srows = nmax + 48, extra = 0;
+#if HAVE_AMX
+  const int amx = J->amx;
+  // the ring holds every chunk of 32 keys a group of LANES queries reaches
+  int64_t npairs = 16 * ((nmax + 31) / 32 + 1);
+  amx_ring_t ring = {NULL, (nmax + 62) / 32 + 1, d / 32, dv / 16, -1, 0, 0};
+  if (amx) {
+    extra = 3 * (d / 2) * 16 + 3 * npairs * 16 + 16 * (srows / 16 + 1);
+    if (posix_memalign((void **)&ring.buf, 64,
+                       sizeof(uint16_t) * ring.nc * (2 * ring.ns + ring.ct) * 1536))
+      return;
+  }
+#endif
+  float *S0 = NULL;
+  if (posix_memalign((void **)&S0, 64, sizeof(float) * (LANES * (srows + d + 64 + 2) + extra))) {
+#if HAVE_AMX
+    free(ring.buf);
+#endif
+    return;
+  }
+  // S from row 32 on: the AMX products start at the keys' 16 / 32 boundaries before the block's
+  float *S = S0 + 32 * LANES, *QT = S0 + srows * LANES, *OT = QT + d * LANES;
+  float *mx = OT + 64 * LANES, *sm = mx + LANES;
+#if HAVE_AMX
+  uint32_t *QB = (uint32_t *)(sm + LANES), *PB = QB + 3 * (d / 2) * 16;
+  __m512 *TMX = (__m512 *)(PB + 3 * npairs * 16);  // amx_qk's maxes, one per tile
+  if (amx) amx_configure();
+#endif
   int64_t start, stop;
   while (team_next(TM, &start, &stop)) {
     for (int64_t it = start; it < stop; it++) {
@@ -639,17 +985,34 @@ static void FN(lanes_worker)(team_t *TM) {
         }
         vf_t vmax = V_SET1(-INFINITY);
         int64_t jrel = ka - delta - gi;  // first key's offset from lane 0's query
+#if HAVE_AMX
+        if (amx) {  // whole groups of 16 keys, then the band's mask and the max
+          int64_t lead = ka % 16;
+          amx_ensure(&ring, bh / grp, ka - ka % 32, kb, kh, vh, d, dv, lk);
+          amx_pairs(QT, d, 0, d, QB, QB + 8 * d, QB + 16 * d);
+          amx_qk(&ring, ka / 16, d, QB, S - lead * LANES, lead, n, jrel, lo, hi, TMX, &vmax);
+        } else
+#endif
         if (d == 64) qk_run(kh + ka * 64, 64, QT, S, n, jrel, lo, hi, &vmax);
         else qk_run(kh + ka * d, d, QT, S, n, jrel, lo, hi, &vmax);
-        vf_t m = v_zero_if_neginf(vmax), vsum = V_ZERO();
-        for (int64_t j = 0; j < n; j++) {
-          vf_t p = V_EXP(V_SUB(V_LOAD(S + j * LANES), m));
-          V_STORE(S + j * LANES, p);
-          vsum = V_ADD(vsum, p);
+        vf_t m = v_zero_if_neginf(vmax), vsum = V_ZERO(), inv = V_ZERO();
+#if HAVE_AMX
+        if (amx) {
+          int64_t lead = ka % 32, nch = (n + lead + 31) / 32;
+          amx_softmax_pv(&ring, ka / 32, dv, S - lead * LANES, lead, lead + n, lead - ka % 16, TMX,
+                         m, &vsum, &inv, PB, nch, OT, op, nl);
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < n; j++) {
+            vf_t p = V_EXP(V_SUB(V_LOAD(S + j * LANES), m));
+            V_STORE(S + j * LANES, p);
+            vsum = V_ADD(vsum, p);
+          }
+          inv = v_select_pos(vsum, V_DIV(V_SET1(1.f), vsum), V_ZERO());
+          if (dv == 64) pv_run(vh + ka * 64, 64, S, n, inv, OT, op, nl);
+          else pv_run(vh + ka * dv, dv, S, n, inv, OT, op, nl);
         }
-        vf_t inv = v_select_pos(vsum, V_DIV(V_SET1(1.f), vsum), V_ZERO());
-        if (dv == 64) pv_run(vh + ka * 64, 64, S, n, inv, OT, op, nl);
-        else pv_run(vh + ka * dv, dv, S, n, inv, OT, op, nl);
         V_STORE(mx, vmax);
         V_STORE(sm, vsum);
         V_STORE(OT, inv);
@@ -693,8 +1056,13 @@ static void FN(lanes_worker)(team_t *TM) {
     }
     team_done(TM, stop - start);
   }
-  free(S);
+#if HAVE_AMX
+  if (amx) __asm__ volatile("tilerelease" ::: "memory");
+  free(ring.buf);
+#endif
+  free(S0);
 }
+
 #endif
 
 // ptr: q, k, v, out, lse, then the optional weights output: values (B * Hq rows B_WSTR apart,
@@ -724,6 +1092,10 @@ int FN(band_forward)(const int64_t *ptr, const int64_t *geo, double scale, int n
   J.gemm = (GEMM_T)rt[RT_GEMM]; J.setthreads = (setthreads_t)rt[RT_SET_BLAS_THREADS];
   // blocks are independent (each reads its own rows and key window): small chunks, so a
   // preempted thread's rest goes to the others
+#if LANE && HAVE_AMX
+  J.amx = geo[B_MXU] && (geo[B_D] == 32 || geo[B_D] == 64) && geo[B_DV] > 0 &&
+          geo[B_DV] % 16 == 0 && amx_usable();
+#endif
 #if LANE
   void (*worker)(team_t *) = FN(lanes_worker);
 #else

@@ -16,7 +16,10 @@ signature, ``(ptr, geo, scale, nthreads, rt)`` (see ``team.h``).
 Without a C compiler, without an ``sgemm`` in torch's library, on a failed self-check, or with
 ``ATTNKIT_NATIVE=0`` in the environment, :func:`band_available` is ``False`` and the engine uses
 its PyTorch kernels (the same results). The engine sends fp32 CPU tensors only (the fp64
-versions serve exactness checks such as ``gradcheck``).
+versions serve exactness checks such as ``gradcheck``). On CPUs with Intel AMX the fp32 band
+forward runs its two products on the tile unit for ``D`` of 32 or 64 (each fp32 operand split
+exactly into three bf16 parts, six part products summed in fp32: fp32 rounding, as the vector
+path); ``ATTNKIT_AMX=0`` keeps it on the vector units (:func:`matrix_unit_available`).
 
 ``decode_cpu.c`` (:func:`decode_forward`, gated by :func:`decode_available`): every query row
 of a cached decoding step against every key, the keys split in chunks so all threads work.
@@ -69,6 +72,7 @@ from torch import Tensor
 __all__ = ["band_available", "band_backward", "band_forward", "band_weights", "BAND_MAX_WIDTH",
            "decode_available", "decode_forward", "empty_grads_like", "empty_in_layout",
            "gemv_available", "gemv_multi", "gemv_rows", "PreparedGemv", "kernel_status",
+           "matrix_unit_available",
            "set_team_limit", "step_available", "PreparedDecodeBlock", "PreparedDecodeModel",
            "BoundDecodeStep",
            "decode_block_reference", "back_with_huge_pages", "huge_page_empty",
@@ -123,12 +127,28 @@ def _cpu_key() -> str:
 
 
 def _build(source: Path = _SOURCE) -> Path:
+    """The compiled library of ``source`` (cached). A build that fails is tried once more
+    without the AMX code (``-DATTNKIT_NO_AMX``: an assembler too old for the tile
+    instructions); the vector paths are the same either way."""
+    try:
+        return _build_with(source, [])
+    except RuntimeError as first:
+        if b"ATTNKIT_NO_AMX" not in source.read_bytes():
+            raise
+        try:
+            return _build_with(source, ["-DATTNKIT_NO_AMX"])
+        except RuntimeError:
+            raise first from None
+
+
+def _build_with(source: Path, extra: list[str]) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     deps = (*_HEADERS, *_INCLUDED.get(source.name, ()))
     src = source.read_bytes() + b"".join(h.read_bytes() for h in deps)
-    key = hashlib.sha256(src + repr((_FLAGS, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
+    flags = [*_FLAGS, *extra]
+    key = hashlib.sha256(src + repr((flags, _LIBS, cc, _cpu_key())).encode()).hexdigest()[:16]
     out = _cache_dir() / f"{source.stem}-{key}.so"
     if out.exists():
         return out
@@ -138,7 +158,7 @@ def _build(source: Path = _SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, "-o", tmp, str(source), *_LIBS],
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(source), *_LIBS],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed on {source.name}: {proc.stderr.strip()[:500]}")
@@ -244,7 +264,7 @@ def _load():
     rt = _runtime()
     if not rt[3]:
         raise RuntimeError("torch's library exports no dgemm_")
-    return _load_with_sgemm(_SOURCE, "band_union_layout",
+    return _load_with_sgemm(_SOURCE, "band_union_layout", "band_matrix_unit",
                             *(f"band_{kind}_{suffix}" for kind in ("forward", "backward", "weights")
                               for suffix in ("f32", "f64")))
 
@@ -360,6 +380,15 @@ def _self_check() -> None:
                              k[:, :, 3:], v[:, :, 3:], scale, mask[q0:q1])
         _band_backward_self_check(q, k, v, g)
         _band_weights_self_check(q, k, v)
+    # the fp32 forward's matrix-unit path where the CPU has one (D = 64, Dv a multiple of 16;
+    # more keys than queries, a row range, GQA 2:1); elsewhere the vector path again
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 45, 64, generator=g)
+    k, v = torch.randn(1, 1, 50, 64, generator=g), torch.randn(1, 1, 50, 32, generator=g)
+    i, j = torch.arange(45).view(-1, 1), torch.arange(50).view(1, -1)
+    mask = (j - i - 5 >= -20) & (j - i - 5 <= 3)
+    out, lse = _call(q, k, v, -20, 3, 3, 41, block=16, scale=0.2)
+    _check_attention("band rows [3, 41), D = 64", out, lse, q[:, :, 3:41], k, v, 0.2, mask[3:41])
 
 
 def _band_backward_self_check(q: Tensor, k: Tensor, v: Tensor, g: torch.Generator) -> None:
@@ -516,11 +545,25 @@ def decode_available() -> bool:
                       "native decoding attention kernel")
 
 
+def matrix_unit_available() -> bool:
+    """Whether the fp32 band forward runs its two products on the CPU's tile matrix unit (Intel
+    AMX) for head sizes ``D`` of 32 or 64 and ``Dv`` a multiple of 16: the band kernel is
+    available, was built for a CPU with AMX, the OS granted the process its tile state, and
+    ``ATTNKIT_AMX`` is not 0. Each fp32 operand is split exactly into three bf16 parts and six
+    part products are summed in fp32 (see ``band_cpu.c``), so results carry fp32 rounding as the
+    vector path's do."""
+    if _env_off("ATTNKIT_AMX") or not band_available():
+        return False
+    return bool(_state["fn"]["band_matrix_unit"](None, None, 0.0, 1, None))
+
+
 def kernel_status() -> dict[str, dict]:
     """Each compiled kernel's state, for a report's provenance: ``{"band" | "decode" | "short"
     | "gemv" | "step": {"available": bool, "reason": str | None}}``, ``reason`` saying why an
     unavailable kernel is off (no compiler, ``ATTNKIT_NATIVE=0``, a failed self-check with its
-    mismatch). Builds and checks the kernels not tried yet (so it reports what a call would get)."""
+    mismatch); the band's entry also says whether its fp32 forward uses the tile matrix unit
+    (``"matrix_unit"``, see :func:`matrix_unit_available`). Builds and checks the kernels not
+    tried yet (so it reports what a call would get)."""
     checks = {"band": (band_available, _state), "decode": (decode_available, _decode_state),
               "short": (short_available, _short_state), "gemv": (gemv_available, _gemv_state),
               "step": (step_available, _step_state)}
@@ -530,6 +573,7 @@ def kernel_status() -> dict[str, dict]:
             warnings.simplefilter("ignore")  # the reason is reported here instead
             ok = bool(available())
         status[name] = {"available": ok, "reason": None if ok else state.get("reason")}
+    status["band"]["matrix_unit"] = matrix_unit_available()
     return status
 
 
@@ -693,7 +737,7 @@ def _band_geometry(q: Tensor, k: Tensor, v: Tensor, lo: int, hi: int, q0: int, q
                                                       index_bytes)
     return _i64s(B, hq, hkv, lq, lk, d, dv, lo, hi, q0, q1, block, _stride(q, 0), _stride(q, 1),
                  _stride(k, 0), _stride(k, 1), _stride(v, 0), _stride(v, 1), *do_strides, nseg,
-                 *w_slots)
+                 *w_slots, 0 if _env_off("ATTNKIT_AMX") else 1)
 
 
 def _band_segments(heads: int, lq: int, threads: int) -> int:
