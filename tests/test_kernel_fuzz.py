@@ -148,16 +148,22 @@ def _ensure_all():
 
 # ------------------------------------------------------------------------------ fuzz tests
 
+# head sizes: odd ones (the vector lanes' tails) and those the forward runs on AMX where the CPU
+# has it (D of 32 or 64, Dv a multiple of 16)
+head_sizes = st.one_of(st.integers(1, 17), st.sampled_from([32, 64]))
+value_sizes = st.one_of(st.integers(1, 9), st.sampled_from([16, 48]))
+
 
 @child_only
 @fuzz
 @given(data=st.data(), b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3),
-       lq=st.integers(1, 80), extra=st.integers(0, 10), d=st.integers(1, 17),
-       dv=st.integers(1, 9), w=st.integers(0, 20), causal=st.booleans(), n=threads,
-       limit=team_limits, scale=st.sampled_from([None, 1.0, 0.37]))
+       lq=st.integers(1, 80), extra=st.integers(0, 10), d=head_sizes, dv=value_sizes,
+       w=st.integers(0, 20), causal=st.booleans(), n=threads, limit=team_limits,
+       scale=st.sampled_from([None, 1.0, 0.37]))
 def test_band(data, b, hkv, g, lq, extra, d, dv, w, causal, n, limit, scale):
     """The fused band forward (no autograd: the kernel scales the queries it reads in place,
-    whatever their layout) against the fp64 dense reference and the PyTorch kernels."""
+    whatever their layout; on AMX where D is 32 or 64 and Dv a multiple of 16) against the fp64
+    dense reference and the PyTorch kernels."""
     _ensure_all()
     lk = lq + extra
     q, q64 = data.draw(views((b, hkv * g, lq, d)))
@@ -223,7 +229,7 @@ def test_band_backward(data, b, hkv, g, lq, extra, d, dv, w, kind, block, n, lim
 @child_only
 @fuzz
 @given(data=st.data(), b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3),
-       lq=st.integers(1, 80), extra=st.integers(-10, 10), d=st.integers(1, 17),
+       lq=st.integers(1, 80), extra=st.integers(-10, 10), d=head_sizes,
        w=st.integers(0, 20),
        kind=st.sampled_from(["window", "causal window", "window|global", "window|exponential"]),
        dtype=st.sampled_from([torch.float32, torch.float64]), block=st.sampled_from([4, 64]),
@@ -236,7 +242,7 @@ def test_band_weights(data, b, hkv, g, lq, extra, d, w, kind, dtype, block, n, l
     lk = max(1, lq + extra)
     q, q64 = data.draw(views((b, hkv * g, lq, d), dtype))
     k, k64 = data.draw(views((b, hkv, lk, d), dtype))
-    v, v64 = data.draw(views((b, hkv, lk, 3), dtype))
+    v, v64 = data.draw(views((b, hkv, lk, 3 if d % 32 else 16), dtype))  # D 32 / 64: AMX
     pattern = {"window": P.sliding_window(w), "causal window": P.sliding_window(w) & P.causal(),
                "window|global": P.sliding_window(w) | P.global_tokens([0, lk // 2]),
                "window|exponential": P.sliding_window(w) | P.exponential()}[kind]

@@ -882,3 +882,118 @@ def test_union_layout_rejects_bad_lists(blocks):
         native.union_layout(torch.empty(4, dtype=torch.long), torch.empty(4, dtype=torch.long),
                             torch.empty(9, dtype=torch.long), [torch.tensor([5.0])], 0, 10, 10,
                             0, 1, 0)
+
+
+# ------------------------------------- the fp32 forward on the tile matrix unit (AMX, issue 26)
+
+
+@pytest.fixture()
+def amx(monkeypatch):
+    """The matrix-unit path is on (skips where the CPU or OS has none: the vector path, tested
+    above, serves there)."""
+    monkeypatch.delenv("ATTNKIT_AMX", raising=False)
+    assert native.band_available()
+    if not native.matrix_unit_available():
+        pytest.skip("no AMX tile unit here (or not granted by the OS)")
+
+
+def _band_ref(q, k, v, lo, hi, q0, q1, scale):
+    """fp64 output and lse of rows [q0, q1) for q (B, Hq, Lq, D), k / v (B, Hkv, Lk, .)."""
+    lq, lk, g = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    i, j = torch.arange(lq).view(-1, 1), torch.arange(lk).view(1, -1)
+    rel = j - i - (lk - lq)
+    mask = (rel >= lo) & (rel <= hi)
+    kr, vr = (t.double().repeat_interleave(g, dim=1) for t in (k, v))
+    s = (scale * q.double()) @ kr.transpose(-1, -2)
+    s = s.masked_fill(~mask, -math.inf)[:, :, q0:q1]
+    return torch.softmax(s, -1).nan_to_num(0.0) @ vr, torch.logsumexp(s, -1), mask[q0:q1]
+
+
+# (lq, lk, lo, hi, d, dv, block, q0, q1): D of 32 and 64, Dv from one output tile (16) to
+# several 32-column passes and a lone 16-column one, groups of 16 queries off the key tiles'
+# 16 / 32 boundaries (block 5, 9), rows without keys, a row range, and a sequence long enough
+# for the per-thread ring of packed keys to wrap around many times.
+AMX_GEOMETRIES = [
+    (300, 300, -128, 128, 64, 64, 64, 0, 300),
+    (70, 70, -20, 20, 32, 48, 16, 0, 70),
+    (53, 80, -7, 9, 64, 16, 5, 0, 53),
+    (45, 20, -60, -30, 64, 64, 9, 0, 45),
+    (19, 19, -200, 200, 64, 128, 64, 0, 19),
+    (200, 200, 0, 0, 64, 32, 64, 3, 190),
+    (130, 130, -100, 37, 32, 80, 64, 17, 129),
+    (900, 900, -40, 40, 64, 64, 64, 0, 900),
+]
+
+
+@pytest.mark.parametrize("lq, lk, lo, hi, d, dv, block, q0, q1", AMX_GEOMETRIES)
+def test_matrix_unit_forward_matches_fp64(lq, lk, lo, hi, d, dv, block, q0, q1, amx,
+                                          monkeypatch):
+    """Output and lse of the AMX forward against the dense fp64 reference, with the same
+    tolerance as the vector path's, and against the vector path (ATTNKIT_AMX=0) itself."""
+    monkeypatch.setattr(native, "BLOCK", block)
+    q, k, v = _qkv(2, 4, 2, lq, lk, d, dv, seed=lq + d)
+    qs = q.view(2, 2, 2, lq, d)
+    out, lse = native.band_forward(qs, k, v, lo, hi, q0, q1, scale=d**-0.5)
+    ref, ref_lse, mask = _band_ref(q, k, v, lo, hi, q0, q1, d**-0.5)
+    out, lse = out.reshape(ref.shape).double(), lse.reshape(ref_lse.shape).double()
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=0)
+    empty = ~mask.any(-1)
+    assert torch.isneginf(lse[..., empty]).all() and (out[..., empty, :] == 0).all()
+    torch.testing.assert_close(lse[..., ~empty], ref_lse[..., ~empty], atol=2e-6, rtol=1e-6)
+    monkeypatch.setenv("ATTNKIT_AMX", "0")
+    vec, _ = native.band_forward(qs, k, v, lo, hi, q0, q1, scale=d**-0.5)
+    torch.testing.assert_close(out, vec.reshape(ref.shape).double(), atol=3e-6, rtol=0)
+    if lq * dv >= 300 * 64:  # other rounding: evidence the other path ran
+        assert not torch.equal(out.float(), vec.reshape(ref.shape))
+
+
+def test_matrix_unit_splits_are_exact_at_extreme_magnitudes(amx):
+    """Queries near 1e30 against keys near 1e-30 (products of size 1: the bf16 parts carry the
+    exponent), logits of size ~1e4, and values near 1e-20: all within fp32 rounding of the
+    fp64 reference."""
+    q, k, v = _qkv(1, 2, 2, 96, 96, 64, 32, seed=5)
+    for qf, kf, vf in ((1e30, 1e-30, 1.0), (60.0, 60.0, 1.0), (1.0, 1.0, 1e-20)):
+        qx, kx, vx = q * qf, k * kf, v * vf
+        out, lse = native.band_forward(qx.view(1, 2, 1, 96, 64), kx, vx, -17, 30, 0, 96,
+                                       scale=0.125)
+        ref, ref_lse, _ = _band_ref(qx, kx, vx, -17, 30, 0, 96, 0.125)
+        torch.testing.assert_close(out.reshape(ref.shape).double(), ref,
+                                   atol=2e-6 * vf, rtol=1e-5)
+        smax = float(ref_lse.abs().max())
+        torch.testing.assert_close(lse.reshape(ref_lse.shape).double(), ref_lse,
+                                   atol=4e-7 * (1 + smax), rtol=0)
+
+
+def test_matrix_unit_nan_key_reaches_only_the_rows_that_see_it(amx):
+    """A NaN key gives NaN on exactly the rows whose band holds it (AMX computes whole tiles of
+    16 keys and chunks of 32: the others mask it out)."""
+    q, k, v = _qkv(1, 2, 2, 100, 100, 64, 16, seed=3)
+    k[0, 0, 40] = float("nan")
+    out, _ = native.band_forward(q.view(1, 2, 1, 100, 64), k, v, -2, 2, 0, 100, scale=0.125)
+    rows = torch.isnan(out[0, 0, 0, :, 0]).nonzero().flatten().tolist()
+    assert rows == [38, 39, 40, 41, 42]
+    assert not torch.isnan(out[0, 1]).any()
+
+
+@pytest.mark.parametrize("pattern", ["window", "window|global"])
+def test_matrix_unit_writes_the_weights(pattern, amx):
+    """return_weights=True at D = 64: the weights the AMX forward writes equal the dense
+    reference's (and the output too)."""
+    pat = P.sliding_window(40) if pattern == "window" else (P.sliding_window(40)
+                                                           | P.global_tokens([3, 77]))
+    q, k, v = _qkv(2, 4, 2, 150, 150, 64, 32, seed=11)
+    with torch.no_grad():
+        out, w = attention(q, k, v, pattern=pat, return_weights=True)
+    ref_out, ref_w = dense_reference(q.double(), k.double(), v.double(), pat.to_dense(150, 150))
+    torch.testing.assert_close(w.to_dense().double(), ref_w, atol=2e-6, rtol=0)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=0)
+
+
+def test_matrix_unit_switch_and_status(monkeypatch):
+    """ATTNKIT_AMX=0 turns the matrix unit off; kernel_status reports whether it is in use."""
+    assert native.band_available()
+    monkeypatch.setenv("ATTNKIT_AMX", "0")
+    assert not native.matrix_unit_available()
+    assert native.kernel_status()["band"]["matrix_unit"] is False
+    monkeypatch.delenv("ATTNKIT_AMX")
+    assert native.kernel_status()["band"]["matrix_unit"] == native.matrix_unit_available()
