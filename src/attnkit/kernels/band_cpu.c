@@ -408,6 +408,17 @@ static inline void amx_split(__m512 x, __m512i *h, __m512i *m, __m512i *l) {
 static inline __m512i amx_pair(__m512i a, __m512i b) {
   return _mm512_mask_blend_epi16((__mmask32)0xAAAAAAAAu, _mm512_srli_epi32(a, 16), b);
 }
+// Row r of the three part matrices in B layout (hi, mid, lo: 16 uint32 a row): the parts of
+// rows a and b side by side
+static inline void amx_put_pairs(uint32_t *hi, uint32_t *mid, uint32_t *lo, int64_t r, __m512 a,
+                                 __m512 b) {
+  __m512i ah, am, al, bh, bm, bl;
+  amx_split(a, &ah, &am, &al);
+  amx_split(b, &bh, &bm, &bl);
+  _mm512_storeu_si512(hi + 16 * r, amx_pair(ah, bh));
+  _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
+  _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
+}
 // Rows [0, n) (n even) of x (rows of 16 floats; those outside [r0, r1) are taken as 0 and not
 // read) as three part matrices in B layout: out[p] row r (16 uint32) = pairs of x's rows 2r,
 // 2r + 1
@@ -417,12 +428,7 @@ static void amx_pairs(const float *x, int64_t n, int64_t r0, int64_t r1, uint32_
     int64_t i = 2 * r;
     __m512 a = i >= r0 && i < r1 ? _mm512_loadu_ps(x + 16 * i) : _mm512_setzero_ps();
     __m512 b = i + 1 >= r0 && i + 1 < r1 ? _mm512_loadu_ps(x + 16 * i + 16) : _mm512_setzero_ps();
-    __m512i ah, am, al, bh, bm, bl;
-    amx_split(a, &ah, &am, &al);
-    amx_split(b, &bh, &bm, &bl);
-    _mm512_storeu_si512(hi + 16 * r, amx_pair(ah, bh));
-    _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
-    _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
+    amx_put_pairs(hi, mid, lo, r, a, b);
   }
 }
 // 16 floats' parts as 16 bf16 each
@@ -596,12 +602,7 @@ static inline void amx_prob_chunk(float *x, int64_t t, int64_t r0, int64_t r1, i
       _mm512_storeu_ps(x + 16 * i + 16, b);
     }
     *vsum = _mm512_add_ps(*vsum, _mm512_add_ps(a, b));
-    __m512i ah, am, al, bh, bm, bl;
-    amx_split(a, &ah, &am, &al);
-    amx_split(b, &bh, &bm, &bl);
-    _mm512_storeu_si512(hi + 16 * r, amx_pair(ah, bh));
-    _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
-    _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
+    amx_put_pairs(hi, mid, lo, r, a, b);
   }
 }
 // Softmax and P V of a block: x amx_qk's tiles seen from the 32-key boundary (its tile u at
