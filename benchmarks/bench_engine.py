@@ -8,7 +8,8 @@ Cases (issue 2):
   window       sliding_window(128), L=2048: forward time / dense SDPA (target <= 0.14) and
                forward+backward / dense SDPA's forward+backward (target <= 0.2), interleaved
                medians, with the fused compiled band kernels (attnkit.kernels.native) and the
-               engine's PyTorch band kernel, and compiled FlexAttention's ratio
+               engine's PyTorch band kernel, and compiled FlexAttention's ratio; where the
+               forward runs on AMX (matrix_unit), the vector path's ratio in the same rounds
   scaling      sliding_window(256) | global_tokens(16), H=4, D=64, L=16k..1M: forward time vs
                allowed pairs (log-log slope <= 1.1), vs FlexAttention at 16k and 64k (>= 3x),
                peak memory of the 1M forward in a fresh process (< 8 GiB)
@@ -348,6 +349,21 @@ def core_cases(args) -> None:
         "sdpa_fwd_bwd": lambda: F.scaled_dot_product_attention(qg, kg, vg).backward(dout),
         "window_fwd_bwd": lambda: attnkit.attention(qg, kg, vg, pattern=pat).backward(dout),
     }
+    matrix_unit = fused and native.matrix_unit_available()
+    if matrix_unit:  # the same forward on the vector units alone (ATTNKIT_AMX=0), same rounds
+
+        def window_vector():
+            saved = os.environ.get("ATTNKIT_AMX")
+            os.environ["ATTNKIT_AMX"] = "0"
+            try:
+                return attnkit.attention(q, k, v, pattern=pat)
+            finally:
+                if saved is None:
+                    del os.environ["ATTNKIT_AMX"]
+                else:
+                    os.environ["ATTNKIT_AMX"] = saved
+
+        cases["window_vector"] = window_vector
     rounds = interleaved_times(cases, repeat=rep)
     times = {name: median(t) for name, t in rounds.items()}
     # and on one thread in CPU seconds, which other processes on a busy machine barely change
@@ -375,7 +391,13 @@ def core_cases(args) -> None:
                one_thread_cpu_ratio_mean_ci=ratio(cpu, "window", "sdpa"),
                one_thread_cpu_fwd_bwd_ratio_mean_ci=ratio(cpu, "window_fwd_bwd", "sdpa_fwd_bwd"),
                load_average=os.getloadavg()[0],
-               gflops_on_allowed_pairs=attn_flops(pairs, h, d) / t_win / 1e9, gemm_gflops=gemm)
+               gflops_on_allowed_pairs=attn_flops(pairs, h, d) / t_win / 1e9, gemm_gflops=gemm,
+               matrix_unit=matrix_unit)
+    if matrix_unit:
+        row.update(attnkit_vector_s=times["window_vector"],
+                   vector_ratio_vs_dense_sdpa=times["window_vector"] / t_sdpa,
+                   vector_ratio_mean_ci=ratio(rounds, "window_vector", "sdpa"),
+                   one_thread_cpu_vector_ratio_mean_ci=ratio(cpu, "window_vector", "sdpa"))
     if not args.no_flex:
         try:
             fn, compile_s = flex_forward(length, "window128", h, d)

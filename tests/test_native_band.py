@@ -997,3 +997,25 @@ def test_matrix_unit_switch_and_status(monkeypatch):
     assert native.kernel_status()["band"]["matrix_unit"] is False
     monkeypatch.delenv("ATTNKIT_AMX")
     assert native.kernel_status()["band"]["matrix_unit"] == native.matrix_unit_available()
+
+
+def test_build_without_the_tile_instructions_falls_back_to_the_vector_path(tmp_path):
+    """A compiler (assembler) that fails on the AMX code: the band library is built again with
+    -DATTNKIT_NO_AMX, the kernel is available and checked, and the matrix unit is off."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    wrapper = tmp_path / "cc"
+    wrapper.write_text("#!/bin/sh\n"
+                       'case " $* " in *" -DATTNKIT_NO_AMX "*) exec ' + cc + ' "$@";; esac\n'
+                       'case "$*" in *band_cpu.c*) echo "no tile instructions" >&2; exit 1;; esac\n'
+                       'exec ' + cc + ' "$@"\n')
+    wrapper.chmod(0o755)
+    code = ("import attnkit.kernels.native as n; "
+            "print(n.band_available(), n.matrix_unit_available())")
+    env = {**os.environ, "CC": str(wrapper), "ATTNKIT_CACHE": str(tmp_path / "cache")}
+    env.pop("ATTNKIT_AMX", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["True", "False"]
+    built = sorted(p.name for p in (tmp_path / "cache").glob("band_cpu-*.so"))
+    assert len(built) == 1, built
