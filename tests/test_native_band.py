@@ -1019,3 +1019,60 @@ def test_build_without_the_tile_instructions_falls_back_to_the_vector_path(tmp_p
     assert res.stdout.split() == ["True", "False"]
     built = sorted(p.name for p in (tmp_path / "cache").glob("band_cpu-*.so"))
     assert len(built) == 1, built
+
+
+# ------------------------------------------------ weights buffers that reuse earlier memory
+
+
+@pytest.fixture()
+def recycling(monkeypatch):
+    """recycled_empty for buffers of any size, its kept buffers emptied before and after."""
+    monkeypatch.delenv("ATTNKIT_WEIGHTS_POOL", raising=False)
+    monkeypatch.setattr(native, "RECYCLE_MIN_BYTES", 1)
+    monkeypatch.setattr(native, "_recycled", [])
+    yield
+    native._recycled.clear()
+
+
+def test_recycled_empty_reuses_only_memory_nothing_holds(recycling, monkeypatch):
+    a = native.recycled_empty((1000,), torch.float32)
+    a.fill_(7.0)
+    view, pa = a[100:200], a.data_ptr()
+    del a
+    b = native.recycled_empty((1000,), torch.float32)  # a view still holds the first one
+    assert b.data_ptr() != pa and (view == 7.0).all()
+    del view
+    c = native.recycled_empty((700, 1), torch.float32)  # fits, and over half its size
+    assert c.data_ptr() == pa and c.shape == (700, 1) and c.is_contiguous()
+    del c
+    d = native.recycled_empty((100,), torch.int32)  # under half of either: fresh memory
+    assert d.data_ptr() not in (pa, b.data_ptr()) and d.dtype == torch.int32
+    # the oldest (b's, still held: freed with b) was let go; kept: the first (free) and d's
+    assert len(native._recycled) == native.RECYCLE_KEEP
+    assert native.release_recycled() == 4000 and len(native._recycled) == 1
+    assert native.release_recycled() == 0  # d holds the other
+    del d
+    assert native.release_recycled() == 400 and not native._recycled
+    monkeypatch.setenv("ATTNKIT_WEIGHTS_POOL", "0")
+    native.recycled_empty((1000,), torch.float32)
+    assert not native._recycled  # plain torch.empty, nothing kept
+
+
+def test_weights_reuse_the_memory_of_earlier_weights(recycling):
+    """return_weights twice: the second call's buffers are the first's once those are gone,
+    and fresh ones while the first weights are still held (which stay unchanged)."""
+    pat = P.sliding_window(6)
+    q, k, v = _qkv(1, 2, 2, 50, 50, 8, 8, seed=4)
+    q2, k2, v2 = _qkv(1, 2, 2, 50, 50, 8, 8, seed=5)
+    mask = pat.to_dense(50, 50)
+    with torch.no_grad():
+        _, w1 = attention(q, k, v, pattern=pat, return_weights=True)
+        first, ptr = w1.values.clone(), w1.values.data_ptr()
+        _, w2 = attention(q2, k2, v2, pattern=pat, return_weights=True)
+        assert w2.values.data_ptr() != ptr and torch.equal(w1.values, first)
+        ptr2 = w2.values.data_ptr()
+        del w1, w2
+        _, w3 = attention(q2, k2, v2, pattern=pat, return_weights=True)
+    assert w3.values.data_ptr() == ptr2  # the kept buffers are the last call's
+    ref = dense_reference(q2.double(), k2.double(), v2.double(), mask)[1]
+    torch.testing.assert_close(w3.to_dense().double(), ref, atol=2e-6, rtol=0)

@@ -26,6 +26,15 @@ from .structured import (
     uses_sparse_mm,
 )
 
+
+def _weights_empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """An uninitialized weights buffer (values or indices); on the CPU from
+    :func:`.native.recycled_empty`, so a large one reuses the memory of earlier weights that
+    nothing holds any more (its pages already there) instead of faulting in fresh memory."""
+    if torch.device(device).type == "cpu":
+        return native.recycled_empty(shape, dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
+
 _CHUNK_CANDIDATES = 1 << 24
 # Elements of one chunk's score buffer in pair_weights: small enough that its few passes
 # (GEMM, gather, exp) stay in cache instead of streaming from memory.
@@ -146,8 +155,8 @@ def pair_weights(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, lse: T
     # Chunks write into buffers sized by the plan's candidates (an upper bound on nnz), not
     # into a list concatenated at the end (a second copy of every value).
     bound = sum(c.cost(lq, lk) for c in comps)
-    indices = torch.empty(bound, dtype=index_dtype(bound, lk), device=device)
-    values = lse.new_empty(B * hkv * g, bound)
+    indices = _weights_empty((bound,), index_dtype(bound, lk), device)
+    values = _weights_empty((B * hkv * g, bound), lse.dtype, device)
     nnz = 0
     for q0 in range(0, lq, rows):
         q1 = min(lq, q0 + rows)
@@ -258,7 +267,8 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
         # layout, so the CSR edge kernel writes each chunk's probabilities at their slots
         B, hkv, g, lq, _ = qs.shape
         dtype = index_dtype(c.cost(lq, ctx.lk), ctx.lk)
-        return WeightsSink(c, qs.new_empty(B * hkv * g, c.cost(lq, ctx.lk)), qs.new_empty(0),
+        return WeightsSink(c, _weights_empty((B * hkv * g, c.cost(lq, ctx.lk)), qs.dtype,
+                                             qs.device), qs.new_empty(0),
                            c.indices.to(qs.device, dtype, copy=True),
                            indptr=c.indptr.to(qs.device, dtype, copy=True))
     if not grad and ctx.dropout_p == 0 and (
@@ -269,9 +279,9 @@ def weights_sink(qs: Tensor, k: Tensor, v: Tensor, comps: list[Component], ctx: 
         B, hkv, g, lq, _ = qs.shape
         bound = c.cost(lq, ctx.lk) if nnz is None else nnz  # at least its allowed pairs
         dtype = torch.float32 if qs.dtype in (torch.float16, torch.bfloat16) else qs.dtype
-        return WeightsSink(c, qs.new_empty(B * hkv * g, bound, dtype=dtype), qs.new_empty(0),
-                           torch.empty(bound, dtype=index_dtype(bound, ctx.lk),
-                                       device=qs.device),
+        return WeightsSink(c, _weights_empty((B * hkv * g, bound), dtype, qs.device),
+                           qs.new_empty(0),
+                           _weights_empty((bound,), index_dtype(bound, ctx.lk), qs.device),
                            counts=torch.zeros(lq, dtype=torch.long, device=qs.device))
     return None
 
@@ -290,9 +300,9 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
     others = comps[:fast] + comps[fast + 1:]
     if others:
         bound = sum(c.cost(lq, lk) for c in comps)
-        return WeightsSink(band, qs.new_empty(B * hkv * g, bound),
+        return WeightsSink(band, _weights_empty((B * hkv * g, bound), qs.dtype, device),
                            torch.empty(lq, dtype=torch.long, device=device),
-                           torch.empty(bound, dtype=index_dtype(bound, lk), device=device),
+                           _weights_empty((bound,), index_dtype(bound, lk), device),
                            indptr=torch.zeros(lq + 1, dtype=torch.long, device=device),
                            others=others)
     lo, hi = band.band
@@ -302,8 +312,8 @@ def _band_sink(qs: Tensor, k: Tensor, comps: list[Component], ctx: Ctx, fast: in
     indptr = torch.zeros(lq + 1, dtype=torch.long, device=device)
     indptr[1:] = torch.cumsum(n_band, 0)
     nnz = int(indptr[-1])
-    return WeightsSink(band, qs.new_empty(B * hkv * g, nnz), indptr[:-1],
-                       torch.empty(nnz, dtype=index_dtype(nnz, lk), device=device),
+    return WeightsSink(band, _weights_empty((B * hkv * g, nnz), qs.dtype, device), indptr[:-1],
+                       _weights_empty((nnz,), index_dtype(nnz, lk), device),
                        indptr=indptr)
 
 
