@@ -17,7 +17,8 @@ Cases (issue 2):
   weights      (issue 26, target 1) every sparse pattern at L = 4096 and 65536, H=4, D=64:
                return_weights=True time vs the plain forward, interleaved rounds (frame's
                interleaved_times; 7 at 4096, 5 at 64k, 3 with --quick), ratio with a
-               bootstrap CI (target <= 2)
+               bootstrap CI (target <= 2), and a first call's into fresh memory
+               (first_call_ratio: no earlier weights' buffers to reuse)
   fwd_bwd_64k  (issue 26, target 3) sliding_window(256) | global_tokens(16) at 65536 tokens,
                forward and forward+backward, each in a fresh process (peak resident memory),
                alternating rounds; time per allowed pair of fwd+bwd vs the forward's
@@ -198,6 +199,13 @@ def weights_case(args, lengths, h: int = 4, d: int = 64) -> None:
                 def wts(pat=pat, q=q, k=k, v=v):
                     return attnkit.attention(q, k, v, pattern=pat, return_weights=True)
 
+                # a first call into fresh memory (no buffer of earlier weights to reuse, see
+                # native.recycled_empty), then the interleaved rounds
+                fwd()
+                native.release_recycled()
+                c0 = clock()
+                wts()
+                first = clock() - c0
                 t = interleaved_times({"forward": fwd, "weights": wts}, repeat=rounds,
                                       warmup=1, clock=clock)
                 _, w = attnkit.attention(q, k, v, pattern=pat, return_weights=True)
@@ -208,6 +216,8 @@ def weights_case(args, lengths, h: int = 4, d: int = 64) -> None:
                  ratio_weights_vs_forward=statistics.median(t["weights"])
                  / statistics.median(t["forward"]),
                  ratio_ci=[ci.low, ci.high], rounds=rounds, target_max=2.0,
+                 first_call_weights_s=first,
+                 first_call_ratio=first / statistics.median(t["forward"]),
                  clock="process_time" if clock is time.process_time else "wall",
                  threads=args.threads, values_bytes_per_pair_head=w.values.element_size(),
                  loadavg=_loadavg())

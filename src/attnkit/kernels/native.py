@@ -1653,7 +1653,7 @@ def huge_page_empty(shapes, dtype: torch.dtype = torch.float32) -> list[Tensor]:
 
 #: Buffers of at least this many bytes that :func:`recycled_empty` hands out are kept for
 #: reuse once nothing holds them any more.
-RECYCLE_MIN_BYTES = 64 << 20
+RECYCLE_MIN_BYTES = 4 << 20
 #: How many such buffers are kept (the most recent; a weights call takes two: values and
 #: indices).
 RECYCLE_KEEP = 2
