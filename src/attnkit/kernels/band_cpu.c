@@ -347,6 +347,22 @@ static inline vf_t v_zero_if_neginf(vf_t m) {
 #else
 #define LANES 0
 #endif
+#ifndef HAVE_TR16
+#define HAVE_TR16 0
+static inline void tr16(const float *s, int64_t a, float *d, int64_t b) {  // never called
+  (void)s; (void)a; (void)d; (void)b;
+}
+#endif
+#if LANES
+// Columns [0, cb) of an output tile in lanes (ot: column c's LANES lanes at ot + c * LANES)
+// into nl rows dv apart (op: the tile's first column in row 0)
+static inline void put_lanes(const float *ot, int cb, int64_t nl, float *op, int64_t dv) {
+  if (HAVE_TR16 && cb == LANES && nl == LANES) tr16(ot, LANES, op, dv);
+  else
+    for (int64_t l = 0; l < nl; l++)
+      for (int c = 0; c < cb; c++) op[l * dv + c] = ot[c * LANES + l];
+}
+#endif
 // The fp32 forward's two products on AMX (the tile matrix unit of recent Xeons), as exact as
 // the FMA path: each fp32 operand x is cut by truncation into three bf16 parts, x = hi + mid +
 // lo exactly (8 significant bits each), and x * y is taken as the six part products down to
@@ -419,17 +435,11 @@ static inline void amx_put_pairs(uint32_t *hi, uint32_t *mid, uint32_t *lo, int6
   _mm512_storeu_si512(mid + 16 * r, amx_pair(am, bm));
   _mm512_storeu_si512(lo + 16 * r, amx_pair(al, bl));
 }
-// Rows [0, n) (n even) of x (rows of 16 floats; those outside [r0, r1) are taken as 0 and not
-// read) as three part matrices in B layout: out[p] row r (16 uint32) = pairs of x's rows 2r,
-// 2r + 1
-static void amx_pairs(const float *x, int64_t n, int64_t r0, int64_t r1, uint32_t *hi,
-                      uint32_t *mid, uint32_t *lo) {
-  for (int64_t r = 0; 2 * r < n; r++) {
-    int64_t i = 2 * r;
-    __m512 a = i >= r0 && i < r1 ? _mm512_loadu_ps(x + 16 * i) : _mm512_setzero_ps();
-    __m512 b = i + 1 >= r0 && i + 1 < r1 ? _mm512_loadu_ps(x + 16 * i + 16) : _mm512_setzero_ps();
-    amx_put_pairs(hi, mid, lo, r, a, b);
-  }
+// Rows [0, n) (n even) of x (rows of 16 floats) as three part matrices in B layout: out[p]
+// row r (16 uint32) = pairs of x's rows 2r, 2r + 1
+static void amx_pairs(const float *x, int64_t n, uint32_t *hi, uint32_t *mid, uint32_t *lo) {
+  for (int64_t r = 0; 2 * r < n; r++)
+    amx_put_pairs(hi, mid, lo, r, _mm512_loadu_ps(x + 32 * r), _mm512_loadu_ps(x + 32 * r + 16));
 }
 // 16 floats' parts as 16 bf16 each
 static inline void amx_store16(uint16_t *h, uint16_t *m, uint16_t *l, __m512 x) {
@@ -438,22 +448,6 @@ static inline void amx_store16(uint16_t *h, uint16_t *m, uint16_t *l, __m512 x) 
   _mm256_storeu_si256((__m256i *)h, _mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16)));
   _mm256_storeu_si256((__m256i *)m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
   _mm256_storeu_si256((__m256i *)l, _mm512_cvtepi32_epi16(_mm512_srli_epi32(c, 16)));
-}
-static inline void amx_store1(uint16_t *h, uint16_t *m, uint16_t *l, float x) {
-  float r, t;
-  uint32_t u, w;
-  memcpy(&u, &x, 4);
-  u &= 0xFFFF0000u;
-  memcpy(&t, &u, 4);
-  r = x - t;
-  memcpy(&w, &r, 4);
-  w &= 0xFFFF0000u;
-  memcpy(&t, &w, 4);
-  r -= t;
-  *h = (uint16_t)(u >> 16);
-  *m = (uint16_t)(w >> 16);
-  memcpy(&u, &r, 4);
-  *l = (uint16_t)(u >> 16);
 }
 // A thread's pack of the keys its blocks need, for the two products: a ring of chunks of 32
 // keys (absolute key c * 32.. in slot c % nc), each K's tiles then V^T's (1 KB a tile, 16 rows
@@ -641,10 +635,7 @@ static void amx_softmax_pv(const amx_ring_t *R, int64_t ch0, int64_t dv, float *
       float *o = ot + 256 * c;
       for (int r = 0; r < 16; r++)
         _mm512_storeu_ps(o + 16 * r, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * r), *inv));
-      if (nl == 16) tr16(o, 16, op + c0 + 16 * c, dv);
-      else
-        for (int64_t l = 0; l < nl; l++)
-          for (int r = 0; r < 16; r++) op[l * dv + c0 + 16 * c + r] = o[r * 16 + l];
+      put_lanes(o, 16, nl, op + c0 + 16 * c, dv);
     }
   }
 }
@@ -663,12 +654,6 @@ int band_matrix_unit(const int64_t *ptr, const int64_t *geo, double scale, int n
   return 0;
 #endif
 }
-#ifndef HAVE_TR16
-#define HAVE_TR16 0
-static inline void tr16(const float *s, int64_t a, float *d, int64_t b) {  // never called
-  (void)s; (void)a; (void)d; (void)b;
-}
-#endif
 
 #define BAND_BODY
 #define LANE LANES
@@ -885,10 +870,7 @@ static inline __attribute__((always_inline)) void pv_run(const float *vr, int64_
     if (c0 + PV_CB <= dv) { cb = PV_CB; pv_tile(vr + c0, dv, p, n, PV_CB, scale, ot); }
     else if (c0 + 4 <= dv) { cb = 4; pv_tile(vr + c0, dv, p, n, 4, scale, ot); }
     else { cb = 1; pv_tile(vr + c0, dv, p, n, 1, scale, ot); }
-    if (HAVE_TR16 && cb == LANES && nl == LANES) tr16(ot, LANES, op + c0, dv);
-    else
-      for (int64_t l = 0; l < nl; l++)
-        for (int c = 0; c < cb; c++) op[l * dv + c0 + c] = ot[c * LANES + l];
+    put_lanes(ot, cb, nl, op + c0, dv);
     c0 += cb;
   }
 }
@@ -990,7 +972,7 @@ static void FN(lanes_worker)(team_t *TM) {
         if (amx) {  // whole groups of 16 keys, then the band's mask and the max
           int64_t lead = ka % 16;
           amx_ensure(&ring, bh / grp, ka - ka % 32, kb, kh, vh, d, dv, lk);
-          amx_pairs(QT, d, 0, d, QB, QB + 8 * d, QB + 16 * d);
+          amx_pairs(QT, d, QB, QB + 8 * d, QB + 16 * d);
           amx_qk(&ring, ka / 16, d, QB, S - lead * LANES, lead, n, jrel, lo, hi, TMX, &vmax);
         } else
 #endif
