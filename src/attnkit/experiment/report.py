@@ -401,12 +401,14 @@ def _run_one(exp: Experiment, out_dir: Path, *, quick: bool, seed: int) -> dict[
 
 
 def _write(out_dir: Path, doc: Mapping[str, Any], pending: Sequence[str] = ()) -> None:
-    """``results.json`` then ``index.html``, each written atomically."""
-    atomic_write_text(out_dir / "results.json",
-                      json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    """``index.html`` then ``results.json``, each written atomically: the JSON (what readers and
+    a resumed run poll) is the commit point, so whatever state it records, the page shows it
+    too, also when the process is killed between the two writes."""
     atomic_write_text(out_dir / "index.html",
                       render_html(doc["experiments"], quick=doc["quick"], env=doc["env"],
                                   status=doc["status"], pending=pending))
+    atomic_write_text(out_dir / "results.json",
+                      json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
 def load_results(path: Path | str) -> dict[str, Any]:
